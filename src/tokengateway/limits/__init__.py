@@ -1,0 +1,14 @@
+"""Rate limits: what is counted (`limit`) and the verbs that count it (`limiter`)."""
+
+from tokengateway.limits.limit import Limit, LimitCompileError, Rate, compile_limits, parse_window
+from tokengateway.limits.limiter import Applicable, Limiter
+
+__all__ = [
+    "Applicable",
+    "Limit",
+    "LimitCompileError",
+    "Limiter",
+    "Rate",
+    "compile_limits",
+    "parse_window",
+]

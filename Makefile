@@ -1,0 +1,45 @@
+# Two commands a new user needs: `make run` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+LISTEN ?= 127.0.0.1:8080
+
+.PHONY: setup run test lint format demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	@echo "Try, in another terminal (the tutorial's Step 7):"
+	@echo "  export KUADRANT_GATEWAY_URL=$(LISTEN)"
+	@echo "  curl -i -H 'Host: trlp-tutorial.example.com' http://\$$KUADRANT_GATEWAY_URL/v1/models"
+	@echo "  curl -i -H 'Host: trlp-tutorial.example.com' -H 'Authorization: APIKEY iamafreeuser' \\"
+	@echo "       -H 'Content-Type: application/json' -X POST http://\$$KUADRANT_GATEWAY_URL/v1/chat/completions \\"
+	@echo "       -d '{\"model\": \"meta-llama/Llama-3.1-8B-Instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"What is Kubernetes?\"}], \"max_tokens\": 100, \"stream\": false, \"usage\": true}'"
+	@echo "  (again, until 429; then the same with 'APIKEY iamagolduser')"
+	@echo
+	$(BIN)/tokengateway serve -f examples/tutorial --listen $(LISTEN)
+
+test: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check src tests
+
+format: setup
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+demo: setup
+	$(BIN)/tokengateway demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

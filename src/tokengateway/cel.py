@@ -1,0 +1,197 @@
+"""CEL predicates and expressions, compiled once per configuration.
+
+This module is the only place that knows the CEL engine (`cel-expr-python`, Google's C++
+runtime). Everything else holds :class:`Expression` / :class:`Predicate` objects and evaluates
+them against an :class:`Activation` built once per request.
+
+Semantics kept from Kuadrant: an expression that cannot be resolved (a missing attribute, a
+type error) does not raise; a predicate that errors is *false* and a counter expression that
+errors yields :data:`MISSING`, which makes the limit not apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+import msgspec
+from cel_expr_python import cel
+from cel_expr_python.ext import ext_strings
+
+__all__ = [
+    "MISSING",
+    "VARIABLES",
+    "Activation",
+    "CelCompileError",
+    "Expression",
+    "Predicate",
+    "bind_bodies",
+    "compile_expression",
+    "compile_predicate",
+    "json_pointer",
+]
+
+#: Top-level names an expression may use: Kuadrant's well-known attributes.
+VARIABLES = ("request", "source", "destination", "connection", "auth", "metadata", "filter_state")
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Any = _Missing()
+
+
+class CelCompileError(ValueError):
+    """A CEL source that does not compile; the message is the engine's, trimmed."""
+
+
+# Bodies are per request but the functions are bound once per environment, so the current
+# request's bodies travel in a context variable (cheap to read, safe across tasks).
+_bodies: ContextVar[tuple[bytes | None, bytes | None] | None] = ContextVar(
+    "tokengateway_cel_bodies", default=None
+)
+_parsed: ContextVar[dict[int, Any] | None] = ContextVar("tokengateway_cel_parsed", default=None)
+
+
+def bind_bodies(request_body: bytes | None = None, response_body: bytes | None = None) -> None:
+    """Make the request/response bodies visible to `requestBodyJSON` / `responseBodyJSON`."""
+    _bodies.set((request_body, response_body))
+    _parsed.set({})
+
+
+def json_pointer(doc: Any, pointer: str) -> Any:
+    """Resolve an RFC 6901 pointer; raise KeyError when any step is missing."""
+    if pointer == "":
+        return doc
+    if not pointer.startswith("/"):
+        raise KeyError(f"JSON pointer {pointer!r} must start with '/'")
+    node = doc
+    for raw in pointer[1:].split("/"):
+        token = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict):
+            if token not in node:
+                raise KeyError(f"no member {token!r}")
+            node = node[token]
+        elif isinstance(node, list):
+            if not token.isdigit() or (len(token) > 1 and token[0] == "0"):
+                raise KeyError(f"{token!r} is not an array index")
+            idx = int(token)
+            if idx >= len(node):
+                raise KeyError(f"index {idx} out of range")
+            node = node[idx]
+        else:
+            raise KeyError(f"cannot descend into {type(node).__name__} with {token!r}")
+    return node
+
+
+def _body_json(which: int) -> Callable[[str], Any]:
+    def impl(pointer: str) -> Any:
+        bodies = _bodies.get()
+        body = bodies[which] if bodies else None
+        if body is None:
+            raise KeyError("body not available")
+        cache = _parsed.get()
+        if cache is None:
+            cache = {}
+            _parsed.set(cache)
+        if which not in cache:
+            cache[which] = msgspec.json.decode(body)
+        return json_pointer(cache[which], pointer)
+
+    return impl
+
+
+def _new_env() -> Any:
+    functions = [
+        cel.FunctionDecl(
+            name,
+            [
+                cel.Overload(
+                    f"{name}_string",
+                    return_type=cel.Type.DYN,
+                    parameters=[cel.Type.STRING],
+                    impl=_body_json(i),
+                )
+            ],
+        )
+        for i, name in enumerate(("requestBodyJSON", "responseBodyJSON"))
+    ]
+    return cel.NewEnv(
+        variables=dict.fromkeys(VARIABLES, cel.Type.DYN),
+        extensions=[ext_strings.ExtStrings()],
+        functions=functions,
+    )
+
+
+_ENV = _new_env()
+
+
+def _clean(message: str) -> str:
+    text = str(message).replace("INVALID_ARGUMENT: ", "").replace(" [INVALID_ARGUMENT]", "")
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class Activation:
+    """The variables of one request, converted once for every expression evaluated on it."""
+
+    __slots__ = ("_act", "data")
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.data = dict(data)
+        self._act = _ENV.Activation(self.data)
+
+
+class Expression:
+    """A compiled CEL expression; `evaluate` returns a plain Python value or MISSING."""
+
+    __slots__ = ("_program", "source", "uses")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        try:
+            self._program = _ENV.compile(source)
+        except RuntimeError as exc:
+            raise CelCompileError(_clean(str(exc))) from None
+        #: top-level variables the source mentions, e.g. {"auth", "request"}
+        self.uses = frozenset(v for v in VARIABLES if v in source)
+
+    def evaluate(self, activation: Activation) -> Any:
+        value = self._program.eval(activation._act)
+        if value.type() == cel.Type.ERROR:
+            return MISSING
+        return value.plain_value()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r})"
+
+
+class Predicate(Expression):
+    """A compiled CEL predicate; only a boolean `true` passes."""
+
+    __slots__ = ()
+
+    def __init__(self, source: str) -> None:
+        super().__init__(source)
+        rtype = self._program.return_type()
+        if rtype != cel.Type.BOOL and rtype != cel.Type.DYN:
+            raise CelCompileError(f"predicate must evaluate to a bool, not {rtype.name()}")
+
+    def test(self, activation: Activation) -> bool:
+        value = self._program.eval(activation._act)
+        return value.type() == cel.Type.BOOL and value.value() is True
+
+
+def compile_expression(source: str) -> Expression:
+    return Expression(source.strip())
+
+
+def compile_predicate(source: str) -> Predicate:
+    return Predicate(source.strip())

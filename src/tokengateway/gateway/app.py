@@ -1,0 +1,357 @@
+"""The data path, one request from top to bottom.
+
+    route -> read body -> authenticate/authorize -> check limits -> forward -> read usage
+          -> report tokens
+
+Each stage is a call into its own module (routing, auth, limits, proxy); this file only
+translates between HTTP (ASGI) and those libraries, and owns the order of the stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from typing import Any
+
+from tokengateway import auth as authlib
+from tokengateway import cel
+from tokengateway.gateway.config import CompiledConfig, RuleTarget
+from tokengateway.gateway.errors import send_error
+from tokengateway.gateway.types import Receive, Scope, Send
+from tokengateway.limits import Applicable, Limiter
+from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError
+from tokengateway.proxy.usage import (
+    SSEUsageReader,
+    Usage,
+    completion_chars_of,
+    estimate_usage,
+    usage_from_json,
+)
+from tokengateway.storage import CheckResult, CounterStore
+
+__all__ = ["GatewayApp"]
+
+log = logging.getLogger("tokengateway.gateway")
+
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+
+
+class GatewayApp:
+    """The ASGI application. `config` may be replaced at any time; a request keeps the one
+    it started with."""
+
+    def __init__(
+        self,
+        config: CompiledConfig,
+        store: CounterStore,
+        upstream: Upstream | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.limiter = Limiter(store)
+        self.upstream = upstream or Upstream()
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                await self.handle(scope, receive, send)
+            except Exception:  # the last line of defence: never a stack trace to a client
+                log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                if not scope.get("tokengateway.started"):
+                    await send_error(
+                        send, 500, "internal gateway error", "server_error", "internal_error"
+                    )
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.store.start()
+                await self.upstream.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.upstream.close()
+                await self.store.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        config = self.config
+        method: str = scope["method"]
+        path: str = scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name = raw_name.decode("latin-1")
+            value = raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        host = _hostname(headers.get("host", ""))
+
+        # 1. route
+        match = config.router.match(host, method, path, headers, query)
+        if match is None:
+            await send_error(
+                send,
+                404,
+                f"no route for {host or '(no host)'}{path}",
+                "not_found_error",
+                "route_not_found",
+            )
+            return
+        target: RuleTarget = match.target
+
+        # 2. body (needed to forward, for requestBodyJSON and for estimates)
+        body = await _read_body(receive, self.max_body_bytes)
+        if body is None:
+            await send_error(
+                send,
+                413,
+                f"request body larger than {self.max_body_bytes} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+            return
+
+        request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        well_known = _well_known(scope, method, path, query, host, headers, body, request_id)
+
+        # 3. authenticate and authorize
+        auth_binding: dict[str, Any] = {}
+        upstream_extra: list[tuple[str, str]] = []
+        if target.auth is not None:
+            decision = target.auth.evaluate(
+                authlib.AuthRequest(
+                    method=method,
+                    scheme=well_known["request"]["scheme"],
+                    host=host,
+                    path=well_known["request"]["path"],
+                    headers=headers,
+                    source_address=well_known["source"]["address"],
+                    source_port=well_known["source"]["port"],
+                    destination_address=well_known["destination"]["address"],
+                    destination_port=well_known["destination"]["port"],
+                    request_id=request_id,
+                    well_known=well_known,
+                )
+            )
+            if not decision.allowed:
+                await _send_denied(send, decision)
+                return
+            auth_binding = decision.auth
+            upstream_extra.extend(decision.success_headers)
+
+        # 4. check limits
+        applicable = Applicable()
+        if target.limits:
+            cel.bind_bodies(body)
+            activation = cel.Activation({**well_known, "auth": auth_binding})
+            applicable = self.limiter.applicable(target.limits, target.route, activation)
+            if applicable:
+                result = await self.limiter.check(applicable)
+                if result.limited:
+                    await _send_limited(send, result)
+                    return
+
+        # 5. forward, 6. read usage, 7. report
+        if not target.backends:
+            await send_error(
+                send,
+                500,
+                f"route {target.route} has no usable backend",
+                "server_error",
+                "no_backend",
+            )
+            return
+        usage = await self._forward(
+            scope, send, target, method, path, query, headers, body, request_id, upstream_extra
+        )
+        if usage is not None and applicable.tokens:
+            await self.limiter.report(applicable, usage.total_tokens)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        send: Send,
+        target: RuleTarget,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        request_id: str,
+        extra: list[tuple[str, str]],
+    ) -> Usage | None:
+        url = target.pick_backend() + path + (f"?{query}" if query else "")
+        out_headers = [
+            (k, v)
+            for k, v in headers.items()
+            if k not in HOP_BY_HOP and not (target.auth is not None and k == "authorization")
+        ]
+        out_headers.append(("x-forwarded-host", headers.get("host", "")))
+        out_headers.append(("x-forwarded-proto", scope.get("scheme", "http")))
+        client = scope.get("client")
+        if client:
+            prior = headers.get("x-forwarded-for")
+            out_headers.append(("x-forwarded-for", f"{prior}, {client[0]}" if prior else client[0]))
+        if "x-request-id" not in headers:
+            out_headers.append(("x-request-id", request_id))
+        out_headers.append(("accept-encoding", "identity"))
+        out_headers.extend(extra)
+        try:
+            resp = await self.upstream.send(method, url, out_headers, body, target.timeout)
+        except UpstreamError as exc:
+            await _send_upstream_error(send, exc)
+            return None
+
+        ok = 200 <= resp.status < 300
+        if resp.content_type == "text/event-stream":
+            reader = SSEUsageReader()
+            scope["tokengateway.started"] = True
+            await send(
+                {"type": "http.response.start", "status": resp.status, "headers": resp.headers}
+            )
+            try:
+                async for chunk in resp.chunks():
+                    reader.feed(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except UpstreamError as exc:
+                log.warning("%s: %s", target.route, exc)
+            except OSError:  # the client went away; what was streamed is still charged
+                resp.close()
+            reader.close()
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": b""})
+            if reader.usage is not None:
+                return reader.usage
+            return estimate_usage(body, reader.text_chars) if ok else None
+
+        try:
+            payload = await resp.read()
+        except UpstreamError as exc:
+            await _send_upstream_error(send, exc)
+            return None
+        resp.headers.append((b"content-length", str(len(payload)).encode()))
+        scope["tokengateway.started"] = True
+        await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+        await send({"type": "http.response.body", "body": payload})
+        usage = usage_from_json(payload)
+        if usage is None and ok:
+            usage = estimate_usage(body, completion_chars_of(payload))
+        return usage
+
+
+def _hostname(host: str) -> str:
+    if host.startswith("["):
+        return host[: host.find("]") + 1].lower()
+    return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _well_known(
+    scope: Scope,
+    method: str,
+    path: str,
+    query: str,
+    host: str,
+    headers: dict[str, str],
+    body: bytes,
+    request_id: str,
+) -> dict[str, Any]:
+    """Kuadrant's well-known attributes (Envoy's names): `request.path` includes the query."""
+    client = scope.get("client") or ("", 0)
+    server = scope.get("server") or ("", 0)
+    full_path = f"{path}?{query}" if query else path
+    return {
+        "request": {
+            "id": request_id,
+            "method": method,
+            "path": full_path,
+            "url_path": path,
+            "host": headers.get("host", host),
+            "scheme": scope.get("scheme", "http"),
+            "query": query,
+            "headers": headers,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "size": len(body),
+            "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
+            "useragent": headers.get("user-agent", ""),
+        },
+        "source": {
+            "address": client[0] or "",
+            "port": int(client[1] or 0),
+            "remote_address": client[0] or "",
+        },
+        "destination": {"address": server[0] or "", "port": int(server[1] or 0)},
+    }
+
+
+async def _send_denied(send: Send, decision: authlib.AuthDecision) -> None:
+    if decision.status == 401:
+        type_, code = "authentication_error", "invalid_api_key"
+        default = "authentication failed"
+    else:
+        type_, code = "permission_error", "permission_denied"
+        default = "not allowed"
+    message = decision.message or (f"{default}: {decision.reason}" if decision.reason else default)
+    await send_error(send, decision.status, message, type_, code, headers=decision.deny_headers)
+
+
+async def _send_limited(send: Send, result: CheckResult) -> None:
+    retry = max(1, math.ceil(result.retry_after))
+    state = result.states[result.limiting] if result.limiting is not None else None
+    limit = state.ref.limit if state else 0
+    window = _window_text(state.ref.window) if state else "window"
+    await send_error(
+        send,
+        429,
+        f"rate limit exceeded: limit of {limit} per {window} reached; retry in {retry}s",
+        "rate_limit_exceeded",
+        "rate_limit_exceeded",
+        headers=[("retry-after", str(retry))],
+    )
+
+
+def _window_text(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    if seconds >= 1:
+        return f"{seconds:g}s"
+    return f"{int(seconds * 1000)}ms"
+
+
+async def _send_upstream_error(send: Send, exc: UpstreamError) -> None:
+    if exc.kind == "timeout":
+        await send_error(send, 504, str(exc), "upstream_error", "upstream_timeout")
+    else:
+        await send_error(
+            send,
+            502,
+            str(exc),
+            "upstream_error",
+            "upstream_unreachable" if exc.kind == "unreachable" else "upstream_failed",
+        )

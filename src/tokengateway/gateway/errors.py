@@ -1,0 +1,43 @@
+"""Errors the gateway itself answers, always in OpenAI's envelope.
+
+`{"error": {"message", "type", "param", "code"}}` is what OpenAI's SDKs parse; the status
+picks the SDK's exception class (401 AuthenticationError, 403 PermissionDeniedError,
+429 RateLimitError, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from tokengateway.gateway.types import Send
+
+__all__ = ["error_body", "send_error"]
+
+_encode = msgspec.json.encode
+
+
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> bytes:
+    return _encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    param: str | None = None,
+) -> None:
+    body = error_body(message, type_, code, param)
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    raw.extend((k.lower().encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers)
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

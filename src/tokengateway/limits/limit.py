@@ -1,0 +1,135 @@
+"""Limits compiled from TokenRateLimitPolicy / RateLimitPolicy specs (what is counted)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tokengateway import cel
+from tokengateway.storage import CounterRef
+
+__all__ = ["Limit", "LimitCompileError", "Rate", "compile_limits", "parse_window"]
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+class LimitCompileError(ValueError):
+    """A limit that cannot be enforced; the message names the policy and the limit."""
+
+
+def parse_window(text: str) -> float:
+    """`"1m"` -> 60.0, `"1h30m"` -> 5400.0, `"500ms"` -> 0.5 (Kuadrant's window syntax)."""
+    import re
+
+    parts = re.findall(r"([0-9]{1,5})(ms|h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"window {text!r} does not match ^([0-9]{{1,5}}(h|m|s|ms)){{1,4}}$")
+    seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"window {text!r} must be longer than zero")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    limit: int
+    window: float  # seconds
+    window_text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One named limit of one policy, ready to evaluate per request.
+
+    `predicates` are the policy's top-level `when` followed by the limit's own; `counters`
+    are the expressions whose values split the counter (one per user, say).
+    """
+
+    policy_kind: str  # "TokenRateLimitPolicy" or "RateLimitPolicy"
+    policy: str  # "namespace/name"
+    name: str
+    rates: tuple[Rate, ...]
+    predicates: tuple[cel.Predicate, ...]
+    counters: tuple[cel.Expression, ...]
+
+    @property
+    def identifier(self) -> str:
+        return f"{self.policy}/{self.name}"
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.policy_kind == "TokenRateLimitPolicy"
+
+    def resolve(self, activation: cel.Activation) -> tuple[str, ...] | None:
+        """The counter's variable values, or None when the limit does not apply."""
+        for predicate in self.predicates:
+            if not predicate.test(activation):
+                return None
+        values = []
+        for expression in self.counters:
+            value = expression.evaluate(activation)
+            if value is cel.MISSING or value is None:
+                return None
+            values.append(value if isinstance(value, str) else _stringify(value))
+        return tuple(values)
+
+    def counter_refs(self, namespace: str, values: tuple[str, ...]) -> list[CounterRef]:
+        """One counter per rate: (namespace, limit, window, values) -> key."""
+        base = "\x1f".join((namespace, self.identifier))
+        tail = "\x1f".join(values)
+        return [
+            CounterRef(f"{base}\x1f{int(rate.window * 1000)}\x1f{tail}", rate.limit, rate.window)
+            for rate in self.rates
+        ]
+
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def compile_limits(
+    policy_kind: str,
+    policy: str,
+    limits: Mapping[str, Mapping[str, Any]],
+    when: Sequence[Mapping[str, Any]] | None = None,
+) -> list[Limit]:
+    """Compile a policy's `limits` map; any bad CEL is an error naming policy and limit."""
+    top = _predicates(policy_kind, policy, None, when or ())
+    compiled = []
+    for name, spec in limits.items():
+        rates = tuple(
+            Rate(int(r["limit"]), parse_window(str(r["window"])), str(r["window"]))
+            for r in spec.get("rates") or ()
+        )
+        predicates = top + _predicates(policy_kind, policy, name, spec.get("when") or ())
+        counters = []
+        for i, counter in enumerate(spec.get("counters") or ()):
+            source = counter["expression"] if isinstance(counter, Mapping) else str(counter)
+            try:
+                counters.append(cel.compile_expression(source))
+            except cel.CelCompileError as exc:
+                raise LimitCompileError(
+                    f"{policy_kind} {policy}: limit {name!r} counters[{i}] "
+                    f"{source.strip()!r} does not compile: {exc}"
+                ) from None
+        compiled.append(Limit(policy_kind, policy, name, rates, predicates, tuple(counters)))
+    return compiled
+
+
+def _predicates(
+    kind: str, policy: str, limit: str | None, when: Sequence[Mapping[str, Any]]
+) -> tuple[cel.Predicate, ...]:
+    out = []
+    for i, item in enumerate(when):
+        source = str(item.get("predicate", ""))
+        try:
+            out.append(cel.compile_predicate(source))
+        except cel.CelCompileError as exc:
+            where = f"limit {limit!r} when[{i}]" if limit else f"when[{i}]"
+            raise LimitCompileError(
+                f"{kind} {policy}: {where} predicate {source.strip()!r} does not compile: {exc}"
+            ) from None
+    return tuple(out)

@@ -1,0 +1,87 @@
+"""The counter store interface: where counts live, kept apart from what is counted.
+
+The three verbs follow Limitador's: `check` (is any counter spent for this delta?),
+`update` (add without checking) and `check_and_update` (both, atomically). A store is async
+because the shared ones (Redis) are; the in-memory one never awaits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["CheckResult", "CounterRef", "CounterState", "CounterStore", "StorageError"]
+
+
+class StorageError(RuntimeError):
+    """The store could not be reached or answered wrongly."""
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRef:
+    """One counter: a key that identifies (namespace, limit, window, values) and its rate."""
+
+    key: str
+    limit: int
+    window: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    """A counter as seen by a check: its value and the seconds until its window ends."""
+
+    ref: CounterRef
+    value: int
+    expires_in: float  # seconds; the full window for a counter that has not started
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.ref.limit - self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """What a check saw: whether a counter is spent, and every counter's state."""
+
+    limited: bool
+    states: tuple[CounterState, ...]
+    #: index into `states` of the counter that refused (the one reopening last), or None
+    limiting: int | None = None
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until the request could pass: the refusing counter's window end."""
+        if self.limiting is None:
+            return 0.0
+        return self.states[self.limiting].expires_in
+
+    def most_restrictive(self) -> CounterState | None:
+        """The counter with the least remaining (ties: the one reopening last)."""
+        if not self.states:
+            return None
+        return min(self.states, key=lambda s: (s.remaining, -s.expires_in))
+
+
+class CounterStore(ABC):
+    """Counters with fixed windows that open at the first hit and expire `window` later."""
+
+    uri: str = ""
+
+    @abstractmethod
+    async def check(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
+        """Limited when `value + delta > limit` for any counter; changes nothing."""
+
+    @abstractmethod
+    async def update(self, counters: Sequence[CounterRef], delta: int) -> None:
+        """Add `delta` to every counter, with no check (Kuadrant's report)."""
+
+    @abstractmethod
+    async def check_and_update(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
+        """Atomically: if no counter is spent for `delta`, add it to all of them."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect, if the store needs to."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

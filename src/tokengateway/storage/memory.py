@@ -1,0 +1,83 @@
+"""In-memory counters for one process (the default, `memory://`)."""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Sequence
+
+from tokengateway.storage.base import CheckResult, CounterRef, CounterState, CounterStore
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(CounterStore):
+    """Fixed-window counters in a dict; expired ones are dropped as time passes.
+
+    Memory stays bounded by the live counters: every write also pops the expiry heap, so a
+    counter whose window ended is gone within one write of its end (lookups ignore it before).
+    Never awaits, so each verb is atomic on the event loop.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.uri = "memory://"
+        self._clock = clock
+        self._counters: dict[str, list[float]] = {}  # key -> [value, expires_at]
+        self._expiries: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+    def _states(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
+        now = self._clock()
+        states = []
+        limiting = None
+        for i, ref in enumerate(counters):
+            entry = self._counters.get(ref.key)
+            if entry is None or entry[1] <= now:
+                state = CounterState(ref, 0, ref.window)
+            else:
+                state = CounterState(ref, int(entry[0]), entry[1] - now)
+            states.append(state)
+            if state.value + delta > ref.limit and (
+                limiting is None or state.expires_in > states[limiting].expires_in
+            ):
+                limiting = i
+        return CheckResult(limiting is not None, tuple(states), limiting)
+
+    async def check(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
+        return self._states(counters, delta)
+
+    async def update(self, counters: Sequence[CounterRef], delta: int) -> None:
+        self._add(counters, delta)
+
+    async def check_and_update(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
+        result = self._states(counters, delta)
+        if not result.limited:
+            self._add(counters, delta)
+        return result
+
+    def _add(self, counters: Sequence[CounterRef], delta: int) -> None:
+        now = self._clock()
+        self._sweep(now)
+        for ref in counters:
+            entry = self._counters.get(ref.key)
+            if entry is None or entry[1] <= now:
+                expires = now + ref.window
+                self._counters[ref.key] = [delta, expires]
+                heapq.heappush(self._expiries, (expires, ref.key))
+            else:
+                entry[0] += delta
+
+    def _sweep(self, now: float) -> None:
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            expires, key = heapq.heappop(heap)
+            entry = self._counters.get(key)
+            if entry is not None and entry[1] == expires:
+                del self._counters[key]
+
+    def snapshot(self) -> dict[str, tuple[int, float]]:
+        """Live counters as {key: (value, seconds left)}, for inspection and tests."""
+        now = self._clock()
+        return {k: (int(v), e - now) for k, (v, e) in self._counters.items() if e > now}

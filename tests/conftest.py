@@ -1,0 +1,225 @@
+"""Real servers on loopback: the gateway (the CLI in a subprocess) and small upstreams."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TUTORIAL = ROOT / "examples" / "tutorial"
+HOST = "trlp-tutorial.example.com"
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Gateway:
+    """A `tokengateway serve` process on a loopback port, stopped by the fixture."""
+
+    def __init__(self, paths: list[Path], args: list[str], log: Path) -> None:
+        sock = free_socket()
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "tokengateway", "serve", "--fd", str(sock.fileno())]
+        for p in paths:
+            cmd += ["-f", str(p)]
+        cmd += ["--listen", f"127.0.0.1:{self.port}", *args]
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            pass_fds=(sock.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )
+        sock.close()
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {self.proc.returncode}: {self.output()}")
+            try:
+                httpx.get(self.url + "/", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gateway did not start: {self.output()}") from None
+                time.sleep(0.05)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def client(self, key: str | None = "iamafreeuser", prefix: str = "APIKEY") -> httpx.Client:
+        headers = {"Host": HOST}
+        if key is not None:
+            headers["Authorization"] = f"{prefix} {key}"
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.fixture
+def manifests(tmp_path: Path) -> Callable[..., Path]:
+    """A copy of the tutorial's manifests with text replaced, plus extra documents."""
+
+    def make(
+        replace: dict[str, str] | None = None, extra: str = "", skip: tuple[str, ...] = ()
+    ) -> Path:
+        folder = tmp_path / f"manifests-{len(list(tmp_path.glob('manifests-*')))}"
+        folder.mkdir()
+        for src in sorted(TUTORIAL.glob("*.yaml")):
+            if src.name in skip:
+                continue
+            text = src.read_text()
+            for old, new in (replace or {}).items():
+                text = text.replace(old, new)
+            (folder / src.name).write_text(text)
+        if extra:
+            (folder / "99-extra.yaml").write_text(extra)
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def start(*paths: Path, args: tuple[str, ...] = ()) -> Gateway:
+        gw = Gateway(list(paths), list(args), tmp_path / f"gateway-{len(started)}.log")
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+def chat(content: str = "What is Kubernetes?", max_tokens: int = 100, **extra: object) -> dict:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "stream": False,
+        "usage": True,
+        **extra,
+    }
+
+
+class Upstream:
+    """A tiny OpenAI-shaped upstream whose answer each test chooses, run in a thread."""
+
+    def __init__(self, handler: Callable[[str, bytes], tuple[int, dict[str, str], bytes]]) -> None:
+        import uvicorn
+
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+
+        async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+            if scope["type"] != "http":
+                return
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            self.requests.append((scope["path"], headers, body))
+            result = handler(scope["path"], body)
+            if hasattr(result, "__await__"):
+                result = await result
+            status, out_headers, payload = result
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(k.encode(), v.encode()) for k, v in out_headers.items()],
+                }
+            )
+            await send({"type": "http.response.body", "body": payload})
+
+        sock = free_socket()
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="error", lifespan="off")
+        self._sock = sock
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("test upstream did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[Callable[..., Upstream]]:
+    made: list[Upstream] = []
+
+    def make(handler: Callable[[str, bytes], tuple[int, dict[str, str], bytes]]) -> Upstream:
+        up = Upstream(handler)
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        up.stop()
+
+
+def run_cli(
+    *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", "tokengateway", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def require(tool: str) -> str:
+    """A missing tool fails the run: never a silent skip in CI."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is required by this test; `make test` installs it")
+    return path
