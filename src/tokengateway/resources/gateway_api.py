@@ -1,0 +1,429 @@
+"""Gateway API kinds: Gateway and HTTPRoute (gateway.networking.k8s.io v1, v1beta1).
+
+Patterns, enums, defaults and CEL rules follow the Gateway API CRDs (standard channel). The
+spec structures are closed like the CRD schemas, so a misspelt `backendRef` is an error rather
+than a route without backends; experimental-channel fields are accepted and kept as written.
+"""
+
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import InitErrorDetails
+
+from .common import (
+    Duration,
+    LabelSelector,
+    ObjectMeta,
+    StrictModel,
+    issue,
+    parse_window,
+    raise_issues,
+    unique,
+)
+from .resource import Resource
+
+__all__ = [
+    "GATEWAY_API_GROUP",
+    "AllowedRoutes",
+    "BackendRef",
+    "Gateway",
+    "GatewaySpec",
+    "HTTPHeaderMatch",
+    "HTTPPathMatch",
+    "HTTPQueryParamMatch",
+    "HTTPRoute",
+    "HTTPRouteMatch",
+    "HTTPRouteRule",
+    "HTTPRouteSpec",
+    "HTTPRouteTimeouts",
+    "Listener",
+    "ParentReference",
+    "RouteGroupKind",
+    "RouteNamespaces",
+]
+
+GATEWAY_API_GROUP = "gateway.networking.k8s.io"
+GATEWAY_API_VERSIONS = (f"{GATEWAY_API_GROUP}/v1", f"{GATEWAY_API_GROUP}/v1beta1")
+
+_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+GROUP_PATTERN = rf"^$|^{_SUBDOMAIN}$"
+KIND_PATTERN = r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"
+SECTION_NAME_PATTERN = rf"^{_SUBDOMAIN}$"
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+HOSTNAME_PATTERN = rf"^(\*\.)?{_SUBDOMAIN}$"
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+\-.^_\x60|~]+$"
+PROTOCOL_PATTERN = r"^[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?$|" + _SUBDOMAIN + r"\/[A-Za-z0-9]+$"
+
+Group = Annotated[str, Field(max_length=253, pattern=GROUP_PATTERN)]
+Kind = Annotated[str, Field(min_length=1, max_length=63, pattern=KIND_PATTERN)]
+ObjectName = Annotated[str, Field(min_length=1, max_length=253)]
+SectionName = Annotated[str, Field(min_length=1, max_length=253, pattern=SECTION_NAME_PATTERN)]
+NamespaceName = Annotated[str, Field(min_length=1, max_length=63, pattern=NAMESPACE_PATTERN)]
+PortNumber = Annotated[int, Field(ge=1, le=65535)]
+Hostname = Annotated[str, Field(min_length=1, max_length=253, pattern=HOSTNAME_PATTERN)]
+HeaderName = Annotated[str, Field(min_length=1, max_length=256, pattern=HEADER_NAME_PATTERN)]
+HTTPMethod = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
+
+
+def _regex_problem(value: str) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"invalid regular expression {value!r}: {exc}"
+    return None
+
+
+# --- Gateway ------------------------------------------------------------------------------------
+
+
+class RouteNamespaces(StrictModel):
+    """Which namespaces' routes may attach to a listener (`from` is a keyword: `from_`)."""
+
+    from_: Literal["All", "Selector", "Same"] = Field(default="Same", alias="from")
+    selector: LabelSelector | None = None
+
+
+class RouteGroupKind(StrictModel):
+    """A route kind a listener accepts."""
+
+    group: Group = GATEWAY_API_GROUP
+    kind: Kind
+
+
+class AllowedRoutes(StrictModel):
+    """Routes a listener accepts; the CRD default is routes from the Gateway's namespace."""
+
+    namespaces: RouteNamespaces = Field(default_factory=RouteNamespaces)
+    kinds: Annotated[list[RouteGroupKind], Field(max_length=8)] = Field(default_factory=list)
+
+
+class Listener(StrictModel):
+    """A listener: where the gateway accepts traffic (port, protocol, optional hostname)."""
+
+    name: SectionName
+    hostname: Hostname | None = None
+    port: PortNumber
+    protocol: Annotated[str, Field(min_length=1, max_length=255, pattern=PROTOCOL_PATTERN)]
+    tls: dict[str, Any] | None = None
+    allowedRoutes: AllowedRoutes = Field(default_factory=AllowedRoutes)
+
+
+class GatewaySpec(StrictModel):
+    """Gateway spec; addresses, TLS and infrastructure settings are kept as written."""
+
+    gatewayClassName: Annotated[str, Field(min_length=1, max_length=253)]
+    listeners: Annotated[list[Listener], Field(min_length=1, max_length=64)]
+    addresses: list[dict[str, Any]] = Field(default_factory=list)
+    infrastructure: dict[str, Any] | None = None
+    allowedListeners: dict[str, Any] | None = None
+    tls: dict[str, Any] | None = None
+    backendTLS: dict[str, Any] | None = None
+    defaultScope: str | None = None
+
+    @field_validator("listeners")
+    @classmethod
+    def _listener_rules(cls, listeners: list[Listener]) -> list[Listener]:
+        # The Gateway CRD's CEL rules on spec.listeners, with its messages.
+        problems: list[InitErrorDetails] = []
+
+        def fail(message: str) -> None:
+            problems.append(issue((), message))
+
+        if any(lst.protocol in ("HTTP", "TCP", "UDP") and lst.tls is not None for lst in listeners):
+            fail("tls must not be specified for protocols ['HTTP', 'TCP', 'UDP']")
+        if any(
+            lst.protocol == "HTTPS"
+            and lst.tls is not None
+            and lst.tls.get("mode", "") not in ("", "Terminate")
+            for lst in listeners
+        ):
+            fail("tls mode must be Terminate for protocol HTTPS")
+        if any(lst.protocol == "TLS" and not (lst.tls or {}).get("mode") for lst in listeners):
+            fail("tls mode must be set for protocol TLS")
+        if any(lst.protocol in ("TCP", "UDP") and lst.hostname for lst in listeners):
+            fail("hostname must not be specified for protocols ['TCP', 'UDP']")
+        if unique(lst.name for lst in listeners):
+            fail("Listener name must be unique within the Gateway")
+        if unique((lst.port, lst.protocol, lst.hostname) for lst in listeners):
+            fail("Combination of port, protocol and hostname must be unique for each listener")
+        raise_issues("listeners", problems)
+        return listeners
+
+    def listener(self, name: str) -> Listener | None:
+        """The listener called `name` (a policy's or route's `sectionName`)."""
+        return next((lst for lst in self.listeners if lst.name == name), None)
+
+
+class Gateway(Resource):
+    """A Gateway: the listeners routes attach to and policies can target."""
+
+    KIND: ClassVar[str] = "Gateway"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = GATEWAY_API_VERSIONS
+
+    metadata: ObjectMeta
+    spec: GatewaySpec
+    status: dict[str, Any] | None = None
+
+
+# --- HTTPRoute ----------------------------------------------------------------------------------
+
+
+class ParentReference(StrictModel):
+    """The Gateway (listener) a route attaches to; `namespace` defaults to the route's."""
+
+    group: Group = GATEWAY_API_GROUP
+    kind: Kind = "Gateway"
+    namespace: NamespaceName | None = None
+    name: ObjectName
+    sectionName: SectionName | None = None
+    port: PortNumber | None = None
+
+
+_PATH_CHARS_RE = re.compile(r"^(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|[%][0-9a-fA-F]{2})+$")
+_PATH_FORBIDDEN = ("//", "/./", "/../", "%2f", "%2F", "#")
+
+
+class HTTPPathMatch(StrictModel):
+    """Path match; default `PathPrefix` `/`. Regexes are Python `re` (what we evaluate with)."""
+
+    type: Literal["Exact", "PathPrefix", "RegularExpression"] = "PathPrefix"
+    value: Annotated[str, Field(max_length=1024)] = "/"
+
+    @model_validator(mode="after")
+    def _path_rules(self) -> "HTTPPathMatch":
+        # The HTTPRoute CRD's CEL rules on path, with its messages.
+        problems: list[InitErrorDetails] = []
+        if self.type == "RegularExpression":
+            if (p := _regex_problem(self.value)) is not None:
+                problems.append(issue(("value",), p, self.value))
+        else:
+            when = "when type one of ['Exact', 'PathPrefix']"
+            v = self.value
+            if not v.startswith("/"):
+                problems.append(
+                    issue(
+                        ("value",), f"value must be an absolute path and start with '/' {when}", v
+                    )
+                )
+            problems += [
+                issue(("value",), f"must not contain '{bad}' {when}", v)
+                for bad in _PATH_FORBIDDEN
+                if bad in v
+            ]
+            problems += [
+                issue(("value",), f"must not end with '{end}' {when}", v)
+                for end in ("/..", "/.")
+                if v.endswith(end)
+            ]
+            if not _PATH_CHARS_RE.match(v):
+                problems.append(
+                    issue(
+                        ("value",),
+                        "must only contain valid characters (matching "
+                        f"{_PATH_CHARS_RE.pattern}) for types ['Exact', 'PathPrefix']",
+                        v,
+                    )
+                )
+        raise_issues("path", problems)
+        return self
+
+
+class HTTPHeaderMatch(StrictModel):
+    """Header match (names compare case-insensitively when matching requests)."""
+
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    name: HeaderName
+    value: Annotated[str, Field(min_length=1, max_length=4096)]
+
+    @model_validator(mode="after")
+    def _regex_compiles(self) -> "HTTPHeaderMatch":
+        if self.type == "RegularExpression" and (p := _regex_problem(self.value)) is not None:
+            raise_issues("headers", [issue(("value",), p, self.value)])
+        return self
+
+
+class HTTPQueryParamMatch(StrictModel):
+    """Query parameter match."""
+
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    name: HeaderName
+    value: Annotated[str, Field(min_length=1, max_length=1024)]
+
+    @model_validator(mode="after")
+    def _regex_compiles(self) -> "HTTPQueryParamMatch":
+        if self.type == "RegularExpression" and (p := _regex_problem(self.value)) is not None:
+            raise_issues("queryParams", [issue(("value",), p, self.value)])
+        return self
+
+
+class HTTPRouteMatch(StrictModel):
+    """One match: all of path, headers, query parameters and method must match."""
+
+    path: HTTPPathMatch = Field(default_factory=HTTPPathMatch)
+    headers: Annotated[list[HTTPHeaderMatch], Field(max_length=16)] = Field(default_factory=list)
+    queryParams: Annotated[list[HTTPQueryParamMatch], Field(max_length=16)] = Field(
+        default_factory=list
+    )
+    method: HTTPMethod | None = None
+
+    @field_validator("headers", "queryParams")
+    @classmethod
+    def _names_unique(cls, entries: list[Any]) -> list[Any]:
+        # Both lists are list-type=map keyed by name in the CRD: one entry per name.
+        raise_issues(
+            "match",
+            [issue((), f'duplicate entry for name "{n}"') for n in unique(e.name for e in entries)],
+        )
+        return entries
+
+
+class BackendRef(StrictModel):
+    """Where a rule forwards to; `namespace` defaults to the route's after loading."""
+
+    group: Group = ""
+    kind: Kind = "Service"
+    name: ObjectName
+    namespace: NamespaceName | None = None
+    port: PortNumber | None = None
+    weight: Annotated[int, Field(ge=0, le=1_000_000)] = 1
+    filters: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _service_port(self) -> "BackendRef":
+        if self.group == "" and self.kind == "Service" and self.port is None:
+            raise_issues("backendRef", [issue((), "Must have port for Service reference")])
+        return self
+
+
+class HTTPRouteTimeouts(StrictModel):
+    """Gateway API durations; `parse_window` converts them."""
+
+    request: Duration | None = None
+    backendRequest: Duration | None = None
+
+    @model_validator(mode="after")
+    def _backend_within_request(self) -> "HTTPRouteTimeouts":
+        if (
+            self.request is not None
+            and self.backendRequest is not None
+            and parse_window(self.request) != 0
+            and parse_window(self.backendRequest) > parse_window(self.request)
+        ):
+            raise_issues(
+                "timeouts",
+                [issue((), "backendRequest timeout cannot be longer than request timeout")],
+            )
+        return self
+
+
+def _default_matches() -> list[HTTPRouteMatch]:
+    return [HTTPRouteMatch()]
+
+
+class HTTPRouteRule(StrictModel):
+    """A rule; without matches it matches every path (`PathPrefix` `/`)."""
+
+    name: SectionName | None = None
+    matches: Annotated[list[HTTPRouteMatch], Field(max_length=64)] = Field(
+        default_factory=_default_matches
+    )
+    filters: Annotated[list[dict[str, Any]], Field(max_length=16)] = Field(default_factory=list)
+    backendRefs: Annotated[list[BackendRef], Field(max_length=16)] = Field(default_factory=list)
+    timeouts: HTTPRouteTimeouts | None = None
+    retry: dict[str, Any] | None = None
+    sessionPersistence: dict[str, Any] | None = None
+
+    @field_validator("matches")
+    @classmethod
+    def _empty_matches_match_all(cls, matches: list[HTTPRouteMatch]) -> list[HTTPRouteMatch]:
+        return matches or _default_matches()
+
+
+def _default_rules() -> list[HTTPRouteRule]:
+    return [HTTPRouteRule()]
+
+
+def _same_parent(p: ParentReference) -> tuple[str, str, str, str]:
+    return (p.group, p.kind, p.name, p.namespace or "")
+
+
+class HTTPRouteSpec(StrictModel):
+    """HTTPRoute spec."""
+
+    parentRefs: Annotated[list[ParentReference], Field(max_length=32)] = Field(default_factory=list)
+    hostnames: Annotated[list[Hostname], Field(max_length=16)] = Field(default_factory=list)
+    rules: Annotated[list[HTTPRouteRule], Field(min_length=1, max_length=16)] = Field(
+        default_factory=_default_rules
+    )
+    useDefaultGateways: str | None = None
+
+    @field_validator("parentRefs")
+    @classmethod
+    def _parent_rules(cls, refs: list[ParentReference]) -> list[ParentReference]:
+        # The HTTPRoute CRD's two CEL rules on parentRefs, with its messages.
+        problems: list[InitErrorDetails] = []
+        with_section = {_same_parent(p) for p in refs if p.sectionName}
+        without_section = {_same_parent(p) for p in refs if not p.sectionName}
+        if with_section & without_section:
+            problems.append(
+                issue(
+                    (),
+                    "sectionName must be specified when parentRefs includes 2 or more "
+                    "references to the same parent",
+                )
+            )
+        if unique((*_same_parent(p), p.sectionName or "") for p in refs):
+            problems.append(
+                issue(
+                    (),
+                    "sectionName must be unique when parentRefs includes 2 or more references "
+                    "to the same parent",
+                )
+            )
+        raise_issues("parentRefs", problems)
+        return refs
+
+    @field_validator("rules")
+    @classmethod
+    def _rule_rules(cls, rules: list[HTTPRouteRule]) -> list[HTTPRouteRule]:
+        problems: list[InitErrorDetails] = []
+        if sum(len(r.matches) for r in rules) > 128:
+            problems.append(
+                issue(
+                    (),
+                    "While 16 rules and 64 matches per rule are allowed, the total number of "
+                    "matches across all rules in a route must be less than 128",
+                )
+            )
+        # Not a CEL rule, but the field's contract ("MUST be unique within a Route"), and
+        # policies target rules by this name through sectionName.
+        problems += [
+            issue((), f'rule name "{n}" must be unique within the route')
+            for n in unique(r.name for r in rules if r.name)
+        ]
+        raise_issues("rules", problems)
+        return rules
+
+
+class HTTPRoute(Resource):
+    """An HTTPRoute. After loading, every parentRef and backendRef has its namespace set."""
+
+    KIND: ClassVar[str] = "HTTPRoute"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = GATEWAY_API_VERSIONS
+
+    metadata: ObjectMeta
+    spec: HTTPRouteSpec
+    status: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _default_namespaces(self) -> "HTTPRoute":
+        ns = self.metadata.namespace
+        for ref in self.spec.parentRefs:
+            if ref.namespace is None:
+                ref.namespace = ns
+        for rule in self.spec.rules:
+            for backend in rule.backendRefs:
+                if backend.namespace is None:
+                    backend.namespace = ns
+        return self
