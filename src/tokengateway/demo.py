@@ -100,25 +100,21 @@ def run_demo(manifests: str, listen: str) -> int:
         print(f"Gateway on {base} serving the tutorial's manifests (Host: {HOST})\n")
         print("Step 3: connectivity")
         _show("GET /v1/models", *_request(base, "/v1/models", "iamafreeuser", None))
-        print("\nStep 7: free user (50 tokens per minute)")
-        for i in range(1, 6):
-            status, headers, doc = _request(
-                base, "/v1/chat/completions", "iamafreeuser", _chat("What is Kubernetes?", 100)
-            )
-            _show(f"free user, chat completion #{i}", status, headers, doc)
-            if status == 429:
-                break
-        print("\nStep 7: gold user (200 tokens per minute, its own counter)")
-        for i in range(1, 4):
-            status, headers, doc = _request(
-                base,
-                "/v1/chat/completions",
-                "iamagolduser",
-                _chat("Explain cloud native architecture", 200),
-            )
-            _show(f"gold user, chat completion #{i}", status, headers, doc)
-            if status == 429:
-                break
+        for user, key, limit, question, max_tokens in (
+            ("free", "iamafreeuser", 50, "What is Kubernetes?", 100),
+            ("gold", "iamagolduser", 200, "Explain cloud native architecture", 200),
+        ):
+            print(f"\nStep 7: {user} user ({limit} tokens per minute, a counter per user)")
+            counted = 0
+            for i in range(1, 12):
+                status, headers, doc = _request(
+                    base, "/v1/chat/completions", key, _chat(question, max_tokens)
+                )
+                _show(f"{user} user, chat completion #{i}", status, headers, doc)
+                if status == 429:
+                    break
+                counted += doc.get("usage", {}).get("total_tokens", 0)
+                print(f"  {'':<44}    counted so far: {counted} of {limit}")
         print("\nAuthentication")
         _show("no API key", *_request(base, "/v1/chat/completions", None, _chat("hi", 10)))
         _show(

@@ -91,7 +91,9 @@ class GatewayApp:
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.decode("latin-1")
             value = raw_value.decode("latin-1")
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            if name in headers:  # repeated headers are one list; cookies join with "; "
+                value = f"{headers[name]}{'; ' if name == 'cookie' else ', '}{value}"
+            headers[name] = value
         host = _hostname(headers.get("host", ""))
 
         # 1. route
@@ -309,6 +311,18 @@ def _well_known(
 
 
 async def _send_denied(send: Send, decision: authlib.AuthDecision) -> None:
+    if decision.body is not None:  # the policy's own deny body, sent as written
+        payload = decision.body.encode()
+        headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1", "replace"))
+            for k, v in decision.deny_headers
+        ]
+        if not any(k == b"content-type" for k, _ in headers):
+            headers.append((b"content-type", b"text/plain; charset=utf-8"))
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": decision.status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+        return
     if decision.status == 401:
         type_, code = "authentication_error", "invalid_api_key"
         default = "authentication failed"

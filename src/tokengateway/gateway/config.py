@@ -168,10 +168,15 @@ def compile_config(
         if key not in compiled_auth:
             try:
                 compiled_auth[key] = authlib.compile_auth(
-                    key, section.get("rules") or {}, section.get("when") or (), secrets, system_ns
+                    key,
+                    section.get("rules") or {},
+                    section.get("when") or (),
+                    secrets,
+                    system_ns,
+                    patterns=section.get("patterns") or None,
                 )
             except authlib.AuthConfigError as exc:
-                problems.append(f"AuthPolicy {key}: {exc}")
+                problems.append(f"AuthPolicy {exc}")
                 return None
         return compiled_auth[key]
 

@@ -84,7 +84,12 @@ class Simulators:
                 str(sock.fileno()),
                 *plan.sim_args,
             ]
-            proc = subprocess.Popen(cmd, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                cmd,
+                pass_fds=(sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
             sock.close()
             self.procs.append(proc)
             urls[key] = f"http://127.0.0.1:{port}"
@@ -122,6 +127,22 @@ class Simulators:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.procs.clear()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the gateway dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Stop(Exception):
+    """Raised by our signal handlers so that `finally` blocks (simulators) run."""
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop(signum)
 
 
 @contextlib.contextmanager
@@ -170,8 +191,15 @@ def run_gateway(
             on_ready(host, port)
         await task
 
+    # uvicorn restores the previous handlers after a graceful shutdown and raises the signal
+    # again; with the default handlers that would kill us before the simulators are stopped.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         asyncio.run(main())
+    except _Stop:
+        pass
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         with contextlib.suppress(OSError):
             sock.close()

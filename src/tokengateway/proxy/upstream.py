@@ -32,6 +32,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+#: Not passed back to the client: the gateway's server writes its own.
+_RESPONSE_OWN = frozenset({"date"})
+
 
 class UpstreamError(Exception):
     """`kind` is "unreachable" (502), "timeout" (504) or "broken" (502 / stream error)."""
@@ -129,7 +132,7 @@ class Upstream:
         out_headers = [
             (k.lower(), v)
             for k, v in resp.raw_headers
-            if k.decode("latin-1").lower() not in HOP_BY_HOP
+            if (name := k.decode("latin-1").lower()) not in HOP_BY_HOP and name not in _RESPONSE_OWN
         ]
         return UpstreamResponse(resp.status, out_headers, resp.content_type or "", resp)
 

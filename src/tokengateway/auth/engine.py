@@ -1,0 +1,771 @@
+"""The AuthPolicy engine: a Kuadrant AuthPolicy's rules compiled once, evaluated per request.
+
+It reproduces what Authorino does with the AuthConfig that Kuadrant generates from the policy:
+
+1. the policy's top-level `when` (CEL over the well-known attributes, evaluated by Kuadrant's
+   wasm-shim): when false, the policy does not apply;
+2. authentication, by priority group (then rule name): the first rule that resolves an
+   identity wins; a rule's `when` skips it; no rule at all means anonymous access. Failure is
+   401 with one `WWW-Authenticate: <scheme> realm="<rule>"` per rule, and the reason is the
+   rule's error, or a JSON object {rule: error} when the policy has several rules;
+3. authorization, by priority group (then rule name): every rule whose `when` holds must
+   allow; results are visible to later rules as `auth.authorization.<rule>`. Failure is 403
+   with the rule's reason ("Unauthorized" for a Rego or pattern that does not allow);
+4. success responses: `response.success.filters` become the `auth` binding the rate limits
+   read, `response.success.headers` headers for the upstream request;
+5. `response.unauthenticated` / `unauthorized` customise the denial (code, message, headers,
+   body); a custom message is also the X-Ext-Auth-Reason.
+
+Selectors, conditions and Rego read Authorino's authorization JSON, built once per request::
+
+    {"context": {...Envoy's CheckRequest attributes...},   # only when the policy reads it
+     "request": {...}, "source": {...}, "destination": {...}, "metadata": {},
+     "auth": {"identity": ..., "authorization": {...}, "response": {...}}}
+
+Not supported (AuthConfigError at compile time, never a silent bypass): `metadata` and
+`callbacks` rules (HTTP, UMA and UserInfo calls), identity methods other than `apiKey`,
+`plain` and `anonymous` (jwt, oauth2Introspection, x509, kubernetesTokenReview need a
+network or Kubernetes), `kubernetesSubjectAccessReview` and `spicedb` authorization, Rego
+from `externalPolicy`, and `wristband` responses. `cache` and `metrics` options are
+accepted and ignored (they do not change decisions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tokengateway import cel
+from tokengateway.auth.credentials import CredentialLocation, compile_credentials
+from tokengateway.auth.identity import REDACTED, ApiKeyIndex, compile_label_selector
+from tokengateway.auth.model import AuthConfigError, AuthDecision, AuthRequest, SecretRecord
+from tokengateway.auth.rego import MSG_UNAUTHORIZED, RegoPolicy
+from tokengateway.auth.selector import to_json, to_string
+from tokengateway.auth.values import (
+    Condition,
+    EvalContext,
+    ResolveError,
+    Value,
+    compile_conditions,
+    compile_value,
+)
+
+__all__ = ["AuthEngine", "compile_auth"]
+
+MSG_CREDENTIAL_NOT_FOUND = "credential not found"
+MSG_INVALID_API_KEY = "the API Key provided is invalid"
+MSG_NO_PLAIN_IDENTITY = "could not retrieve identity object or null"
+
+HEADER_CHALLENGE = "WWW-Authenticate"
+HEADER_REASON = "X-Ext-Auth-Reason"
+
+_SECTIONS = ("authentication", "metadata", "authorization", "response", "callbacks")
+_UNSUPPORTED_IDENTITY = {
+    "jwt": "it fetches OpenID Connect discovery documents and JWKS over the network",
+    "oauth2Introspection": "it calls an OAuth2 token introspection endpoint",
+    "x509": "it needs the client certificate chain and a Kubernetes trust store",
+    "kubernetesTokenReview": "it calls the Kubernetes TokenReview API",
+}
+_UNSUPPORTED_AUTHZ = {
+    "kubernetesSubjectAccessReview": "it calls the Kubernetes SubjectAccessReview API",
+    "spicedb": "it calls a SpiceDB server",
+}
+_IDENTITY_METHODS = ("apiKey", "jwt", "oauth2Introspection", "x509", "kubernetesTokenReview")
+_IDENTITY_METHODS += ("plain", "anonymous")
+
+
+class _Source:
+    """One authentication rule."""
+
+    __slots__ = (
+        "challenge",
+        "extensions",
+        "index",
+        "location",
+        "method",
+        "name",
+        "plain",
+        "priority",
+        "when",
+    )
+
+    def __init__(self, name: str, priority: int) -> None:
+        self.name = name
+        self.priority = priority
+        self.when: Condition | None = None
+        self.method = ""
+        self.location: CredentialLocation | None = None
+        self.index: ApiKeyIndex | None = None
+        self.plain: Value | None = None
+        #: (property, value, overwrite) from `defaults` (False) and `overrides` (True)
+        self.extensions: list[tuple[str, Value, bool]] = []
+        self.challenge = ""
+
+
+class _Authorizer:
+    """One authorization rule."""
+
+    __slots__ = ("name", "patterns", "priority", "rego", "when")
+
+    def __init__(self, name: str, priority: int) -> None:
+        self.name = name
+        self.priority = priority
+        self.when: Condition | None = None
+        self.rego: RegoPolicy | None = None
+        self.patterns: Condition | None = None
+
+    def evaluate(self, ctx: EvalContext) -> tuple[bool, Any, str | None]:
+        if self.rego is not None:
+            return self.rego.evaluate(ctx.doc)
+        if self.patterns is None or self.patterns.matches(ctx):
+            return True, True, None
+        return False, None, MSG_UNAUTHORIZED
+
+
+class _Responder:
+    """One `response.success.headers` or `response.success.filters` item."""
+
+    __slots__ = ("as_header", "key", "name", "plain", "priority", "properties", "when")
+
+    def __init__(self, name: str, priority: int, key: str, as_header: bool) -> None:
+        self.name = name
+        self.priority = priority
+        self.key = key
+        self.as_header = as_header
+        self.when: Condition | None = None
+        self.properties: list[tuple[str, Value]] | None = None
+        self.plain: Value | None = None
+
+    def build(self, ctx: EvalContext) -> Any:
+        if self.properties is not None:
+            return {name: value.resolve(ctx) for name, value in self.properties}
+        assert self.plain is not None
+        return self.plain.resolve(ctx)
+
+    def header_value(self, obj: Any) -> str:
+        if self.properties is not None:
+            return to_string(obj)
+        return _go_print(obj)
+
+
+class _DenyWith:
+    __slots__ = ("body", "code", "headers", "message")
+
+    def __init__(self) -> None:
+        self.code = 0
+        self.message: Value | None = None
+        self.body: Value | None = None
+        self.headers: list[tuple[str, Value]] = []
+
+
+def _go_print(value: Any) -> str:
+    """Go's fmt "%v" for the scalars a plain response yields (JSON for containers)."""
+    if value is None:
+        return "<nil>"
+    if isinstance(value, (dict, list, tuple)):
+        return to_json(value)
+    return to_string(value)
+
+
+def _stringify(value: Any) -> str:
+    """Authorino's StringifyJSON: strings as is, null as "", the rest as JSON text."""
+    return to_string(value)
+
+
+def _groups(items: Sequence[Any]) -> list[list[Any]]:
+    """Items grouped by priority (ascending), each group in name order."""
+    ordered = sorted(items, key=lambda item: (item.priority, item.name))
+    groups: list[list[Any]] = []
+    for item in ordered:
+        if groups and groups[-1][0].priority == item.priority:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _priority(spec: Mapping[str, Any], policy: str, where: str) -> int:
+    raw = spec.get("priority", 0) or 0
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise AuthConfigError(policy, where, f"priority must be an integer, not {raw!r}")
+    return raw
+
+
+def _mapping(value: Any, policy: str, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise AuthConfigError(policy, where, "expected an object")
+    return value
+
+
+class _Compiler:
+    def __init__(
+        self,
+        policy: str,
+        secrets: Sequence[SecretRecord],
+        system_namespace: str,
+        patterns: Mapping[str, Sequence[Mapping[str, Any]]],
+    ) -> None:
+        self.policy = policy
+        self.secrets = secrets
+        self.system_namespace = system_namespace
+        self.patterns = patterns
+        #: top-level keys of the authorization JSON something reads; None: anything
+        self.roots: set[str] | None = set()
+
+    def note(self, item: Value | Condition | RegoPolicy | None) -> None:
+        if item is None or self.roots is None:
+            return
+        if item.roots is None:
+            self.roots = None
+        else:
+            self.roots |= item.roots
+
+    def value(self, spec: Any, where: str) -> Value:
+        value = compile_value(spec, self.policy, where)
+        self.note(value)
+        return value
+
+    def conditions(self, spec: Any, where: str) -> Condition | None:
+        cond = compile_conditions(spec, self.patterns, self.policy, where)
+        self.note(cond)
+        return cond
+
+    # -- authentication ---------------------------------------------------------------------
+
+    def source(self, name: str, spec: Any) -> _Source:
+        where = f"rules.authentication.{name}"
+        spec = _mapping(spec, self.policy, where)
+        src = _Source(name, _priority(spec, self.policy, where))
+        src.when = self.conditions(spec.get("when"), f"{where}.when")
+        methods = [m for m in _IDENTITY_METHODS if spec.get(m) is not None]
+        if not methods:
+            raise AuthConfigError(
+                self.policy,
+                where,
+                f"unknown authentication method (expected one of {', '.join(_IDENTITY_METHODS)})",
+            )
+        method = src.method = methods[0]
+        if method in _UNSUPPORTED_IDENTITY:
+            raise AuthConfigError(
+                self.policy,
+                where,
+                f"{method} authentication is not supported here: {_UNSUPPORTED_IDENTITY[method]}",
+            )
+        location = compile_credentials(spec.get("credentials"), self.policy, f"{where}.credentials")
+        src.challenge = f'{location.identifier} realm="{name}"'
+        if method == "apiKey":
+            options = _mapping(spec["apiKey"], self.policy, f"{where}.apiKey")
+            matches = compile_label_selector(
+                options.get("selector"), self.policy, f"{where}.apiKey.selector"
+            )
+            namespace = None if options.get("allNamespaces") else self.system_namespace
+            src.location = location
+            src.index = ApiKeyIndex(self.secrets, matches, namespace)
+        elif method == "plain":
+            options = _mapping(spec["plain"], self.policy, f"{where}.plain")
+            if bool(options.get("selector")) == bool(options.get("expression")):
+                raise AuthConfigError(
+                    self.policy, f"{where}.plain", "use exactly one of: selector, expression"
+                )
+            src.plain = self.value(options, f"{where}.plain")
+            # Authorino's challenge for a plain identity names its selector/expression
+            pattern = options.get("expression") or options.get("selector")
+            src.challenge = f'{pattern} realm="{name}"'
+        for key, overwrite in (("defaults", False), ("overrides", True)):
+            props = _mapping(spec.get(key), self.policy, f"{where}.{key}")
+            for prop in sorted(props):
+                value = self.value(props[prop], f"{where}.{key}.{prop}")
+                src.extensions.append((str(prop), value, overwrite))
+        return src
+
+    # -- authorization ----------------------------------------------------------------------
+
+    def authorizer(self, name: str, spec: Any) -> _Authorizer:
+        where = f"rules.authorization.{name}"
+        spec = _mapping(spec, self.policy, where)
+        az = _Authorizer(name, _priority(spec, self.policy, where))
+        az.when = self.conditions(spec.get("when"), f"{where}.when")
+        for method, why in _UNSUPPORTED_AUTHZ.items():
+            if spec.get(method) is not None:
+                raise AuthConfigError(
+                    self.policy, where, f"{method} authorization is not supported here: {why}"
+                )
+        if spec.get("opa") is not None:
+            opa = _mapping(spec["opa"], self.policy, f"{where}.opa")
+            if opa.get("externalPolicy"):
+                raise AuthConfigError(
+                    self.policy,
+                    f"{where}.opa",
+                    "externalPolicy is not supported here: it downloads the policy over HTTP; "
+                    "inline it as `rego`",
+                )
+            version = opa.get("version") or "v0"
+            if version not in ("v0", "v1"):
+                raise AuthConfigError(
+                    self.policy, f"{where}.opa", f"unsupported OPA Rego version: {version}"
+                )
+            rego = opa.get("rego")
+            if not isinstance(rego, str) or not rego.strip():
+                raise AuthConfigError(self.policy, f"{where}.opa", "`rego` is required")
+            az.rego = RegoPolicy(
+                rego,
+                policy=self.policy,
+                rule=f"{where}.opa.rego",
+                all_values=bool(opa.get("allValues")),
+            )
+            self.note(az.rego)
+        elif spec.get("patternMatching") is not None:
+            pm = _mapping(spec["patternMatching"], self.policy, f"{where}.patternMatching")
+            az.patterns = self.conditions(pm.get("patterns"), f"{where}.patternMatching.patterns")
+        else:
+            raise AuthConfigError(
+                self.policy, where, "unknown authorization method (expected opa or patternMatching)"
+            )
+        return az
+
+    # -- response ---------------------------------------------------------------------------
+
+    def responder(self, name: str, spec: Any, where: str, as_header: bool) -> _Responder:
+        spec = _mapping(spec, self.policy, where)
+        key = str(spec.get("key") or name)
+        item = _Responder(name, _priority(spec, self.policy, where), key, as_header)
+        item.when = self.conditions(spec.get("when"), f"{where}.when")
+        if spec.get("wristband") is not None:
+            raise AuthConfigError(
+                self.policy, where, "wristband responses are not supported here (signed tokens)"
+            )
+        if spec.get("json") is not None:
+            body = _mapping(spec["json"], self.policy, f"{where}.json")
+            props = _mapping(body.get("properties"), self.policy, f"{where}.json.properties")
+            item.properties = [
+                (str(prop), self.value(props[prop], f"{where}.json.properties.{prop}"))
+                for prop in props
+            ]
+        elif spec.get("plain") is not None:
+            item.plain = self.value(spec["plain"], f"{where}.plain")
+        else:
+            raise AuthConfigError(self.policy, where, "expected `json` or `plain`")
+        return item
+
+    def deny_with(self, spec: Any, where: str) -> _DenyWith | None:
+        if spec is None:
+            return None
+        spec = _mapping(spec, self.policy, where)
+        deny = _DenyWith()
+        code = spec.get("code") or 0
+        if isinstance(code, bool) or not isinstance(code, int) or (code and not 300 <= code <= 599):
+            raise AuthConfigError(
+                self.policy, f"{where}.code", f"must be an integer from 300 to 599, not {code!r}"
+            )
+        deny.code = code
+        if spec.get("message") is not None:
+            deny.message = self.value(spec["message"], f"{where}.message")
+        if spec.get("body") is not None:
+            deny.body = self.value(spec["body"], f"{where}.body")
+        headers = _mapping(spec.get("headers"), self.policy, f"{where}.headers")
+        deny.headers = [(str(h), self.value(headers[h], f"{where}.headers.{h}")) for h in headers]
+        return deny
+
+
+def compile_auth(
+    name: str,
+    rules: Mapping[str, Any] | None,
+    when: Sequence[Mapping[str, str]] | None,
+    secrets: Sequence[SecretRecord],
+    system_namespace: str,
+    *,
+    patterns: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> AuthEngine:
+    """Compile an AuthPolicy's `rules` (and top-level `when`) into an engine.
+
+    `name` is "namespace/policy" for messages; `patterns` is the policy's `spec.patterns`, for
+    `patternRef`s. Raises AuthConfigError naming the policy, the rule and the reason.
+    """
+    rules = _mapping(rules, name, "rules")
+    unknown = [key for key in rules if key not in _SECTIONS]
+    if unknown:
+        raise AuthConfigError(
+            name, f"rules.{unknown[0]}", f"unknown section (expected one of {', '.join(_SECTIONS)})"
+        )
+    if rules.get("metadata"):
+        first = next(iter(_mapping(rules["metadata"], name, "rules.metadata")))
+        raise AuthConfigError(
+            name,
+            f"rules.metadata.{first}",
+            "metadata evaluators are not supported here: they fetch data over HTTP, UMA or "
+            "OIDC UserInfo, and skipping them would change authorization results",
+        )
+    if rules.get("callbacks"):
+        first = next(iter(_mapping(rules["callbacks"], name, "rules.callbacks")))
+        raise AuthConfigError(
+            name,
+            f"rules.callbacks.{first}",
+            "callbacks are not supported here: they call HTTP endpoints",
+        )
+    compiler = _Compiler(name, secrets, system_namespace, patterns or {})
+
+    top_when: list[cel.Predicate] = []
+    for i, item in enumerate(when or ()):
+        source = item.get("predicate") if isinstance(item, Mapping) else None
+        if not isinstance(source, str) or not source.strip():
+            raise AuthConfigError(name, f"when[{i}]", "expected {predicate: <CEL expression>}")
+        try:
+            top_when.append(cel.compile_predicate(source))
+        except cel.CelCompileError as exc:
+            raise AuthConfigError(name, f"when[{i}]", f"invalid CEL predicate: {exc}") from None
+
+    authentication = _mapping(rules.get("authentication"), name, "rules.authentication")
+    if authentication:
+        sources = [compiler.source(str(n), s) for n, s in authentication.items()]
+    else:
+        # Authorino's default when a config has no authentication: anonymous access
+        sources = [compiler.source("anonymous", {"anonymous": {}})]
+    authorization = _mapping(rules.get("authorization"), name, "rules.authorization")
+    authorizers = [compiler.authorizer(str(n), s) for n, s in authorization.items()]
+
+    response = _mapping(rules.get("response"), name, "rules.response")
+    extra = [k for k in response if k not in ("unauthenticated", "unauthorized", "success")]
+    if extra:
+        raise AuthConfigError(
+            name,
+            f"rules.response.{extra[0]}",
+            "unknown section (expected unauthenticated, unauthorized, success)",
+        )
+    success = _mapping(response.get("success"), name, "rules.response.success")
+    extra = [k for k in success if k not in ("headers", "filters")]
+    if extra:
+        raise AuthConfigError(
+            name,
+            f"rules.response.success.{extra[0]}",
+            "unknown section (expected headers, filters)",
+        )
+    responders: list[_Responder] = []
+    for section, as_header in (("headers", True), ("filters", False)):
+        items = _mapping(success.get(section), name, f"rules.response.success.{section}")
+        for item_name, spec in items.items():
+            where = f"rules.response.success.{section}.{item_name}"
+            responders.append(compiler.responder(str(item_name), spec, where, as_header))
+    unauthenticated = compiler.deny_with(
+        response.get("unauthenticated"), "rules.response.unauthenticated"
+    )
+    unauthorized = compiler.deny_with(response.get("unauthorized"), "rules.response.unauthorized")
+
+    return AuthEngine(
+        name=name,
+        when=top_when,
+        sources=sources,
+        authorizers=authorizers,
+        responders=responders,
+        unauthenticated=unauthenticated,
+        unauthorized=unauthorized,
+        needs_context=compiler.roots is None or "context" in compiler.roots,
+    )
+
+
+class AuthEngine:
+    """A compiled AuthPolicy; `evaluate` is synchronous, thread-safe and allocation-light."""
+
+    __slots__ = (
+        "_authz_groups",
+        "_challenges",
+        "_needs_context",
+        "_response_groups",
+        "_single_source",
+        "_source_groups",
+        "_unauthenticated",
+        "_unauthorized",
+        "_when",
+        "name",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        when: list[cel.Predicate],
+        sources: list[_Source],
+        authorizers: list[_Authorizer],
+        responders: list[_Responder],
+        unauthenticated: _DenyWith | None,
+        unauthorized: _DenyWith | None,
+        needs_context: bool,
+    ) -> None:
+        self.name = name
+        self._when = tuple(when)
+        self._source_groups = _groups(sources)
+        self._single_source = len(sources) == 1
+        self._challenges = [
+            (HEADER_CHALLENGE, src.challenge) for group in self._source_groups for src in group
+        ]
+        self._authz_groups = _groups(authorizers)
+        self._response_groups = _groups(responders)
+        self._unauthenticated = unauthenticated
+        self._unauthorized = unauthorized
+        self._needs_context = needs_context
+
+    @property
+    def identity_sources(self) -> list[str]:
+        """Authentication rule names, in evaluation order."""
+        return [src.name for group in self._source_groups for src in group]
+
+    def api_keys(self) -> dict[str, list[str]]:
+        """For each apiKey rule, the Secrets ("namespace/name") it trusts."""
+        return {
+            src.name: list(src.index.secrets)
+            for group in self._source_groups
+            for src in group
+            if src.index is not None
+        }
+
+    def __repr__(self) -> str:
+        return f"AuthEngine({self.name!r}, sources={self.identity_sources})"
+
+    # -- per request ------------------------------------------------------------------------
+
+    def evaluate(self, req: AuthRequest) -> AuthDecision:
+        if self._when:
+            activation = cel.Activation(req.well_known or {})
+            for predicate in self._when:
+                if not predicate.test(activation):
+                    return AuthDecision(allowed=True, status=200, applied=False)
+
+        ctx = EvalContext(self._document(req))
+        auth: dict[str, Any] = ctx.doc["auth"]
+
+        # 1. authentication
+        found = self._authenticate(ctx, req)
+        if isinstance(found, str):
+            return self._deny(ctx, 401, found, self._challenges, self._unauthenticated, None, None)
+        source, public = found
+
+        # 2. authorization
+        for group in self._authz_groups:
+            for az in group:
+                if az.when is not None and not az.when.matches(ctx):
+                    continue
+                allowed, result, error = az.evaluate(ctx)
+                if not allowed:
+                    return self._deny(
+                        ctx, 403, error or MSG_UNAUTHORIZED, [], self._unauthorized, source, public
+                    )
+                auth.setdefault("authorization", {})[az.name] = result
+                ctx.changed()
+
+        # 3. success responses
+        filters: dict[str, Any] = {}
+        headers: dict[str, str] = {}
+        for group in self._response_groups:
+            for item in group:
+                if item.when is not None and not item.when.matches(ctx):
+                    continue
+                try:
+                    obj = item.build(ctx)
+                except ResolveError:
+                    continue  # Authorino drops a response item that fails to build
+                auth.setdefault("response", {})[item.name] = obj
+                ctx.changed()
+                if item.as_header:
+                    headers[item.key] = item.header_value(obj)
+                else:
+                    filters[item.key] = obj
+        return AuthDecision(
+            allowed=True,
+            status=200,
+            success_headers=list(headers.items()),
+            auth=filters,
+            identity=public,
+            identity_source=source,
+        )
+
+    def _document(self, req: AuthRequest) -> dict[str, Any]:
+        """Authorino's authorization JSON for this request (before any auth phase)."""
+        well_known = req.well_known or {}
+        headers = dict(req.headers)
+        # Envoy hands Authorino the HTTP/2-style pseudo-headers too
+        headers.setdefault(":authority", req.host)
+        headers.setdefault(":method", req.method)
+        headers.setdefault(":path", req.path)
+        headers.setdefault(":scheme", req.scheme)
+        given = well_known.get("request")
+        request: dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
+        request.setdefault("id", req.request_id)
+        request.setdefault("method", req.method)
+        request.setdefault("path", req.path)
+        request.setdefault("host", req.host)
+        request.setdefault("scheme", req.scheme)
+        request["headers"] = headers
+        user_agent = headers.get("user-agent")
+        if user_agent:
+            request["user_agent"] = user_agent
+        referer = headers.get("referer")
+        if referer:
+            request["referer"] = referer
+        source = well_known.get("source")
+        if not isinstance(source, Mapping):
+            source = {"address": req.source_address, "port": req.source_port}
+        destination = well_known.get("destination")
+        if not isinstance(destination, Mapping):
+            destination = {"address": req.destination_address, "port": req.destination_port}
+        doc: dict[str, Any] = {
+            "request": request,
+            "source": source,
+            "destination": destination,
+            "metadata": {},
+            "auth": {},
+        }
+        if self._needs_context:
+            doc["context"] = _envoy_context(req, headers, request)
+        return doc
+
+    def _authenticate(
+        self, ctx: EvalContext, req: AuthRequest
+    ) -> tuple[str, dict[str, Any] | None] | str:
+        """(rule name, public identity) on success, else the X-Ext-Auth-Reason."""
+        errors: dict[str, str] = {}
+        for group in self._source_groups:
+            for src in group:
+                if src.when is not None and not src.when.matches(ctx):
+                    continue
+                _, public, error = self._resolve(src, ctx, req)
+                if error is None:
+                    return src.name, public
+                if self._single_source:
+                    return error
+                errors[src.name] = error
+        return to_json(errors)
+
+    @staticmethod
+    def _resolve(
+        src: _Source, ctx: EvalContext, req: AuthRequest
+    ) -> tuple[Any, dict[str, Any] | None, str | None]:
+        """Resolve one rule: (identity, redacted identity, None) or (None, None, error)."""
+        public: dict[str, Any] | None
+        if src.index is not None:
+            assert src.location is not None
+            credential = src.location.extract(req.headers, req.path)
+            if credential is None:
+                return None, None, MSG_CREDENTIAL_NOT_FOUND
+            hit = src.index.lookup(credential)
+            if hit is None:
+                return None, None, MSG_INVALID_API_KEY
+            identity, public = hit
+        elif src.plain is not None:
+            try:
+                identity = src.plain.resolve(ctx)
+            except ResolveError:
+                identity = None
+            if identity is None:
+                return None, None, MSG_NO_PLAIN_IDENTITY
+            public = identity if isinstance(identity, dict) else None
+        else:
+            identity = {"anonymous": True}
+            public = identity
+        auth = ctx.doc["auth"]
+        auth["identity"] = identity
+        ctx.changed()
+        if src.extensions:
+            if not isinstance(identity, dict):
+                del auth["identity"]
+                ctx.changed()
+                return None, None, "the identity object is not a JSON object: cannot extend it"
+            extended = dict(identity)
+            try:
+                for prop, value, overwrite in src.extensions:
+                    if overwrite or prop not in extended:
+                        extended[prop] = value.resolve(ctx)
+            except ResolveError as exc:
+                del auth["identity"]
+                ctx.changed()
+                return None, None, str(exc)
+            identity = extended
+            auth["identity"] = identity
+            ctx.changed()
+            public = _redacted(identity)
+        return identity, public, None
+
+    def _deny(
+        self,
+        ctx: EvalContext,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        custom: _DenyWith | None,
+        source: str | None,
+        public: dict[str, Any] | None,
+    ) -> AuthDecision:
+        message = body = None
+        if custom is not None:
+            if custom.code:
+                status = custom.code
+            if custom.message is not None:
+                message = reason = _stringify(_resolve_quietly(custom.message, ctx))
+            if custom.body is not None:
+                body = _stringify(_resolve_quietly(custom.body, ctx))
+            if custom.headers:
+                headers = [
+                    (name, _stringify(_resolve_quietly(value, ctx)))
+                    for name, value in custom.headers
+                ]
+        return AuthDecision(
+            allowed=False,
+            status=status,
+            reason=reason,
+            deny_headers=[*headers, (HEADER_REASON, reason)],
+            message=message,
+            body=body,
+            identity=public,
+            identity_source=source,
+        )
+
+
+def _resolve_quietly(value: Value, ctx: EvalContext) -> Any:
+    """Authorino ignores errors resolving deny values (the value becomes null)."""
+    try:
+        return value.resolve(ctx)
+    except ResolveError:
+        return None
+
+
+def _redacted(identity: dict[str, Any]) -> dict[str, Any]:
+    data = identity.get("data")
+    if identity.get("kind") == "Secret" and isinstance(data, dict):
+        return {**identity, "data": dict.fromkeys(data, REDACTED)}
+    return identity
+
+
+def _envoy_context(
+    req: AuthRequest, headers: dict[str, str], request: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Envoy's CheckRequest attributes as Authorino serialises them (the `context` key)."""
+    now = time.time_ns()
+    http: dict[str, Any] = {
+        "id": req.request_id,
+        "method": req.method,
+        "headers": headers,
+        "path": req.path,
+        "host": req.host,
+        "scheme": req.scheme,
+        "protocol": request.get("protocol") or "HTTP/1.1",
+    }
+    size = request.get("size")
+    if isinstance(size, int) and size > 0:
+        http["size"] = size
+    return {
+        "source": _peer(req.source_address, req.source_port),
+        "destination": _peer(req.destination_address, req.destination_port),
+        "request": {
+            "time": {"seconds": now // 1_000_000_000, "nanos": now % 1_000_000_000},
+            "http": http,
+        },
+        "metadata_context": {},
+    }
+
+
+def _peer(address: str, port: int) -> dict[str, Any]:
+    socket: dict[str, Any] = {"address": address}
+    if port:
+        socket["PortSpecifier"] = {"PortValue": port}
+    return {"address": {"Address": {"SocketAddress": socket}}}
