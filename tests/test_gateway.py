@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import httpx
+
 from tests.conftest import HOST, chat, run_cli
 
 GATEWAY = """

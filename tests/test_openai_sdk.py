@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+
 from tests.conftest import HOST, MODEL, TUTORIAL
 from tests.test_tutorial import FREE_EXTRA
 

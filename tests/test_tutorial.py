@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
+
 from tests.conftest import HOST, MODEL, TUTORIAL, chat, run_cli
 
 FREE_EXTRA = """
