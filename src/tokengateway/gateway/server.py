@@ -156,6 +156,17 @@ def started(loaded: LoadedConfig) -> Iterator[CompiledConfig]:
         sims.stop()
 
 
+def _run_loop(coro: Any) -> None:
+    """uvloop when present: on the default loop every response waited ~40 ms for a delayed
+    ACK (measured: 44 ms vs 0.3 ms per request on loopback)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
 def run_gateway(
     config: CompiledConfig,
     listen: tuple[str, int] | socket.socket,
@@ -195,7 +206,7 @@ def run_gateway(
     # again; with the default handlers that would kill us before the simulators are stopped.
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        asyncio.run(main())
+        _run_loop(main())
     except _Stop:
         pass
     finally:
