@@ -18,7 +18,7 @@ setup: $(STAMP)
 run: setup
 	@echo "Try, in another terminal (the tutorial's Step 7):"
 	@echo "  export KUADRANT_GATEWAY_URL=$(LISTEN)"
-	@echo "  curl -i -H 'Host: trlp-tutorial.example.com' http://\$$KUADRANT_GATEWAY_URL/v1/models"
+	@echo "  curl -i -H 'Host: trlp-tutorial.example.com' -H 'Authorization: APIKEY iamafreeuser' http://\$$KUADRANT_GATEWAY_URL/v1/models"
 	@echo "  curl -i -H 'Host: trlp-tutorial.example.com' -H 'Authorization: APIKEY iamafreeuser' \\"
 	@echo "       -H 'Content-Type: application/json' -X POST http://\$$KUADRANT_GATEWAY_URL/v1/chat/completions \\"
 	@echo "       -d '{\"model\": \"meta-llama/Llama-3.1-8B-Instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"What is Kubernetes?\"}], \"max_tokens\": 100, \"stream\": false, \"usage\": true}'"
