@@ -52,7 +52,7 @@ def test_parse_window(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["1d", "", "m", "1m1", "123456s", "0s"])
 def test_parse_window_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="window"):
+    with pytest.raises(ValueError, match=r"does not match|longer than zero"):
         parse_window(text)
 
 

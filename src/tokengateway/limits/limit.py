@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokengateway import cel
+from tokengateway.resources import parse_window as _parse_duration
 from tokengateway.storage import CounterRef
 
 __all__ = ["Limit", "LimitCompileError", "Rate", "compile_limits", "parse_window"]
-
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
 class LimitCompileError(ValueError):
@@ -19,13 +18,8 @@ class LimitCompileError(ValueError):
 
 
 def parse_window(text: str) -> float:
-    """`"1m"` -> 60.0, `"1h30m"` -> 5400.0, `"500ms"` -> 0.5 (Kuadrant's window syntax)."""
-    import re
-
-    parts = re.findall(r"([0-9]{1,5})(ms|h|m|s)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"window {text!r} does not match ^([0-9]{{1,5}}(h|m|s|ms)){{1,4}}$")
-    seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+    """Seconds in a window (`"1m"` -> 60.0); a zero window is refused: it would never count."""
+    seconds = _parse_duration(text)
     if seconds <= 0:
         raise ValueError(f"window {text!r} must be longer than zero")
     return seconds
