@@ -3,8 +3,15 @@
 import pytest
 
 from tokengateway import cel
-from tokengateway.limits import LimitCompileError, Limiter, compile_limits, parse_window
+from tokengateway.limits import (
+    LimitCompileError,
+    Limiter,
+    compile_limits,
+    parse_counting,
+    parse_window,
+)
 from tokengateway.storage import MemoryStore
+from tokengateway.tokens import Usage
 
 TUTORIAL_LIMITS = {
     "free": {
@@ -128,10 +135,10 @@ async def test_token_check_then_report_with_zero_counting_as_one() -> None:
     limiter = Limiter(MemoryStore())
     applicable = Limiter.applicable(limits, "ns/r", activation("/", None, None))
     assert not (await limiter.check(applicable)).limited
-    await limiter.report(applicable, 0)  # counts as 1
-    await limiter.report(applicable, 1)
+    await limiter.report(applicable, Usage(0, 0, 0))  # counts as 1
+    await limiter.report(applicable, Usage(0, 1, 1))
     assert not (await limiter.check(applicable)).limited  # 2 + 1 > 3 is false
-    await limiter.report(applicable, 0)
+    await limiter.report(applicable, Usage(0, 0, 0))
     assert (await limiter.check(applicable)).limited
 
 
@@ -149,8 +156,47 @@ async def test_request_limits_hit_atomically_and_only_when_tokens_allow() -> Non
     assert not (await limiter.check(applicable)).limited
     assert not (await limiter.check(applicable)).limited
     assert (await limiter.check(applicable)).limited  # third request in the window
-    await limiter.report(applicable, 10)
+    await limiter.report(applicable, Usage(0, 10, 10))
     refused = await limiter.check(applicable)
     assert refused.limited
     request_key = applicable.requests[0].key
     assert store.snapshot()[request_key][0] == 2
+
+
+def test_counting_extension() -> None:
+    usage = Usage(
+        prompt_tokens=100, completion_tokens=10, total_tokens=115, cached_prompt_tokens=40
+    )
+    assert parse_counting(None).cost(usage) == 115  # Kuadrant: total_tokens as reported
+    assert parse_counting("total").cost(usage) == 115
+    assert parse_counting("prompt").cost(usage) == 100
+    assert parse_counting("completion").cost(usage) == 10
+    assert parse_counting({"prompt": 1, "completion": 4}).cost(usage) == 140
+    assert parse_counting({"prompt": 1, "cachedPrompt": 0}).cost(usage) == 60
+    assert (
+        parse_counting({"prompt": 1, "cachedPrompt": 0.5, "completion": 2}).cost(usage)
+        == 60 + 20 + 20
+    )
+    assert parse_counting({"completion": 0.3}).cost(usage) == 3
+
+
+async def test_report_charges_each_limit_its_own_count() -> None:
+    spec = {
+        "total": {"rates": [{"limit": 1000, "window": "1m"}]},
+        "out": {"rates": [{"limit": 1000, "window": "1m"}], "counting": {"completion": 4}},
+        "cheap": {"rates": [{"limit": 1000, "window": "1m"}], "counting": "completion"},
+    }
+    limits = compile_limits("TokenRateLimitPolicy", "ns/p", spec)
+    store = MemoryStore()
+    applicable = Limiter.applicable(limits, "ns/r", activation("/", None, None))
+    await Limiter(store).report(applicable, Usage(7, 0, 7))
+    values = {k.split("\x1f")[1].rsplit("/", 1)[1]: v for k, (v, _) in store.snapshot().items()}
+    assert values == {"total": 7, "out": 1, "cheap": 1}  # 0 counts as 1
+    await Limiter(store).report(applicable, Usage(7, 3, 10))
+    values = {k.split("\x1f")[1].rsplit("/", 1)[1]: v for k, (v, _) in store.snapshot().items()}
+    assert values == {"total": 17, "out": 13, "cheap": 4}
+
+
+def test_counting_is_ignored_on_request_limits() -> None:
+    spec = {"r": {"rates": [{"limit": 1, "window": "1m"}], "counting": "prompt"}}
+    assert compile_limits("RateLimitPolicy", "ns/p", spec)[0].counting.total

@@ -64,9 +64,20 @@ _backend = click.option(
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on.")
 @click.option("--storage", default="memory://", show_default=True, help="Counter store URI.")
 @_backend
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="One JSON line per request on standard output.",
+)
 @click.option("--fd", type=int, default=None, hidden=True)
 def serve(
-    paths: tuple[str, ...], listen: str, storage: str, backends: tuple[str, ...], fd: int | None
+    paths: tuple[str, ...],
+    listen: str,
+    storage: str,
+    backends: tuple[str, ...],
+    access_log: bool,
+    fd: int | None,
 ) -> None:
     """Serve the gateway described by the manifests."""
     from tokengateway.gateway.config import ConfigError
@@ -88,7 +99,7 @@ def serve(
                 click.echo(_banner(config, host, port), err=True)
 
             where = socket.socket(fileno=fd) if fd is not None else address
-            run_gateway(config, where, storage, on_ready=ready)
+            run_gateway(config, where, storage, on_ready=ready, access_log=access_log)
     except ConfigError as exc:
         _fail(str(exc))
     except (RuntimeError, OSError) as exc:

@@ -90,6 +90,7 @@ def run_demo(manifests: str, listen: str) -> int:
         str(sock.fileno()),
         "--listen",
         f"{host}:{port}",
+        "--no-access-log",
     ]
     proc = subprocess.Popen(
         cmd, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL

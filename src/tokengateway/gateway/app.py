@@ -9,28 +9,26 @@ translates between HTTP (ASGI) and those libraries, and owns the order of the st
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import math
 import time
 import uuid
 from typing import Any
 
+import msgspec
+
 from tokengateway import auth as authlib
 from tokengateway import cel
+from tokengateway.gateway.accesslog import AccessLog, Entry
 from tokengateway.gateway.config import CompiledConfig, RuleTarget
 from tokengateway.gateway.errors import send_error
 from tokengateway.gateway.types import Receive, Scope, Send
 from tokengateway.limits import Applicable, Limiter
-from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError
-from tokengateway.proxy.usage import (
-    SSEUsageReader,
-    Usage,
-    completion_chars_of,
-    estimate_usage,
-    usage_from_json,
-)
+from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
+from tokengateway.proxy.usage import SSEStream, ask_for_usage, completion_text_of, usage_from_json
 from tokengateway.storage import CheckResult, CounterStore
+from tokengateway.tokens import estimate_usage
 
 __all__ = ["GatewayApp"]
 
@@ -49,23 +47,32 @@ class GatewayApp:
         store: CounterStore,
         upstream: Upstream | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.limiter = Limiter(store)
         self.upstream = upstream or Upstream()
         self.max_body_bytes = max_body_bytes
+        self.access_log = access_log
+        #: responses charged by an estimate because the upstream reported no usage
+        self.estimated_usage = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            entry = Entry(scope["method"], scope["path"])
+            if self.access_log is not None:
+                send = entry.recording(send)
             try:
-                await self.handle(scope, receive, send)
+                await self.handle(scope, receive, send, entry)
             except Exception:  # the last line of defence: never a stack trace to a client
                 log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
                 if not scope.get("tokengateway.started"):
                     await send_error(
                         send, 500, "internal gateway error", "server_error", "internal_error"
                     )
+            if self.access_log is not None:
+                self.access_log.write(entry)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
@@ -82,7 +89,7 @@ class GatewayApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send, entry: Entry) -> None:
         config = self.config
         method: str = scope["method"]
         path: str = scope["path"]
@@ -108,6 +115,8 @@ class GatewayApp:
             )
             return
         target: RuleTarget = match.target
+        entry.route = target.route
+        entry.host = host
 
         # 2. body (needed to forward, for requestBodyJSON and for estimates)
         body = await _read_body(receive, self.max_body_bytes)
@@ -122,6 +131,7 @@ class GatewayApp:
             return
 
         request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        entry.request_id = request_id
         well_known = _well_known(scope, method, path, query, host, headers, body, request_id)
 
         # 3. authenticate and authorize
@@ -161,7 +171,7 @@ class GatewayApp:
                     await _send_limited(send, result)
                     return
 
-        # 5. forward, 6. read usage, 7. report
+        # 5. forward
         if not target.backends:
             await send_error(
                 send,
@@ -171,82 +181,126 @@ class GatewayApp:
                 "no_backend",
             )
             return
-        usage = await self._forward(
-            scope, send, target, method, path, query, headers, body, request_id, upstream_extra
-        )
-        if usage is not None and applicable.tokens:
-            await self.limiter.report(applicable, usage.total_tokens)
-
-    async def _forward(
-        self,
-        scope: Scope,
-        send: Send,
-        target: RuleTarget,
-        method: str,
-        path: str,
-        query: str,
-        headers: dict[str, str],
-        body: bytes,
-        request_id: str,
-        extra: list[tuple[str, str]],
-    ) -> Usage | None:
+        upstream_body, hide_usage = body, False
+        if applicable.tokens:
+            upstream_body, hide_usage = ask_for_usage(path, body)
         url = target.pick_backend() + path + (f"?{query}" if query else "")
-        out_headers = [
-            (k, v)
-            for k, v in headers.items()
-            if k not in HOP_BY_HOP and not (target.auth is not None and k == "authorization")
-        ]
-        out_headers.append(("x-forwarded-host", headers.get("host", "")))
-        out_headers.append(("x-forwarded-proto", scope.get("scheme", "http")))
-        client = scope.get("client")
-        if client:
-            prior = headers.get("x-forwarded-for")
-            out_headers.append(("x-forwarded-for", f"{prior}, {client[0]}" if prior else client[0]))
-        if "x-request-id" not in headers:
-            out_headers.append(("x-request-id", request_id))
-        out_headers.append(("accept-encoding", "identity"))
-        out_headers.extend(extra)
+        out_headers = _upstream_headers(scope, target, headers, request_id, upstream_extra)
         try:
-            resp = await self.upstream.send(method, url, out_headers, body, target.timeout)
+            resp = await self.upstream.send(method, url, out_headers, upstream_body, target.timeout)
         except UpstreamError as exc:
             await _send_upstream_error(send, exc)
-            return None
+            return
 
-        ok = 200 <= resp.status < 300
+        # 6. relay the answer, reading its usage
+        scope["tokengateway.started"] = True
         if resp.content_type == "text/event-stream":
-            reader = SSEUsageReader()
-            scope["tokengateway.started"] = True
-            await send(
-                {"type": "http.response.start", "status": resp.status, "headers": resp.headers}
-            )
-            try:
-                async for chunk in resp.chunks():
-                    reader.feed(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except UpstreamError as exc:
-                log.warning("%s: %s", target.route, exc)
-            except OSError:  # the client went away; what was streamed is still charged
-                resp.close()
-            reader.close()
-            with contextlib.suppress(OSError):
-                await send({"type": "http.response.body", "body": b""})
-            if reader.usage is not None:
-                return reader.usage
-            return estimate_usage(body, reader.text_chars) if ok else None
+            stream = SSEStream(hide_usage)
+            await self._relay_stream(resp, stream, receive, send, path)
+            usage, completion = stream.usage, stream.text
+        else:
+            payload = await self._relay_body(resp, send)
+            if payload is None:
+                return
+            usage = usage_from_json(payload)
+            completion = completion_text_of(payload) if usage is None else ""
 
+        # 7. report
+        if applicable.tokens:
+            if usage is None and 200 <= resp.status < 300:
+                usage = estimate_usage(_json_or_none(body), completion)
+                self.estimated_usage += 1
+            if usage is not None:
+                await self.limiter.report(applicable, usage)
+        entry.usage = usage
+
+    async def _relay_body(self, resp: UpstreamResponse, send: Send) -> bytes | None:
         try:
             payload = await resp.read()
         except UpstreamError as exc:
             await _send_upstream_error(send, exc)
             return None
         resp.headers.append((b"content-length", str(len(payload)).encode()))
-        scope["tokengateway.started"] = True
         await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
         await send({"type": "http.response.body", "body": payload})
-        usage = usage_from_json(payload)
-        if usage is None and ok:
-            usage = estimate_usage(body, completion_chars_of(payload))
-        return usage
+        return payload
+
+    async def _relay_stream(
+        self, resp: UpstreamResponse, stream: SSEStream, receive: Receive, send: Send, path: str
+    ) -> None:
+        """Pass events on as they arrive. A client that goes away stops the upstream (its
+        tokens so far are still charged); an upstream that breaks gets an error event."""
+        await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+        gone = asyncio.ensure_future(receive())  # completes when the client disconnects
+        chunks = resp.chunks()
+        failure: UpstreamError | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(chunks))
+                await asyncio.wait((step, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    resp.close()
+                    return
+                try:
+                    chunk = step.result()
+                except StopAsyncIteration:
+                    break
+                except UpstreamError as exc:
+                    failure = exc
+                    log.warning("%s: %s", path, exc)
+                    break
+                out = stream.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+        finally:
+            gone.cancel()
+        tail = stream.close()
+        if failure is not None:
+            tail += _stream_error(path, failure)
+        await send({"type": "http.response.body", "body": tail})
+
+
+def _upstream_headers(
+    scope: Scope,
+    target: RuleTarget,
+    headers: dict[str, str],
+    request_id: str,
+    extra: list[tuple[str, str]],
+) -> list[tuple[str, str]]:
+    out = [
+        (k, v)
+        for k, v in headers.items()
+        if k not in HOP_BY_HOP and not (target.auth is not None and k == "authorization")
+    ]
+    out.append(("x-forwarded-host", headers.get("host", "")))
+    out.append(("x-forwarded-proto", scope.get("scheme", "http")))
+    client = scope.get("client")
+    if client:
+        prior = headers.get("x-forwarded-for")
+        out.append(("x-forwarded-for", f"{prior}, {client[0]}" if prior else client[0]))
+    if "x-request-id" not in headers:
+        out.append(("x-request-id", request_id))
+    out.append(("accept-encoding", "identity"))
+    out.extend(extra)
+    return out
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError:
+        return None
+
+
+def _stream_error(path: str, exc: UpstreamError) -> bytes:
+    """The SSE event that tells a client the stream broke (the status is already sent)."""
+    code = "upstream_timeout" if exc.kind == "timeout" else "upstream_failed"
+    if path.endswith("/messages"):  # Anthropic's shape for its own clients
+        body = {"type": "error", "error": {"type": "api_error", "message": str(exc)}}
+        return b"event: error\ndata: " + msgspec.json.encode(body) + b"\n\n"
+    error = {"message": str(exc), "type": "upstream_error", "param": None, "code": code}
+    return b"data: " + msgspec.json.encode({"error": error}) + b"\n\n"
 
 
 def _hostname(host: str) -> str:

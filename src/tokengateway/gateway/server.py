@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from tokengateway.gateway.accesslog import AccessLog
 from tokengateway.gateway.app import GatewayApp
 from tokengateway.gateway.backends import BackendPlan, plan_backends
 from tokengateway.gateway.config import CompiledConfig, compile_config, needed_services
@@ -172,12 +173,13 @@ def run_gateway(
     listen: tuple[str, int] | socket.socket,
     storage: str = "memory://",
     on_ready: Any = None,
+    access_log: bool = True,
 ) -> None:
     """Serve until SIGINT/SIGTERM. `on_ready(host, port)` is called once listening."""
     import uvicorn
 
     store = open_store(storage)
-    app = GatewayApp(config, store)
+    app = GatewayApp(config, store, access_log=AccessLog() if access_log else None)
     sock = listen if isinstance(listen, socket.socket) else bind_socket(*listen)
     # The socket goes to serve(sockets=...), not Config(fd=...): uvicorn wraps a bare fd as
     # a Unix socket, so TCP_NODELAY is never set and each response waits ~40 ms for an ACK.

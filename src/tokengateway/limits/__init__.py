@@ -1,14 +1,18 @@
 """Rate limits: what is counted (`limit`) and the verbs that count it (`limiter`)."""
 
+from tokengateway.limits.counting import TOTAL, Counting, parse_counting
 from tokengateway.limits.limit import Limit, LimitCompileError, Rate, compile_limits, parse_window
 from tokengateway.limits.limiter import Applicable, Limiter
 
 __all__ = [
+    "TOTAL",
     "Applicable",
+    "Counting",
     "Limit",
     "LimitCompileError",
     "Limiter",
     "Rate",
     "compile_limits",
+    "parse_counting",
     "parse_window",
 ]

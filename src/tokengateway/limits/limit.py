@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokengateway import cel
+from tokengateway.limits.counting import TOTAL, Counting, parse_counting
 from tokengateway.resources import parse_window as _parse_duration
 from tokengateway.storage import CounterRef
 
@@ -46,6 +47,7 @@ class Limit:
     rates: tuple[Rate, ...]
     predicates: tuple[cel.Predicate, ...]
     counters: tuple[cel.Expression, ...]
+    counting: Counting = TOTAL
 
     @property
     def identifier(self) -> str:
@@ -109,7 +111,15 @@ def compile_limits(
                     f"{policy_kind} {policy}: limit {name!r} counters[{i}] "
                     f"{source.strip()!r} does not compile: {exc}"
                 ) from None
-        compiled.append(Limit(policy_kind, policy, name, rates, predicates, tuple(counters)))
+        counting = TOTAL
+        if "counting" in spec and policy_kind == "TokenRateLimitPolicy":
+            try:
+                counting = parse_counting(spec["counting"])
+            except ValueError as exc:
+                raise LimitCompileError(f"{policy_kind} {policy}: limit {name!r}: {exc}") from None
+        compiled.append(
+            Limit(policy_kind, policy, name, rates, predicates, tuple(counters), counting)
+        )
     return compiled
 
 

@@ -10,19 +10,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tokengateway import cel
+from tokengateway.limits.counting import Counting
 from tokengateway.limits.limit import Limit
 from tokengateway.storage import CheckResult, CounterRef, CounterStore
+from tokengateway.tokens import Usage
 
 __all__ = ["Applicable", "Limiter"]
 
 
 class Applicable:
-    """The counters of one request, split by what counts them."""
+    """The counters of one request, split by what counts them; `countings[i]` says which
+    tokens `tokens[i]` counts."""
 
-    __slots__ = ("requests", "tokens")
+    __slots__ = ("countings", "requests", "tokens")
 
     def __init__(self) -> None:
         self.tokens: list[CounterRef] = []
+        self.countings: list[Counting] = []
         self.requests: list[CounterRef] = []
 
     def __bool__(self) -> bool:
@@ -47,7 +51,11 @@ class Limiter:
             if values is None:
                 continue
             refs = limit.counter_refs(namespace, values)
-            (out.tokens if limit.counts_tokens else out.requests).extend(refs)
+            if limit.counts_tokens:
+                out.tokens.extend(refs)
+                out.countings.extend([limit.counting] * len(refs))
+            else:
+                out.requests.extend(refs)
         return out
 
     async def check(self, applicable: Applicable) -> CheckResult:
@@ -62,9 +70,11 @@ class Limiter:
             return _merge(tokens, requests)
         return tokens or _NOT_LIMITED
 
-    async def report(self, applicable: Applicable, tokens: int) -> None:
+    async def report(self, applicable: Applicable, usage: Usage) -> None:
+        """Add each counter's cost of `usage`; a cost of 0 counts as 1 (Kuadrant's rule)."""
         if applicable.tokens:
-            await self.store.update(applicable.tokens, max(int(tokens), 1))
+            deltas = [max(c.cost(usage), 1) for c in applicable.countings]
+            await self.store.update(applicable.tokens, deltas)
 
 
 def _merge(a: CheckResult, b: CheckResult) -> CheckResult:

@@ -1,25 +1,30 @@
-"""Reading token usage out of upstream responses (JSON bodies and SSE streams).
+"""Reading token usage out of upstream responses, JSON bodies and SSE streams alike.
 
-Kuadrant counts `usage.total_tokens`; a response that carries no usage is charged by an
-estimate here instead of being free (see docs/counting.md).
+Shapes understood (non-streaming and streaming):
+
+- OpenAI chat/completions/embeddings: `usage.{prompt_tokens, completion_tokens, total_tokens,
+  prompt_tokens_details.cached_tokens}`; streamed as a last chunk with `choices: []` when
+  `stream_options.include_usage` is set.
+- OpenAI Responses: `usage.{input_tokens, output_tokens, total_tokens,
+  input_tokens_details.cached_tokens}`; streamed in the `response.completed` event.
+- Anthropic Messages: `usage.{input_tokens, output_tokens, cache_creation_input_tokens,
+  cache_read_input_tokens}` (input excludes the cache); streamed over `message_start` and
+  `message_delta` (whose output count is cumulative).
+
+Counts that are not numbers are ignored, negatives count as 0 and fractions are rounded
+down (docs/counting.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from typing import Any
 
 import msgspec
 
-__all__ = ["SSEUsageReader", "Usage", "estimate_tokens", "estimate_usage", "usage_from_json"]
+from tokengateway.tokens import Usage, text_of
 
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    estimated: bool = False
+__all__ = ["SSEStream", "ask_for_usage", "completion_text_of", "usage_from_json", "usage_of"]
 
 
 class _Body(msgspec.Struct):
@@ -32,124 +37,255 @@ _decode_body = msgspec.json.Decoder(_Body).decode
 def _count(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    if value != value or value in (float("inf"), float("-inf")):  # NaN, infinities
+        return None
     return max(0, int(value))
 
 
-def _from_usage(raw: Any) -> Usage | None:
+def _details(raw: dict[str, Any], key: str) -> int:
+    details = raw.get(key)
+    if isinstance(details, dict):
+        return _count(details.get("cached_tokens")) or 0
+    return 0
+
+
+def usage_of(raw: Any) -> Usage | None:
+    """A `usage` object of any supported shape, or None when it holds no counts."""
     if not isinstance(raw, dict):
         return None
-    prompt = _count(raw.get("prompt_tokens", raw.get("input_tokens")))
-    completion = _count(raw.get("completion_tokens", raw.get("output_tokens")))
+    if "prompt_tokens" in raw or "completion_tokens" in raw:
+        prompt = _count(raw.get("prompt_tokens"))
+        completion = _count(raw.get("completion_tokens"))
+        cached = _details(raw, "prompt_tokens_details")
+    elif "input_tokens" in raw or "output_tokens" in raw:
+        prompt = _count(raw.get("input_tokens"))
+        completion = _count(raw.get("output_tokens"))
+        cache_read = _count(raw.get("cache_read_input_tokens"))
+        cache_write = _count(raw.get("cache_creation_input_tokens"))
+        if cache_read is not None or cache_write is not None:  # Anthropic: input excludes cache
+            prompt = (prompt or 0) + (cache_read or 0) + (cache_write or 0)
+            cached = cache_read or 0
+        else:
+            cached = _details(raw, "input_tokens_details")
+    else:
+        prompt = completion = None
+        cached = 0
     total = _count(raw.get("total_tokens"))
+    if prompt is None and completion is None and total is None:
+        return None
     if total is None:
-        if prompt is None and completion is None:
-            return None
         total = (prompt or 0) + (completion or 0)
-    return Usage(prompt or 0, completion or 0, total)
+    return Usage(prompt or 0, completion or 0, total, cached)
 
 
 def usage_from_json(body: bytes) -> Usage | None:
-    """The `usage` object of a JSON response body, or None when absent or unreadable."""
+    """The `usage` of a JSON response body, or None when absent or unreadable."""
     try:
-        return _from_usage(_decode_body(body).usage)
+        return usage_of(_decode_body(body).usage)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 
 
-class SSEUsageReader:
-    """Feed it the stream's bytes as they pass; `usage` is the last usage seen in an event.
-
-    Lines may end in CR, LF or CRLF and may be split across reads at any byte.
-    """
-
-    __slots__ = ("_buf", "_pending_cr", "text_chars", "usage")
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._pending_cr = False
-        self.usage: Usage | None = None
-        self.text_chars = 0  # characters of content streamed, for an estimate
-
-    def feed(self, chunk: bytes) -> None:
-        data = self._buf + chunk
-        if self._pending_cr and data.startswith(b"\n"):
-            data = data[1:]
-        self._pending_cr = False
-        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        self._buf = lines.pop()
-        if data.endswith(b"\r"):
-            self._pending_cr = True
-        for line in lines:
-            if line.startswith(b"data:"):
-                self._data(line[5:].strip())
-
-    def close(self) -> None:
-        if self._buf.startswith(b"data:"):
-            self._data(self._buf[5:].strip())
-        self._buf = b""
-
-    def _data(self, payload: bytes) -> None:
-        if not payload or payload == b"[DONE]" or not payload.startswith(b"{"):
-            return
-        try:
-            event = msgspec.json.decode(payload)
-        except msgspec.DecodeError:
-            return
-        if not isinstance(event, dict):
-            return
-        usage = _from_usage(event.get("usage"))
-        if usage is not None:
-            self.usage = usage
-        for choice in event.get("choices") or ():
-            if isinstance(choice, dict):
-                delta = choice.get("delta") or {}
-                text = delta.get("content") if isinstance(delta, dict) else None
-                if text is None:
-                    text = choice.get("text")
-                if isinstance(text, str):
-                    self.text_chars += len(text)
-
-
-def estimate_tokens(chars: int) -> int:
-    """About four characters a token for English text; never zero."""
-    return max(1, (chars + 3) // 4)
-
-
-def _text_of(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_of(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_text_of(v) for k, v in value.items() if k in ("content", "text", "prompt"))
-    return 0
-
-
-def estimate_usage(request_body: bytes, completion_chars: int) -> Usage:
-    """A fallback when the upstream reported nothing: prompt and completion by length."""
-    try:
-        req = msgspec.json.decode(request_body) if request_body else {}
-    except msgspec.DecodeError:
-        req = {}
-    prompt_chars = 0
-    if isinstance(req, dict):
-        prompt_chars = _text_of(req.get("messages")) + _text_of(req.get("prompt"))
-        prompt_chars += _text_of(req.get("input"))
-    prompt = estimate_tokens(prompt_chars)
-    completion = estimate_tokens(completion_chars) if completion_chars else 0
-    return Usage(prompt, completion, prompt + completion, estimated=True)
-
-
-def completion_chars_of(body: bytes) -> int:
-    """Characters of generated text in a JSON completion, for an estimate."""
+def completion_text_of(body: bytes) -> str:
+    """The generated text of a JSON response of any supported shape, for an estimate."""
     try:
         doc = msgspec.json.decode(body)
     except msgspec.DecodeError:
-        return len(body)
+        return body.decode("utf-8", "replace")
     if not isinstance(doc, dict):
-        return 0
-    total = 0
-    for choice in doc.get("choices") or ():
+        return ""
+    parts = []
+    for choice in doc.get("choices") or ():  # chat / completions
         if isinstance(choice, dict):
-            total += _text_of(choice.get("message")) + _text_of(choice.get("text"))
-    return total
+            parts.append(text_of([choice.get("message"), choice.get("text")]))
+    parts.append(text_of(doc.get("output")))  # responses
+    parts.append(text_of(doc.get("content")))  # messages
+    return "".join(parts)
+
+
+_STREAMED_COMPLETIONS = ("/chat/completions", "/completions")
+
+
+def ask_for_usage(path: str, body: bytes) -> tuple[bytes, bool]:
+    """A streamed chat/completions request with `stream_options.include_usage` added when
+    the client did not ask; True when the gateway added it (and must hide the answer)."""
+    if b'"stream"' not in body or not path.endswith(_STREAMED_COMPLETIONS):
+        return body, False
+    try:
+        doc = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body, False
+    if not isinstance(doc, dict) or doc.get("stream") is not True:
+        return body, False
+    options = doc.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return body, False
+    doc["stream_options"] = {**options, "include_usage": True}
+    return msgspec.json.encode(doc), True
+
+
+_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+
+
+class SSEStream:
+    """An incremental server-sent-events reader that finds usage as the stream passes.
+
+    `feed(chunk)` returns the bytes to send the client now. Normally that is the chunk
+    itself, untouched and unbuffered. With `hide_usage` (the gateway asked the upstream for
+    usage the client did not ask for) it returns whole events, minus the usage-only chunk
+    and the `"usage": null` members that asking added, so the client gets the bytes it would
+    have got without the gateway. Lines may end in CR, LF or CRLF, split at any byte.
+    """
+
+    __slots__ = (
+        "_anthropic_prompt",
+        "_cr",
+        "_data",
+        "_dropped",
+        "_line",
+        "_raw",
+        "_text",
+        "events",
+        "hide_usage",
+        "usage",
+    )
+
+    def __init__(self, hide_usage: bool = False) -> None:
+        self.hide_usage = hide_usage
+        self.usage: Usage | None = None
+        self.events = 0
+        self._text: list[str] = []
+        self._line = b""
+        self._raw: list[bytes] = []
+        self._data: list[bytes] = []
+        self._cr = False
+        self._dropped = False
+        self._anthropic_prompt: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str:
+        """The content streamed so far (for an estimate when usage never comes)."""
+        return "".join(self._text)
+
+    def feed(self, chunk: bytes) -> bytes:
+        out: list[bytes] = []
+        i = 0
+        if self._cr and chunk[:1] == b"\n":  # the LF of a CRLF split across reads
+            i = 1
+            if not (self._dropped and not self._raw):
+                self._raw.append(b"\n")
+        self._cr = False
+        n = len(chunk)
+        while i < n:
+            lf = chunk.find(b"\n", i)
+            cr = chunk.find(b"\r", i, lf if lf >= 0 else n)
+            j = cr if cr >= 0 else lf
+            if j < 0:
+                self._line += chunk[i:]
+                self._raw.append(chunk[i:])
+                break
+            end = j + 1
+            if chunk[j] == 13:  # CR
+                if end < n and chunk[end] == 10:
+                    end += 1
+                elif end == n:
+                    self._cr = True
+            line = self._line + chunk[i:j]
+            self._line = b""
+            self._raw.append(chunk[i:end])
+            i = end
+            self._on_line(line, out)
+        if not self.hide_usage:
+            return chunk
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """End of stream: an unterminated last event still counts; its bytes are returned."""
+        out: list[bytes] = []
+        if self._line:
+            self._on_line(self._line, out)
+            self._line = b""
+        if self._data or self._raw:
+            self._dispatch(out)
+        return b"".join(out) if self.hide_usage else b""
+
+    def _on_line(self, line: bytes, out: list[bytes]) -> None:
+        if not line:
+            self._dispatch(out)
+            return
+        if line.startswith(b"data:"):
+            value = line[5:]
+            self._data.append(value[1:] if value.startswith(b" ") else value)
+
+    def _dispatch(self, out: list[bytes]) -> None:
+        raw = b"".join(self._raw)
+        data = b"\n".join(self._data)
+        self._raw = []
+        self._data = []
+        keep = True
+        if data.startswith(b"{"):
+            self.events += 1
+            keep = self._event(data)
+        if keep:
+            if self.hide_usage and b'"usage"' in raw:
+                raw = _USAGE_NULL.sub(b"", raw)
+            out.append(raw)
+        self._dropped = not keep
+
+    def _event(self, data: bytes) -> bool:
+        """Read one JSON event; False when it must not reach the client."""
+        try:
+            event = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return True
+        if not isinstance(event, dict):
+            return True
+        kind = event.get("type")
+        if kind is None or kind == "message_delta":
+            usage = event.get("usage")
+            if kind == "message_delta" and isinstance(usage, dict):
+                self._anthropic(usage)
+            elif usage is not None:
+                found = usage_of(usage)
+                if found is not None:
+                    self.usage = found
+                    if self.hide_usage and event.get("choices") == []:
+                        return False
+            for choice in event.get("choices") or ():
+                if isinstance(choice, dict):
+                    delta = choice.get("delta")
+                    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                    if isinstance(text, str):
+                        self._text.append(text)
+        elif kind == "content_block_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict):
+                text = delta.get("text", delta.get("partial_json"))
+                if isinstance(text, str):
+                    self._text.append(text)
+        elif kind == "response.output_text.delta":
+            delta = event.get("delta")
+            if isinstance(delta, str):
+                self._text.append(delta)
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            response = event.get("response")
+            if isinstance(response, dict):
+                found = usage_of(response.get("usage"))
+                if found is not None:
+                    self.usage = found
+        elif kind == "message_start":
+            message = event.get("message")
+            if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+                self._anthropic(message["usage"])
+        return True
+
+    def _anthropic(self, usage: dict[str, Any]) -> None:
+        """Anthropic spreads usage: input in message_start, cumulative output in deltas."""
+        merged = dict(self._anthropic_prompt or {})
+        merged.update({k: v for k, v in usage.items() if v is not None})
+        self._anthropic_prompt = merged
+        found = usage_of(merged)
+        if found is not None:
+            self.usage = found

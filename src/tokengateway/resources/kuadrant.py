@@ -10,10 +10,11 @@ reject it and silently ignoring a misspelt `when` would enforce the wrong thing.
 import warnings
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, ValidatorFunctionWrapHandler, model_validator
-from pydantic_core import InitErrorDetails
+from pydantic import Field, ValidatorFunctionWrapHandler, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .common import (
+    CUSTOM_ERROR,
     WINDOW_PATTERN,
     K8sModel,
     LabelSelector,
@@ -181,12 +182,65 @@ class Limit(StrictModel):
     counters: list[Counter] = Field(default_factory=list)
 
 
+class CountingWeights(StrictModel):
+    """tokengateway extension: tokens counted as a weighted sum. `cachedPrompt` weighs the
+    prompt tokens the upstream served from its cache (default: the `prompt` weight)."""
+
+    prompt: float = Field(default=0, ge=0)
+    completion: float = Field(default=0, ge=0)
+    cachedPrompt: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _something_counts(self) -> "CountingWeights":
+        if not (self.prompt or self.completion or self.cachedPrompt):
+            raise PydanticCustomError(
+                CUSTOM_ERROR,
+                "{reason}",
+                {"reason": "one of prompt, completion, cachedPrompt must weigh more than 0"},
+            )
+        return self
+
+
+COUNTING_WORDS = ("total", "prompt", "completion")
+
+
+class TokenLimit(Limit):
+    """A TokenRateLimitPolicy limit, with tokengateway's optional `counting` extension:
+    `total` (Kuadrant's `usage.total_tokens`, the default), `prompt`, `completion`, or
+    weights `{prompt, completion, cachedPrompt}`. The words are shorthands for weights."""
+
+    counting: CountingWeights | None = None
+
+    @field_validator("counting", mode="before")
+    @classmethod
+    def _counting_words(cls, value: Any) -> Any:
+        if value is None or isinstance(value, dict):
+            return value
+        if value == "total":
+            return None
+        if value in ("prompt", "completion"):
+            return {value: 1}
+        raise PydanticCustomError(
+            CUSTOM_ERROR,
+            "{reason}",
+            {
+                "reason": f"{value!r} is not a way to count tokens: use one of "
+                + ", ".join(COUNTING_WORDS)
+                + " or weights {prompt: N, completion: N, cachedPrompt: N}"
+            },
+        )
+
+
 class MergeableLimits(StrictModel):
     """The content of `defaults` / `overrides` (and, implicitly, of the spec itself)."""
 
     strategy: Strategy = "atomic"
     when: list[Predicate] = Field(default_factory=list)
     limits: dict[str, Limit] = Field(default_factory=dict)
+
+
+class MergeableTokenLimits(MergeableLimits):
+    limits: dict[str, TokenLimit] = Field(default_factory=dict)  # type: ignore[assignment]
 
 
 def _limits_spec_rules(spec: dict[str, Any]) -> list[InitErrorDetails]:
@@ -242,9 +296,13 @@ class RateLimitPolicySpec(StrictModel):
 
 
 class TokenRateLimitPolicySpec(RateLimitPolicySpec):
-    """Same shape as RateLimitPolicy's; rates count tokens (`usage.total_tokens`)."""
+    """Same shape as RateLimitPolicy's; rates count tokens (`usage.total_tokens` unless a
+    limit says otherwise with `counting`)."""
 
     targetRef: TokenRateLimitPolicyTargetRef  # type: ignore[assignment]
+    defaults: MergeableTokenLimits | None = None  # type: ignore[assignment]
+    overrides: MergeableTokenLimits | None = None  # type: ignore[assignment]
+    limits: dict[str, TokenLimit] = Field(default_factory=dict)  # type: ignore[assignment]
 
 
 class RateLimitPolicy(Resource):

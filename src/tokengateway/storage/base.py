@@ -73,8 +73,8 @@ class CounterStore(ABC):
         """Limited when `value + delta > limit` for any counter; changes nothing."""
 
     @abstractmethod
-    async def update(self, counters: Sequence[CounterRef], delta: int) -> None:
-        """Add `delta` to every counter, with no check (Kuadrant's report)."""
+    async def update(self, counters: Sequence[CounterRef], deltas: Sequence[int]) -> None:
+        """Add `deltas[i]` to `counters[i]`, with no check (Kuadrant's report)."""
 
     @abstractmethod
     async def check_and_update(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:

@@ -48,19 +48,19 @@ class MemoryStore(CounterStore):
     async def check(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
         return self._states(counters, delta)
 
-    async def update(self, counters: Sequence[CounterRef], delta: int) -> None:
-        self._add(counters, delta)
+    async def update(self, counters: Sequence[CounterRef], deltas: Sequence[int]) -> None:
+        self._add(counters, deltas)
 
     async def check_and_update(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
         result = self._states(counters, delta)
         if not result.limited:
-            self._add(counters, delta)
+            self._add(counters, [delta] * len(counters))
         return result
 
-    def _add(self, counters: Sequence[CounterRef], delta: int) -> None:
+    def _add(self, counters: Sequence[CounterRef], deltas: Sequence[int]) -> None:
         now = self._clock()
         self._sweep(now)
-        for ref in counters:
+        for ref, delta in zip(counters, deltas, strict=True):
             entry = self._counters.get(ref.key)
             if entry is None or entry[1] <= now:
                 expires = now + ref.window
