@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -63,6 +64,19 @@ class Gateway:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"gateway did not start: {self.output()}") from None
                 time.sleep(0.05)
+
+    def access_log(self, at_least: int = 0) -> list[dict]:
+        """The JSON lines the gateway logged for routed requests (not the start-up probe),
+        waiting briefly until there are `at_least`: a line is written after its response."""
+        import json
+
+        deadline = time.monotonic() + 5
+        while True:
+            lines = [json.loads(x) for x in self.output().splitlines() if x.startswith("{")]
+            lines = [x for x in lines if x["route"] is not None]
+            if len(lines) >= at_least or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
 
     def output(self) -> str:
         self._log.flush()
@@ -140,6 +154,7 @@ class Upstream:
         import uvicorn
 
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.disconnects = 0
 
         async def app(scope, receive, send):  # type: ignore[no-untyped-def]
             if scope["type"] != "http":
@@ -163,7 +178,19 @@ class Upstream:
                     "headers": [(k.encode(), v.encode()) for k, v in out_headers.items()],
                 }
             )
-            await send({"type": "http.response.body", "body": payload})
+            if isinstance(payload, bytes):
+                await send({"type": "http.response.body", "body": payload})
+                return
+            gone = asyncio.ensure_future(receive())  # completes when the client disconnects
+            try:
+                async for chunk in payload:  # a stream: an async iterator of chunks
+                    if gone.done():
+                        self.disconnects += 1
+                        return
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            finally:
+                gone.cancel()
+            await send({"type": "http.response.body", "body": b""})
 
         sock = free_socket()
         self.port = sock.getsockname()[1]

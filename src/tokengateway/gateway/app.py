@@ -255,7 +255,7 @@ class GatewayApp:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
         finally:
             gone.cancel()
-        tail = stream.close()
+        tail = stream.close(complete=failure is None)
         if failure is not None:
             tail += _stream_error(path, failure)
         await send({"type": "http.response.body", "body": tail})

@@ -36,6 +36,9 @@ HOP_BY_HOP = frozenset(
 _RESPONSE_OWN = frozenset({"date"})
 
 
+_INCOMPLETE = "upstream closed the connection before the response was complete"
+
+
 class UpstreamError(Exception):
     """`kind` is "unreachable" (502), "timeout" (504) or "broken" (502 / stream error)."""
 
@@ -56,6 +59,8 @@ class UpstreamResponse:
             return await self._resp.read()
         except TimeoutError:
             raise UpstreamError("timeout", "upstream timed out sending the response") from None
+        except aiohttp.ClientPayloadError:
+            raise UpstreamError("broken", _INCOMPLETE) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError("broken", f"upstream response broken: {exc}") from None
         finally:
@@ -67,6 +72,8 @@ class UpstreamResponse:
                 yield chunk
         except TimeoutError:
             raise UpstreamError("timeout", "upstream stopped sending (timeout)") from None
+        except aiohttp.ClientPayloadError:
+            raise UpstreamError("broken", _INCOMPLETE) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError("broken", f"upstream stream broken: {exc}") from None
         finally:

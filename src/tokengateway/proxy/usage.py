@@ -132,11 +132,12 @@ _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 class SSEStream:
     """An incremental server-sent-events reader that finds usage as the stream passes.
 
-    `feed(chunk)` returns the bytes to send the client now. Normally that is the chunk
-    itself, untouched and unbuffered. With `hide_usage` (the gateway asked the upstream for
-    usage the client did not ask for) it returns whole events, minus the usage-only chunk
-    and the `"usage": null` members that asking added, so the client gets the bytes it would
-    have got without the gateway. Lines may end in CR, LF or CRLF, split at any byte.
+    `feed(chunk)` returns the bytes to send the client now: every event completed by the
+    chunk, byte for byte, as soon as it is complete (a partial event waits for its end, so a
+    stream that breaks never leaves the client half an event). With `hide_usage` (the gateway
+    asked the upstream for usage the client did not ask for) the usage-only chunk and the
+    `"usage": null` members that asking added are left out, so the client gets the bytes it
+    would have got without the gateway. Lines may end in CR, LF or CRLF, split at any byte.
     """
 
     __slots__ = (
@@ -197,19 +198,21 @@ class SSEStream:
             self._raw.append(chunk[i:end])
             i = end
             self._on_line(line, out)
-        if not self.hide_usage:
-            return chunk
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
-    def close(self) -> bytes:
-        """End of stream: an unterminated last event still counts; its bytes are returned."""
+    def close(self, complete: bool = True) -> bytes:
+        """End of stream. When it ended normally an unterminated last event still counts and
+        its bytes are returned; when it broke (`complete=False`) a partial event is dropped."""
         out: list[bytes] = []
-        if self._line:
-            self._on_line(self._line, out)
-            self._line = b""
-        if self._data or self._raw:
-            self._dispatch(out)
-        return b"".join(out) if self.hide_usage else b""
+        if complete:
+            if self._line:
+                self._on_line(self._line, out)
+            if self._data or self._raw:
+                self._dispatch(out)
+        self._line = b""
+        self._raw = []
+        self._data = []
+        return b"".join(out)
 
     def _on_line(self, line: bytes, out: list[bytes]) -> None:
         if not line:
