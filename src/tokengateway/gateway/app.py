@@ -193,9 +193,9 @@ class GatewayApp:
             return
 
         # 6. relay the answer, reading its usage
-        scope["tokengateway.started"] = True
         if resp.content_type == "text/event-stream":
             stream = SSEStream(hide_usage)
+            scope["tokengateway.started"] = True
             await self._relay_stream(resp, stream, receive, send, path)
             usage, completion = stream.usage, stream.text
         else:
