@@ -35,24 +35,29 @@ def free_socket() -> socket.socket:
 class Gateway:
     """A `tokengateway serve` process on a loopback port, stopped by the fixture."""
 
-    def __init__(self, paths: list[Path], args: list[str], log: Path) -> None:
+    def __init__(self, paths: list[Path], args: list[str], log: Path, state_dir: Path) -> None:
         sock = free_socket()
+        admin = free_socket()
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{admin.getsockname()[1]}"
         self.log = log
+        self.state_dir = state_dir
         cmd = [sys.executable, "-m", "tokengateway", "serve", "--fd", str(sock.fileno())]
+        cmd += ["--admin-fd", str(admin.fileno()), "--state-dir", str(state_dir)]
         for p in paths:
             cmd += ["-f", str(p)]
         cmd += ["--listen", f"127.0.0.1:{self.port}", *args]
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd,
-            pass_fds=(sock.fileno(),),
+            pass_fds=(sock.fileno(), admin.fileno()),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
         )
         sock.close()
+        admin.close()
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
@@ -126,8 +131,10 @@ def manifests(tmp_path: Path) -> Callable[..., Path]:
 def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
-    def start(*paths: Path, args: tuple[str, ...] = ()) -> Gateway:
-        gw = Gateway(list(paths), list(args), tmp_path / f"gateway-{len(started)}.log")
+    def start(*paths: Path, args: tuple[str, ...] = (), state_dir: Path | None = None) -> Gateway:
+        n = len(started)
+        state = state_dir or tmp_path / f"state-{n}"
+        gw = Gateway(list(paths), list(args), tmp_path / f"gateway-{n}.log", state)
         started.append(gw)
         return gw
 

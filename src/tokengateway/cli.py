@@ -5,6 +5,7 @@ Async only on the serving path; commands call into it at their edge.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from tokengateway import __version__
 
 TUTORIAL_DIR = Path(__file__).parent / "tutorial"
 DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_ADMIN = "127.0.0.1:9090"
 
 
 def _fail(message: str) -> None:
@@ -60,8 +62,33 @@ _backend = click.option(
 
 
 @main.command()
-@_files
+@click.option(
+    "-f",
+    "--filename",
+    "paths",
+    multiple=True,
+    help="Manifest file or folder (repeatable; watched for changes); - reads standard input.",
+)
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on.")
+@click.option(
+    "--admin",
+    default=DEFAULT_ADMIN,
+    show_default=True,
+    help="HOST:PORT of the admin API (apply, get, delete, counters).",
+)
+@click.option(
+    "--admin-token",
+    envvar="TOKENGATEWAY_ADMIN_TOKEN",
+    default=None,
+    help="Bearer token the admin API requires; needed when --admin is not on loopback.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where resources applied through the admin API are kept across restarts "
+    "[default: the user's data dir, per admin address].",
+)
 @click.option("--storage", default="memory://", show_default=True, help="Counter store URI.")
 @_backend
 @click.option(
@@ -71,39 +98,70 @@ _backend = click.option(
     help="One JSON line per request on standard output.",
 )
 @click.option("--fd", type=int, default=None, hidden=True)
+@click.option("--admin-fd", type=int, default=None, hidden=True)
 def serve(
     paths: tuple[str, ...],
     listen: str,
+    admin: str,
+    admin_token: str | None,
+    state_dir: Path | None,
     storage: str,
     backends: tuple[str, ...],
     access_log: bool,
     fd: int | None,
+    admin_fd: int | None,
 ) -> None:
-    """Serve the gateway described by the manifests."""
+    """Serve the gateway described by the manifests (and by what `apply` adds later)."""
+    from tokengateway.gateway.backends import parse_backend_overrides
     from tokengateway.gateway.config import ConfigError
-    from tokengateway.gateway.server import parse_listen, run_gateway, started
+    from tokengateway.gateway.server import ServeOptions, parse_listen, serve_gateway
     from tokengateway.storage import StorageURIError, open_store
 
     try:
         address = parse_listen(listen)
+        admin_address = parse_listen(admin)
         open_store(storage)
+        overrides = parse_backend_overrides(backends)
     except (ValueError, StorageURIError) as exc:
         _fail(str(exc))
-    loaded = _load(paths, backends)
+    if admin_token is None and not _loopback(admin_address[0]) and admin_fd is None:
+        _fail(
+            f"--admin {admin} is not on loopback: set --admin-token (or TOKENGATEWAY_ADMIN_TOKEN)"
+        )
+    options = ServeOptions(
+        paths=list(paths),
+        listen=socket.socket(fileno=fd) if fd is not None else address,
+        admin=socket.socket(fileno=admin_fd) if admin_fd is not None else admin_address,
+        storage=storage,
+        overrides=overrides,
+        admin_token=admin_token,
+        state_dir=state_dir or _default_state_dir(admin_address),
+        access_log=access_log,
+    )
+
+    def ready(config, where: tuple[str, int], admin_where: tuple[str, int]) -> None:  # type: ignore[no-untyped-def]
+        for warning in config.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(_banner(config, *where), err=True)
+        click.echo(f"admin API on http://{admin_where[0]}:{admin_where[1]}", err=True)
+
     try:
-        with started(loaded) as config:
-            for warning in config.warnings:
-                click.echo(f"warning: {warning}", err=True)
-
-            def ready(host: str, port: int) -> None:
-                click.echo(_banner(config, host, port), err=True)
-
-            where = socket.socket(fileno=fd) if fd is not None else address
-            run_gateway(config, where, storage, on_ready=ready, access_log=access_log)
+        serve_gateway(options, stdin=sys.stdin, on_ready=ready)
     except ConfigError as exc:
         _fail(str(exc))
-    except (RuntimeError, OSError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:
         _fail(str(exc))
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _default_state_dir(admin: tuple[str, int]) -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "tokengateway" / f"{admin[0]}_{admin[1]}"
 
 
 def _banner(config, host: str, port: int) -> str:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -77,25 +78,39 @@ def _wait(base: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> No
 def run_demo(manifests: str, listen: str) -> int:
     host, port = parse_listen(listen)
     sock = bind_socket(host, port)
+    admin = bind_socket(host, 0)
     port = sock.getsockname()[1]
     base = f"http://{host}:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tokengateway",
-        "serve",
-        "-f",
-        manifests,
-        "--fd",
-        str(sock.fileno()),
-        "--listen",
-        f"{host}:{port}",
-        "--no-access-log",
-    ]
-    proc = subprocess.Popen(
-        cmd, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    sock.close()
+    with tempfile.TemporaryDirectory() as state:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tokengateway",
+            "serve",
+            "-f",
+            manifests,
+            "--fd",
+            str(sock.fileno()),
+            "--listen",
+            f"{host}:{port}",
+            "--admin-fd",
+            str(admin.fileno()),
+            "--state-dir",
+            state,
+            "--no-access-log",
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(sock.fileno(), admin.fileno()),
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        sock.close()
+        admin.close()
+        return _replay(base, proc)
+
+
+def _replay(base: str, proc: subprocess.Popen[bytes]) -> int:
     try:
         _wait(base, proc)
         print(f"Gateway on {base} serving the tutorial's manifests (Host: {HOST})\n")

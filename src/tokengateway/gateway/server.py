@@ -8,20 +8,33 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from tokengateway.gateway.accesslog import AccessLog
+from tokengateway.gateway.admin import AdminApp
 from tokengateway.gateway.app import GatewayApp
 from tokengateway.gateway.backends import BackendPlan, plan_backends
-from tokengateway.gateway.config import CompiledConfig, compile_config, needed_services
+from tokengateway.gateway.config import CompiledConfig, needed_services
+from tokengateway.gateway.control import ControlPlane
+from tokengateway.limits import counter_scope
 from tokengateway.resources import load_paths, parse_resources
 from tokengateway.storage import open_store
 
-__all__ = ["LoadedConfig", "Simulators", "bind_socket", "load", "parse_listen", "run_gateway"]
+__all__ = [
+    "LoadedConfig",
+    "ServeOptions",
+    "Simulators",
+    "bind_socket",
+    "load",
+    "parse_listen",
+    "serve_gateway",
+]
 
 
 @dataclass
@@ -61,73 +74,93 @@ class Simulators:
     """Built-in simulators for llm-d-inference-sim Deployments, one process each.
 
     Each gets a socket bound here to a free loopback port and handed over as a file
-    descriptor, so there is no race for the port.
+    descriptor, so there is no race for the port. A simulator is kept across reloads while
+    some Service still needs it with the same args.
     """
 
     def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.urls: dict[str, str] = {}
+        self.running: dict[tuple[str, tuple[str, ...]], tuple[subprocess.Popen[bytes], str]] = {}
+        self._lock = threading.Lock()
 
     def start(self, plans: Mapping[str, BackendPlan], timeout: float = 20.0) -> dict[str, str]:
+        """Addresses for every plan, starting the simulators not running yet."""
         urls = {k: p.url for k, p in plans.items() if p.url is not None}
         pending = []
-        for key, plan in plans.items():
-            if not plan.needs_simulator:
-                continue
-            sock = bind_socket("127.0.0.1", 0)
-            port = sock.getsockname()[1]
-            cmd = [
-                sys.executable,
-                "-m",
-                "tokengateway",
-                "sim",
-                "--fd",
-                str(sock.fileno()),
-                *plan.sim_args,
-            ]
-            proc = subprocess.Popen(
-                cmd,
-                pass_fds=(sock.fileno(),),
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-            )
-            sock.close()
-            self.procs.append(proc)
-            urls[key] = f"http://127.0.0.1:{port}"
-            pending.append((key, proc, urls[key]))
+        with self._lock:
+            for key, plan in plans.items():
+                if not plan.needs_simulator:
+                    continue
+                ident = (key, plan.sim_args)
+                if ident in self.running and self.running[ident][0].poll() is None:
+                    urls[key] = self.running[ident][1]
+                    continue
+                proc, url = self._spawn(plan)
+                self.running[ident] = (proc, url)
+                urls[key] = url
+                pending.append((ident, proc, url))
         deadline = time.monotonic() + timeout
-        for key, proc, url in pending:
-            while True:
-                if proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(
-                        f"simulator for Service {key} exited with code {proc.returncode}"
-                    )
-                try:
-                    with urllib.request.urlopen(f"{url}/v1/models", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"simulator for Service {key} did not start within {timeout:g}s"
-                    )
-                time.sleep(0.05)
-        self.urls = urls
+        for ident, proc, url in pending:
+            problem = _wait_ready(proc, url, deadline)
+            if problem:
+                self._stop([ident])
+                raise RuntimeError(
+                    f"simulator for Service {ident[0]} {problem} (timeout {timeout:g}s)"
+                )
         return urls
 
+    @staticmethod
+    def _spawn(plan: BackendPlan) -> tuple[subprocess.Popen[bytes], str]:
+        sock = bind_socket("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tokengateway",
+            "sim",
+            "--fd",
+            str(sock.fileno()),
+            *plan.sim_args,
+        ]
+        proc = subprocess.Popen(
+            cmd, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
+        sock.close()
+        return proc, f"http://127.0.0.1:{port}"
+
+    def prune(self, plans: Mapping[str, BackendPlan]) -> None:
+        """Stop the simulators no plan needs any more."""
+        wanted = {(k, p.sim_args) for k, p in plans.items() if p.needs_simulator}
+        self._stop([ident for ident in list(self.running) if ident not in wanted])
+
     def stop(self) -> None:
-        for proc in self.procs:
+        self._stop(list(self.running))
+
+    def _stop(self, idents: list[tuple[str, tuple[str, ...]]]) -> None:
+        with self._lock:
+            procs = [self.running.pop(i)[0] for i in idents if i in self.running]
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        self.procs.clear()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, deadline: float) -> str | None:
+    while True:
+        if proc.poll() is not None:
+            return f"exited with code {proc.returncode}"
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=1) as r:
+                if r.status == 200:
+                    return None
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return "did not start"
+        time.sleep(0.05)
 
 
 def _die_with_parent() -> None:
@@ -146,17 +179,6 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop(signum)
 
 
-@contextlib.contextmanager
-def started(loaded: LoadedConfig) -> Iterator[CompiledConfig]:
-    """Start the simulators a configuration needs and compile it; stop them on exit."""
-    sims = Simulators()
-    urls = sims.start(loaded.plans)
-    try:
-        yield compile_config(loaded.resources, urls)
-    finally:
-        sims.stop()
-
-
 def _run_loop(coro: Any) -> None:
     """uvloop when present: on the default loop every response waited ~40 ms for a delayed
     ACK (measured: 44 ms vs 0.3 ms per request on loopback)."""
@@ -168,51 +190,121 @@ def _run_loop(coro: Any) -> None:
         uvloop.run(coro)
 
 
-def run_gateway(
-    config: CompiledConfig,
-    listen: tuple[str, int] | socket.socket,
-    storage: str = "memory://",
-    on_ready: Any = None,
-    access_log: bool = True,
+@dataclass
+class ServeOptions:
+    paths: list[str]
+    listen: tuple[str, int] | socket.socket
+    admin: tuple[str, int] | socket.socket
+    storage: str = "memory://"
+    overrides: dict[str, str] = field(default_factory=dict)
+    admin_token: str | None = None
+    state_dir: Path | None = None
+    access_log: bool = True
+    watch_interval: float = 1.0
+
+
+class _Dispatch:
+    """One server, two sockets: requests to the admin socket go to the admin API."""
+
+    def __init__(self, gateway: GatewayApp, admin: AdminApp, admin_port: int) -> None:
+        self.gateway = gateway
+        self.admin = admin
+        self.admin_port = admin_port
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        server = scope.get("server")
+        if scope["type"] == "http" and server is not None and server[1] == self.admin_port:
+            await self.admin(scope, receive, send)
+        else:
+            await self.gateway(scope, receive, send)
+
+
+def serve_gateway(
+    options: ServeOptions,
+    stdin: TextIO | None = None,
+    on_ready: Callable[[CompiledConfig, tuple[str, int], tuple[str, int]], None] | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. `on_ready(host, port)` is called once listening."""
+    """Load, start simulators, serve until SIGINT/SIGTERM, stop simulators. Raises the
+    loading errors (ValueError subclasses) before anything listens."""
     import uvicorn
 
-    store = open_store(storage)
-    app = GatewayApp(config, store, access_log=AccessLog() if access_log else None)
-    sock = listen if isinstance(listen, socket.socket) else bind_socket(*listen)
-    # The socket goes to serve(sockets=...), not Config(fd=...): uvicorn wraps a bare fd as
-    # a Unix socket, so TCP_NODELAY is never set and each response waits ~40 ms for an ACK.
-    uv = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=30,
-        server_header=False,
+    sims = Simulators()
+    store = open_store(options.storage)
+    holder: dict[str, Any] = {}
+
+    def publish(config: CompiledConfig) -> None:
+        app = holder.get("app")
+        loop = holder.get("loop")
+        if app is None:
+            return
+        app.config = config  # one assignment: requests in flight keep the one they started with
+        scopes = {counter_scope(t.route, lim.identifier) for t in config.rules for lim in t.limits}
+        if loop is not None:
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(store.retain(scopes)))
+
+    def start_backends(plans: Mapping[str, BackendPlan]) -> dict[str, str]:
+        urls = sims.start(plans)
+        holder["plans"] = plans
+        return urls
+
+    control = ControlPlane(
+        options.paths, options.overrides, options.state_dir, start_backends, publish
     )
-    server = uvicorn.Server(uv)
-
-    async def main() -> None:
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started and not task.done():
-            await asyncio.sleep(0.01)
-        if server.started and on_ready is not None:
-            host, port = sock.getsockname()[:2]
-            on_ready(host, port)
-        await task
-
-    # uvicorn restores the previous handlers after a graceful shutdown and raises the signal
-    # again; with the default handlers that would kill us before the simulators are stopped.
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _run_loop(main())
-    except _Stop:
-        pass
+        config = control.start(stdin=stdin)
+        sims.prune(holder.get("plans", {}))
+        gateway_sock = _socket(options.listen)
+        admin_sock = _socket(options.admin)
+        app = GatewayApp(config, store, access_log=AccessLog() if options.access_log else None)
+        holder["app"] = app
+        admin_port = admin_sock.getsockname()[1]
+        admin = AdminApp(control, app, options.admin_token)
+        # The socket goes to serve(sockets=...), not Config(fd=...): uvicorn wraps a bare fd
+        # as a Unix socket, so TCP_NODELAY is never set and each response waits ~40 ms.
+        uv = uvicorn.Config(
+            _Dispatch(app, admin, admin_port),
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+            timeout_keep_alive=30,
+            server_header=False,
+        )
+        server = uvicorn.Server(uv)
+
+        async def main() -> None:
+            holder["loop"] = asyncio.get_running_loop()
+            task = asyncio.create_task(server.serve(sockets=[gateway_sock, admin_sock]))
+            while not server.started and not task.done():
+                await asyncio.sleep(0.01)
+            watcher = (
+                asyncio.create_task(control.watch(options.watch_interval))
+                if options.paths
+                else None
+            )
+            if server.started and on_ready is not None:
+                on_ready(config, gateway_sock.getsockname()[:2], admin_sock.getsockname()[:2])
+            try:
+                await task
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+
+        # uvicorn restores the previous handlers after a graceful shutdown and raises the
+        # signal again; with the default handlers that would kill us before the simulators
+        # are stopped.
+        previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            _run_loop(main())
+        except _Stop:
+            pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        with contextlib.suppress(OSError):
-            sock.close()
+        sims.stop()
+
+
+def _socket(where: tuple[str, int] | socket.socket) -> socket.socket:
+    return where if isinstance(where, socket.socket) else bind_socket(*where)

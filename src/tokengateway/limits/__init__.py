@@ -1,7 +1,15 @@
 """Rate limits: what is counted (`limit`) and the verbs that count it (`limiter`)."""
 
 from tokengateway.limits.counting import TOTAL, Counting, parse_counting
-from tokengateway.limits.limit import Limit, LimitCompileError, Rate, compile_limits, parse_window
+from tokengateway.limits.limit import (
+    Limit,
+    LimitCompileError,
+    Rate,
+    compile_limits,
+    counter_scope,
+    parse_counter_key,
+    parse_window,
+)
 from tokengateway.limits.limiter import Applicable, Limiter
 
 __all__ = [
@@ -13,6 +21,8 @@ __all__ = [
     "Limiter",
     "Rate",
     "compile_limits",
+    "counter_scope",
+    "parse_counter_key",
     "parse_counting",
     "parse_window",
 ]

@@ -11,7 +11,31 @@ from tokengateway.limits.counting import TOTAL, Counting, parse_counting
 from tokengateway.resources import parse_window as _parse_duration
 from tokengateway.storage import CounterRef
 
-__all__ = ["Limit", "LimitCompileError", "Rate", "compile_limits", "parse_window"]
+__all__ = [
+    "Limit",
+    "LimitCompileError",
+    "Rate",
+    "compile_limits",
+    "counter_scope",
+    "parse_counter_key",
+    "parse_window",
+]
+
+_SEP = "\x1f"
+
+
+def counter_scope(namespace: str, identifier: str) -> str:
+    """The prefix every counter of one limit on one route shares."""
+    return f"{namespace}{_SEP}{identifier}"
+
+
+def parse_counter_key(key: str) -> tuple[str, str, int, tuple[str, ...]] | None:
+    """(namespace, limit identifier, window in ms, counter values) of a counter key."""
+    parts = key.split(_SEP, 3)
+    if len(parts) < 4 or not parts[2].isdigit():
+        return None
+    values = tuple(parts[3].split(_SEP)) if parts[3] else ()
+    return parts[0], parts[1], int(parts[2]), values
 
 
 class LimitCompileError(ValueError):
@@ -72,10 +96,12 @@ class Limit:
 
     def counter_refs(self, namespace: str, values: tuple[str, ...]) -> list[CounterRef]:
         """One counter per rate: (namespace, limit, window, values) -> key."""
-        base = "\x1f".join((namespace, self.identifier))
-        tail = "\x1f".join(values)
+        base = counter_scope(namespace, self.identifier)
+        tail = _SEP.join(values)
         return [
-            CounterRef(f"{base}\x1f{int(rate.window * 1000)}\x1f{tail}", rate.limit, rate.window)
+            CounterRef(
+                f"{base}{_SEP}{int(rate.window * 1000)}{_SEP}{tail}", rate.limit, rate.window
+            )
             for rate in self.rates
         ]
 

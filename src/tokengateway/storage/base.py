@@ -80,6 +80,17 @@ class CounterStore(ABC):
     async def check_and_update(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
         """Atomically: if no counter is spent for `delta`, add it to all of them."""
 
+    @abstractmethod
+    async def counters(self) -> list[tuple[str, int, float]]:
+        """Every live counter as (key, value, seconds until its window ends)."""
+
+    @abstractmethod
+    async def retain(self, scopes: set[str]) -> int:
+        """Drop the counters whose limit (their key's scope) is not in `scopes`; how many.
+
+        A limit removed from the configuration takes its counters with it; one whose value
+        changed keeps them (its scope does not include the value), as Limitador does."""
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect, if the store needs to."""
 

@@ -77,7 +77,22 @@ class MemoryStore(CounterStore):
             if entry is not None and entry[1] == expires:
                 del self._counters[key]
 
+    async def counters(self) -> list[tuple[str, int, float]]:
+        return [(k, v, left) for k, (v, left) in self.snapshot().items()]
+
+    async def retain(self, scopes: set[str]) -> int:
+        doomed = [k for k in self._counters if _scope(k) not in scopes]
+        for key in doomed:
+            del self._counters[key]
+        return len(doomed)
+
     def snapshot(self) -> dict[str, tuple[int, float]]:
         """Live counters as {key: (value, seconds left)}, for inspection and tests."""
         now = self._clock()
         return {k: (int(v), e - now) for k, (v, e) in self._counters.items() if e > now}
+
+
+def _scope(key: str) -> str:
+    """`namespace\x1fidentifier` of a counter key (see limits.counter_scope)."""
+    parts = key.split("\x1f", 2)
+    return "\x1f".join(parts[:2])

@@ -1,0 +1,328 @@
+"""The gateway as its own control plane: the live set of resources and how it changes.
+
+Resources come from the files given to `serve -f` (watched) and from `apply` through the
+admin API (kept in the state directory, so they survive a restart). Every change builds a
+whole new configuration and swaps it in one assignment: a request keeps the configuration
+it started with, so none is dropped or fails during a reload. A change that cannot be built
+is refused and nothing changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import datetime
+import io
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tokengateway.gateway.backends import plan_backends
+from tokengateway.gateway.config import CompiledConfig, compile_config, needed_services
+from tokengateway.resources import Document, load_paths, parse_resources
+from tokengateway.resources.kinds import CLUSTER_SCOPED
+
+__all__ = ["ApplyResult", "ControlPlane", "NotFoundError", "ResourceKey"]
+
+log = logging.getLogger("tokengateway.control")
+
+ResourceKey = tuple[str, str, str]  # (kind, namespace, name); namespace "" when cluster-scoped
+STATE_FILE = "applied.yaml"
+
+
+class NotFoundError(LookupError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    action: str  # created | configured | unchanged | deleted
+
+    def as_json(self) -> dict[str, str]:
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "namespace": self.namespace,
+            "name": self.name,
+            "action": self.action,
+        }
+
+
+@dataclass
+class _Stored:
+    doc: dict[str, Any]  # the manifest as applied, without our metadata
+    origin: str  # "api" or "file"
+    generation: int
+    created: str
+    uid: str
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _key_of(doc: Mapping[str, Any]) -> ResourceKey:
+    kind = str(doc.get("kind", ""))
+    meta = doc.get("metadata") or {}
+    namespace = "" if kind in CLUSTER_SCOPED else str(meta.get("namespace") or "default")
+    return (kind, namespace, str(meta.get("name", "")))
+
+
+def _spec_of(doc: Mapping[str, Any]) -> Any:
+    """What a change of generation looks at: everything but metadata and status."""
+    return {k: v for k, v in doc.items() if k not in ("metadata", "status")}
+
+
+def _labels_of(doc: Mapping[str, Any]) -> Any:
+    meta = doc.get("metadata") or {}
+    return (meta.get("labels"), meta.get("annotations"))
+
+
+class ControlPlane:
+    """Owns the resources; `rebuild` turns them into a CompiledConfig handed to `publish`."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        overrides: Mapping[str, str],
+        state_dir: Path | None,
+        start_backends: Callable[[Mapping[str, Any]], dict[str, str]],
+        publish: Callable[[CompiledConfig], None],
+    ) -> None:
+        self.paths = list(paths)
+        self.overrides = dict(overrides)
+        self.state_dir = state_dir
+        self._start_backends = start_backends
+        self._publish = publish
+        self._stored: dict[ResourceKey, _Stored] = {}
+        self._lock = threading.Lock()
+        self.config: CompiledConfig | None = None
+        self._mtimes: dict[str, float] = {}
+
+    # --- loading ----------------------------------------------------------------------------
+
+    def start(self, stdin: Any = None) -> CompiledConfig:
+        """First load: the files, then what was applied before the last stop."""
+        files = [p for p in self.paths if p != "-"]
+        file_docs = load_paths(files) if files else []
+        stdin_docs = load_paths(["-"], stdin=stdin) if "-" in self.paths else []
+        self._mtimes = self._scan()
+        applied = self._read_state()
+        with self._lock:
+            stored = self._merge_files({}, file_docs)
+            for doc in stdin_docs:  # read once; not watched
+                stored[_key_of(doc.obj)] = self._next(None, doc.obj, "stdin")
+            for doc in applied:
+                meta = doc.get("metadata") or {}
+                extra = meta.pop("tokengateway.io/stored", None) or {}
+                stored[_key_of(doc)] = _Stored(
+                    doc,
+                    "api",
+                    int(extra.get("generation", 1)),
+                    str(extra.get("created") or _now()),
+                    str(extra.get("uid") or uuid.uuid4()),
+                )
+            return self._commit(stored, strict=True)
+
+    def _merge_files(
+        self, current: dict[ResourceKey, _Stored], docs: Sequence[Document]
+    ) -> dict[ResourceKey, _Stored]:
+        stored = {k: v for k, v in current.items() if v.origin != "file"}
+        for doc in docs:
+            key = _key_of(doc.obj)
+            previous = current.get(key)
+            stored[key] = self._next(previous, doc.obj, "file")
+        return stored
+
+    @staticmethod
+    def _next(previous: _Stored | None, doc: dict[str, Any], origin: str) -> _Stored:
+        doc = copy.deepcopy(doc)
+        if previous is None:
+            meta = doc.get("metadata") or {}
+            created = str(meta.get("creationTimestamp") or _now())
+            return _Stored(
+                doc, origin, int(meta.get("generation") or 1), created, str(uuid.uuid4())
+            )
+        generation = previous.generation
+        if _spec_of(previous.doc) != _spec_of(doc):
+            generation += 1
+        return _Stored(doc, origin, generation, previous.created, previous.uid)
+
+    # --- changes ----------------------------------------------------------------------------
+
+    def apply(self, text: str) -> list[ApplyResult]:
+        """Validate every document, then add or replace them all in one new configuration."""
+        docs = load_paths(["-"], stdin=io.StringIO(text))
+        if not docs:
+            raise ValueError("no resources in the request")
+        parse_resources(docs)  # raises ManifestError naming each problem; nothing changes
+        with self._lock:
+            stored = dict(self._stored)
+            results = []
+            for doc in docs:
+                key = _key_of(doc.obj)
+                previous = stored.get(key)
+                new = self._next(previous, doc.obj, "api")
+                if previous is None:
+                    action = "created"
+                elif previous.doc == new.doc:
+                    action = "unchanged"
+                else:
+                    action = "configured"
+                stored[key] = new
+                results.append(ApplyResult(str(doc.obj.get("apiVersion", "")), *key, action))
+            if any(r.action != "unchanged" for r in results):
+                self._commit(stored)
+            return results
+
+    def delete(self, keys: Sequence[ResourceKey]) -> list[ApplyResult]:
+        with self._lock:
+            missing = [k for k in keys if k not in self._stored]
+            if missing:
+                raise NotFoundError(
+                    "; ".join(
+                        f"{k} {n + '/' if n else ''}{name} not found" for k, n, name in missing
+                    )
+                )
+            stored = dict(self._stored)
+            results = []
+            for key in keys:
+                gone = stored.pop(key)
+                results.append(ApplyResult(str(gone.doc.get("apiVersion", "")), *key, "deleted"))
+            self._commit(stored)
+            return results
+
+    def delete_documents(self, text: str) -> list[ApplyResult]:
+        docs = load_paths(["-"], stdin=io.StringIO(text))
+        return self.delete([_key_of(d.obj) for d in docs])
+
+    def reload_files(self) -> bool:
+        """Re-read the watched files when one changed; False when nothing did."""
+        mtimes = self._scan()
+        if mtimes == self._mtimes:
+            return False
+        self._mtimes = mtimes
+        docs = load_paths([p for p in self.paths if p != "-"])
+        with self._lock:
+            self._commit(self._merge_files(self._stored, docs))
+        return True
+
+    def _scan(self) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for raw in self.paths:
+            if raw == "-":
+                continue
+            path = Path(raw)
+            files = [path] if path.is_file() else sorted(path.glob("*")) if path.is_dir() else []
+            for f in files:
+                with contextlib.suppress(OSError):
+                    found[str(f)] = f.stat().st_mtime_ns
+        return found
+
+    def _commit(self, stored: dict[ResourceKey, _Stored], strict: bool = False) -> CompiledConfig:
+        """Build a configuration from `stored`; on success it becomes the live one."""
+        resources = parse_resources(
+            [
+                Document(f"{s.origin}:{k[0]}/{k[1]}/{k[2]}", self._with_meta(s))
+                for k, s in stored.items()
+            ]
+        )
+        plans = plan_backends(resources, needed_services(resources), self.overrides)
+        urls = self._start_backends(plans)
+        config = compile_config(resources, urls)
+        self._stored = stored
+        self.config = config
+        self._publish(config)
+        self._write_state()
+        return config
+
+    @staticmethod
+    def _with_meta(stored: _Stored) -> dict[str, Any]:
+        doc = copy.deepcopy(stored.doc)
+        meta = doc.setdefault("metadata", {})
+        meta.setdefault("creationTimestamp", stored.created)
+        meta["generation"] = stored.generation
+        meta["uid"] = stored.uid
+        return doc
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def objects(
+        self, kind: str, namespace: str | None = None, name: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The stored objects of a kind, as `get` shows them (with status)."""
+        statuses = getattr(self.config, "statuses", {}) or {}
+        out = []
+        for (k, ns, n), stored in sorted(self._stored.items()):
+            if k != kind or (namespace is not None and ns != namespace and k not in CLUSTER_SCOPED):
+                continue
+            if name is not None and n != name:
+                continue
+            obj = self._with_meta(stored)
+            if ns:
+                obj["metadata"]["namespace"] = ns
+            status = statuses.get((k, ns, n))
+            if status is not None:
+                obj["status"] = status.as_dict() if hasattr(status, "as_dict") else status
+            out.append(obj)
+        if name is not None and not out:
+            where = f"{namespace}/{name}" if namespace else name
+            raise NotFoundError(f"{kind} {where} not found")
+        return out
+
+    # --- state directory --------------------------------------------------------------------
+
+    def _read_state(self) -> list[dict[str, Any]]:
+        if self.state_dir is None:
+            return []
+        path = self.state_dir / STATE_FILE
+        if not path.exists():
+            return []
+        return [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+
+    def _write_state(self) -> None:
+        if self.state_dir is None:
+            return
+        docs = []
+        for stored in self._stored.values():
+            if stored.origin != "api":
+                continue
+            doc = copy.deepcopy(stored.doc)
+            doc.setdefault("metadata", {})["tokengateway.io/stored"] = {
+                "generation": stored.generation,
+                "created": stored.created,
+                "uid": stored.uid,
+            }
+            docs.append(doc)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        target = self.state_dir / STATE_FILE
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        partial.replace(target)
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Poll the files given to `serve -f`; a change that does not build is logged and the
+        running configuration stays."""
+        while True:
+            await asyncio.sleep(interval)
+            if not any(p != "-" for p in self.paths):
+                return
+            try:
+                changed = await asyncio.to_thread(self.reload_files)
+            except Exception as exc:
+                log.error("reload refused, still serving the previous configuration: %s", exc)
+                continue
+            if changed:
+                log.warning("configuration reloaded from %s", ", ".join(self.paths))

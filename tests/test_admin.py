@@ -1,0 +1,221 @@
+"""The gateway as its own control plane, through the admin API: apply, get, delete, status,
+counters, hot reload under load, and state kept across restarts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from tests.conftest import HOST, TUTORIAL, chat, run_cli
+
+STEPS_4_TO_6 = ("04-api-keys.yaml", "05-authpolicy.yaml", "06-token-limits.yaml")
+
+
+def admin(gw) -> httpx.Client:
+    return httpx.Client(base_url=gw.admin_url, timeout=30)
+
+
+def apply(gw, text: str) -> httpx.Response:
+    return admin(gw).post("/apis/apply", content=text, headers={"content-type": "application/yaml"})
+
+
+def spend(gw, key: str = "iamafreeuser") -> list[int]:
+    statuses = []
+    with gw.client(key) as c:
+        for _ in range(12):
+            statuses.append(c.post("/v1/chat/completions", json=chat()).status_code)
+            if statuses[-1] == 429:
+                break
+    return statuses
+
+
+def test_tutorial_step_by_step_through_apply(manifests, start_gateway) -> None:
+    gw = start_gateway(manifests(skip=STEPS_4_TO_6))
+    assert httpx.get(gw.url + "/v1/models", headers={"Host": HOST}).status_code == 200  # Step 3
+    results = []
+    for name in STEPS_4_TO_6:
+        r = apply(gw, (TUTORIAL / name).read_text())
+        assert r.status_code == 200, r.text
+        results += r.json()["results"]
+    assert [(x["kind"], x["action"]) for x in results] == [
+        ("Secret", "created"),
+        ("Secret", "created"),
+        ("AuthPolicy", "created"),
+        ("TokenRateLimitPolicy", "created"),
+    ]
+    assert httpx.get(gw.url + "/v1/models", headers={"Host": HOST}).status_code == 401
+    assert spend(gw)[-1] == 429
+    policy = admin(gw).get(
+        "/apis/resources",
+        params={
+            "kind": "trlp",
+            "namespace": "gateway-system",
+            "name": "trlp-tutorial-token-limits",
+        },
+    )
+    assert policy.status_code == 200
+    item = policy.json()["items"][0]
+    assert item["metadata"]["generation"] == 1 and item["metadata"]["creationTimestamp"]
+    again = apply(gw, (TUTORIAL / "06-token-limits.yaml").read_text())
+    assert again.json()["results"][0]["action"] == "unchanged"
+
+
+def test_changing_a_limit_keeps_its_counters_removing_it_drops_them(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    assert spend(gw)[-1] == 429
+    counters = admin(gw).get("/counters/default/trlp-tutorial-llm-sim").json()
+    assert len(counters) == 1
+    spent = counters[0]
+    assert spent["set_variables"] == {"auth.identity.userid": "user-1"}
+    assert spent["limit"]["max_value"] == 50 and spent["remaining"] == 0
+    raised = (TUTORIAL / "06-token-limits.yaml").read_text().replace("limit: 50 ", "limit: 5000 ")
+    r = apply(gw, raised)
+    assert r.json()["results"][0]["action"] == "configured"
+    counters = admin(gw).get("/counters/default/trlp-tutorial-llm-sim").json()
+    assert counters[0]["limit"]["max_value"] == 5000
+    used = sum(e.get("total_tokens", 0) for e in gw.access_log())
+    assert used > 50 and counters[0]["remaining"] == 5000 - used  # the same counter, kept
+    with gw.client() as c:
+        assert c.post("/v1/chat/completions", json=chat()).status_code == 200
+    got = admin(gw).get("/apis/resources", params={"kind": "trlp", "namespace": "gateway-system"})
+    assert got.json()["items"][0]["metadata"]["generation"] == 2
+    r = admin(gw).delete(
+        "/apis/resources",
+        params={
+            "kind": "trlp",
+            "namespace": "gateway-system",
+            "name": "trlp-tutorial-token-limits",
+        },
+    )
+    assert r.status_code == 200
+    assert admin(gw).get("/counters/default/trlp-tutorial-llm-sim").json() == []
+    assert spend(gw) == [200] * 12  # no limit any more
+
+
+def test_bad_input_is_refused_and_nothing_changes(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    bad = (TUTORIAL / "06-token-limits.yaml").read_text().replace("window: 1m", "window: 1d", 1)
+    r = apply(gw, bad)
+    assert r.status_code == 400
+    assert any("spec.limits.free.rates[0].window" in d for d in r.json()["error"]["details"])
+    r = apply(gw, "kind: [unclosed\n")
+    assert r.status_code == 400 and "line" in str(r.json()["error"])
+    r = apply(gw, "apiVersion: v1\nkind: Widget\nmetadata: {name: w}\n")
+    assert r.status_code == 400 and "Widget" in str(r.json()["error"])
+    r = admin(gw).get("/apis/resources", params={"kind": "nosuchkind"})
+    assert r.status_code == 400 and "unknown kind" in r.json()["error"]["message"]
+    r = admin(gw).delete(
+        "/apis/resources", params={"kind": "trlp", "namespace": "x", "name": "nope"}
+    )
+    assert r.status_code == 404 and "not found" in r.json()["error"]["message"]
+    r = admin(gw).get("/nowhere")
+    assert r.status_code == 404
+    assert spend(gw)[-1] == 429  # the tutorial's policy is still enforced
+
+
+def test_applied_state_survives_a_restart(manifests, start_gateway, tmp_path) -> None:
+    state = tmp_path / "kept-state"
+    folder = manifests(skip=STEPS_4_TO_6)
+    gw = start_gateway(folder, state_dir=state)
+    for name in STEPS_4_TO_6:
+        assert apply(gw, (TUTORIAL / name).read_text()).status_code == 200
+    gw.stop()
+    again = start_gateway(folder, state_dir=state)
+    items = admin(again).get(
+        "/apis/resources", params={"kind": "trlp", "namespace": "gateway-system"}
+    )
+    assert [i["metadata"]["name"] for i in items.json()["items"]] == ["trlp-tutorial-token-limits"]
+    assert spend(again)[-1] == 429
+
+
+def test_reload_under_load_fails_no_request(manifests, start_gateway) -> None:
+    folder = manifests(
+        replace={"limit: 50 ": "limit: 100000000 ", "limit: 200 ": "limit: 100000000 "}
+    )
+    gw = start_gateway(folder)
+    failures: list[str] = []
+    done = threading.Event()
+    count = [0]
+
+    def load() -> None:
+        with gw.client("iamagolduser") as c:
+            while not done.is_set():
+                r = c.post("/v1/chat/completions", json=chat(max_tokens=5))
+                count[0] += 1
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    policy = (folder / "06-token-limits.yaml").read_text()
+    for i in range(8):  # apply changes while requests flow: new limits, new keys
+        text = policy.replace("limit: 100000000 ", f"limit: {100000000 + i} ")
+        assert apply(gw, text).status_code == 200
+        secret = (
+            (TUTORIAL / "04-api-keys.yaml")
+            .read_text()
+            .replace("free-user-1", f"free-user-{i + 10}")
+        )
+        secret = secret.replace("iamafreeuser", f"free-key-{i}").replace(
+            "trlp-tutorial-api-key-gold-user-1", f"gold-{i}"
+        )
+        secret = secret.replace("iamagolduser", f"gold-key-{i}")
+        assert apply(gw, secret).status_code == 200
+        time.sleep(0.1)
+    done.set()
+    for w in workers:
+        w.join()
+    assert count[0] > 50
+    assert failures == []
+
+
+def test_file_changes_are_picked_up(manifests, start_gateway) -> None:
+    folder = manifests()
+    gw = start_gateway(folder)
+    assert spend(gw)[-1] == 429
+    limits = folder / "06-token-limits.yaml"
+    limits.write_text(limits.read_text().replace("limit: 50 ", "limit: 100000 "))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with gw.client() as c:
+            if c.post("/v1/chat/completions", json=chat()).status_code == 200:
+                break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the change was not picked up: {gw.output()[-2000:]}")
+    limits.write_text("this: [is not yaml\n")
+    time.sleep(2.5)
+    with gw.client() as c:
+        assert c.post("/v1/chat/completions", json=chat()).status_code == 200  # still serving
+    assert "reload refused" in gw.output()
+
+
+def test_admin_token(tmp_path, manifests, start_gateway) -> None:
+    result = run_cli(
+        "serve", "-f", str(TUTORIAL), "--admin", "0.0.0.0:0", "--listen", "127.0.0.1:0"
+    )
+    assert result.returncode == 1 and "--admin-token" in result.stderr
+    gw = start_gateway(TUTORIAL, args=("--admin-token", "s3cret"))
+    assert admin(gw).get("/apis/resources", params={"kind": "gtw"}).status_code == 401
+    ok = admin(gw).get(
+        "/apis/resources",
+        params={"kind": "gtw", "namespace": "gateway-system"},
+        headers={"Authorization": "Bearer s3cret"},
+    )
+    assert (
+        ok.status_code == 200
+        and ok.json()["items"][0]["metadata"]["name"] == "trlp-tutorial-gateway"
+    )
+
+
+def test_limits_endpoint(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    limits = admin(gw).get("/limits/default/trlp-tutorial-llm-sim").json()
+    assert sorted((x["name"].rsplit("/", 1)[1], x["max_value"], x["seconds"]) for x in limits) == [
+        ("free", 50, 60.0),
+        ("gold", 200, 60.0),
+    ]
+    assert all(x["variables"] == ["auth.identity.userid"] for x in limits)
