@@ -215,7 +215,10 @@ def sim(ctx: click.Context, fd: int | None) -> None:
     """Run the built-in OpenAI-compatible LLM simulator (llm-d-inference-sim's flags):
 
     tokengateway sim --model M [--port P] [--mode random|echo]
-    [--time-to-first-token MS] [--inter-token-latency MS]
+    [--time-to-first-token MS] [--inter-token-latency MS] [--fault DIRECTIVE]
+
+    Faults for tests (also per request with the x-sim-fault header): drop-usage,
+    zero-usage, cut-after=N, stall-after=N:MS, non-json, status=CODE.
     """
     from tokengateway.simulator import parse_sim_args, run_simulator
 

@@ -15,9 +15,20 @@ from types import FrameType
 import uvicorn
 
 from tokengateway.simulator.app import build_app
+from tokengateway.simulator.faults import FAULT_HEADER, FaultError, Faults, parse_faults
 from tokengateway.simulator.options import SimOptions, parse_sim_args
 
-__all__ = ["SimOptions", "build_app", "create_server", "parse_sim_args", "run_simulator"]
+__all__ = [
+    "FAULT_HEADER",
+    "FaultError",
+    "Faults",
+    "SimOptions",
+    "build_app",
+    "create_server",
+    "parse_faults",
+    "parse_sim_args",
+    "run_simulator",
+]
 
 #: Seconds in-flight responses (long streams) get to finish after SIGTERM/SIGINT.
 GRACEFUL_SHUTDOWN_S = 3

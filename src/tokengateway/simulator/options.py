@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from tokengateway.simulator.faults import FaultError, parse_faults
+
 __all__ = ["Mode", "SimOptions", "parse_sim_args"]
 
 Mode = Literal["random", "echo"]
@@ -35,6 +37,8 @@ class SimOptions:
     inter_token_latency_ms: float = 0
     max_model_len: int = 1024
     seed: int | None = None
+    #: Fault directives applied to requests without an `x-sim-fault` header (see `faults`).
+    faults: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Checked here too so that options built in code fail as clearly as parsed ones.
@@ -52,6 +56,10 @@ class SimOptions:
             raise ValueError("inter_token_latency_ms: cannot be negative")
         if self.max_model_len < 1:
             raise ValueError("max_model_len: must be at least 1")
+        try:
+            parse_faults(self.faults)
+        except FaultError as exc:
+            raise ValueError(f"faults: {exc}") from None
 
     @property
     def model_names(self) -> list[str]:
@@ -120,6 +128,8 @@ _SINGLE_VALUE_FLAGS = frozenset(
     {"model", "port", "mode", "time-to-first-token", "inter-token-latency", "max-model-len", "seed"}
 )
 _MULTI_VALUE_FLAGS = frozenset({"served-model-name"})
+#: Ours, not llm-d's: one value per occurrence, and every occurrence counts.
+_REPEATABLE_FLAGS = frozenset({"fault"})
 
 
 def _is_flag(token: str) -> bool:
@@ -133,14 +143,16 @@ def parse_sim_args(
 
     Returns the options and a list of warnings for flags and arguments that were ignored.
     `--served-model-name` takes every following value up to the next flag (as llm-d does) and
-    may also be repeated. `env` is consulted only for `SIM_MODEL` when `--model` is absent,
-    which is how llm-d lets a pod's environment name the model.
+    may also be repeated. `--fault DIRECTIVE` (ours) may be repeated; each value may hold
+    several comma-separated directives. `env` is consulted only for `SIM_MODEL` when `--model`
+    is absent, which is how llm-d lets a pod's environment name the model.
     Raises `ValueError` naming the flag when a value is missing or invalid.
     """
     # YAML may hand over numbers (`- 8000`); Kubernetes would reject them, we just read them.
     argv = [str(arg) for arg in argv]
     values: dict[str, str] = {}
     served: list[str] = []
+    faults: list[str] = []
     warnings: list[str] = []
     i, n = 0, len(argv)
     while i < n:
@@ -171,6 +183,15 @@ def parse_sim_args(
             if not given:
                 raise ValueError(f"{flag}: at least one name is required")
             served.extend(given)
+        elif name in _REPEATABLE_FLAGS:
+            if eq:
+                raw = inline
+            elif i < n and not _is_flag(argv[i]):
+                raw = argv[i]
+                i += 1
+            else:
+                raise ValueError(f"{flag}: a value is required")
+            faults.append(raw)
         else:
             # Skip the unknown flag's values too, so they are not taken for stray arguments.
             while not eq and i < n and not _is_flag(argv[i]):
@@ -205,5 +226,11 @@ def parse_sim_args(
         given["max_model_len"] = _parse_int("--max-model-len", values["max-model-len"], minimum=1)
     if "seed" in values:
         given["seed"] = _parse_int("--seed", values["seed"])
+    if faults:
+        try:  # all occurrences together: two flags may conflict with each other
+            parse_faults(faults)
+        except FaultError as exc:
+            raise ValueError(f"--fault: {exc}") from None
+        given["faults"] = faults
     opts = SimOptions(model=model, served_model_names=served, mode=cast(Mode, mode), **given)
     return opts, warnings
