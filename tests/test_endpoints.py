@@ -115,6 +115,8 @@ def test_upstream_dropping_usage_is_estimated(gw) -> None:
     )
     assert stream
     assert gw.access_log(2)[-1]["usage_estimated"] is True
+    metrics = httpx.get(gw.admin_url + "/metrics").text
+    assert "tokengateway_usage_estimated_total 2" in metrics
 
 
 def test_stream_cut_by_the_upstream(gw) -> None:

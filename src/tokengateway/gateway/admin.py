@@ -47,6 +47,9 @@ class AdminApp:
             return
         try:
             self._authorize(scope)
+            if scope["path"] == "/metrics" and scope["method"] == "GET":
+                await _send(send, 200, self._metrics().encode(), b"text/plain; version=0.0.4")
+                return
             status, payload = await self._route(scope, receive)
         except _HTTPError as exc:
             status = exc.status
@@ -55,18 +58,17 @@ class AdminApp:
             log.exception("admin API error")
             status = 500
             payload = {"error": {"message": "internal error; see the gateway's log", "details": []}}
-        body = msgspec.json.encode(payload)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+        await _send(send, status, msgspec.json.encode(payload), b"application/json")
+
+    def _metrics(self) -> str:
+        """Prometheus text; the full set of metrics is the observability work's."""
+        estimated = self.gateway.estimated_usage
+        return (
+            "# HELP tokengateway_usage_estimated_total Responses charged by an estimate "
+            "because the upstream reported no usage.\n"
+            "# TYPE tokengateway_usage_estimated_total counter\n"
+            f"tokengateway_usage_estimated_total {estimated}\n"
         )
-        await send({"type": "http.response.body", "body": body})
 
     def _authorize(self, scope: Scope) -> None:
         if self.token is None:
@@ -193,6 +195,20 @@ def _limit_json(namespace: str, limit: Limit, rate: Any) -> dict[str, Any]:
         "variables": [c.source for c in limit.counters],
         "kind": limit.policy_kind,
     }
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _text(receive: Receive) -> str:
