@@ -219,3 +219,50 @@ def test_limits_endpoint(start_gateway) -> None:
         ("gold", 200, 60.0),
     ]
     assert all(x["variables"] == ["auth.identity.userid"] for x in limits)
+
+
+def test_cli_round_trip_against_a_running_gateway(manifests, start_gateway) -> None:
+    gw = start_gateway(manifests(skip=STEPS_4_TO_6))
+    opts = ("--admin", gw.admin_url)
+    keys = run_cli("apply", "-f", "-", *opts, stdin=(TUTORIAL / "04-api-keys.yaml").read_text())
+    assert keys.returncode == 0, keys.stderr
+    assert keys.stdout.splitlines() == [
+        "secret/trlp-tutorial-api-key-free-user-1 created",
+        "secret/trlp-tutorial-api-key-gold-user-1 created",
+    ]
+    for name in STEPS_4_TO_6[1:]:
+        assert run_cli("apply", "-f", str(TUTORIAL / name), *opts).returncode == 0
+    table = run_cli("get", "trlp", "-n", "gateway-system", *opts)
+    assert table.returncode == 0 and "trlp-tutorial-token-limits" in table.stdout
+    address = run_cli(
+        "get",
+        "gtw",
+        "trlp-tutorial-gateway",
+        "-n",
+        "gateway-system",
+        *opts,
+        "-o",
+        "jsonpath={.status.addresses[0].value}",
+    )
+    assert address.stdout.strip() == "127.0.0.1"
+    secret = run_cli(
+        "get",
+        "secret",
+        "trlp-tutorial-api-key-free-user-1",
+        "-n",
+        "kuadrant-system",
+        "-o",
+        "yaml",
+        *opts,
+    )
+    assert (
+        "iamafreeuser" not in secret.stdout and "api_key:" in secret.stdout
+    )  # base64, as a cluster shows it
+    assert spend(gw)[-1] == 429
+    counters = run_cli("counters", "default/trlp-tutorial-llm-sim", *opts)
+    assert counters.returncode == 0 and "user-1" in counters.stdout
+    gone = run_cli("delete", "trlp", "trlp-tutorial-token-limits", "-n", "gateway-system", *opts)
+    assert gone.returncode == 0 and "deleted" in gone.stdout
+    missing = run_cli("delete", "trlp", "trlp-tutorial-token-limits", "-n", "gateway-system", *opts)
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    assert spend(gw) == [200] * 12

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from tokengateway import __version__
+from tokengateway.kubectl import register as register_resource_commands
 
 TUTORIAL_DIR = Path(__file__).parent / "tutorial"
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -246,3 +247,6 @@ def demo(listen: str) -> None:
     from tokengateway.demo import run_demo
 
     sys.exit(run_demo(str(TUTORIAL_DIR), listen))
+
+
+register_resource_commands(main)

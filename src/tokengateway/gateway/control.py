@@ -10,6 +10,7 @@ is refused and nothing changes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import datetime
@@ -110,6 +111,9 @@ class ControlPlane:
         self._lock = threading.Lock()
         self.config: CompiledConfig | None = None
         self._mtimes: dict[str, float] = {}
+        #: where the gateway listens and each Service's address, for `get` to show
+        self.listen_address: tuple[str, int] | None = None
+        self.backend_urls: dict[str, str] = {}
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -244,6 +248,7 @@ class ControlPlane:
         config = compile_config(resources, urls)
         self._stored = stored
         self.config = config
+        self.backend_urls = dict(urls)
         self._publish(config)
         self._write_state()
         return config
@@ -275,12 +280,34 @@ class ControlPlane:
                 obj["metadata"]["namespace"] = ns
             status = statuses.get((k, ns, n))
             if status is not None:
-                obj["status"] = status.as_dict() if hasattr(status, "as_dict") else status
+                obj["status"] = dict(status.as_dict() if hasattr(status, "as_dict") else status)
+            self._decorate(obj)
             out.append(obj)
         if name is not None and not out:
             where = f"{namespace}/{name}" if namespace else name
             raise NotFoundError(f"{kind} {where} not found")
         return out
+
+    def _decorate(self, obj: dict[str, Any]) -> None:
+        """What a cluster would show that a manifest does not say: where a Gateway listens,
+        where a Service is reached, a Secret's stringData folded into base64 data."""
+        kind = obj.get("kind")
+        if kind == "Gateway" and self.listen_address is not None:
+            status = obj.setdefault("status", {})
+            status["addresses"] = [{"type": "IPAddress", "value": self.listen_address[0]}]
+            host, port = self.listen_address
+            status.setdefault("tokengateway", {})["listen"] = f"{host}:{port}"
+        elif kind == "Service":
+            key = f"{obj['metadata'].get('namespace')}/{obj['metadata'].get('name')}"
+            if key in self.backend_urls:
+                obj.setdefault("status", {}).setdefault("tokengateway", {})["backend"] = (
+                    self.backend_urls[key]
+                )
+        elif kind == "Secret" and "stringData" in obj:
+            data = dict(obj.get("data") or {})
+            for name, value in (obj.pop("stringData") or {}).items():
+                data[name] = base64.b64encode(str(value).encode()).decode()
+            obj["data"] = data
 
     # --- state directory --------------------------------------------------------------------
 

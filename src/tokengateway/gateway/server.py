@@ -258,6 +258,7 @@ def serve_gateway(
         app = GatewayApp(config, store, access_log=AccessLog() if options.access_log else None)
         holder["app"] = app
         admin_port = admin_sock.getsockname()[1]
+        control.listen_address = gateway_sock.getsockname()[:2]
         admin = AdminApp(control, app, options.admin_token)
         # The socket goes to serve(sockets=...), not Config(fd=...): uvicorn wraps a bare fd
         # as a Unix socket, so TCP_NODELAY is never set and each response waits ~40 ms.

@@ -1,0 +1,1144 @@
+"""kubectl's look and feel for the gateway's own control plane: apply, get, delete, counters.
+
+The gateway is its own API server: these commands talk to its admin API (`serve`'s
+`--admin` address, `http://127.0.0.1:9090` by default) so the tutorial's `kubectl` lines
+work with `tokengateway` in front of them. Output follows kubectl's (`created` /
+`configured` lines, tables, `-o yaml|json|name|jsonpath=...`, `Error from server
+(NotFound): ...`) so scripts written for kubectl keep working.
+
+Only the standard library speaks HTTP here: the CLI stays light and starts fast.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import ipaddress
+import json
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import click
+import yaml
+
+from tokengateway.jsonpath import JSONPathError, Template, compile_template
+from tokengateway.resources import ManifestError, load_paths
+from tokengateway.resources.kinds import CLUSTER_SCOPED, UnknownKindError, resolve_kind
+
+__all__ = [
+    "DEFAULT_ADMIN",
+    "AdminClient",
+    "AdminError",
+    "AdminUnreachableError",
+    "counters_table",
+    "format_age",
+    "format_window",
+    "group_of",
+    "limits_table",
+    "list_object",
+    "plural_of",
+    "reference",
+    "register",
+    "render_table",
+    "resources_table",
+    "to_json",
+    "to_yaml",
+]
+
+DEFAULT_ADMIN = "http://127.0.0.1:9090"
+ADMIN_ENV = "TOKENGATEWAY_ADMIN"
+TOKEN_ENV = "TOKENGATEWAY_ADMIN_TOKEN"
+DEFAULT_NAMESPACE = "default"
+NONE = "<none>"
+
+#: API group per kind, as kubectl prints it in `kind.group/name` ("" for the core group)
+GROUPS: dict[str, str] = {
+    "Gateway": "gateway.networking.k8s.io",
+    "HTTPRoute": "gateway.networking.k8s.io",
+    "AuthPolicy": "kuadrant.io",
+    "RateLimitPolicy": "kuadrant.io",
+    "TokenRateLimitPolicy": "kuadrant.io",
+    "Kuadrant": "kuadrant.io",
+    "Deployment": "apps",
+    "Service": "",
+    "Secret": "",
+    "Namespace": "",
+}
+POLICY_KINDS = frozenset({"AuthPolicy", "RateLimitPolicy", "TokenRateLimitPolicy"})
+OUTPUT_FORMATS = ("json", "jsonpath", "name", "wide", "yaml")
+
+_HTTP_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    413: "RequestEntityTooLarge",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+
+# --- the admin API client ------------------------------------------------------------------
+
+
+class AdminError(Exception):
+    """An error answer of the admin API (`{"error": {"message", "details"}}` with a 4xx/5xx)."""
+
+    def __init__(self, status: int, message: str, details: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = list(details)
+
+    @property
+    def reason(self) -> str:
+        """kubectl's name for the status (`NotFound`, `BadRequest`, ...)."""
+        return _HTTP_REASONS.get(self.status, str(self.status))
+
+
+class AdminUnreachableError(Exception):
+    """No usable answer: nothing listens there, a timeout, a bad `--admin` URL, or a server
+    that does not speak the admin API."""
+
+
+class AdminClient:
+    """The admin API over urllib; every failure becomes `AdminError` or
+    `AdminUnreachableError`, so commands never show a traceback."""
+
+    def __init__(
+        self, base_url: str = DEFAULT_ADMIN, token: str | None = None, timeout: float = 30
+    ):
+        self.base_url = normalize_admin_url(base_url)
+        self.token = token or None
+        self.timeout = timeout
+        try:
+            host = urllib.parse.urlsplit(self.base_url).hostname or ""
+        except ValueError:
+            host = ""  # reported by the first request, where the user sees it
+        # a loopback admin API must not go through an HTTP proxy taken from the environment
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str | None] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
+    ) -> Any:
+        """Send one request; the decoded JSON answer."""
+        url = self.base_url + path
+        params = {k: v for k, v in (query or {}).items() if v is not None}
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        headers = {"Accept": "application/json", "User-Agent": "tokengateway-cli"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            req = urllib.request.Request(url, data=body, headers=headers, method=method)
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise _error_from(exc.code, _read_quietly(exc)) from None
+        except urllib.error.URLError as exc:
+            raise AdminUnreachableError(self._unreachable(exc.reason)) from None
+        except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, not HTTP
+            raise AdminUnreachableError(self._unreachable(exc)) from None
+        except ValueError as exc:  # urllib's word for a malformed URL
+            raise AdminUnreachableError(f"invalid --admin URL {self.base_url!r}: {exc}") from None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise AdminUnreachableError(self._not_admin("something that is not JSON")) from None
+
+    def _not_admin(self, what: str) -> str:
+        return (
+            f"{self.base_url} answered with {what}: is it the gateway's admin address "
+            "(serve's --admin), not the address it serves requests on?"
+        )
+
+    def _field(self, answer: Any, key: str) -> list[dict[str, Any]]:
+        """`answer[key]`, a list, or a clear error when the answer has another shape."""
+        value = answer.get(key) if isinstance(answer, dict) else None
+        if not isinstance(value, list):
+            raise AdminUnreachableError(self._not_admin(f"no {key!r} list"))
+        return [v for v in value if isinstance(v, dict)]
+
+    def _rows(self, answer: Any) -> list[dict[str, Any]]:
+        if not isinstance(answer, list):
+            raise AdminUnreachableError(self._not_admin("something that is not a list"))
+        return [v for v in answer if isinstance(v, dict)]
+
+    def _unreachable(self, reason: object) -> str:
+        if isinstance(reason, ConnectionRefusedError):
+            return (
+                f"cannot reach the gateway's admin API at {self.base_url} "
+                "(is tokengateway serve running? --admin sets the address)"
+            )
+        if isinstance(reason, TimeoutError):
+            return (
+                f"the gateway's admin API at {self.base_url} did not answer within "
+                f"{self.timeout:g}s (--request-timeout sets the limit)"
+            )
+        return f"cannot reach the gateway's admin API at {self.base_url}: {reason}"
+
+    # the contract's endpoints
+
+    def apply(self, manifests: str) -> list[dict[str, Any]]:
+        """`POST /apis/apply`: the results (kind, namespace, name, action) in document order."""
+        answer = self.request(
+            "POST", "/apis/apply", body=manifests.encode(), content_type="application/yaml"
+        )
+        return self._field(answer, "results")
+
+    def delete_manifests(self, manifests: str) -> list[dict[str, Any]]:
+        """`POST /apis/delete`: all or nothing, a 404 when one is missing."""
+        answer = self.request(
+            "POST", "/apis/delete", body=manifests.encode(), content_type="application/yaml"
+        )
+        return self._field(answer, "results")
+
+    def resources(
+        self, kind: str, namespace: str | None = None, name: str | None = None
+    ) -> list[dict[str, Any]]:
+        """`GET /apis/resources`: namespace None means every namespace."""
+        answer = self.request(
+            "GET", "/apis/resources", query={"kind": kind, "namespace": namespace, "name": name}
+        )
+        return self._field(answer, "items")
+
+    def delete(self, kind: str, namespace: str | None, name: str) -> list[dict[str, Any]]:
+        answer = self.request(
+            "DELETE", "/apis/resources", query={"kind": kind, "namespace": namespace, "name": name}
+        )
+        return self._field(answer, "results")
+
+    def limits(self, namespace: str) -> list[dict[str, Any]]:
+        return self._rows(self.request("GET", "/limits/" + _path_segment(namespace)))
+
+    def counters(self, namespace: str) -> list[dict[str, Any]]:
+        return self._rows(self.request("GET", "/counters/" + _path_segment(namespace)))
+
+
+def normalize_admin_url(url: str) -> str:
+    """`127.0.0.1:9090` means `http://127.0.0.1:9090`; no trailing slash."""
+    url = url.strip() or DEFAULT_ADMIN
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _path_segment(namespace: str) -> str:
+    """A limits namespace (`default/my-route`) goes in the path as is: its slash stays."""
+    return urllib.parse.quote(namespace, safe="/")
+
+
+def _read_quietly(exc: urllib.error.HTTPError) -> bytes:
+    try:
+        return exc.read()
+    except OSError:
+        return b""
+
+
+def _error_from(status: int, raw: bytes) -> AdminError:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        text = raw.decode("utf-8", "replace").strip()
+        return AdminError(status, text[:500] or f"HTTP {status}")
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        details = error.get("details") or []
+        if not isinstance(details, list):
+            details = [details]
+        message = str(error.get("message") or f"HTTP {status}")
+        if "type" in error and "details" not in error:  # OpenAI's envelope: the data plane
+            message += " (this is the gateway's data plane answering: --admin names the admin API)"
+        return AdminError(status, message, map(str, details))
+    if isinstance(error, str):
+        return AdminError(status, error)
+    return AdminError(status, json.dumps(body)[:500])
+
+
+# --- naming --------------------------------------------------------------------------------
+
+
+def group_of(kind: str, api_version: str = "") -> str:
+    """The API group kubectl shows for `kind` (`kuadrant.io`; `""` for core kinds)."""
+    if kind in GROUPS:
+        return GROUPS[kind]
+    group, _, _ = api_version.rpartition("/")
+    return group
+
+
+def reference(kind: str, name: str, api_version: str = "") -> str:
+    """`kind.group/name` as kubectl prints it (`tokenratelimitpolicy.kuadrant.io/x`,
+    `secret/x`)."""
+    return f"{_kind_group(kind, api_version)}/{name}"
+
+
+def _kind_group(kind: str, api_version: str = "") -> str:
+    group = group_of(kind, api_version)
+    return f"{kind.lower()}.{group}" if group else kind.lower()
+
+
+def plural_of(kind: str) -> str:
+    """The resource name in kubectl's errors: `tokenratelimitpolicies.kuadrant.io`."""
+    lower = kind.lower()
+    consonant_y = lower.endswith("y") and lower[-2:-1] not in ("a", "e", "i", "o", "u")
+    plural = lower[:-1] + "ies" if consonant_y else lower + "s"
+    group = group_of(kind)
+    return f"{plural}.{group}" if group else plural
+
+
+def _resolve(text: str) -> str:
+    """The kind for what the user typed; a group suffix must be the kind's own."""
+    kind = resolve_kind(text)
+    _, _, suffix = text.strip().lower().partition(".")
+    group = group_of(kind)
+    if suffix and not (suffix == group or (suffix.endswith("." + group) and group)):
+        raise UnknownKindError(f"unknown kind {text!r}: {kind} is in group {group or 'core'!r}")
+    return kind
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+
+def render_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Columns as kubectl's tabwriter lays them out: left-aligned, three spaces apart."""
+    table = [list(headers), *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    lines = []
+    for row in table:
+        cells = [cell.ljust(max(width + 3, 6)) for cell, width in zip(row, widths, strict=True)]
+        cells[-1] = row[-1]
+        lines.append("".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def format_age(timestamp: str | None, now: datetime.datetime | None = None) -> str:
+    """kubectl's AGE (`45s`, `3m20s`, `2h`, `4d`), from an RFC 3339 timestamp."""
+    if not timestamp:
+        return "<unknown>"
+    try:
+        then = datetime.datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))
+    except ValueError:
+        return "<unknown>"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=datetime.UTC)
+    now = now or datetime.datetime.now(datetime.UTC)
+    return human_duration((now - then).total_seconds())
+
+
+def human_duration(seconds: float) -> str:
+    """Go's `duration.HumanDuration`, which kubectl uses for AGE."""
+    s = int(seconds)
+    if s < -1:
+        return "<invalid>"
+    if s < 0:
+        return "0s"
+    if s < 120:
+        return f"{s}s"
+    minutes = s // 60
+    if minutes < 10:
+        return f"{minutes}m{s % 60}s" if s % 60 else f"{minutes}m"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = s // 3600
+    if hours < 8:
+        return f"{hours}h{minutes % 60}m" if minutes % 60 else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    days = hours // 24
+    if hours < 24 * 8:
+        return f"{days}d{hours % 24}h" if hours % 24 else f"{days}d"
+    if hours < 24 * 365 * 2:
+        return f"{days}d"
+    years, rest = divmod(days, 365)
+    if hours < 24 * 365 * 8:
+        return f"{years}y{rest}d" if rest else f"{years}y"
+    return f"{years}y"
+
+
+def format_window(seconds: float) -> str:
+    """Seconds in the manifests' window syntax (`1m`, `1h30m`, `24h`, `500ms`)."""
+    ms = round(float(seconds) * 1000)
+    if ms <= 0:
+        return "0s"
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    parts = [(hours, "h"), (minutes, "m"), (secs, "s"), (ms, "ms")]
+    return "".join(f"{value}{unit}" for value, unit in parts if value)
+
+
+def _expires_in(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return NONE
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    return format_window(int(seconds))  # truncated, so "1m" is never 59.6 s
+
+
+class _KubectlDumper(yaml.SafeDumper):
+    """YAML as kubectl writes it: sorted keys, block style, multi-line strings as `|`, and
+    double quotes where quotes are needed (`status: "True"`), so its output greps the same."""
+
+    def choose_scalar_style(self) -> str:
+        style = super().choose_scalar_style()
+        return '"' if style == "'" else style
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_KubectlDumper.add_representer(str, _represent_str)
+
+
+def to_yaml(obj: Any) -> str:
+    """kubectl's `-o yaml` for one object or a List."""
+    return yaml.dump(
+        obj,
+        Dumper=_KubectlDumper,
+        sort_keys=True,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=1 << 20,
+    )
+
+
+def to_json(obj: Any) -> str:
+    """kubectl's `-o json`: four-space indent, sorted keys."""
+    return json.dumps(obj, indent=4, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def list_object(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What kubectl prints for several objects: a `v1` List."""
+    return {
+        "apiVersion": "v1",
+        "items": list(items),
+        "kind": "List",
+        "metadata": {"resourceVersion": ""},
+    }
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    status = obj.get("status")
+    return status if isinstance(status, dict) else {}
+
+
+def _spec(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    spec = obj.get("spec")
+    return spec if isinstance(spec, dict) else {}
+
+
+def _conditions(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """`status.conditions`, or a route's `status.parents[*].conditions`."""
+    status = _status(obj)
+    found = [c for c in status.get("conditions") or [] if isinstance(c, dict)]
+    for parent in status.get("parents") or []:
+        if isinstance(parent, dict):
+            found += [c for c in parent.get("conditions") or [] if isinstance(c, dict)]
+    return found
+
+
+def _condition_status(obj: Mapping[str, Any], kind: str) -> str:
+    for condition in _conditions(obj):
+        if condition.get("type") == kind:
+            return str(condition.get("status") or "Unknown")
+    return NONE
+
+
+def _or_none(value: Any) -> str:
+    return NONE if value is None or value == "" or value == [] else str(value)
+
+
+Column = tuple[str, Callable[[Mapping[str, Any]], str]]
+
+
+def _columns(kind: str, wide: bool, now: datetime.datetime | None) -> list[Column]:
+    def age(obj: Mapping[str, Any]) -> str:
+        return format_age(_meta(obj).get("creationTimestamp"), now)
+
+    def target(field: str) -> Callable[[Mapping[str, Any]], str]:
+        def cell(obj: Mapping[str, Any]) -> str:
+            ref = _spec(obj).get("targetRef")
+            return _or_none(ref.get(field) if isinstance(ref, dict) else None)
+
+        return cell
+
+    columns: list[Column]
+    if kind in POLICY_KINDS:
+        columns = [
+            ("ACCEPTED", lambda o: _condition_status(o, "Accepted")),
+            ("ENFORCED", lambda o: _condition_status(o, "Enforced")),
+        ]
+        if wide:
+            columns += [
+                ("TARGETKIND", target("kind")),
+                ("TARGETNAME", target("name")),
+                ("TARGETSECTION", target("sectionName")),
+            ]
+        columns.append(("AGE", age))
+    elif kind == "Gateway":
+        columns = [
+            ("CLASS", lambda o: _or_none(_spec(o).get("gatewayClassName"))),
+            ("ADDRESS", _gateway_address),
+            ("PROGRAMMED", lambda o: _condition_status(o, "Programmed")),
+            ("AGE", age),
+        ]
+    elif kind == "HTTPRoute":
+        columns = [("HOSTNAMES", _hostnames), ("AGE", age)]
+    elif kind == "Secret":
+        columns = [
+            ("TYPE", lambda o: str(o.get("type") or "Opaque")),
+            ("DATA", _secret_data_count),
+            ("AGE", age),
+        ]
+    elif kind == "Service":
+        columns = [
+            ("TYPE", lambda o: str(_spec(o).get("type") or "ClusterIP")),
+            ("ADDRESS", _service_address),
+            ("PORT(S)", _service_ports),
+            ("AGE", age),
+        ]
+    elif kind == "Namespace":
+        columns = [("STATUS", lambda o: str(_status(o).get("phase") or "Active")), ("AGE", age)]
+    else:
+        columns = [("AGE", age)]
+    if wide and (kind in POLICY_KINDS or kind in ("Gateway", "HTTPRoute")):
+        columns += [("REASON", _reasons), ("MESSAGE", _messages)]
+    return columns
+
+
+def _gateway_address(obj: Mapping[str, Any]) -> str:
+    values = [
+        str(a["value"])
+        for a in _status(obj).get("addresses") or []
+        if isinstance(a, dict) and a.get("value")
+    ]
+    return ",".join(values) or NONE
+
+
+def _hostnames(obj: Mapping[str, Any]) -> str:
+    names = _spec(obj).get("hostnames")
+    # kubectl prints this column as the JSON list (the CRD's printer column is a string)
+    return json.dumps(names, separators=(",", ":")) if names else NONE
+
+
+def _secret_data_count(obj: Mapping[str, Any]) -> str:
+    keys: set[str] = set()
+    for field in ("data", "stringData"):
+        value = obj.get(field)
+        if isinstance(value, dict):
+            keys.update(value)
+    return str(len(keys))
+
+
+def _service_address(obj: Mapping[str, Any]) -> str:
+    ours = _status(obj).get("tokengateway")
+    return _or_none(ours.get("backend") if isinstance(ours, dict) else None)
+
+
+def _service_ports(obj: Mapping[str, Any]) -> str:
+    ports = []
+    for port in _spec(obj).get("ports") or []:
+        if isinstance(port, dict) and "port" in port:
+            ports.append(f"{port['port']}/{port.get('protocol') or 'TCP'}")
+    return ",".join(ports) or NONE
+
+
+def _reasons(obj: Mapping[str, Any]) -> str:
+    return ",".join(str(c.get("reason") or "") for c in _conditions(obj)) or NONE
+
+
+def _messages(obj: Mapping[str, Any]) -> str:
+    texts = [" ".join(str(c.get("message") or "").split()) for c in _conditions(obj)]
+    return "; ".join(t for t in texts if t) or NONE
+
+
+def resources_table(
+    kind: str,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    all_namespaces: bool = False,
+    wide: bool = False,
+    with_kind: bool = False,
+    now: datetime.datetime | None = None,
+) -> str:
+    """kubectl's table for `items` of one kind (NAMESPACE first with `-A`)."""
+    columns = _columns(kind, wide, now)
+    show_namespace = all_namespaces and kind not in CLUSTER_SCOPED
+    headers = (["NAMESPACE"] if show_namespace else []) + ["NAME"] + [h for h, _ in columns]
+    rows = []
+    for obj in items:
+        name = str(_meta(obj).get("name", ""))
+        if with_kind:
+            name = reference(kind, name, str(obj.get("apiVersion", "")))
+        row = [_or_none(_meta(obj).get("namespace"))] if show_namespace else []
+        rows.append([*row, name, *(cell(obj) for _, cell in columns)])
+    return render_table(headers, rows)
+
+
+def limits_table(limits: Sequence[Mapping[str, Any]]) -> str:
+    """`GET /limits/{namespace}` as NAME, MAX, WINDOW, VARIABLES, CONDITIONS."""
+    rows = [
+        [
+            _or_none(limit.get("name")),
+            str(limit.get("max_value", "")),
+            _window(limit.get("seconds")),
+            ", ".join(map(str, limit.get("variables") or [])) or NONE,
+            "; ".join(" ".join(str(c).split()) for c in limit.get("conditions") or []) or NONE,
+        ]
+        for limit in sorted(limits, key=lambda lim: (str(lim.get("name")), lim.get("seconds") or 0))
+    ]
+    return render_table(["NAME", "MAX", "WINDOW", "VARIABLES", "CONDITIONS"], rows)
+
+
+def counters_table(counters: Sequence[Mapping[str, Any]]) -> str:
+    """`GET /counters/{namespace}` as LIMIT, MAX, WINDOW, VARIABLES, REMAINING, EXPIRES IN."""
+    rows = []
+    for counter in counters:
+        limit = counter.get("limit") if isinstance(counter.get("limit"), dict) else {}
+        values = counter.get("set_variables") or {}
+        order = [str(v) for v in limit.get("variables") or []]
+        order += sorted(str(k) for k in values if str(k) not in order)
+        variables = ", ".join(f"{k}={values[k]}" for k in order if k in values) or NONE
+        rows.append(
+            [
+                _or_none(limit.get("name")),
+                str(limit.get("max_value", "")),
+                _window(limit.get("seconds")),
+                variables,
+                str(counter.get("remaining", "")),
+                _expires_in(counter.get("expires_in_seconds")),
+            ]
+        )
+    rows.sort(key=lambda r: (r[0], r[2], r[3]))
+    headers = ["LIMIT", "MAX", "WINDOW", "VARIABLES", "REMAINING", "EXPIRES IN"]
+    return render_table(headers, rows)
+
+
+def _window(seconds: Any) -> str:
+    return format_window(seconds) if isinstance(seconds, int | float) else NONE
+
+
+# --- command plumbing ----------------------------------------------------------------------
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _server_error(exc: AdminError, sources: Sequence[str] = ()) -> None:
+    """kubectl's `Error from server (Reason): message`, the details below it."""
+    message = _map_sources(exc.message, sources)
+    click.echo(f"Error from server ({exc.reason}): {message}", err=True)
+    for detail in exc.details:
+        detail = _map_sources(detail, sources)
+        if detail not in message:
+            click.echo(f"  {detail}", err=True)
+    if exc.status == 401:
+        click.echo(
+            f"(the admin API wants a token: --token or {TOKEN_ENV} gives it)",
+            err=True,
+        )
+
+
+_STDIN_DOC = re.compile(r"<stdin>#(\d+)")
+
+
+def _map_sources(text: str, sources: Sequence[str]) -> str:
+    """The server numbers the documents it received (`<stdin>#3`); name the user's file."""
+    if not sources:
+        return text
+
+    def name(match: re.Match[str]) -> str:
+        index = int(match.group(1)) - 1
+        return sources[index] if 0 <= index < len(sources) else match.group(0)
+
+    return _STDIN_DOC.sub(name, text)
+
+
+def _admin_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--admin, --token and --request-timeout, the same on every command."""
+    func = click.option(
+        "--request-timeout",
+        "request_timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=30.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="How long to wait for the admin API.",
+    )(func)
+    func = click.option(
+        "--token",
+        envvar=TOKEN_ENV,
+        default=None,
+        metavar="TOKEN",
+        help=f"Bearer token for the admin API [env {TOKEN_ENV}].",
+    )(func)
+    func = click.option(
+        "--admin",
+        envvar=ADMIN_ENV,
+        default=DEFAULT_ADMIN,
+        show_default=True,
+        metavar="URL",
+        help=f"The gateway's admin API [env {ADMIN_ENV}].",
+    )(func)
+    return func
+
+
+def _call(action: Callable[[], Any]) -> Any:
+    """Run one API call; an unreachable server ends the command with its message."""
+    try:
+        return action()
+    except AdminUnreachableError as exc:
+        _fail(str(exc))
+
+
+def _read_manifests(paths: Sequence[str], namespace: str | None) -> tuple[str, list[str]]:
+    """The files as one multi-document YAML, and each document's `file#N` (for errors)."""
+    try:
+        docs = load_paths(list(paths), stdin=sys.stdin)
+    except ManifestError as exc:
+        _fail(str(exc))
+    objects = []
+    for doc in docs:
+        obj = dict(doc.obj)
+        if namespace and obj.get("kind") not in CLUSTER_SCOPED:
+            meta = dict(obj.get("metadata") or {})
+            given = meta.get("namespace")
+            if given and given != namespace:
+                _fail(
+                    f'the namespace from the provided object "{given}" does not match the '
+                    f'namespace "{namespace}" ({doc.source}); you must pass '
+                    f"'--namespace={given}' to perform this operation"
+                )
+            meta["namespace"] = namespace
+            obj["metadata"] = meta
+        objects.append(obj)
+    if not objects:
+        _fail("no objects passed to the command (the files hold no documents)")
+    text = yaml.safe_dump_all(objects, sort_keys=False, allow_unicode=True, width=1 << 20)
+    return text, [doc.source for doc in docs]
+
+
+def _result_line(result: Mapping[str, Any], deleted: bool = False) -> str:
+    kind = str(result.get("kind", ""))
+    name = str(result.get("name", ""))
+    api_version = str(result.get("apiVersion", ""))
+    action = str(result.get("action", "deleted" if deleted else ""))
+    if deleted:
+        return f'{_kind_group(kind, api_version)} "{name}" {action}'
+    return f"{reference(kind, name, api_version)} {action}"
+
+
+def _is_not_found(exc: AdminError) -> bool:
+    """The object is missing (not a 404 from something that is not the admin API)."""
+    return exc.status == 404 and "not found" in exc.message
+
+
+def _not_found_line(kind: str, name: str) -> str:
+    return f'Error from server (NotFound): {plural_of(kind)} "{name}" not found'
+
+
+@dataclass(frozen=True)
+class _Target:
+    kind: str
+    name: str | None
+
+
+def _targets(args: Sequence[str], verb: str) -> list[_Target]:
+    """`KIND[,KIND...] [NAME...]` or `KIND/NAME...`, the forms kubectl accepts."""
+    if not args:
+        _fail(
+            f"you must specify the type of resource to {verb} "
+            "(for example: tokengateway get trlp -n gateway-system)"
+        )
+    try:
+        if "/" in args[0]:
+            targets = []
+            for arg in args:
+                kind, sep, name = arg.partition("/")
+                if not sep or not name or "/" in name:
+                    _fail(f"arguments in resource/name form must all be KIND/NAME (got {arg!r})")
+                targets.append(_Target(_resolve(kind), name))
+            return targets
+        kinds = list(dict.fromkeys(_resolve(k) for k in args[0].split(",") if k.strip()))
+    except UnknownKindError as exc:
+        _fail(str(exc))
+    if not kinds:
+        _fail(f"no kind given in {args[0]!r}")
+    names = args[1:]
+    for name in names:
+        if "/" in name:
+            _fail(f"a resource name may not contain '/': {name!r}")
+    return [_Target(kind, name) for kind in kinds for name in (names or [None])]
+
+
+def _namespace_for(kind: str, namespace: str | None) -> str | None:
+    return None if kind in CLUSTER_SCOPED else (namespace or DEFAULT_NAMESPACE)
+
+
+def _parse_output(value: str | None) -> tuple[str, Template | None]:
+    """`-o` as kubectl takes it: `yaml`, `-o=yaml`, `jsonpath=TEMPLATE`, `jsonpath='{..}'`."""
+    text = (value or "").lstrip("=")
+    if not text:
+        return "table", None
+    fmt, sep, arg = text.partition("=")
+    if fmt == "jsonpath":
+        if not arg:
+            _fail(
+                "template format specified but no template given (-o jsonpath='{.metadata.name}')"
+            )
+        try:
+            return "jsonpath", compile_template(arg)
+        except JSONPathError as exc:
+            _fail(str(exc))
+    if fmt in OUTPUT_FORMATS and not sep:
+        return fmt, None
+    _fail(
+        f'unable to match a printer suitable for the output format "{text}", '
+        f"allowed formats are: {','.join(OUTPUT_FORMATS)}"
+    )
+
+
+# --- commands ------------------------------------------------------------------------------
+
+_filename_help = "Manifest file or folder (repeatable); - reads standard input."
+
+
+@click.command("apply")
+@click.option("-f", "--filename", "paths", multiple=True, required=True, help=_filename_help)
+@click.option(
+    "-n", "--namespace", default=None, help="Namespace for documents that do not name one."
+)
+@_admin_options
+def apply_command(
+    paths: tuple[str, ...],
+    namespace: str | None,
+    admin: str,
+    token: str | None,
+    request_timeout: float,
+) -> None:
+    """Create or update resources in the running gateway (like `kubectl apply -f`).
+
+    All documents are validated by the gateway first; if one is invalid nothing changes.
+    """
+    text, sources = _read_manifests(paths, namespace)
+    client = AdminClient(admin, token, request_timeout)
+    try:
+        results = _call(lambda: client.apply(text))
+    except AdminError as exc:
+        _server_error(exc, sources)
+        sys.exit(1)
+    for result in results:
+        click.echo(_result_line(result))
+
+
+@click.command("get")
+@click.argument("args", nargs=-1, metavar="KIND [NAME...] | KIND/NAME...")
+@click.option("-n", "--namespace", default=None, help="Namespace (default: default).")
+@click.option(
+    "-A", "--all-namespaces", is_flag=True, help="List across all namespaces (not with a NAME)."
+)
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    metavar="FORMAT",
+    help="yaml | json | wide | name | jsonpath=TEMPLATE.",
+)
+@_admin_options
+def get_command(
+    args: tuple[str, ...],
+    namespace: str | None,
+    all_namespaces: bool,
+    output: str | None,
+    admin: str,
+    token: str | None,
+    request_timeout: float,
+) -> None:
+    """Show resources and their status (like `kubectl get`).
+
+    KIND takes kubectl's names: trlp, rlp, authpolicy, gtw, httproute, svc, secret, ns,
+    plurals, and kind.group (tokenratelimitpolicy.kuadrant.io).
+    """
+    fmt, template = _parse_output(output)
+    targets = _targets(args, "get")
+    named = [t for t in targets if t.name is not None]
+    if named and all_namespaces:
+        _fail("a resource cannot be retrieved by name across all namespaces")
+    client = AdminClient(admin, token, request_timeout)
+    found: list[tuple[str, dict[str, Any]]] = []
+    failed = False
+    for target in targets:
+        ns = None if all_namespaces else _namespace_for(target.kind, namespace)
+        try:
+            items = _call(lambda t=target, ns=ns: client.resources(t.kind, ns, t.name))
+        except AdminError as exc:
+            failed = True
+            if _is_not_found(exc) and target.name is not None:
+                click.echo(_not_found_line(target.kind, target.name), err=True)
+            else:
+                _server_error(exc)
+            continue
+        ordered = sorted(items, key=lambda o: (str(_meta(o).get("namespace", "")), _name(o)))
+        found += [(target.kind, obj) for obj in ordered]
+    single = len(targets) == 1 and targets[0].name is not None
+    _print_objects(found, fmt, template, single, targets, namespace, all_namespaces)
+    if failed:
+        sys.exit(1)
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str(_meta(obj).get("name", ""))
+
+
+def _print_objects(
+    found: Sequence[tuple[str, dict[str, Any]]],
+    fmt: str,
+    template: Template | None,
+    single: bool,
+    targets: Sequence[_Target],
+    namespace: str | None,
+    all_namespaces: bool,
+) -> None:
+    objects = [obj for _, obj in found]
+    if fmt in ("yaml", "json", "jsonpath"):
+        if single and not objects:
+            return  # the not-found error is all kubectl prints
+        data: Any = objects[0] if single else list_object(objects)
+        if fmt == "yaml":
+            click.echo(to_yaml(data), nl=False)
+        elif fmt == "json":
+            click.echo(to_json(data), nl=False)
+        else:
+            assert template is not None
+            click.echo(template.render(data), nl=False)
+        return
+    if fmt == "name":
+        for kind, obj in found:
+            click.echo(reference(kind, _name(obj), str(obj.get("apiVersion", ""))))
+        return
+    if not found:
+        if all(t.name is None for t in targets):
+            kind = targets[0].kind
+            where = (
+                ""
+                if all_namespaces or kind in CLUSTER_SCOPED
+                else f" in {namespace or DEFAULT_NAMESPACE} namespace"
+            )
+            click.echo(f"No resources found{where}.", err=True)
+        return
+    kinds = list(dict.fromkeys(kind for kind, _ in found))
+    tables = []
+    for kind in kinds:
+        items = [obj for k, obj in found if k == kind]
+        tables.append(
+            resources_table(
+                kind,
+                items,
+                all_namespaces=all_namespaces,
+                wide=fmt == "wide",
+                with_kind=len(kinds) > 1,
+            )
+        )
+    click.echo("\n\n".join(tables))
+
+
+@click.command("delete")
+@click.argument("args", nargs=-1, metavar="KIND NAME... | KIND/NAME...")
+@click.option("-f", "--filename", "paths", multiple=True, help=_filename_help)
+@click.option("-n", "--namespace", default=None, help="Namespace (default: default).")
+@click.option(
+    "--ignore-not-found", is_flag=True, help="Treat what does not exist as already deleted."
+)
+@_admin_options
+def delete_command(
+    args: tuple[str, ...],
+    paths: tuple[str, ...],
+    namespace: str | None,
+    ignore_not_found: bool,
+    admin: str,
+    token: str | None,
+    request_timeout: float,
+) -> None:
+    """Delete resources from the running gateway (like `kubectl delete`).
+
+    With -f, every document must exist or nothing is deleted (unless --ignore-not-found).
+    """
+    client = AdminClient(admin, token, request_timeout)
+    if paths:
+        if args:
+            _fail("when files are given with -f, you may not specify resource arguments as well")
+        _delete_files(client, paths, namespace, ignore_not_found)
+        return
+    targets = _targets(args, "delete")
+    if any(t.name is None for t in targets):
+        _fail("resource(s) were provided, but no name was specified")
+    failed = False
+    for target in targets:
+        assert target.name is not None
+        ns = _namespace_for(target.kind, namespace)
+        try:
+            results = _call(lambda t=target, ns=ns: client.delete(t.kind, ns, t.name))
+        except AdminError as exc:
+            if _is_not_found(exc):
+                if not ignore_not_found:
+                    failed = True
+                    click.echo(_not_found_line(target.kind, target.name), err=True)
+            else:
+                failed = True
+                _server_error(exc)
+            continue
+        for result in results or [{"kind": target.kind, "name": target.name}]:
+            click.echo(_result_line(result, deleted=True))
+    if failed:
+        sys.exit(1)
+
+
+def _delete_files(
+    client: AdminClient, paths: Sequence[str], namespace: str | None, ignore_not_found: bool
+) -> None:
+    text, sources = _read_manifests(paths, namespace)
+    try:
+        results = _call(lambda: client.delete_manifests(text))
+    except AdminError as exc:
+        if not _is_not_found(exc) or not ignore_not_found:
+            _server_error(exc, sources)
+            sys.exit(1)
+        results = _delete_one_by_one(client, text)
+    for result in results:
+        click.echo(_result_line(result, deleted=True))
+
+
+def _delete_one_by_one(client: AdminClient, text: str) -> list[dict[str, Any]]:
+    """--ignore-not-found with -f: delete what exists, skip what does not."""
+    results: list[dict[str, Any]] = []
+    for obj in yaml.safe_load_all(text):
+        kind = str(obj.get("kind", ""))
+        meta = obj.get("metadata") or {}
+        ns = _namespace_for(kind, meta.get("namespace"))
+        try:
+            results += _call(lambda k=kind, ns=ns, m=meta: client.delete(k, ns, str(m.get("name"))))
+        except AdminError as exc:
+            if not _is_not_found(exc):
+                _server_error(exc)
+                sys.exit(1)
+    return results
+
+
+def _inspection_output(value: str | None) -> str:
+    fmt = (value or "").lstrip("=") or "table"
+    if fmt not in ("table", "json", "yaml"):
+        _fail(f'unknown output format "{fmt}": use json or yaml, or leave -o out for a table')
+    return fmt
+
+
+_inspection_output_option = click.option(
+    "-o", "--output", default=None, metavar="FORMAT", help="json | yaml (default: a table)."
+)
+
+
+@click.command("counters")
+@click.argument("namespace", metavar="NAMESPACE")
+@_inspection_output_option
+@_admin_options
+def counters_command(
+    namespace: str, output: str | None, admin: str, token: str | None, request_timeout: float
+) -> None:
+    """Live counters of a limits namespace: a route's NAMESPACE/NAME (like Limitador's
+    /counters), e.g. `tokengateway counters default/trlp-tutorial-llm-sim`."""
+    fmt = _inspection_output(output)
+    client = AdminClient(admin, token, request_timeout)
+    try:
+        counters = _call(lambda: client.counters(namespace))
+    except AdminError as exc:
+        _server_error(exc)
+        sys.exit(1)
+    _print_inspection(counters, fmt, counters_table, f"No counters in {namespace}.")
+
+
+@click.command("limits")
+@click.argument("namespace", metavar="NAMESPACE")
+@_inspection_output_option
+@_admin_options
+def limits_command(
+    namespace: str, output: str | None, admin: str, token: str | None, request_timeout: float
+) -> None:
+    """Limits in force for a limits namespace: a route's NAMESPACE/NAME (like Limitador's
+    /limits), e.g. `tokengateway limits default/trlp-tutorial-llm-sim`."""
+    fmt = _inspection_output(output)
+    client = AdminClient(admin, token, request_timeout)
+    try:
+        limits = _call(lambda: client.limits(namespace))
+    except AdminError as exc:
+        _server_error(exc)
+        sys.exit(1)
+    _print_inspection(limits, fmt, limits_table, f"No limits in {namespace}.")
+
+
+def _print_inspection(
+    rows: list[dict[str, Any]],
+    fmt: str,
+    table: Callable[[Sequence[Mapping[str, Any]]], str],
+    empty: str,
+) -> None:
+    if fmt == "json":
+        click.echo(to_json(rows), nl=False)
+    elif fmt == "yaml":
+        click.echo(to_yaml(rows), nl=False)
+    elif not rows:
+        click.echo(empty, err=True)
+    else:
+        click.echo(table(rows))
+
+
+COMMANDS: tuple[click.Command, ...] = (
+    apply_command,
+    get_command,
+    delete_command,
+    counters_command,
+    limits_command,
+)
+
+
+def register(group: click.Group) -> None:
+    """Add apply, get, delete, counters and limits to the `tokengateway` command group."""
+    for command in COMMANDS:
+        group.add_command(command)
