@@ -194,7 +194,7 @@ def validate(paths: tuple[str, ...], backends: tuple[str, ...]) -> None:
     loaded = _load(paths, backends)
     placeholder = {k: p.url or "http://127.0.0.1:1" for k, p in loaded.plans.items()}
     try:
-        config = compile_config(loaded.resources, placeholder)
+        config = compile_config(loaded.resources, placeholder, strict=True)
     except ConfigError as exc:
         _fail(str(exc))
     for warning in config.warnings:

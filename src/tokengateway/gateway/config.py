@@ -1,7 +1,38 @@
 """Compile loaded resources into what the data path looks up: routes, auth, limits, backends.
 
 Everything per configuration happens here, once: route matchers, CEL, Rego and the API key
-index. The result is immutable and swapped whole.
+index, and each route rule's effective policies. The result is immutable and swapped whole.
+
+Effective policies follow Kuadrant (kuadrant-operator `api/v1/merge_strategies.go`): for each
+path Gateway -> listener -> HTTPRoute -> rule, the accepted policies of one kind that target
+those objects are listed from the least to the most specific (Gateway, listener by
+`sectionName`, HTTPRoute, rule by `sectionName`; on one object, oldest first, then
+`namespace/name`), and folded from the most specific one: each less specific policy is merged
+into the result with *its own* strategy:
+
+- atomic defaults: the result stays unless it has no rules, then it is that policy;
+- atomic overrides: the result becomes that policy;
+- merge defaults: the result keeps its rules and gains that policy's rules of other names;
+- merge overrides: that policy's rules replace the result's rules of the same name.
+
+So among several policies on one object, the newest wins with (atomic) defaults and the
+oldest with overrides: Kuadrant folds them as if the newer were the more specific.
+
+Rules are named: a limit by its name, an AuthPolicy rule by `section#name`
+(`authentication#api-key-users`, `response.success.filters#identity`, ...), and the
+top-level `when` (and AuthPolicy `patterns`) are rules too, so the `when` in force is the one
+of the winning policy, never a concatenation. Every rule remembers the policy it came from:
+counters and messages name that policy.
+
+A policy that fails to compile never takes the gateway down. A limit that does not compile
+is left out (as Kuadrant leaves out the invalid action), the others keep being enforced. An
+AuthPolicy that does not compile makes the route rules it would protect deny every request
+(403) rather than let them through unauthenticated. Both are reported in the policy's status
+(`Enforced: False`) and in `CompiledConfig.warnings`. With `strict=True` (`validate`, first
+start) any such problem raises ConfigError listing them all.
+
+Without `strict`, ConfigError is never raised for the content of the resources: every problem
+is local to one object (a policy, a route's backend or match) and reported in its status.
 """
 
 from __future__ import annotations
@@ -13,6 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokengateway import auth as authlib
+from tokengateway import cel
+from tokengateway.gateway import status as st
 from tokengateway.gateway.backends import BackendPlan
 from tokengateway.gateway.routing import (
     HeaderMatch,
@@ -23,11 +56,30 @@ from tokengateway.gateway.routing import (
 )
 from tokengateway.limits import Limit, LimitCompileError, compile_limits, parse_window
 
-__all__ = ["CompiledConfig", "ConfigError", "RuleTarget", "compile_config", "needed_services"]
+__all__ = [
+    "AUTH_WHEN",
+    "LIMITS_WHEN",
+    "POLICY_KINDS",
+    "CompiledConfig",
+    "ConfigError",
+    "EffectivePolicy",
+    "PolicyRule",
+    "RuleTarget",
+    "compile_config",
+    "needed_services",
+]
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 DEFAULT_SYSTEM_NAMESPACE = "kuadrant-system"
 POLICY_KINDS = ("AuthPolicy", "TokenRateLimitPolicy", "RateLimitPolicy")
+
+#: The rule name of a (Token)RateLimitPolicy's top-level `when` (Kuadrant's own key).
+LIMITS_WHEN = "###_TOP_LEVEL_PREDICATES_###"
+#: The rule name of an AuthPolicy's top-level `when` (Kuadrant's own key).
+AUTH_WHEN = "conditions#"
+_AUTH_SECTIONS = ("authentication", "metadata", "authorization", "callbacks")
+
+StatusKey = tuple[str, str, str]  # (kind, namespace, name)
 
 
 class ConfigError(ValueError):
@@ -44,18 +96,63 @@ class Backend:
     weight: int
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """One named rule of a policy: a limit, an auth rule, a top-level `when`, a pattern."""
+
+    key: str
+    spec: Any
+    source: str  # the policy it comes from, "namespace/name"
+
+
+@dataclass(frozen=True)
+class EffectivePolicy:
+    """The rules of one policy kind in force on one path (Gateway listener, route rule)."""
+
+    kind: str
+    rules: Mapping[str, PolicyRule]
+    #: the policies in the path, least specific first ("namespace/name")
+    policies: tuple[str, ...] = ()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The policies that contributed at least one rule, sorted (as Kuadrant lists them)."""
+        return tuple(sorted({r.source for r in self.rules.values()}))
+
+    @property
+    def when(self) -> list[Any]:
+        """The top-level `when` in force (the winning policy's), or []."""
+        rule = self.rules.get(AUTH_WHEN if self.kind == "AuthPolicy" else LIMITS_WHEN)
+        return list(rule.spec) if rule is not None else []
+
+    def limits(self) -> dict[str, PolicyRule]:
+        """name -> limit (its `spec`, and the `source` policy it comes from)."""
+        return {k: r for k, r in self.rules.items() if k != LIMITS_WHEN}
+
+    def auth_rules(self) -> dict[str, Any]:
+        """The merged AuthPolicy `rules`, shaped like the manifest's."""
+        return _auth_document(self.rules)[0]
+
+    def patterns(self) -> dict[str, Any]:
+        """The merged AuthPolicy `patterns` (name -> {allOf: [...]})."""
+        return _auth_document(self.rules)[2]
+
+
 @dataclass(slots=True)
 class RuleTarget:
-    """One HTTPRoute rule as the data path needs it."""
+    """One HTTPRoute rule, reached through one Gateway listener, as the data path needs it."""
 
     route: str  # "namespace/name"; also the counters' namespace, as in Kuadrant
-    rule: str  # rule name, or its index
+    rule: str  # the rule's sectionName: its `name`, else `rule-<1-based index>` (Kuadrant's)
     backends: tuple[Backend, ...]
     timeout: float | None
     auth: authlib.AuthEngine | None = None
-    auth_policy: str | None = None
+    auth_policy: str | None = None  # the AuthPolicies in force, "ns/name[, ns/name]"
     limits: tuple[Limit, ...] = ()
-    limit_policies: tuple[str, ...] = ()
+    limit_policies: tuple[str, ...] = ()  # "TokenRateLimitPolicy ns/name", one per source
+    gateway: str = ""  # "namespace/name"
+    listener: str = ""  # listener name
+    effective: dict[str, EffectivePolicy] = field(default_factory=dict)  # kind -> policy
 
     def pick_backend(self) -> str:
         if len(self.backends) == 1:
@@ -71,6 +168,8 @@ class CompiledConfig:
     warnings: list[str] = field(default_factory=list)
     rules: list[RuleTarget] = field(default_factory=list)
     system_namespace: str = DEFAULT_SYSTEM_NAMESPACE
+    #: (kind, namespace, name) -> status, for policies, Gateways and HTTPRoutes
+    statuses: dict[StatusKey, st.Status] = field(default_factory=dict)
 
 
 def _key(res: Any) -> str:
@@ -81,8 +180,13 @@ def _spec(res: Any) -> dict[str, Any]:
     return dict(res.raw.get("spec") or {})
 
 
-def _age(res: Any) -> str:
-    return str(res.metadata.creationTimestamp or "")
+def _age(res: Any) -> tuple[str, str]:
+    """Kuadrant's (and Gateway API's) precedence: oldest first, then `namespace/name`."""
+    return (str(res.metadata.creationTimestamp or ""), _key(res))
+
+
+def _generation(res: Any) -> int:
+    return int(res.metadata.generation or 1)
 
 
 def needed_services(resources: Sequence[Any]) -> set[str]:
@@ -106,199 +210,638 @@ def _duration(text: str | None) -> float | None:
     return seconds or None
 
 
-def _policy_section(policy: Any) -> tuple[str, dict[str, Any]]:
-    """("overrides" | "defaults", {rules|limits, when}) of a policy."""
-    spec = _spec(policy)
-    if "overrides" in spec:
-        return "overrides", dict(spec["overrides"] or {})
-    if "defaults" in spec:
-        return "defaults", dict(spec["defaults"] or {})
-    body = {k: v for k, v in spec.items() if k in ("rules", "limits", "when", "patterns")}
-    return "defaults", body
+def _section_names(route: Any) -> list[str]:
+    """The sectionName of each rule: its `name`, else `rule-N` (policy-machinery's)."""
+    return [
+        str(rule.get("name") or f"rule-{i + 1}")
+        for i, rule in enumerate(_spec(route).get("rules") or [{}])
+    ]
+
+
+# --- policies as named rules --------------------------------------------------------------------
+
+
+@dataclass
+class _Policy:
+    res: Any
+    kind: str
+    key: str  # "namespace/name"
+    mode: str  # defaults | overrides
+    strategy: str  # atomic | merge
+    rules: dict[str, PolicyRule]
+    target: tuple[str, str, str | None]  # (kind, "namespace/name", sectionName)
+    facts: st.PolicyFacts
+
+
+def _proper(spec: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(mode, strategy, body) as Kuadrant's `Proper()`: explicit defaults or overrides, or
+    the spec itself (implicit, atomic defaults)."""
+    for mode in ("defaults", "overrides"):
+        if spec.get(mode) is not None:
+            body = dict(spec[mode] or {})
+            return mode, str(body.get("strategy") or "atomic"), body
+    return "defaults", "atomic", dict(spec)
+
+
+def _rules_of(kind: str, body: Mapping[str, Any], source: str) -> dict[str, PolicyRule]:
+    rules: dict[str, PolicyRule] = {}
+
+    def add(key: str, spec: Any) -> None:
+        rules[key] = PolicyRule(key, spec, source)
+
+    if kind != "AuthPolicy":
+        if body.get("when"):
+            add(LIMITS_WHEN, list(body["when"]))
+        for name, spec in (body.get("limits") or {}).items():
+            add(str(name), spec)
+        return rules
+    for name, spec in (body.get("patterns") or {}).items():
+        add(f"patterns#{name}", spec)
+    if body.get("when"):
+        add(AUTH_WHEN, list(body["when"]))
+    scheme = body.get("rules") or {}
+    for section in _AUTH_SECTIONS:
+        for name, spec in (scheme.get(section) or {}).items():
+            add(f"{section}#{name}", spec)
+    response = scheme.get("response") or {}
+    for deny in ("unauthenticated", "unauthorized"):
+        if response.get(deny) is not None:
+            add(f"response.{deny}#", response[deny])
+    success = response.get("success") or {}
+    for section in ("headers", "filters"):
+        for name, spec in (success.get(section) or {}).items():
+            add(f"response.success.{section}#{name}", spec)
+    return rules
+
+
+def _empty(kind: str, rules: Mapping[str, PolicyRule]) -> bool:
+    """Kuadrant's `Empty()`: no limit / no auth rule (a `when` or patterns alone do not count)."""
+    if kind == "AuthPolicy":
+        return not any(k != AUTH_WHEN and not k.startswith("patterns#") for k in rules)
+    return not any(k != LIMITS_WHEN for k in rules)
+
+
+def _merge(kind: str, path: Sequence[_Policy]) -> dict[str, PolicyRule] | None:
+    """Kuadrant's EffectivePolicyForPath over policies sorted least to most specific."""
+    if not path:
+        return None
+    effective = dict(path[-1].rules)
+    for policy in reversed(path[:-1]):
+        if policy.mode == "overrides":
+            if policy.strategy == "merge":
+                effective = {**effective, **policy.rules}
+            else:
+                effective = dict(policy.rules)
+        elif policy.strategy == "merge":
+            effective = {**policy.rules, **effective}
+        elif _empty(kind, effective):
+            effective = dict(policy.rules)
+    return effective
+
+
+def _auth_document(
+    rules: Mapping[str, PolicyRule],
+) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+    """(rules, when, patterns) of an AuthPolicy rebuilt from its named rules."""
+    scheme: dict[str, Any] = {}
+    when: list[Any] = []
+    patterns: dict[str, Any] = {}
+    for key, rule in rules.items():
+        group, _, name = key.partition("#")
+        if group == "patterns":
+            patterns[name] = rule.spec
+        elif group == "conditions":
+            when = list(rule.spec)
+        elif group in _AUTH_SECTIONS:
+            scheme.setdefault(group, {})[name] = rule.spec
+        elif group in ("response.unauthenticated", "response.unauthorized"):
+            scheme.setdefault("response", {})[group.split(".")[1]] = rule.spec
+        elif group.startswith("response.success."):
+            success = scheme.setdefault("response", {}).setdefault("success", {})
+            success.setdefault(group.rsplit(".", 1)[1], {})[name] = rule.spec
+    return scheme, when, patterns
+
+
+def _pattern_lists(patterns: Mapping[str, Any]) -> dict[str, Any]:
+    """`spec.patterns` ({name: {allOf: [...]}}) as the auth engine takes them."""
+    return {
+        name: (spec.get("allOf") or []) if isinstance(spec, Mapping) else spec
+        for name, spec in patterns.items()
+    }
+
+
+def _is_cel(exc: BaseException) -> bool:
+    """Whether a compile error comes from CEL (re-raised with `from None`: look at the
+    context chain, which `from None` keeps)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, cel.CelCompileError):
+            return True
+        seen = seen.__context__
+    return False
+
+
+def _strip(message: str, prefix: str) -> str:
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+# --- compiling the effective policies ------------------------------------------------------------
+
+
+class _Compiler:
+    """Compiles effective policies once each (shared by every path with the same rules) and
+    records what failed against the policy it comes from."""
+
+    def __init__(
+        self,
+        policies: Mapping[str, _Policy],
+        secrets: Sequence[authlib.SecretRecord],
+        system_ns: str,
+    ) -> None:
+        self.policies = policies  # "Kind ns/name" -> policy
+        self.secrets = secrets
+        self.system_ns = system_ns
+        self.problems: list[str] = []
+        self._auth: dict[Any, authlib.AuthEngine] = {}
+        self._when: dict[Any, bool] = {}
+        self._limits: dict[Any, Limit | None] = {}
+        self.compiled: set[str] = set()  # "Kind ns/name" compiled at least once
+
+    def _report(self, kind: str, source: str, full: str, cel_issue: bool) -> None:
+        if full not in self.problems:
+            self.problems.append(full)
+        policy = self.policies.get(f"{kind} {source}")
+        if policy is not None:
+            policy.facts.add_issue(_strip(full, f"{kind} {source}: "), cel_issue)
+
+    # limits
+
+    def limits(self, kind: str, effective: EffectivePolicy) -> list[Limit]:
+        when_rule = effective.rules.get(LIMITS_WHEN)
+        when_source = when_rule.source if when_rule is not None else None
+        when = when_rule.spec if when_rule is not None else None
+        for source in effective.sources:
+            self.compiled.add(f"{kind} {source}")
+        if when_rule is not None and not self._when_ok(kind, when_rule):
+            # every limit carries the top-level predicates: none can be enforced
+            for rule in effective.limits().values():
+                if rule.source != when_rule.source:
+                    self._report(
+                        kind,
+                        rule.source,
+                        f"{kind} {rule.source}: limit {rule.key!r}: the top-level `when` in "
+                        f"force, from {when_rule.source}, does not compile",
+                        True,
+                    )
+            return []
+        out = []
+        for name, rule in effective.limits().items():
+            key = (kind, rule.source, name, when_source)
+            if key not in self._limits:
+                self._limits[key] = self._limit(kind, rule, when)
+            limit = self._limits[key]
+            if limit is not None:
+                out.append(limit)
+        return out
+
+    def _when_ok(self, kind: str, rule: PolicyRule) -> bool:
+        key = (kind, rule.source)
+        if key not in self._when:
+            try:
+                compile_limits(kind, rule.source, {}, rule.spec)
+                self._when[key] = True
+            except Exception as exc:  # a bad policy must not stop the others
+                self._report(kind, rule.source, str(exc), _is_cel(exc))
+                self._when[key] = False
+        return self._when[key]
+
+    def _limit(self, kind: str, rule: PolicyRule, when: Any) -> Limit | None:
+        try:
+            return compile_limits(kind, rule.source, {rule.key: rule.spec}, when)[0]
+        except LimitCompileError as exc:
+            self._report(kind, rule.source, str(exc), _is_cel(exc))
+        except Exception as exc:  # e.g. a zero window: this limit only
+            message = f"{kind} {rule.source}: limit {rule.key!r}: {exc}"
+            self._report(kind, rule.source, message, False)
+        return None
+
+    # auth
+
+    def auth(self, effective: EffectivePolicy) -> authlib.AuthEngine:
+        """The engine, or one that denies every request when the rules do not compile."""
+        signature = tuple(sorted((k, r.source) for k, r in effective.rules.items()))
+        for source in effective.sources:
+            self.compiled.add(f"AuthPolicy {source}")
+        if signature not in self._auth:
+            self._auth[signature] = self._compile_auth(effective)
+        return self._auth[signature]
+
+    def _compile_auth(self, effective: EffectivePolicy) -> authlib.AuthEngine:
+        scheme, when, patterns = _auth_document(effective.rules)
+        name = ", ".join(effective.sources)
+        try:
+            engine = authlib.compile_auth(
+                name,
+                scheme,
+                when,
+                self.secrets,
+                self.system_ns,
+                patterns=_pattern_lists(patterns) or None,
+            )
+            return engine
+        except Exception as exc:  # a bad policy must not stop the others
+            culprits = self._auth_culprits(exc, effective)
+            for source in culprits:
+                if isinstance(exc, authlib.AuthConfigError):
+                    detail = f"{exc.rule}: {exc.reason}" if exc.rule else exc.reason
+                else:
+                    detail = f"does not compile: {exc}"
+                self._report("AuthPolicy", source, f"AuthPolicy {source}: {detail}", _is_cel(exc))
+            return _deny_all(culprits, self.system_ns)
+
+    @staticmethod
+    def _auth_culprits(exc: Exception, effective: EffectivePolicy) -> list[str]:
+        """The policy whose rule failed, from the error's location (`rules.<section>.<name>`,
+        `when[i]`, `patterns.<name>[i]`); all sources when it cannot be told."""
+        where = getattr(exc, "rule", "") or ""
+        best: tuple[int, str] | None = None
+        for key, rule in effective.rules.items():
+            group, _, name = key.partition("#")
+            if group == "conditions":
+                prefix = "when"
+            elif group == "patterns":
+                prefix = f"patterns.{name}"
+            else:
+                prefix = f"rules.{group}" + (f".{name}" if name else "")
+            hit = where == prefix or where.startswith((prefix + ".", prefix + "["))
+            if hit and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), rule.source)
+        return [best[1]] if best is not None else list(effective.sources)
+
+    # policies not in force anywhere (strict mode only)
+
+    def validate_alone(self, policy: _Policy) -> None:
+        """Compile a policy on its own, for `validate`: one that is in force nowhere (no route
+        yet, or overridden everywhere) still has to be correct."""
+        effective = EffectivePolicy(policy.kind, policy.rules, (policy.key,))
+        if policy.kind == "AuthPolicy":
+            self.auth(effective)
+        else:
+            self.limits(policy.kind, effective)
+
+
+def _deny_all(culprits: Sequence[str], system_ns: str) -> authlib.AuthEngine:
+    names = ", ".join(culprits)
+    message = f"AuthPolicy {names} cannot be enforced (see its status); access is denied"
+    return authlib.compile_auth(
+        names,
+        {
+            "authorization": {
+                "policy-not-enforced": {"patternMatching": {"patterns": [{"predicate": "false"}]}}
+            },
+            "response": {"unauthorized": {"message": {"value": message}}},
+        },
+        None,
+        (),
+        system_ns,
+    )
+
+
+# --- the configuration ----------------------------------------------------------------------------
 
 
 def compile_config(
-    resources: Sequence[Any], backends: Mapping[str, BackendPlan | str]
+    resources: Sequence[Any],
+    backends: Mapping[str, BackendPlan | str],
+    *,
+    strict: bool = False,
+    previous: CompiledConfig | None = None,
 ) -> CompiledConfig:
-    """Build the route table with each rule's policies; raise ConfigError listing problems."""
-    problems: list[str] = []
-    warnings: list[str] = []
-    by_kind: dict[str, list[Any]] = {}
-    for res in resources:
-        by_kind.setdefault(res.kind, []).append(res)
-    kuadrants = by_kind.get("Kuadrant", [])
-    system_ns = kuadrants[0].metadata.namespace if kuadrants else DEFAULT_SYSTEM_NAMESPACE
-    namespaces = {
-        n.metadata.name: dict(n.metadata.labels or {}) for n in by_kind.get("Namespace", [])
-    }
-    secrets = [
-        authlib.SecretRecord(
-            namespace=s.metadata.namespace,
-            name=s.metadata.name,
-            labels=dict(s.metadata.labels or {}),
-            annotations=dict(s.metadata.annotations or {}),
-            data=dict(s.decoded_data()),
-            type=str(s.raw.get("type") or "Opaque"),
-        )
-        for s in by_kind.get("Secret", [])
-    ]
-    gateways = {_key(g): g for g in by_kind.get("Gateway", [])}
-    routes = sorted(by_kind.get("HTTPRoute", []), key=lambda r: (_age(r), _key(r)))
+    """Build the route table with each rule's effective policies, and every object's status.
 
-    # Policies by target, oldest first (Kuadrant resolves conflicts by age, then name).
-    targeted: dict[tuple[str, str, str], list[Any]] = {}
-    for kind in POLICY_KINDS:
-        for policy in sorted(by_kind.get(kind, []), key=lambda p: (_age(p), _key(p))):
-            ref = _spec(policy).get("targetRef") or {}
-            target_key = (ref.get("kind", ""), policy.metadata.namespace, ref.get("name", ""))
-            found = gateways if target_key[0] == "Gateway" else {_key(r): r for r in routes}
-            if f"{target_key[1]}/{target_key[2]}" not in found:
-                warnings.append(
-                    f"{kind} {_key(policy)}: target {target_key[0]} "
-                    f"{target_key[1]}/{target_key[2]} not found; the policy is not enforced"
-                )
-                continue
-            targeted.setdefault(target_key, []).append(policy)
+    `backends` maps "namespace/service" to a URL (or a BackendPlan). With `strict`, any
+    problem in a policy or a route raises ConfigError listing them all; without it, nothing
+    in the resources raises: problems are reported in `warnings` and `statuses`, and the
+    broken piece is left out. `previous` keeps the `lastTransitionTime` of conditions that did
+    not change.
+    """
+    build = _Build(resources, backends, strict)
+    for route in build.routes:
+        build.route(route)
+    compiler = build.compiler
+    if strict:
+        for policy in build.policies.values():
+            accepted = policy.facts.target_problem is None
+            if accepted and f"{policy.kind} {policy.key}" not in compiler.compiled:
+                compiler.validate_alone(policy)
+    problems = build.problems + compiler.problems
+    if strict and problems:
+        raise ConfigError(problems)
+    for problem in compiler.problems:
+        if problem.startswith("AuthPolicy "):
+            build.warnings.append(f"{problem} (the route rules it protects deny every request)")
+        else:
+            build.warnings.append(f"{problem} (not enforced)")
+    statuses = build.statuses()
+    st.carry_transition_times(statuses, previous.statuses if previous is not None else None)
+    return CompiledConfig(
+        Router(build.matches),
+        list(resources),
+        build.warnings,
+        build.targets,
+        build.system_ns,
+        statuses,
+    )
 
-    compiled_auth: dict[str, authlib.AuthEngine] = {}
-    compiled_limits: dict[str, list[Limit]] = {}
 
-    def auth_for(policy: Any, section: dict[str, Any]) -> authlib.AuthEngine | None:
-        key = _key(policy)
-        if key not in compiled_auth:
-            try:
-                compiled_auth[key] = authlib.compile_auth(
-                    key,
-                    section.get("rules") or {},
-                    section.get("when") or (),
-                    secrets,
-                    system_ns,
-                    patterns=section.get("patterns") or None,
-                )
-            except authlib.AuthConfigError as exc:
-                problems.append(f"AuthPolicy {exc}")
-                return None
-        return compiled_auth[key]
+class _Build:
+    """The state of one compile_config call, filled route by route."""
 
-    def limits_for(policy: Any, section: dict[str, Any]) -> list[Limit]:
-        key = f"{policy.kind}:{_key(policy)}"
-        if key not in compiled_limits:
-            try:
-                compiled_limits[key] = compile_limits(
-                    policy.kind, _key(policy), section.get("limits") or {}, section.get("when")
-                )
-            except (LimitCompileError, ValueError) as exc:
-                problems.append(str(exc))
-                compiled_limits[key] = []
-        return compiled_limits[key]
-
-    def effective(kind: str, gateway: Any, listener: str, route: Any, rule_name: str | None):
-        gw = [
-            p
-            for p in targeted.get(
-                ("Gateway", gateway.metadata.namespace, gateway.metadata.name), []
+    def __init__(
+        self, resources: Sequence[Any], backends: Mapping[str, BackendPlan | str], strict: bool
+    ) -> None:
+        self.backends = backends
+        self.strict = strict
+        self.problems: list[str] = []  # route problems, fatal with strict
+        self.warnings: list[str] = []
+        self.matches: list[RouteMatch] = []
+        self.targets: list[RuleTarget] = []
+        by_kind: dict[str, list[Any]] = {}
+        for res in resources:
+            by_kind.setdefault(res.kind, []).append(res)
+        kuadrants = sorted(by_kind.get("Kuadrant", []), key=_age)
+        self.system_ns = kuadrants[0].metadata.namespace if kuadrants else DEFAULT_SYSTEM_NAMESPACE
+        if len(kuadrants) > 1:  # Kuadrant itself uses the oldest one
+            self.warnings.append(
+                f"{len(kuadrants)} Kuadrant resources: the oldest, {_key(kuadrants[0])}, is "
+                f"used (API key Secrets are looked up in namespace {self.system_ns})"
             )
-            if p.kind == kind and (_spec(p)["targetRef"].get("sectionName") in (None, listener))
+        self.namespaces = {
+            n.metadata.name: dict(n.metadata.labels or {}) for n in by_kind.get("Namespace", [])
+        }
+        secrets = [
+            authlib.SecretRecord(
+                namespace=s.metadata.namespace,
+                name=s.metadata.name,
+                labels=dict(s.metadata.labels or {}),
+                annotations=dict(s.metadata.annotations or {}),
+                data=dict(s.decoded_data()),
+                type=str(s.raw.get("type") or "Opaque"),
+            )
+            for s in by_kind.get("Secret", [])
         ]
-        rt = [
-            p
-            for p in targeted.get(("HTTPRoute", route.metadata.namespace, route.metadata.name), [])
-            if p.kind == kind and (_spec(p)["targetRef"].get("sectionName") in (None, rule_name))
-        ]
-        # A section-specific policy is more specific than a whole-object one.
-        gw.sort(key=lambda p: _spec(p)["targetRef"].get("sectionName") is None)
-        rt.sort(key=lambda p: _spec(p)["targetRef"].get("sectionName") is None)
-        for p in gw:
-            mode, section = _policy_section(p)
-            if mode == "overrides":
-                return p, section
-        if rt:
-            return (rt[0], _policy_section(rt[0])[1])
-        if gw:
-            return (gw[0], _policy_section(gw[0])[1])
-        return None, None
+        self.gateways = {_key(g): g for g in by_kind.get("Gateway", [])}
+        self.routes = sorted(by_kind.get("HTTPRoute", []), key=_age)
+        self.routes_by_key = {_key(r): r for r in self.routes}
+        self.gateway_facts = {
+            key: st.GatewayFacts(
+                gw.metadata.namespace,
+                gw.metadata.name,
+                _generation(gw),
+                [st.ListenerFacts(str(x.get("name"))) for x in _spec(gw).get("listeners") or ()],
+            )
+            for key, gw in self.gateways.items()
+        }
+        self.route_facts: dict[str, st.RouteFacts] = {}
+        self.policies: dict[str, _Policy] = {}  # "Kind ns/name" -> policy
+        self.targeted: dict[tuple[str, str, str | None], list[_Policy]] = {}
+        for kind in POLICY_KINDS:
+            for res in sorted(by_kind.get(kind, []), key=_age):
+                self._policy(kind, res)
+        self.compiler = _Compiler(self.policies, secrets, self.system_ns)
 
-    matches: list[RouteMatch] = []
-    targets: list[RuleTarget] = []
-    for route in routes:
+    def _policy(self, kind: str, res: Any) -> None:
+        """Register a policy; it is accepted (and attached) when its target exists."""
+        spec = _spec(res)
+        ref = spec.get("targetRef") or {}
+        mode, strategy, body = _proper(spec)
+        target = (str(ref.get("kind", "")), f"{res.metadata.namespace}/{ref.get('name', '')}")
+        section = ref.get("sectionName")
+        facts = st.PolicyFacts(kind, res.metadata.namespace, res.metadata.name, _generation(res))
+        key = _key(res)
+        policy = _Policy(
+            res, kind, key, mode, strategy, _rules_of(kind, body, key), (*target, section), facts
+        )
+        self.policies[f"{kind} {key}"] = policy
+        facts.target_problem = self._target_problem(kind, *target, section)
+        if facts.target_problem is not None:
+            self.warnings.append(
+                f"{kind} {key}: {facts.target_problem[1]}; the policy is not enforced"
+            )
+            return
+        self.targeted.setdefault(policy.target, []).append(policy)
+
+    def _target_problem(
+        self, kind: str, target_kind: str, target_key: str, section: str | None
+    ) -> tuple[str, str] | None:
+        name = target_key.split("/", 1)[1]
+        if target_kind == "Gateway":
+            gateway = self.gateways.get(target_key)
+            if gateway is None:
+                return st.target_not_found(kind, name, section)
+            listeners = [str(x.get("name")) for x in _spec(gateway).get("listeners") or ()]
+            if section is not None and section not in listeners:
+                return st.target_not_found(kind, name, section)
+            return None
+        if target_kind == "HTTPRoute":
+            route = self.routes_by_key.get(target_key)
+            if route is None or (section is not None and section not in _section_names(route)):
+                return st.target_not_found(kind, name, section)
+            return None
+        return st.target_invalid(
+            kind, f"{target_kind} is not served by tokengateway (HTTP routes only)"
+        )
+
+    # routes
+
+    def route(self, route: Any) -> None:
         spec = _spec(route)
+        key = _key(route)
+        facts = self.route_facts[key] = st.RouteFacts(
+            route.metadata.namespace, route.metadata.name, _generation(route)
+        )
+        problems: list[str] = []
+        rules = spec.get("rules") or [{}]
+        backends = [tuple(_backends(route, r, self.backends, problems, facts)) for r in rules]
+        matches = [_rule_matches(route, i, r, problems, facts) for i, r in enumerate(rules)]
         attached = False
         for parent in spec.get("parentRefs") or ():
             if (
-                parent.get("kind", "Gateway") != "Gateway"
-                or parent.get("group", GATEWAY_GROUP) != GATEWAY_GROUP
+                parent.get("kind", "Gateway") == "Gateway"
+                and parent.get("group", GATEWAY_GROUP) == GATEWAY_GROUP
             ):
-                continue
-            gw_key = f"{parent.get('namespace') or route.metadata.namespace}/{parent.get('name')}"
-            gateway = gateways.get(gw_key)
-            if gateway is None:
-                warnings.append(f"HTTPRoute {_key(route)}: parent Gateway {gw_key} not found")
-                continue
-            for listener in _spec(gateway).get("listeners") or ():
-                if parent.get("sectionName") not in (None, listener.get("name")):
-                    continue
-                if parent.get("port") not in (None, listener.get("port")):
-                    continue
-                if not _namespace_allowed(listener, gateway, route, namespaces):
-                    warnings.append(
-                        f"HTTPRoute {_key(route)}: not allowed by Gateway {gw_key} listener "
-                        f"{listener.get('name')!r} (allowedRoutes.namespaces)"
-                    )
-                    continue
-                hostnames = intersect_hostnames(
-                    listener.get("hostname"), spec.get("hostnames") or []
-                )
-                if not hostnames:
-                    continue
-                attached = True
-                for index, rule in enumerate(spec.get("rules") or [{}]):
-                    rule_name = rule.get("name")
-                    target = RuleTarget(
-                        route=_key(route),
-                        rule=rule_name or str(index),
-                        backends=tuple(_backends(route, rule, backends, problems)),
-                        timeout=_duration((rule.get("timeouts") or {}).get("request")),
-                    )
-                    policy, section = effective(
-                        "AuthPolicy", gateway, listener.get("name"), route, rule_name
-                    )
-                    if policy is not None and section is not None:
-                        target.auth = auth_for(policy, section)
-                        target.auth_policy = _key(policy)
-                    limits: list[Limit] = []
-                    names = []
-                    for kind in ("TokenRateLimitPolicy", "RateLimitPolicy"):
-                        policy, section = effective(
-                            kind, gateway, listener.get("name"), route, rule_name
-                        )
-                        if policy is not None and section is not None:
-                            limits.extend(limits_for(policy, section))
-                            names.append(f"{kind} {_key(policy)}")
-                    target.limits = tuple(limits)
-                    target.limit_policies = tuple(names)
-                    targets.append(target)
-                    for m_index, match in enumerate(rule.get("matches") or [{}]):
-                        try:
-                            pieces = _match(match)
-                        except (re.error, ValueError) as exc:
-                            problems.append(
-                                f"HTTPRoute {_key(route)}: rules[{index}].matches[{m_index}]: {exc}"
-                            )
-                            continue
-                        for hostname in hostnames:
-                            matches.append(
-                                RouteMatch(
-                                    hostname,
-                                    *pieces,
-                                    target=target,
-                                    order=(_age(route), _key(route), index, m_index),
-                                )
-                            )
+                attached |= self._parent(route, parent, facts, backends, matches)
         if not attached:
-            warnings.append(f"HTTPRoute {_key(route)}: not attached to any Gateway listener")
-    if problems:
-        raise ConfigError(problems)
-    return CompiledConfig(Router(matches), list(resources), warnings, targets, system_ns)
+            self.warnings.append(f"HTTPRoute {key}: not attached to any Gateway listener")
+        self.problems.extend(problems)
+        if not self.strict:
+            self.warnings.extend(problems)
+
+    def _parent(
+        self,
+        route: Any,
+        parent: Mapping[str, Any],
+        facts: st.RouteFacts,
+        backends: Sequence[tuple[Backend, ...]],
+        matches: Sequence[list[tuple[int, tuple[Any, ...]]]],
+    ) -> bool:
+        """Attach the route through one parentRef; whether some listener took it."""
+        spec, key = _spec(route), _key(route)
+        parent_facts = st.ParentFacts(dict(parent))
+        facts.parents.append(parent_facts)
+        gw_key = f"{parent.get('namespace') or route.metadata.namespace}/{parent.get('name')}"
+        gateway = self.gateways.get(gw_key)
+        if gateway is None:
+            message = f"parent Gateway {gw_key} not found"
+            parent_facts.accepted = ("NoMatchingParent", message)
+            self.warnings.append(f"HTTPRoute {key}: {message}")
+            return False
+        candidates = [
+            listener
+            for listener in _spec(gateway).get("listeners") or ()
+            if parent.get("sectionName") in (None, listener.get("name"))
+            and parent.get("port") in (None, listener.get("port"))
+        ]
+        allowed = []
+        for listener in candidates:
+            if _namespace_allowed(listener, gateway, route, self.namespaces):
+                allowed.append(listener)
+            else:
+                self.warnings.append(
+                    f"HTTPRoute {key}: not allowed by Gateway {gw_key} listener "
+                    f"{listener.get('name')!r} (allowedRoutes.namespaces)"
+                )
+        sections = _section_names(route)
+        served = 0
+        for listener in allowed:
+            hostnames = intersect_hostnames(listener.get("hostname"), spec.get("hostnames") or [])
+            if not hostnames:
+                continue
+            served += 1
+            name = str(listener.get("name"))
+            for lf in self.gateway_facts[gw_key].listeners:
+                if lf.name == name:
+                    lf.attached_routes += 1
+            for index, rule in enumerate(spec.get("rules") or [{}]):
+                target = RuleTarget(
+                    route=key,
+                    rule=sections[index],
+                    backends=backends[index],
+                    timeout=_duration((rule.get("timeouts") or {}).get("request")),
+                    gateway=gw_key,
+                    listener=name,
+                )
+                self._attach_policies(target)
+                self.targets.append(target)
+                for m_index, pieces in matches[index]:
+                    order = (*_age(route), index, m_index)
+                    self.matches.extend(
+                        RouteMatch(h, *pieces, target=target, order=order) for h in hostnames
+                    )
+        if not candidates:
+            parent_facts.accepted = (
+                "NoMatchingParent",
+                f"no listener of Gateway {gw_key} matches the parentRef's sectionName/port",
+            )
+        elif not allowed:
+            parent_facts.accepted = (
+                "NotAllowedByListeners",
+                f"the listeners of Gateway {gw_key} do not allow routes from namespace "
+                f"{route.metadata.namespace}",
+            )
+        elif not served:
+            parent_facts.accepted = (
+                "NoMatchingListenerHostname",
+                f"no hostname of the route matches a listener of Gateway {gw_key}",
+            )
+        else:
+            parent_facts.affected_by = self._affected(
+                [("HTTPRoute", key, None)]
+                + [("Gateway", gw_key, str(x.get("name"))) for x in allowed]
+                + [("Gateway", gw_key, None)]
+            )
+        return served > 0
+
+    # policies
+
+    def _path(self, kind: str, target: RuleTarget) -> list[_Policy]:
+        """The accepted policies of a kind on a path, least specific first (on one object:
+        oldest first, then `namespace/name`, as they were registered)."""
+        path: list[_Policy] = []
+        for where in (
+            ("Gateway", target.gateway, None),
+            ("Gateway", target.gateway, target.listener),
+            ("HTTPRoute", target.route, None),
+            ("HTTPRoute", target.route, target.rule),
+        ):
+            path.extend(p for p in self.targeted.get(where, ()) if p.kind == kind)
+        return path
+
+    def _attach_policies(self, target: RuleTarget) -> None:
+        """Compute and compile the rule's effective policy of every kind."""
+        limits: list[Limit] = []
+        names: list[str] = []
+        for kind in POLICY_KINDS:
+            path = self._path(kind, target)
+            rules = _merge(kind, path)
+            if rules is None:
+                continue
+            _note_effect(path, rules)
+            effective = EffectivePolicy(kind, rules, tuple(p.key for p in path))
+            target.effective[kind] = effective
+            if kind == "AuthPolicy":
+                if not _empty(kind, rules):
+                    target.auth = self.compiler.auth(effective)
+                    target.auth_policy = ", ".join(effective.sources)
+                continue
+            compiled = self.compiler.limits(kind, effective)
+            limits.extend(compiled)
+            names.extend(f"{kind} {s}" for s in dict.fromkeys(x.policy for x in compiled))
+        target.limits = tuple(limits)
+        target.limit_policies = tuple(names)
+
+    def _affected(self, where: Sequence[tuple[str, str, str | None]]) -> dict[str, list[str]]:
+        """Accepted policies per kind on these objects, in this order: what Kuadrant lists
+        in its `kuadrant.io/<Kind>Affected` conditions."""
+        out: dict[str, list[str]] = {}
+        for target in where:
+            for policy in self.targeted.get(target, ()):
+                seen = out.setdefault(policy.kind, [])
+                if policy.key not in seen:
+                    seen.append(policy.key)
+        return out
+
+    # status
+
+    def statuses(self) -> dict[StatusKey, st.Status]:
+        when = st.now()
+        out: dict[StatusKey, st.Status] = {}
+        for policy in self.policies.values():
+            meta = policy.res.metadata
+            out[(policy.kind, meta.namespace, meta.name)] = st.policy_status(policy.facts, when)
+        for key, gf in self.gateway_facts.items():
+            gf.affected_by = self._affected([("Gateway", key, None)])
+            for lf in gf.listeners:
+                lf.affected_by = self._affected([("Gateway", key, None), ("Gateway", key, lf.name)])
+            out[("Gateway", gf.namespace, gf.name)] = st.gateway_status(gf, when)
+        for rf in self.route_facts.values():
+            out[("HTTPRoute", rf.namespace, rf.name)] = st.route_status(rf, when)
+        return out
+
+
+def _note_effect(path: Sequence[_Policy], effective: Mapping[str, PolicyRule]) -> None:
+    """Which rules of each policy in the path are in force here, and who took the place of
+    the others (Kuadrant: the rule's source, or every source when the rule is gone)."""
+    sources = {r.source for r in effective.values()}
+    for policy in path:
+        for key in policy.rules:
+            rule = effective.get(key)
+            if rule is not None and rule.source == policy.key:
+                policy.facts.in_force = True
+            elif rule is not None:
+                policy.facts.overridden_by.add(rule.source)
+            else:
+                policy.facts.overridden_by |= sources - {policy.key}
 
 
 def _namespace_allowed(
@@ -320,19 +863,43 @@ def _namespace_allowed(
 
 
 def _backends(
-    route: Any, rule: Mapping[str, Any], plans: Mapping[str, BackendPlan | str], problems: list[str]
+    route: Any,
+    rule: Mapping[str, Any],
+    plans: Mapping[str, BackendPlan | str],
+    problems: list[str],
+    facts: st.RouteFacts,
 ) -> list[Backend]:
     out = []
     for ref in rule.get("backendRefs") or ():
+        if ref.get("kind", "Service") != "Service" or ref.get("group", "") not in ("", "core"):
+            message = f"backendRef {ref.get('kind')} {ref.get('name')} is not a Service"
+            facts.unresolved = ("InvalidKind", message)
+            problems.append(f"HTTPRoute {_key(route)}: {message}")
+            continue
         key = f"{ref.get('namespace') or route.metadata.namespace}/{ref['name']}"
         plan = plans.get(key)
         url = plan if isinstance(plan, str) else (plan.url if plan is not None else None)
         if url is None:
+            facts.unresolved = ("BackendNotFound", f"backend Service {key} has no address")
             problems.append(f"HTTPRoute {_key(route)}: backend Service {key} has no address")
             continue
         weight = int(ref.get("weight", 1))
         if weight > 0:
             out.append(Backend(url, weight))
+    return out
+
+
+def _rule_matches(
+    route: Any, index: int, rule: Mapping[str, Any], problems: list[str], facts: st.RouteFacts
+) -> list[tuple[int, tuple[Any, ...]]]:
+    out = []
+    for m_index, match in enumerate(rule.get("matches") or [{}]):
+        try:
+            out.append((m_index, _match(match)))
+        except (re.error, ValueError) as exc:
+            message = f"rules[{index}].matches[{m_index}]: {exc}"
+            facts.invalid_matches.append(f"{message} (left out)")
+            problems.append(f"HTTPRoute {_key(route)}: {message}")
     return out
 
 

@@ -245,7 +245,7 @@ class ControlPlane:
         )
         plans = plan_backends(resources, needed_services(resources), self.overrides)
         urls = self._start_backends(plans)
-        config = compile_config(resources, urls)
+        config = compile_config(resources, urls, strict=strict, previous=self.config)
         self._stored = stored
         self.config = config
         self.backend_urls = dict(urls)
