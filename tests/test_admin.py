@@ -266,3 +266,41 @@ def test_cli_round_trip_against_a_running_gateway(manifests, start_gateway) -> N
     missing = run_cli("delete", "trlp", "trlp-tutorial-token-limits", "-n", "gateway-system", *opts)
     assert missing.returncode == 1 and "not found" in missing.stderr
     assert spend(gw) == [200] * 12
+
+
+def test_troubleshooting_status_checks(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    opts = ("--admin", gw.admin_url)
+    accepted = '-o=jsonpath={.status.conditions[?(@.type=="Accepted")].message}'
+    auth = run_cli(
+        "get", "authpolicy", "-n", "gateway-system", "trlp-tutorial-llm-api-keys", accepted, *opts
+    )
+    assert auth.stdout == "AuthPolicy has been accepted"
+    limits = run_cli(
+        "get",
+        "tokenratelimitpolicy",
+        "-n",
+        "gateway-system",
+        "trlp-tutorial-token-limits",
+        accepted,
+        *opts,
+    )
+    assert limits.stdout == "TokenRateLimitPolicy has been accepted"
+    step2 = run_cli(
+        "get",
+        "gateway",
+        "trlp-tutorial-gateway",
+        "-n",
+        "gateway-system",
+        *opts,
+        '-o=jsonpath={.status.conditions[?(@.type=="Accepted")].message}{"\\n"}'
+        '{.status.conditions[?(@.type=="Programmed")].message}{"\\n"}',
+    )
+    assert step2.returncode == 0 and len(step2.stdout.splitlines()) == 2 and step2.stdout.strip()
+    table = run_cli("get", "trlp", "-A", *opts).stdout.splitlines()
+    assert table[0].split()[:4] == ["NAMESPACE", "NAME", "ACCEPTED", "ENFORCED"]
+    assert table[1].split()[:4] == ["gateway-system", "trlp-tutorial-token-limits", "True", "True"]
+    full = run_cli(
+        "get", "trlp", "trlp-tutorial-token-limits", "-n", "gateway-system", "-o", "yaml", *opts
+    )
+    assert "observedGeneration: 1" in full.stdout and "reason: Enforced" in full.stdout
