@@ -17,7 +17,7 @@ import msgspec
 
 from tokengateway.gateway.config import ConfigError
 from tokengateway.gateway.control import ControlPlane, NotFoundError
-from tokengateway.gateway.types import Receive, Scope, Send
+from tokengateway.gateway.types import Receive, Scope, Send, read_body
 from tokengateway.limits import Limit, parse_counter_key
 from tokengateway.resources import ManifestError
 from tokengateway.resources.kinds import CLUSTER_SCOPED, UnknownKindError, resolve_kind
@@ -212,20 +212,10 @@ async def _send(send: Send, status: int, body: bytes, content_type: bytes) -> No
 
 
 async def _text(receive: Receive) -> str:
-    chunks = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _HTTPError(413, f"request body over {MAX_BODY} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive, MAX_BODY)
+    if body is None:
+        raise _HTTPError(413, f"request body over {MAX_BODY} bytes")
     try:
-        return b"".join(chunks).decode("utf-8")
+        return body.decode("utf-8")
     except UnicodeDecodeError:
         raise _HTTPError(400, "the body is not UTF-8 text") from None

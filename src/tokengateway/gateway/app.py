@@ -23,7 +23,7 @@ from tokengateway import cel
 from tokengateway.gateway.accesslog import AccessLog, Entry
 from tokengateway.gateway.config import CompiledConfig, RuleTarget
 from tokengateway.gateway.errors import send_error
-from tokengateway.gateway.types import Receive, Scope, Send
+from tokengateway.gateway.types import Receive, Scope, Send, read_body
 from tokengateway.limits import Applicable, Limiter
 from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
 from tokengateway.proxy.usage import SSEStream, ask_for_usage, completion_text_of, usage_from_json
@@ -119,7 +119,7 @@ class GatewayApp:
         entry.host = host
 
         # 2. body (needed to forward, for requestBodyJSON and for estimates)
-        body = await _read_body(receive, self.max_body_bytes)
+        body = await read_body(receive, self.max_body_bytes)
         if body is None:
             await send_error(
                 send,
@@ -307,23 +307,6 @@ def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1].lower()
     return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    chunks = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 def _well_known(
