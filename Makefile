@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:8080
 
-.PHONY: setup run test lint format demo clean
+.PHONY: setup system run test lint format demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+system:
+	./scripts/setup-system.sh
 
 run: setup
 	@echo "Try, in another terminal (the tutorial's Step 7):"
@@ -26,7 +29,7 @@ run: setup
 	@echo
 	$(BIN)/tokengateway serve -f examples/tutorial --listen $(LISTEN)
 
-test: setup
+test: setup system
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/pytest

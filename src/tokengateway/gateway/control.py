@@ -138,7 +138,9 @@ class ControlPlane:
                     str(extra.get("created") or _now()),
                     str(extra.get("uid") or uuid.uuid4()),
                 )
-            return self._commit(stored, strict=True)
+            # Not strict: what was applied before a restart was accepted then, and a broken
+            # policy is reported in its status while the rest is served (validate is strict).
+            return self._commit(stored)
 
     def _merge_files(
         self, current: dict[ResourceKey, _Stored], docs: Sequence[Document]
