@@ -304,3 +304,21 @@ def test_troubleshooting_status_checks(start_gateway) -> None:
         "get", "trlp", "trlp-tutorial-token-limits", "-n", "gateway-system", "-o", "yaml", *opts
     )
     assert "observedGeneration: 1" in full.stdout and "reason: Enforced" in full.stdout
+
+
+def test_a_broken_policy_does_not_stop_the_gateway(manifests, start_gateway) -> None:
+    folder = manifests()
+    limits = folder / "06-token-limits.yaml"
+    text = limits.read_text()
+    limits.write_text(text.replace('request.path == "/v1/chat/completions"', "request.path ==", 1))
+    gw = start_gateway(folder)
+    deadline = time.monotonic() + 5
+    while "does not compile" not in gw.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "does not compile" in gw.output()  # the start-up warning names the problem
+    items = admin(gw).get("/apis/resources", params={"kind": "trlp", "namespace": "gateway-system"})
+    conditions = {c["type"]: c for c in items.json()["items"][0]["status"]["conditions"]}
+    assert conditions["Enforced"]["status"] == "False"
+    assert conditions["Enforced"]["reason"] == "InvalidCelExpression"
+    assert "'free'" in conditions["Enforced"]["message"]
+    assert spend(gw, "iamagolduser")[-1] == 429  # the gold limit is still enforced
