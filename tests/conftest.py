@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytest_plugins = ["tests.redis_server"]  # real redis-server processes, as fixtures
+
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ROOT / "examples" / "tutorial"
 HOST = "trlp-tutorial.example.com"

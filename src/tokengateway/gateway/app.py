@@ -80,8 +80,7 @@ class GatewayApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await self.store.start()
-                await self.upstream.start()
+                await self.upstream.start()  # the store is started (and checked) before serving
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.upstream.close()

@@ -276,6 +276,7 @@ def serve_gateway(
 
         async def main() -> None:
             holder["loop"] = asyncio.get_running_loop()
+            await store.start()  # an unreachable store stops us here, with its reason
             task = asyncio.create_task(server.serve(sockets=[gateway_sock, admin_sock]))
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)

@@ -1,0 +1,585 @@
+"""Counters in Redis, shared by every gateway replica (`redis://`, `rediss://`, `redis+cluster://`).
+
+Why Lua: a limit shared by N replicas only holds if "read the counters, decide, add" happens
+inside Redis, never as a read-modify-write in Python. Each verb is one script, loaded once with
+SCRIPT LOAD and called with EVALSHA (reloaded on NOSCRIPT, e.g. after a restart or failover):
+one round trip per verb whatever the number of counters.
+
+Why key TTLs: windows are decided by the Redis server's clock. A window opens when a script
+creates the key (`SET key delta PX window NX`) and ends when Redis expires it; `expires_in` is
+the key's PTTL. No replica's clock is involved, so replicas with skewed clocks agree.
+
+Key layout (see docs/redis.md)::
+
+    <prefix>{<namespace>}\x1f<limit>\x1f<window ms>\x1f<values...>
+
+`<prefix>` is `tokengateway:` unless `?prefix=` says otherwise. The counter key's first part
+(the route namespace) is wrapped in a Redis Cluster hash tag, so every counter of one request
+(they all share the route's namespace) lands in one slot and one script can touch them all.
+In the namespace `%`, `{` and `}` are percent-escaped (an empty one is written `%`) so that
+the tag is never empty nor cut short; the rest of the key is kept verbatim (\x1f included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from tokengateway.storage import StorageURIError, hide_password
+from tokengateway.storage.base import (
+    CheckResult,
+    CounterRef,
+    CounterState,
+    CounterStore,
+    StorageError,
+)
+
+__all__ = ["REDIS_SCHEMES", "RedisStore", "RedisURI", "hide_password", "parse_redis_uri"]
+
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+DEFAULT_PREFIX = "tokengateway:"
+_SEP = "\x1f"
+_BATCH = 500  # keys per SCAN page / UNLINK / pipeline in the admin verbs
+
+# Options a URI may carry after `?`, with their parsers; anything else is refused.
+_FLOAT_OPTIONS = ("timeout", "connect_timeout")
+_INT_OPTIONS = ("max_connections",)
+_STR_OPTIONS = ("prefix",)
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_CERT_REQS = ("required", "optional", "none")
+
+# --- Lua ---------------------------------------------------------------------------------
+# Values travel as strings (bulk replies) so that 64-bit counters never go through Lua's
+# doubles. A missing key reads as value "0", PTTL -2.
+
+_CHECK = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v then
+    out[#out + 1] = v
+    out[#out + 1] = redis.call('PTTL', key)
+  else
+    out[#out + 1] = '0'
+    out[#out + 1] = -2
+  end
+end
+return out
+"""
+
+# ARGV: delta_1, window_ms_1, delta_2, window_ms_2, ...
+_UPDATE = """
+for i, key in ipairs(KEYS) do
+  local d = ARGV[2 * i - 1]
+  if not redis.call('SET', key, d, 'PX', ARGV[2 * i], 'NX') then
+    redis.call('INCRBY', key, d)
+  end
+end
+return #KEYS
+"""
+
+# ARGV: delta, limit_1, window_ms_1, limit_2, window_ms_2, ...
+# Returns {applied (0/1), value_1, pttl_1, ...}: the values seen before adding.
+_CHECK_AND_UPDATE = """
+local delta = tonumber(ARGV[1])
+local out = {0}
+local ok = true
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v then
+    out[#out + 1] = v
+    out[#out + 1] = redis.call('PTTL', key)
+    if tonumber(v) + delta > tonumber(ARGV[2 * i]) then ok = false end
+  else
+    out[#out + 1] = '0'
+    out[#out + 1] = -2
+    if delta > tonumber(ARGV[2 * i]) then ok = false end
+  end
+end
+if ok then
+  for i, key in ipairs(KEYS) do
+    if not redis.call('SET', key, ARGV[1], 'PX', ARGV[2 * i + 1], 'NX') then
+      redis.call('INCRBY', key, ARGV[1])
+    end
+  end
+  out[1] = 1
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisURI:
+    """A parsed storage URI; `shown` is the URI with the password hidden, for messages."""
+
+    uri: str = field(repr=False)  # carries the password
+    shown: str
+    cluster: bool
+    tls: bool
+    nodes: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    prefix: str = DEFAULT_PREFIX
+    timeout: float = 5.0
+    connect_timeout: float = 2.0
+    max_connections: int = 64
+    tls_options: dict[str, str] = field(default_factory=dict)
+
+
+def _split_netloc(rest: str) -> tuple[str, str, str, str]:
+    """(netloc, path, query, fragment) of what follows `scheme://`; the credentials end at
+    the last `@` (as in `hide_password`), so a password needs no escaping."""
+    at = rest.rfind("@") + 1
+    cut = len(rest)
+    for ch in "/?#":
+        i = rest.find(ch, at)
+        if i != -1:
+            cut = min(cut, i)
+    netloc, after = rest[:cut], rest[cut:]
+    after, _hash, fragment = after.partition("#")
+    path, _q, query = after.partition("?")
+    return netloc, path, query, fragment
+
+
+def parse_redis_uri(uri: str) -> RedisURI:
+    """Validate a Redis URI fully before anything connects (so `serve` fails fast)."""
+    shown = hide_password(uri)
+
+    def bad(reason: str) -> StorageURIError:
+        return StorageURIError(f"storage URI {shown!r}: {reason}")
+
+    scheme, sep, rest = uri.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in REDIS_SCHEMES:
+        raise bad(f"not a Redis URI; supported: {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+    cluster = scheme.endswith("+cluster")
+    tls = scheme.startswith("rediss")
+    netloc, path, query_text, fragment = _split_netloc(rest)
+    if fragment:
+        raise bad("a fragment (#...) means nothing here")
+
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username: str | None = None
+    password: str | None = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        if colon:
+            username, password = unquote(user) or None, unquote(pw) or None
+        else:
+            password = unquote(user) or None
+    nodes = tuple(_parse_host(h, bad) for h in hostlist.split(","))
+    if not cluster and len(nodes) > 1:
+        raise bad(f"several hosts need {scheme}+cluster://")
+
+    path = path.strip("/")
+    db = 0
+    if path:
+        if not path.isdigit():
+            raise bad(f"the database must be a number, not {path!r}")
+        db = int(path)
+        if cluster and db != 0:
+            raise bad("Redis Cluster has only database 0")
+
+    options: dict[str, Any] = {}
+    tls_options: dict[str, str] = {}
+    known = _FLOAT_OPTIONS + _INT_OPTIONS + _STR_OPTIONS + (_TLS_OPTIONS if tls else ())
+    try:
+        query = parse_qsl(query_text, keep_blank_values=True, strict_parsing=bool(query_text))
+    except ValueError:
+        raise bad(f"cannot read the options {query_text!r}") from None
+    for name, value in query:
+        if name not in known:
+            raise bad(f"unknown option {name!r}; known: {', '.join(known)}")
+        if name in _FLOAT_OPTIONS:
+            try:
+                number = float(value)
+            except ValueError:
+                number = -1.0
+            if not number > 0:
+                raise bad(f"{name} must be a positive number of seconds, not {value!r}")
+            options[name] = number
+        elif name in _INT_OPTIONS:
+            if not value.isdigit() or int(value) < 1:
+                raise bad(f"{name} must be a positive integer, not {value!r}")
+            options[name] = int(value)
+        elif name == "prefix":
+            if not value or any(c in value for c in "{}"):
+                raise bad(
+                    "prefix must be non-empty and without braces (they would make it "
+                    "the Cluster hash tag)"
+                )
+            options[name] = value
+        else:
+            if name == "ssl_cert_reqs" and value not in _CERT_REQS:
+                raise bad(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}")
+            tls_options[name] = value
+    return RedisURI(
+        uri=uri,
+        shown=shown,
+        cluster=cluster,
+        tls=tls,
+        nodes=nodes,
+        db=db,
+        username=username,
+        password=password,
+        tls_options=tls_options,
+        **options,
+    )
+
+
+def _parse_host(text: str, bad: Callable[[str], StorageURIError]) -> tuple[str, int]:
+    if not text:
+        raise bad("a host is missing")
+    if text.startswith("["):
+        host, close, port_text = text[1:].partition("]")
+        if not close or (port_text and not port_text.startswith(":")):
+            raise bad(f"bad host {text!r}")
+        port_text = port_text[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"bad IPv6 address {host!r}") from None
+    else:
+        host, _colon, port_text = text.partition(":")
+        if not host or any(c in host for c in "[]"):
+            raise bad(f"bad host {text!r}")
+    if not port_text:
+        return host, 6379
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise bad(f"bad port {port_text!r}")
+    return host, int(port_text)
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def _escape_tag(namespace: str) -> str:
+    if not namespace:
+        return "%"  # never produced by escaping, which always writes %XX
+    return namespace.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def _unescape_tag(tag: str) -> str:
+    return "" if tag == "%" else unquote(tag)
+
+
+def _namespace(key: str) -> str:
+    return key.partition(_SEP)[0]
+
+
+def _scope(key: str) -> str:
+    """`namespace\x1fidentifier` of a counter key (see limits.counter_scope)."""
+    return _SEP.join(key.split(_SEP, 2)[:2])
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _window_ms(ref: CounterRef) -> int:
+    return max(1, round(ref.window * 1000))
+
+
+_T = TypeVar("_T")
+
+# What a Redis call can raise when the server is away or refuses (RedisClusterException,
+# "cannot be connected" or a slot not covered, is not a RedisError).
+_FAILURES = (rexc.RedisError, rexc.RedisClusterException, OSError)
+
+
+class RedisStore(CounterStore):
+    """Fixed-window counters in Redis or Redis Cluster; every verb is one atomic script.
+
+    Several gateway processes opening the same URI share their counters exactly: a limit
+    of 5 lets 5 requests through across all replicas, not 5 per replica.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.config = parse_redis_uri(uri)
+        self.uri = self.config.shown
+        self._prefix = self.config.prefix.encode()
+        self._client: aioredis.Redis | RedisCluster | None = None
+        self._shas: dict[str, str] = {}
+        self._start_lock = asyncio.Lock()
+        # redis-py's asyncio pools raise "Too many connections" instead of waiting (and the
+        # Cluster client has no blocking pool): callers past the bound queue here instead.
+        self._slots = asyncio.Semaphore(self.config.max_connections)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def cluster(self) -> bool:
+        return self.config.cluster
+
+    @property
+    def client(self) -> aioredis.Redis | RedisCluster:
+        """The connected client (for tests and the admin API); `start()` first."""
+        if self._client is None:
+            raise StorageError(f"storage {self.uri}: not started")
+        return self._client
+
+    def _make_client(self) -> aioredis.Redis | RedisCluster:
+        c = self.config
+        common: dict[str, Any] = {
+            "username": c.username,
+            "password": c.password,
+            "socket_timeout": c.timeout,
+            "socket_connect_timeout": c.connect_timeout,
+            # headroom over the semaphore for SCAN pages, which run outside it
+            "max_connections": c.max_connections + 2,
+            "decode_responses": False,
+            # a stale pooled connection after a Redis restart is retried, briefly
+            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.01), 2),
+        }
+        if c.tls:
+            common["ssl"] = True
+            common.update(c.tls_options)
+        if c.cluster:
+            nodes = [ClusterNode(host, port) for host, port in c.nodes]
+            return RedisCluster(startup_nodes=nodes, **common)
+        host, port = c.nodes[0]
+        # redis-py picks the hiredis parser by itself when `hiredis` is installed
+        return aioredis.Redis(host=host, port=port, db=c.db, **common)
+
+    async def start(self) -> None:
+        """Connect, PING and load the scripts: a bad address or password fails here, named."""
+        async with self._start_lock:
+            if self._client is not None:
+                return
+            client = self._make_client()
+            try:
+                if isinstance(client, RedisCluster):
+                    await client.initialize()
+                await client.ping()
+                shas = {}
+                for source in (_CHECK, _UPDATE, _CHECK_AND_UPDATE):
+                    shas[source] = await client.script_load(source)
+            except _FAILURES as exc:
+                await _close_quietly(client)
+                raise StorageError(
+                    f"storage {self.uri}: cannot use Redis: {self._reason(exc)}"
+                ) from None
+            self._shas = shas
+            self._client = client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await _close_quietly(client)
+
+    def _reason(self, exc: BaseException) -> str:
+        """The error's text, never carrying the password."""
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, rexc.AuthenticationError) or "WRONGPASS" in text:
+            text = f"authentication failed ({text})"
+        pw = self.config.password
+        if pw:
+            text = text.replace(pw, "***")
+        return text
+
+    # --- scripts -------------------------------------------------------------------------
+
+    async def _eval(self, source: str, keys: Sequence[bytes], args: Sequence[int | str]) -> Any:
+        """EVALSHA, reloading the script once when the server lost it (restart, failover)."""
+        if self._client is None:
+            await self.start()
+        client = self.client
+        try:
+            async with self._slots:
+                try:
+                    return await client.evalsha(self._shas[source], len(keys), *keys, *args)
+                except rexc.NoScriptError:
+                    self._shas[source] = await client.script_load(source)
+                    return await client.evalsha(self._shas[source], len(keys), *keys, *args)
+        except _FAILURES as exc:
+            raise StorageError(f"storage {self.uri}: {self._reason(exc)}") from exc
+
+    def _groups(self, counters: Sequence[CounterRef]) -> list[list[int]]:
+        """Indices of `counters` that one script may touch together.
+
+        One Redis node holds every key, so a single group; on Cluster, one group per
+        namespace (hash tag), which is a single group for any one request's counters."""
+        if not self.cluster:
+            return [list(range(len(counters)))]
+        groups: dict[str, list[int]] = {}
+        for i, ref in enumerate(counters):
+            groups.setdefault(_namespace(ref.key), []).append(i)
+        return list(groups.values())
+
+    async def _per_group(
+        self, counters: Sequence[CounterRef], run: Callable[[list[int]], Awaitable[_T]]
+    ) -> list[tuple[list[int], _T]]:
+        groups = self._groups(counters)
+        if len(groups) == 1:
+            return [(groups[0], await run(groups[0]))]
+        results = await asyncio.gather(*(run(g) for g in groups))
+        return list(zip(groups, results, strict=True))
+
+    # --- the verbs -----------------------------------------------------------------------
+
+    async def check(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
+        if not counters:
+            return CheckResult(False, ())
+
+        async def run(idx: list[int]) -> Any:
+            return await self._eval(_CHECK, [self.redis_key(counters[i].key) for i in idx], [])
+
+        raw: list[Any] = [None] * (2 * len(counters))
+        for idx, reply in await self._per_group(counters, run):
+            for j, i in enumerate(idx):
+                raw[2 * i], raw[2 * i + 1] = reply[2 * j], reply[2 * j + 1]
+        return _result(counters, delta, raw)
+
+    async def update(self, counters: Sequence[CounterRef], deltas: Sequence[int]) -> None:
+        if len(counters) != len(deltas):
+            raise ValueError("update: one delta per counter")
+        if not counters:
+            return
+
+        async def run(idx: list[int]) -> Any:
+            args: list[int] = []
+            for i in idx:
+                args += [int(deltas[i]), _window_ms(counters[i])]
+            return await self._eval(_UPDATE, [self.redis_key(counters[i].key) for i in idx], args)
+
+        await self._per_group(counters, run)
+
+    async def check_and_update(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
+        if not counters:
+            return CheckResult(False, ())
+        if len(self._groups(counters)) > 1:
+            names = sorted({_namespace(r.key) for r in counters})
+            raise StorageError(
+                f"storage {self.uri}: check_and_update is atomic only within one namespace on "
+                f"Redis Cluster; got {names}"
+            )
+        args: list[int] = [int(delta)]
+        for ref in counters:
+            args += [int(ref.limit), _window_ms(ref)]
+        reply = await self._eval(_CHECK_AND_UPDATE, [self.redis_key(r.key) for r in counters], args)
+        return _result(counters, delta, reply[1:])
+
+    # --- inspection and clean-up ---------------------------------------------------------
+
+    async def _scan(self) -> Any:
+        pattern = _glob_escape(self.config.prefix) + "{*"
+        if self._client is None:
+            await self.start()
+        # on Cluster, redis-py's scan_iter walks every primary in turn
+        return self.client.scan_iter(match=pattern, count=_BATCH)
+
+    async def _pages(self) -> Any:
+        page: list[bytes] = []
+        try:
+            async for key in await self._scan():
+                page.append(key)
+                if len(page) >= _BATCH:
+                    yield page
+                    page = []
+        except _FAILURES as exc:
+            raise StorageError(f"storage {self.uri}: {self._reason(exc)}") from exc
+        if page:
+            yield page
+
+    async def counters(self) -> list[tuple[str, int, float]]:
+        out: list[tuple[str, int, float]] = []
+        async for page in self._pages():
+            try:
+                pipe = self.client.pipeline()
+                for key in page:
+                    pipe.get(key)
+                    pipe.pttl(key)
+                async with self._slots:
+                    replies = await pipe.execute()
+            except _FAILURES as exc:
+                raise StorageError(f"storage {self.uri}: {self._reason(exc)}") from exc
+            for n, raw_key in enumerate(page):
+                value, pttl = replies[2 * n], replies[2 * n + 1]
+                key = self.counter_key(raw_key)
+                if value is None or key is None or pttl == -2:
+                    continue  # expired since the scan, or not ours
+                out.append((key, int(value), max(pttl, 0) / 1000))
+        return out
+
+    async def retain(self, scopes: set[str]) -> int:
+        dropped = 0
+        doomed: list[bytes] = []
+        async for page in self._pages():
+            for raw_key in page:
+                key = self.counter_key(raw_key)
+                if key is not None and _scope(key) not in scopes:
+                    doomed.append(raw_key)
+            while len(doomed) >= _BATCH:
+                dropped += await self._unlink(doomed[:_BATCH])
+                del doomed[:_BATCH]
+        if doomed:
+            dropped += await self._unlink(doomed)
+        return dropped
+
+    async def _unlink(self, keys: list[bytes]) -> int:
+        try:
+            # redis-py's cluster client splits a multi-key UNLINK by slot
+            async with self._slots:
+                return int(await self.client.unlink(*keys))
+        except _FAILURES as exc:
+            raise StorageError(f"storage {self.uri}: {self._reason(exc)}") from exc
+
+    # --- key mapping ---------------------------------------------------------------------
+
+    def redis_key(self, key: str) -> bytes:
+        """The Redis key of a counter key: prefix, `{namespace}` hash tag, the rest as is."""
+        namespace, sep, rest = key.partition(_SEP)
+        return self._prefix + f"{{{_escape_tag(namespace)}}}{sep}{rest}".encode()
+
+    def counter_key(self, redis_key: bytes) -> str | None:
+        """The inverse of `redis_key`; None for a key this store did not write."""
+        if not redis_key.startswith(self._prefix):
+            return None
+        try:
+            text = redis_key[len(self._prefix) :].decode()
+        except UnicodeDecodeError:
+            return None
+        if not text.startswith("{"):
+            return None
+        tag, close, rest = text[1:].partition("}")
+        if not close or (rest and not rest.startswith(_SEP)):
+            return None
+        return _unescape_tag(tag) + rest
+
+
+def _result(counters: Sequence[CounterRef], delta: int, raw: Sequence[Any]) -> CheckResult:
+    """A CheckResult from (value, pttl) pairs, with MemoryStore's choice of limiting counter."""
+    states: list[CounterState] = []
+    limiting: int | None = None
+    for i, ref in enumerate(counters):
+        value, pttl = int(raw[2 * i]), int(raw[2 * i + 1])
+        # -2: no key (window not started); -1: a key without TTL, which no script writes
+        expires_in = pttl / 1000 if pttl >= 0 else ref.window
+        state = CounterState(ref, value, expires_in)
+        states.append(state)
+        if value + delta > ref.limit and (
+            limiting is None or expires_in > states[limiting].expires_in
+        ):
+            limiting = i
+    return CheckResult(limiting is not None, tuple(states), limiting)
+
+
+async def _close_quietly(client: aioredis.Redis | RedisCluster) -> None:
+    try:
+        if isinstance(client, RedisCluster):
+            await client.aclose()
+        else:
+            await client.aclose(close_connection_pool=True)
+    except (*_FAILURES, RuntimeError):
+        pass
