@@ -47,3 +47,59 @@ def test_unreachable_redis_is_a_clear_error(tmp_path) -> None:
     assert result.returncode == 1
     assert "redis://:***@127.0.0.1:1/0" in result.stderr and "hunter2" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _counter_total(gw) -> int:
+    import httpx
+
+    counters = httpx.get(gw.admin_url + "/counters/default/trlp-tutorial-llm-sim").json()
+    return sum(c["limit"]["max_value"] - c["remaining"] for c in counters)
+
+
+def test_outage_with_allow_loses_no_accounting(tmp_path, manifests, start_gateway) -> None:
+    import time
+
+    from tests.redis_server import RedisServer, free_port
+
+    port = free_port()
+    redis = RedisServer(tmp_path / "redis-a", port=port)
+    folder = manifests(replace={"limit: 50 ": "limit: 1000000 "})
+    gw = start_gateway(folder, args=("--storage", redis.url, "--on-storage-error", "allow"))
+    try:
+        with gw.client() as c:
+            assert c.post("/v1/chat/completions", json=chat()).status_code == 200
+            redis.stop()  # the outage: Redis is gone (with the counter it held)
+            statuses = [c.post("/v1/chat/completions", json=chat()).status_code for _ in range(5)]
+            assert statuses == [200] * 5  # requests keep flowing
+            during = sum(e["total_tokens"] for e in gw.access_log(6)[1:6])
+            metrics = httpx_get(gw.admin_url + "/metrics")
+            assert "tokengateway_storage_reports_pending 5" in metrics
+            redis = RedisServer(tmp_path / "redis-b", port=port)  # back, empty
+            deadline = time.monotonic() + 10
+            while _counter_total(gw) < during and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _counter_total(gw) == during  # every report kept was replayed
+            assert "tokengateway_storage_reports_replayed_total 5" in httpx_get(
+                gw.admin_url + "/metrics"
+            )
+    finally:
+        redis.stop()
+
+
+def test_outage_with_deny_answers_503(tmp_path, start_gateway) -> None:
+    from tests.redis_server import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    gw = start_gateway(TUTORIAL, args=("--storage", redis.url, "--on-storage-error", "deny"))
+    with gw.client() as c:
+        assert c.post("/v1/chat/completions", json=chat()).status_code == 200
+        redis.stop()
+        r = c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "counter_store_unavailable"
+
+
+def httpx_get(url: str) -> str:
+    import httpx
+
+    return httpx.get(url).text

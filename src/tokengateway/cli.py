@@ -91,6 +91,14 @@ _backend = click.option(
     "[default: the user's data dir, per admin address].",
 )
 @click.option("--storage", default="memory://", show_default=True, help="Counter store URI.")
+@click.option(
+    "--on-storage-error",
+    type=click.Choice(["allow", "deny"]),
+    default="allow",
+    show_default=True,
+    help="When the counter store fails: let requests through and replay their reports "
+    "later (allow), or answer 503 (deny).",
+)
 @_backend
 @click.option(
     "--access-log/--no-access-log",
@@ -107,6 +115,7 @@ def serve(
     admin_token: str | None,
     state_dir: Path | None,
     storage: str,
+    on_storage_error: str,
     backends: tuple[str, ...],
     access_log: bool,
     fd: int | None,
@@ -138,6 +147,7 @@ def serve(
         admin_token=admin_token,
         state_dir=state_dir or _default_state_dir(admin_address),
         access_log=access_log,
+        on_storage_error=on_storage_error,
     )
 
     def ready(config, where: tuple[str, int], admin_where: tuple[str, int]) -> None:  # type: ignore[no-untyped-def]

@@ -62,13 +62,44 @@ class AdminApp:
 
     def _metrics(self) -> str:
         """Prometheus text; the full set of metrics is the observability work's."""
-        estimated = self.gateway.estimated_usage
-        return (
-            "# HELP tokengateway_usage_estimated_total Responses charged by an estimate "
-            "because the upstream reported no usage.\n"
-            "# TYPE tokengateway_usage_estimated_total counter\n"
-            f"tokengateway_usage_estimated_total {estimated}\n"
-        )
+        limiter = self.gateway.limiter
+        metrics = [
+            (
+                "usage_estimated_total",
+                "counter",
+                "Responses charged by an estimate because the upstream reported no usage.",
+                self.gateway.estimated_usage,
+            ),
+            (
+                "storage_errors_total",
+                "counter",
+                "Counter store calls that failed.",
+                limiter.storage_errors,
+            ),
+            (
+                "storage_reports_pending",
+                "gauge",
+                "Token reports kept while the counter store is failing, waiting to be replayed.",
+                len(limiter.pending),
+            ),
+            (
+                "storage_reports_replayed_total",
+                "counter",
+                "Kept token reports applied once the counter store answered again.",
+                limiter.replayed,
+            ),
+            (
+                "storage_reports_dropped_total",
+                "counter",
+                "Kept token reports lost because the bound was reached.",
+                limiter.dropped,
+            ),
+        ]
+        lines = []
+        for name, kind, text, value in metrics:
+            lines += [f"# HELP tokengateway_{name} {text}", f"# TYPE tokengateway_{name} {kind}"]
+            lines.append(f"tokengateway_{name} {value}")
+        return "\n".join(lines) + "\n"
 
     def _authorize(self, scope: Scope) -> None:
         if self.token is None:

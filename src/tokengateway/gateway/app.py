@@ -24,7 +24,7 @@ from tokengateway.gateway.accesslog import AccessLog, Entry
 from tokengateway.gateway.config import CompiledConfig, RuleTarget
 from tokengateway.gateway.errors import send_error
 from tokengateway.gateway.types import Receive, Scope, Send, read_body
-from tokengateway.limits import Applicable, Limiter
+from tokengateway.limits import Applicable, Limiter, StorageUnavailable
 from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
 from tokengateway.proxy.usage import SSEStream, ask_for_usage, completion_text_of, usage_from_json
 from tokengateway.storage import CheckResult, CounterStore
@@ -48,10 +48,11 @@ class GatewayApp:
         upstream: Upstream | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         access_log: AccessLog | None = None,
+        on_storage_error: str = "allow",
     ) -> None:
         self.config = config
         self.store = store
-        self.limiter = Limiter(store)
+        self.limiter = Limiter(store, on_error=on_storage_error)
         self.upstream = upstream or Upstream()
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
@@ -165,7 +166,18 @@ class GatewayApp:
             activation = cel.Activation({**well_known, "auth": auth_binding})
             applicable = self.limiter.applicable(target.limits, target.route, activation)
             if applicable:
-                result = await self.limiter.check(applicable)
+                try:
+                    result = await self.limiter.check(applicable)
+                except StorageUnavailable as exc:
+                    await send_error(
+                        send,
+                        503,
+                        f"rate limits cannot be checked: {exc}",
+                        "service_unavailable",
+                        "counter_store_unavailable",
+                        headers=[("retry-after", "1")],
+                    )
+                    return
                 if result.limited:
                     await _send_limited(send, result)
                     return

@@ -201,6 +201,7 @@ class ServeOptions:
     state_dir: Path | None = None
     access_log: bool = True
     watch_interval: float = 1.0
+    on_storage_error: str = "allow"
 
 
 class _Dispatch:
@@ -255,7 +256,12 @@ def serve_gateway(
         sims.prune(holder.get("plans", {}))
         gateway_sock = _socket(options.listen)
         admin_sock = _socket(options.admin)
-        app = GatewayApp(config, store, access_log=AccessLog() if options.access_log else None)
+        app = GatewayApp(
+            config,
+            store,
+            access_log=AccessLog() if options.access_log else None,
+            on_storage_error=options.on_storage_error,
+        )
         holder["app"] = app
         admin_port = admin_sock.getsockname()[1]
         control.listen_address = gateway_sock.getsockname()[:2]
@@ -285,11 +291,13 @@ def serve_gateway(
                 if options.paths
                 else None
             )
+            replayer = asyncio.create_task(app.limiter.replay_loop())
             if server.started and on_ready is not None:
                 on_ready(config, gateway_sock.getsockname()[:2], admin_sock.getsockname()[:2])
             try:
                 await task
             finally:
+                replayer.cancel()
                 if watcher is not None:
                     watcher.cancel()
 

@@ -10,7 +10,7 @@ from tokengateway.limits.limit import (
     parse_counter_key,
     parse_window,
 )
-from tokengateway.limits.limiter import Applicable, Limiter
+from tokengateway.limits.limiter import Applicable, Limiter, StorageUnavailable
 
 __all__ = [
     "TOTAL",
@@ -20,6 +20,7 @@ __all__ = [
     "LimitCompileError",
     "Limiter",
     "Rate",
+    "StorageUnavailable",
     "compile_limits",
     "counter_scope",
     "parse_counter_key",
