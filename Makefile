@@ -26,6 +26,8 @@ run: setup
 	@echo "       -H 'Content-Type: application/json' -X POST http://\$$KUADRANT_GATEWAY_URL/v1/chat/completions \\"
 	@echo "       -d '{\"model\": \"meta-llama/Llama-3.1-8B-Instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"What is Kubernetes?\"}], \"max_tokens\": 100, \"stream\": false, \"usage\": true}'"
 	@echo "  (again, until 429; then the same with 'APIKEY iamagolduser')"
+	@echo "  $(BIN)/tokengateway get trlp -n gateway-system             # policy status"
+	@echo "  $(BIN)/tokengateway counters default/trlp-tutorial-llm-sim # tokens used per user"
 	@echo
 	$(BIN)/tokengateway serve -f examples/tutorial --listen $(LISTEN)
 
