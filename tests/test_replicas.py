@@ -103,3 +103,17 @@ def httpx_get(url: str) -> str:
     import httpx
 
     return httpx.get(url).text
+
+
+def test_sqlite_counters_survive_a_gateway_restart(tmp_path, start_gateway) -> None:
+    storage = ("--storage", f"sqlite:///{tmp_path / 'counters.db'}")
+    gw = start_gateway(TUTORIAL, args=storage)
+    with gw.client() as c:
+        while c.post("/v1/chat/completions", json=chat()).status_code == 200:
+            pass
+    gw.stop()  # a clean stop writes every counter
+    again = start_gateway(TUTORIAL, args=storage)
+    with again.client() as c:
+        refused = c.post("/v1/chat/completions", json=chat())
+    assert refused.status_code == 429  # the user's spent window came back with the gateway
+    assert 0 < int(refused.headers["retry-after"]) <= 60

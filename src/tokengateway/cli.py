@@ -90,7 +90,13 @@ _backend = click.option(
     help="Where resources applied through the admin API are kept across restarts "
     "[default: the user's data dir, per admin address].",
 )
-@click.option("--storage", default="memory://", show_default=True, help="Counter store URI.")
+@click.option(
+    "--storage",
+    default="memory://",
+    show_default=True,
+    help="Counter store URI: memory://, sqlite:///path.db (survives restarts), "
+    "redis://host:port/db, rediss://, redis+cluster://host:port,...",
+)
 @click.option(
     "--on-storage-error",
     type=click.Choice(["allow", "deny"]),

@@ -1,5 +1,6 @@
-"""Counter stores, chosen by URI: `memory://` (default, one process), `redis://`,
-`rediss://` (TLS), `redis+cluster://` and `rediss+cluster://` (shared by many replicas)."""
+"""Counter stores, chosen by URI: `memory://` (default, one process), `sqlite://` (one
+process, durable), `redis://`, `rediss://` (TLS), `redis+cluster://` and `rediss+cluster://`
+(shared by many replicas)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ __all__ = [
     "open_store",
 ]
 
-SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster")
+SCHEMES = ("memory", "sqlite", "redis", "rediss", "redis+cluster", "rediss+cluster")
 
 
 class StorageURIError(ValueError):
@@ -59,6 +60,10 @@ def open_store(uri: str) -> CounterStore:
         if parts.netloc or parts.path not in ("", "/"):
             raise StorageURIError(f"storage URI {uri!r}: memory:// takes no host or path")
         return MemoryStore()
+    if scheme == "sqlite":
+        from tokengateway.storage.sqlite import SqliteStore
+
+        return SqliteStore(uri)
     if scheme in SCHEMES:
         # imported here so that memory:// never loads the Redis client
         from tokengateway.storage.redis import RedisStore
