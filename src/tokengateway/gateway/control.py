@@ -128,11 +128,11 @@ class ControlPlane:
             stored = self._merge_files({}, file_docs)
             for doc in stdin_docs:  # read once; not watched
                 stored[_key_of(doc.obj)] = self._next(None, doc.obj, "stdin")
-            for doc in applied:
-                meta = doc.get("metadata") or {}
+            for obj in applied:
+                meta = obj.get("metadata") or {}
                 extra = meta.pop("tokengateway.io/stored", None) or {}
-                stored[_key_of(doc)] = _Stored(
-                    doc,
+                stored[_key_of(obj)] = _Stored(
+                    obj,
                     "api",
                     int(extra.get("generation", 1)),
                     str(extra.get("created") or _now()),
