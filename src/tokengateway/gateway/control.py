@@ -86,11 +86,6 @@ def _spec_of(doc: Mapping[str, Any]) -> Any:
     return {k: v for k, v in doc.items() if k not in ("metadata", "status")}
 
 
-def _labels_of(doc: Mapping[str, Any]) -> Any:
-    meta = doc.get("metadata") or {}
-    return (meta.get("labels"), meta.get("annotations"))
-
-
 class ControlPlane:
     """Owns the resources; `rebuild` turns them into a CompiledConfig handed to `publish`."""
 

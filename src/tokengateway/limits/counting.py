@@ -37,20 +37,6 @@ class Counting:
         )
         return math.ceil(weighted - 1e-9)
 
-    def describe(self) -> str:
-        if self.total:
-            return "total"
-        terms = [
-            f"{w:g}*{name}"
-            for name, w in (
-                ("prompt", self.prompt),
-                ("cachedPrompt", self.cached_prompt),
-                ("completion", self.completion),
-            )
-            if w
-        ]
-        return " + ".join(terms) or "nothing"
-
 
 TOTAL = Counting()
 
