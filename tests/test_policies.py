@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import chat
+from tests.test_gateway import GATEWAY
 from tokengateway import auth as authlib
 from tokengateway.gateway.config import (
     LIMITS_WHEN,
@@ -716,29 +717,7 @@ def test_strict_checks_policies_that_are_in_force_nowhere() -> None:
 
 # --- end to end ---------------------------------------------------------------------------------
 
-E2E = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: gw, namespace: gateway-system}
-spec:
-  gatewayClassName: any
-  listeners:
-  - {name: http, protocol: HTTP, port: 80, hostname: api.example.com, allowedRoutes: {namespaces: {from: All}}}
----
-apiVersion: v1
-kind: Service
-metadata: {name: llm, namespace: default}
-spec:
-  ports: [{port: 80}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: llm, namespace: default}
-spec:
-  parentRefs: [{name: gw, namespace: gateway-system}]
-  rules:
-  - backendRefs: [{name: llm, port: 80}]
-"""
+E2E = GATEWAY.replace("TIMEOUTS", "")  # the Gateway, Service and HTTPRoute of test_gateway
 
 USAGE = json.dumps(
     {

@@ -1075,6 +1075,19 @@ _inspection_output_option = click.option(
 )
 
 
+def _inspect(what: str, namespace: str, output: str | None, client: AdminClient) -> None:
+    """`counters` and `limits`: fetch one Limitador-style listing and print it."""
+    fmt = _inspection_output(output)
+    fetch = client.counters if what == "counters" else client.limits
+    try:
+        found = _call(lambda: fetch(namespace))
+    except AdminError as exc:
+        _server_error(exc)
+        sys.exit(1)
+    table = counters_table if what == "counters" else limits_table
+    _print_inspection(found, fmt, table, f"No {what} in {namespace}.")
+
+
 @click.command("counters")
 @click.argument("namespace", metavar="NAMESPACE")
 @_inspection_output_option
@@ -1084,14 +1097,7 @@ def counters_command(
 ) -> None:
     """Live counters of a limits namespace: a route's NAMESPACE/NAME (like Limitador's
     /counters), e.g. `tokengateway counters default/trlp-tutorial-llm-sim`."""
-    fmt = _inspection_output(output)
-    client = AdminClient(admin, token, request_timeout)
-    try:
-        counters = _call(lambda: client.counters(namespace))
-    except AdminError as exc:
-        _server_error(exc)
-        sys.exit(1)
-    _print_inspection(counters, fmt, counters_table, f"No counters in {namespace}.")
+    _inspect("counters", namespace, output, AdminClient(admin, token, request_timeout))
 
 
 @click.command("limits")
@@ -1103,14 +1109,7 @@ def limits_command(
 ) -> None:
     """Limits in force for a limits namespace: a route's NAMESPACE/NAME (like Limitador's
     /limits), e.g. `tokengateway limits default/trlp-tutorial-llm-sim`."""
-    fmt = _inspection_output(output)
-    client = AdminClient(admin, token, request_timeout)
-    try:
-        limits = _call(lambda: client.limits(namespace))
-    except AdminError as exc:
-        _server_error(exc)
-        sys.exit(1)
-    _print_inspection(limits, fmt, limits_table, f"No limits in {namespace}.")
+    _inspect("limits", namespace, output, AdminClient(admin, token, request_timeout))
 
 
 def _print_inspection(

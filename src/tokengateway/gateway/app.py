@@ -132,7 +132,12 @@ class GatewayApp:
 
         request_id = headers.get("x-request-id") or str(uuid.uuid4())
         entry.request_id = request_id
-        well_known = _well_known(scope, method, path, query, host, headers, body, request_id)
+        needs_attributes = target.auth is not None or bool(target.limits)
+        well_known = (
+            _well_known(scope, method, path, query, host, headers, body, request_id)
+            if needs_attributes
+            else {}
+        )
 
         # 3. authenticate and authorize
         auth_binding: dict[str, Any] = {}
@@ -204,22 +209,25 @@ class GatewayApp:
             return
 
         # 6. relay the answer, reading its usage
+        stream: SSEStream | None = None
+        payload = b""
         if resp.content_type == "text/event-stream":
             stream = SSEStream(hide_usage)
             scope["tokengateway.started"] = True
             await self._relay_stream(resp, stream, receive, send, path)
-            usage, completion = stream.usage, stream.text
+            usage = stream.usage
         else:
-            payload = await self._relay_body(resp, send)
-            if payload is None:
+            relayed = await self._relay_body(resp, send)
+            if relayed is None:
                 return
+            payload = relayed
             usage = usage_from_json(payload)
-            completion = completion_text_of(payload) if usage is None else ""
 
         # 7. report
         if applicable.tokens:
             if usage is None and 200 <= resp.status < 300:
-                usage = estimate_usage(_json_or_none(body), completion)
+                answer = stream.text if stream is not None else completion_text_of(payload)
+                usage = estimate_usage(_json_or_none(body), answer)
                 self.estimated_usage += 1
             if usage is not None:
                 await self.limiter.report(applicable, usage)
