@@ -1546,3 +1546,28 @@ def test_parse_window_rejects(window: str) -> None:
 def test_document_is_a_small_dataclass() -> None:
     doc = Document("a.yaml#1", {"kind": "Namespace"})
     assert (doc.source, doc.obj) == ("a.yaml#1", {"kind": "Namespace"})
+
+
+def test_token_limit_reservation_and_kuadrant_mode_are_validated(tmp_path: Path) -> None:
+    ok = TOKEN_LIMITS.replace(
+        "      counters:\n",
+        "      reservation:\n        amount: uint(2000)\n        ttl: duration('30s')\n"
+        "      counters:\n",
+        1,
+    )
+    (trlp,) = parse_resources(load_paths([write(tmp_path / "ok.yaml", ok)]))
+    assert trlp.spec.limits["free"].reservation.amount == "uint(2000)"
+    bad = TOKEN_LIMITS.replace(
+        "      counters:\n",
+        "      reservation:\n        amont: uint(2000)\n        defaultCompletionTokens: -1\n"
+        "      counters:\n",
+        1,
+    )
+    with pytest.raises(ManifestError) as info:
+        parse_resources(load_paths([write(tmp_path / "bad.yaml", bad)]))
+    text = str(info.value)
+    assert "spec.limits.free.reservation.amont" in text
+    assert "spec.limits.free.reservation.defaultCompletionTokens" in text
+    mode = "apiVersion: kuadrant.io/v1beta1\nkind: Kuadrant\nmetadata:\n  name: k\n  namespace: ks\nspec:\n  tokenRateLimiting:\n    mode: Sometimes\n"
+    with pytest.raises(ManifestError, match=r"spec.tokenRateLimiting.mode"):
+        parse_resources(load_paths([write(tmp_path / "mode.yaml", mode)]))

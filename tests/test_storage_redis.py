@@ -225,6 +225,82 @@ async def test_concurrent_check_and_update_admits_exactly_the_limit(backend: Bac
     assert await value_of(backend.store, other.key) == 5
 
 
+# --- reservations (Kuadrant RFC 0021): holds beside the counters --------------------------
+
+
+async def test_reserve_holds_capacity_without_touching_the_value(backend: Backend) -> None:
+    store, r = backend.store, ref(100, 60, "u")
+    first = await store.reserve([r], [60], [30.0], "rid-1")
+    assert not first.limited and first.states[0].held == 0
+    second = await store.reserve([r], [60], [30.0], "rid-2")  # 0 + 60 held + 60 > 100
+    assert second.limited and second.limiting == 0
+    assert second.states[0].value == 0 and second.states[0].held == 60
+    assert second.states[0].remaining == 40
+    assert await value_of(store, r.key) == 0  # the window is open, the value untouched
+
+
+async def test_commit_releases_the_hold_and_adds_the_real_usage(backend: Backend) -> None:
+    store, r = backend.store, ref(100, 60, "u")
+    assert not (await store.reserve([r], [60], [30.0], "rid-1")).limited
+    await store.commit([r], [30], "rid-1")
+    assert await value_of(store, r.key) == 30
+    again = await store.reserve([r], [60], [30.0], "rid-2")  # 30 + 0 held + 60 <= 100
+    assert not again.limited and again.states[0].held == 0
+    await store.commit([r], [0], "rid-2")  # a release: nothing charged
+    assert await value_of(store, r.key) == 30
+    assert (await store.reserve([r], [70], [30.0], "rid-3")).states[0].held == 0
+
+
+async def test_a_commit_without_its_hold_still_charges(backend: Backend) -> None:
+    r = ref(100, 60, "u")
+    await backend.store.commit([r], [12], "never-reserved")  # degrades to a report
+    assert await value_of(backend.store, r.key) == 12
+
+
+async def test_an_uncommitted_hold_expires_at_its_ttl_and_costs_nothing(backend: Backend) -> None:
+    store, r = backend.store, ref(100, 60, "u")
+    assert not (await store.reserve([r], [80], [0.3], "lost")).limited
+    assert (await store.reserve([r], [80], [30.0], "next")).limited
+    await backend.advance(0.5)
+    after = await store.reserve([r], [80], [30.0], "next")
+    assert not after.limited and after.states[0].held == 0
+    assert await value_of(store, r.key) == 0
+
+
+async def test_a_hold_ends_with_its_counters_window(backend: Backend) -> None:
+    store, r = backend.store, ref(100, 0.4, "u")
+    assert not (await store.reserve([r], [90], [30.0], "long")).limited  # opens the window
+    await backend.advance(0.6)
+    fresh = await store.reserve([r], [90], [30.0], "next")  # a new window: nothing held
+    assert not fresh.limited and fresh.states[0].held == 0
+
+
+async def test_reserve_is_all_or_nothing_across_counters(backend: Backend) -> None:
+    store = backend.store
+    small, large = ref(10, 60, "u"), ref(1000, 3600, "u")
+    refused = await store.reserve([large, small], [20, 20], [30.0, 30.0], "too-big")
+    assert refused.limited and refused.limiting == 1
+    ok = await store.reserve([large, small], [5, 5], [30.0, 30.0], "fits")
+    assert not ok.limited and ok.states[0].held == 0  # the refused one held nothing
+
+
+async def test_a_zero_amount_admits_like_a_check(backend: Backend) -> None:
+    store, r = backend.store, ref(50, 60, "u")
+    await store.update([r], [49])
+    assert not (await store.reserve([r], [0], [30.0], "a")).limited  # 49 + 1 <= 50
+    await store.update([r], [1])
+    assert (await store.reserve([r], [0], [30.0], "b")).limited
+
+
+async def test_concurrent_reservations_admit_exactly_what_fits(backend: Backend) -> None:
+    r = ref(100, 60, "hot")
+    results = await asyncio.gather(
+        *(backend.store.reserve([r], [10], [30.0], f"rid-{i}") for i in range(60))
+    )
+    assert sum(not x.limited for x in results) == 10
+    assert await value_of(backend.store, r.key) == 0
+
+
 # --- Redis only ---------------------------------------------------------------------------
 
 

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Usage", "count_tokens", "encoding", "estimate_usage", "text_of"]
+__all__ = [
+    "Usage",
+    "count_tokens",
+    "encoding",
+    "estimate_usage",
+    "max_completion_tokens",
+    "prompt_tokens",
+    "text_of",
+]
 
 ENCODING = "o200k_base"
 _BPE_URL = f"https://openaipublic.blob.core.windows.net/encodings/{ENCODING}.tiktoken"
@@ -124,12 +132,35 @@ def _collect(value: Any, out: list[str]) -> None:
                 _collect(value[key], out)
 
 
+def prompt_tokens(request: Any) -> int:
+    """The prompt tokens of a request body (any API shape), by the offline tokenizer."""
+    if not isinstance(request, dict):
+        return 0
+    prompt = count_tokens(text_of({k: request[k] for k in _TEXT_KEYS if k in request}))
+    return prompt + _token_ids(request.get("input")) + _token_ids(request.get("prompt"))
+
+
+# The request fields that bound the answer's length, by API: Chat Completions (old and new
+# name), Responses, Anthropic Messages.
+_MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def max_completion_tokens(request: Any) -> int | None:
+    """The most completion tokens a request allows (times `n` choices), or None if unset."""
+    if not isinstance(request, dict):
+        return None
+    for name in _MAX_FIELDS:
+        value = request.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            n = request.get("n")
+            choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+            return value * choices
+    return None
+
+
 def estimate_usage(request: Any, completion_text: str) -> Usage:
     """What to charge when the upstream reported nothing; never zero."""
-    prompt = 0
-    if isinstance(request, dict):
-        prompt = count_tokens(text_of({k: request[k] for k in _TEXT_KEYS if k in request}))
-        prompt += _token_ids(request.get("input")) + _token_ids(request.get("prompt"))
+    prompt = prompt_tokens(request)
     completion = count_tokens(completion_text)
     total = max(1, prompt + completion)
     return Usage(prompt, completion, total, estimated=True)

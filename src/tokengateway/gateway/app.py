@@ -28,7 +28,7 @@ from tokengateway.limits import Applicable, Limiter, StorageUnavailable
 from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
 from tokengateway.proxy.usage import SSEStream, ask_for_usage, completion_text_of, usage_from_json
 from tokengateway.storage import CheckResult, CounterStore
-from tokengateway.tokens import estimate_usage
+from tokengateway.tokens import Usage, estimate_usage
 
 __all__ = ["GatewayApp"]
 
@@ -169,7 +169,14 @@ class GatewayApp:
         if target.limits:
             cel.bind_bodies(body)
             activation = cel.Activation({**well_known, "auth": auth_binding})
-            applicable = self.limiter.applicable(target.limits, target.route, activation)
+            applicable = self.limiter.applicable(
+                target.limits,
+                target.route,
+                activation,
+                body=body,
+                reservations=config.reservations,
+                default_ttl=target.timeout,
+            )
             if applicable:
                 try:
                     result = await self.limiter.check(applicable)
@@ -187,6 +194,34 @@ class GatewayApp:
                     await _send_limited(send, result)
                     return
 
+        # 5-7. forward, relay, report; a reservation is committed or released whatever happens
+        usage: Usage | None = None
+        try:
+            usage = await self._forward(
+                scope, receive, send, target, headers, body, applicable, request_id, upstream_extra
+            )
+        finally:
+            if applicable.tokens:
+                await self.limiter.report(applicable, usage)
+        entry.usage = usage
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        target: RuleTarget,
+        headers: dict[str, str],
+        body: bytes,
+        applicable: Applicable,
+        request_id: str,
+        upstream_extra: list[tuple[str, str]],
+    ) -> Usage | None:
+        """Send the request upstream and relay the answer; the usage to charge, if any."""
+        method: str = scope["method"]
+        path: str = scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+
         # 5. forward
         if not target.backends:
             await send_error(
@@ -196,7 +231,7 @@ class GatewayApp:
                 "server_error",
                 "no_backend",
             )
-            return
+            return None
         upstream_body, hide_usage = body, False
         if applicable.tokens:
             upstream_body, hide_usage = ask_for_usage(path, body)
@@ -206,7 +241,7 @@ class GatewayApp:
             resp = await self.upstream.send(method, url, out_headers, upstream_body, target.timeout)
         except UpstreamError as exc:
             await _send_upstream_error(send, exc)
-            return
+            return None
 
         # 6. relay the answer, reading its usage
         stream: SSEStream | None = None
@@ -219,19 +254,16 @@ class GatewayApp:
         else:
             relayed = await self._relay_body(resp, send)
             if relayed is None:
-                return
+                return None
             payload = relayed
             usage = usage_from_json(payload)
 
-        # 7. report
-        if applicable.tokens:
-            if usage is None and 200 <= resp.status < 300:
-                answer = stream.text if stream is not None else completion_text_of(payload)
-                usage = estimate_usage(_json_or_none(body), answer)
-                self.estimated_usage += 1
-            if usage is not None:
-                await self.limiter.report(applicable, usage)
-        entry.usage = usage
+        # 7. what to report: a response without usage is charged an estimate
+        if applicable.tokens and usage is None and 200 <= resp.status < 300:
+            answer = stream.text if stream is not None else completion_text_of(payload)
+            usage = estimate_usage(_json_or_none(body), answer)
+            self.estimated_usage += 1
+        return usage
 
     async def _relay_body(self, resp: UpstreamResponse, send: Send) -> bytes | None:
         try:

@@ -170,6 +170,9 @@ class CompiledConfig:
     system_namespace: str = DEFAULT_SYSTEM_NAMESPACE
     #: (kind, namespace, name) -> status, for policies, Gateways and HTTPRoutes
     statuses: dict[StatusKey, st.Status] = field(default_factory=dict)
+    #: limits with a `reservation` reserve (the Kuadrant CR's tokenRateLimiting.mode is
+    #: Reservation, its default); False for mode CheckReport
+    reservations: bool = True
 
 
 def _key(res: Any) -> str:
@@ -551,6 +554,7 @@ def compile_config(
         build.targets,
         build.system_ns,
         statuses,
+        build.reservations,
     )
 
 
@@ -571,6 +575,8 @@ class _Build:
             by_kind.setdefault(res.kind, []).append(res)
         kuadrants = sorted(by_kind.get("Kuadrant", []), key=_age)
         self.system_ns = kuadrants[0].metadata.namespace if kuadrants else DEFAULT_SYSTEM_NAMESPACE
+        trl = kuadrants[0].spec.tokenRateLimiting if kuadrants else None
+        self.reservations = trl is None or trl.mode == "Reservation"
         if len(kuadrants) > 1:  # Kuadrant itself uses the oldest one
             self.warnings.append(
                 f"{len(kuadrants)} Kuadrant resources: the oldest, {_key(kuadrants[0])}, is "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,11 +11,13 @@ from tokengateway import cel
 from tokengateway.limits.counting import TOTAL, Counting, parse_counting
 from tokengateway.resources import parse_window as _parse_duration
 from tokengateway.storage import CounterRef
+from tokengateway.tokens import Usage
 
 __all__ = [
     "Limit",
     "LimitCompileError",
     "Rate",
+    "Reservation",
     "compile_limits",
     "counter_scope",
     "parse_counter_key",
@@ -57,6 +60,48 @@ class Rate:
     window_text: str
 
 
+#: completion tokens assumed for a request that sets no `max_tokens` (reservation estimate)
+DEFAULT_COMPLETION_TOKENS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A limit's `reservation`: how many tokens to hold before forwarding, for how long.
+
+    Without `amount`, the request's estimate (prompt by the tokenizer + its `max_tokens`, or
+    `default_completion`) is held, counted the way the limit counts. An `amount` that does
+    not evaluate to a non-negative number falls back to that estimate; a `ttl` that does not
+    evaluate to a duration falls back to the route's timeout (the limiter's default)."""
+
+    amount: cel.Expression | None = None
+    ttl: cel.Expression | None = None
+    default_completion: int = DEFAULT_COMPLETION_TOKENS
+
+    def hold(self, activation: cel.Activation, estimate: Usage, counting: Counting) -> int:
+        if self.amount is not None:
+            value = self.amount.evaluate(activation)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                return int(value)
+        return counting.cost(estimate)
+
+    def lifetime(self, activation: cel.Activation) -> float | None:
+        if self.ttl is None:
+            return None
+        value = self.ttl.evaluate(activation)
+        if isinstance(value, datetime.timedelta):
+            seconds = value.total_seconds()
+        elif isinstance(value, str):
+            try:
+                seconds = _parse_duration(value)
+            except ValueError:
+                return None
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            return None
+        return seconds if seconds > 0 else None
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     """One named limit of one policy, ready to evaluate per request.
@@ -72,6 +117,7 @@ class Limit:
     predicates: tuple[cel.Predicate, ...]
     counters: tuple[cel.Expression, ...]
     counting: Counting = TOTAL
+    reservation: Reservation | None = None
 
     @property
     def identifier(self) -> str:
@@ -143,10 +189,37 @@ def compile_limits(
                 counting = parse_counting(spec["counting"])
             except ValueError as exc:
                 raise LimitCompileError(f"{policy_kind} {policy}: limit {name!r}: {exc}") from None
+        reservation = None
+        if spec.get("reservation") is not None and policy_kind == "TokenRateLimitPolicy":
+            reservation = _reservation(policy_kind, policy, name, spec["reservation"])
         compiled.append(
-            Limit(policy_kind, policy, name, rates, predicates, tuple(counters), counting)
+            Limit(
+                policy_kind, policy, name, rates, predicates, tuple(counters), counting, reservation
+            )
         )
     return compiled
+
+
+def _reservation(kind: str, policy: str, limit: str, spec: Mapping[str, Any]) -> Reservation:
+    exprs: dict[str, cel.Expression | None] = {}
+    for field in ("amount", "ttl"):
+        source = spec.get(field)
+        if source is None:
+            exprs[field] = None
+            continue
+        try:
+            exprs[field] = cel.compile_expression(str(source))
+        except cel.CelCompileError as exc:
+            raise LimitCompileError(
+                f"{kind} {policy}: limit {limit!r} reservation.{field} "
+                f"{str(source).strip()!r} does not compile: {exc}"
+            ) from None
+    default = spec.get("defaultCompletionTokens")
+    return Reservation(
+        exprs["amount"],
+        exprs["ttl"],
+        DEFAULT_COMPLETION_TOKENS if default is None else int(default),
+    )
 
 
 def _predicates(

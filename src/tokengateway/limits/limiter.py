@@ -4,6 +4,13 @@
 - `report` after the response: adds the tokens to every counter, unchecked; 0 counts as 1.
 - `hit` for request limits (RateLimitPolicy): check and add 1 atomically.
 
+Reservations (Kuadrant RFC 0021, for token limits that have a `reservation`): `check`
+reserves each limit's amount atomically across all the request's counters instead of only
+checking, and `report` commits: the hold is released and the real usage added. A request that
+never reports (a crash, a lost connection) holds nothing past its TTL, and its counters are
+never charged for it. Concurrent requests thus cannot race past a limit by more than what
+their estimates missed.
+
 When the store fails, `on_error` decides, as Kuadrant's failure mode does: "allow" (the
 default) lets requests through and keeps their reports (bounded) to replay once the store
 answers again, so an outage of seconds to minutes loses no accounting; "deny" refuses with
@@ -14,20 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
+
+import msgspec
 
 from tokengateway import cel
 from tokengateway.limits.counting import Counting
 from tokengateway.limits.limit import Limit
 from tokengateway.storage import CheckResult, CounterRef, CounterStore, StorageError
-from tokengateway.tokens import Usage
+from tokengateway.tokens import Usage, max_completion_tokens, prompt_tokens
 
-__all__ = ["Applicable", "Limiter", "StorageUnavailable"]
+__all__ = ["Applicable", "Estimate", "Limiter", "StorageUnavailable"]
 
 log = logging.getLogger("tokengateway.limits")
 
 MAX_PENDING_REPORTS = 100_000
+#: Limitador's defaults for its `--max-reservation-fraction` / `--max-reservation-ttl`
+MAX_RESERVATION_FRACTION = 0.5
+MAX_RESERVATION_TTL = 60.0
 
 
 class StorageUnavailable(RuntimeError):
@@ -38,15 +52,43 @@ class Applicable:
     """The counters of one request, split by what counts them; `countings[i]` says which
     tokens `tokens[i]` counts."""
 
-    __slots__ = ("countings", "requests", "tokens")
+    __slots__ = ("amounts", "countings", "requests", "reservation", "tokens", "ttls")
 
     def __init__(self) -> None:
         self.tokens: list[CounterRef] = []
         self.countings: list[Counting] = []
         self.requests: list[CounterRef] = []
+        #: tokens to hold on each of `tokens` (None: no limit reserves, check instead)
+        self.amounts: list[int] | None = None
+        self.ttls: list[float] = []
+        #: the id of the hold `check` made, until `report` commits it
+        self.reservation: str | None = None
 
     def __bool__(self) -> bool:
         return bool(self.tokens or self.requests)
+
+
+class Estimate:
+    """A request's likely usage, for reservations: its prompt tokens by the offline tokenizer
+    plus the completion tokens it allows. Worked out on first use only."""
+
+    __slots__ = ("_body", "_limit", "_prompt")
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self._prompt: int | None = None
+        self._limit: int | None = None
+
+    def usage(self, default_completion: int) -> Usage:
+        if self._prompt is None:
+            try:
+                request: Any = msgspec.json.decode(self._body) if self._body else None
+            except msgspec.DecodeError:
+                request = None
+            self._prompt = prompt_tokens(request)
+            self._limit = max_completion_tokens(request)
+        completion = default_completion if self._limit is None else self._limit
+        return Usage(self._prompt, completion, self._prompt + completion, estimated=True)
 
 
 _NOT_LIMITED = CheckResult(False, ())
@@ -54,11 +96,22 @@ _NOT_LIMITED = CheckResult(False, ())
 
 class Limiter:
     def __init__(
-        self, store: CounterStore, on_error: str = "allow", max_pending: int = MAX_PENDING_REPORTS
+        self,
+        store: CounterStore,
+        on_error: str = "allow",
+        max_pending: int = MAX_PENDING_REPORTS,
+        max_reservation_fraction: float = MAX_RESERVATION_FRACTION,
+        max_reservation_ttl: float = MAX_RESERVATION_TTL,
     ) -> None:
         if on_error not in ("allow", "deny"):
             raise ValueError(f"on_error {on_error!r}: use allow or deny")
+        if not 0 < max_reservation_fraction <= 1:
+            raise ValueError("max_reservation_fraction must be in (0, 1]")
+        if not max_reservation_ttl > 0:
+            raise ValueError("max_reservation_ttl must be positive")
         self.store = store
+        self.max_reservation_fraction = max_reservation_fraction
+        self.max_reservation_ttl = max_reservation_ttl
         self.on_error = on_error
         self.pending: deque[tuple[list[CounterRef], list[int]]] = deque(maxlen=max_pending)
         self.storage_errors = 0
@@ -66,32 +119,72 @@ class Limiter:
         self.dropped = 0
         self._outage = False
 
-    @staticmethod
     def applicable(
-        limits: Sequence[Limit], namespace: str, activation: cel.Activation
+        self,
+        limits: Sequence[Limit],
+        namespace: str,
+        activation: cel.Activation,
+        *,
+        body: bytes = b"",
+        reservations: bool = True,
+        default_ttl: float | None = None,
     ) -> Applicable:
-        """Counters of every limit whose predicates hold and whose counters resolve."""
+        """Counters of every limit whose predicates hold and whose counters resolve, and,
+        when `reservations` is on, what each token counter should hold: the limit's amount
+        clamped to `max_reservation_fraction` of the counter's limit, for the limit's ttl
+        (else `default_ttl`) clamped to `max_reservation_ttl`."""
         out = Applicable()
+        estimate: Estimate | None = None
         for limit in limits:
             values = limit.resolve(activation)
             if values is None:
                 continue
             refs = limit.counter_refs(namespace, values)
-            if limit.counts_tokens:
-                out.tokens.extend(refs)
-                out.countings.extend([limit.counting] * len(refs))
-            else:
+            if not limit.counts_tokens:
                 out.requests.extend(refs)
+                continue
+            held = limit.reservation if reservations else None
+            if held is not None and out.amounts is None:
+                out.amounts = [0] * len(out.tokens)
+                out.ttls = [0.0] * len(out.tokens)
+            if out.amounts is not None:
+                amount, ttl = 0, 0.0
+                if held is not None:
+                    estimate = estimate or Estimate(body)
+                    amount = held.hold(
+                        activation, estimate.usage(held.default_completion), limit.counting
+                    )
+                    ttl = min(
+                        held.lifetime(activation) or default_ttl or self.max_reservation_ttl,
+                        self.max_reservation_ttl,
+                    )
+                fraction = self.max_reservation_fraction
+                out.amounts.extend(min(amount, int(r.limit * fraction)) for r in refs)
+                out.ttls.extend([ttl] * len(refs))
+            out.tokens.extend(refs)
+            out.countings.extend([limit.counting] * len(refs))
         return out
 
     async def check(self, applicable: Applicable) -> CheckResult:
-        """Request limits are hit (+1) only when the token limits leave room."""
+        """Token limits first (checked, or reserved); request limits are hit (+1) only when
+        the token limits leave room."""
+        tokens: CheckResult | None = None
         try:
-            tokens = await self.store.check(applicable.tokens, 1) if applicable.tokens else None
+            if applicable.amounts is not None:
+                reservation = os.urandom(12).hex()
+                tokens = await self.store.reserve(
+                    applicable.tokens, applicable.amounts, applicable.ttls, reservation
+                )
+                if not tokens.limited:
+                    applicable.reservation = reservation
+            elif applicable.tokens:
+                tokens = await self.store.check(applicable.tokens, 1)
             if tokens is not None and tokens.limited:
                 return tokens
             if applicable.requests:
                 requests = await self.store.check_and_update(applicable.requests, 1)
+                if requests.limited:
+                    await self._release(applicable)
                 if requests.limited or tokens is None:
                     return requests
                 return _merge(tokens, requests)
@@ -99,22 +192,42 @@ class Limiter:
         except StorageError as exc:
             self._failed(exc)
             if self.on_error == "deny":
+                await self._release(applicable)
                 raise StorageUnavailable(str(exc)) from None
             return _NOT_LIMITED
 
-    async def report(self, applicable: Applicable, usage: Usage) -> None:
-        """Add each counter's cost of `usage`; a cost of 0 counts as 1 (Kuadrant's rule)."""
+    async def report(self, applicable: Applicable, usage: Usage | None) -> None:
+        """Add each counter's cost of `usage`; a cost of 0 counts as 1 (Kuadrant's rule).
+        A reservation is committed: its hold goes, the usage is added. Without usage (the
+        upstream failed), only the hold is released."""
         if not applicable.tokens:
             return
+        if usage is None:
+            await self._release(applicable)
+            return
         deltas = [max(c.cost(usage), 1) for c in applicable.countings]
+        reservation, applicable.reservation = applicable.reservation, None
         if self.pending:  # keep the order: behind what waits for the store
-            self._keep(applicable.tokens, deltas)
+            self._keep(applicable.tokens, deltas)  # (a hold left behind expires alone)
             return
         try:
-            await self.store.update(applicable.tokens, deltas)
+            if reservation is not None:
+                await self.store.commit(applicable.tokens, deltas, reservation)
+            else:
+                await self.store.update(applicable.tokens, deltas)
         except StorageError as exc:
             self._failed(exc)
             self._keep(applicable.tokens, deltas)
+
+    async def _release(self, applicable: Applicable) -> None:
+        """Give a reservation's hold back without charging anything."""
+        reservation, applicable.reservation = applicable.reservation, None
+        if reservation is None:
+            return
+        try:
+            await self.store.commit(applicable.tokens, [0] * len(applicable.tokens), reservation)
+        except StorageError as exc:  # the hold expires at its TTL anyway
+            self._failed(exc)
 
     def _keep(self, refs: list[CounterRef], deltas: list[int]) -> None:
         if len(self.pending) == self.pending.maxlen:

@@ -72,12 +72,21 @@ __all__ = [
 Strategy = Literal["atomic", "merge"]
 
 
+class TokenRateLimiting(StrictModel):
+    """How TokenRateLimitPolicies hold capacity (Kuadrant RFC 0021): `Reservation` (the
+    default) reserves each limit's `reservation.amount` before forwarding; `CheckReport`
+    checks then reports, as before reservations existed."""
+
+    mode: Literal["Reservation", "CheckReport"] = "Reservation"
+
+
 class KuadrantSpec(K8sModel):
-    """Operator settings; nothing in them changes how this gateway enforces policies."""
+    """Operator settings; only `tokenRateLimiting.mode` changes how this gateway enforces."""
 
     components: dict[str, Any] | None = None
     mtls: dict[str, Any] | None = None
     observability: dict[str, Any] | None = None
+    tokenRateLimiting: TokenRateLimiting | None = None
 
 
 class Kuadrant(Resource):
@@ -204,12 +213,24 @@ class CountingWeights(StrictModel):
 COUNTING_WORDS = ("total", "prompt", "completion")
 
 
+class Reservation(StrictModel):
+    """Kuadrant's per-limit `reservation` (RFC 0021): CEL for the tokens to hold before
+    forwarding (`amount`) and for how long (`ttl`, a duration). tokengateway extensions:
+    without `amount`, the request's own estimate is held (prompt tokens by the offline
+    tokenizer plus `max_tokens`, or `defaultCompletionTokens` when the request sets none)."""
+
+    amount: NonEmptyStr | None = None
+    ttl: NonEmptyStr | None = None
+    defaultCompletionTokens: int | None = Field(default=None, ge=0)
+
+
 class TokenLimit(Limit):
     """A TokenRateLimitPolicy limit, with tokengateway's optional `counting` extension:
     `total` (Kuadrant's `usage.total_tokens`, the default), `prompt`, `completion`, or
     weights `{prompt, completion, cachedPrompt}`. The words are shorthands for weights."""
 
     counting: CountingWeights | None = None
+    reservation: Reservation | None = None
 
     @field_validator("counting", mode="before")
     @classmethod

@@ -1,8 +1,12 @@
 """The counter store interface: where counts live, kept apart from what is counted.
 
 The three verbs follow Limitador's: `check` (is any counter spent for this delta?),
-`update` (add without checking) and `check_and_update` (both, atomically). A store is async
-because the shared ones (Redis) are; the in-memory one never awaits.
+`update` (add without checking) and `check_and_update` (both, atomically). Two more hold
+capacity for requests in flight (Kuadrant's RFC 0021): `reserve` (atomically: admit when
+`value + held + amount <= limit` on every counter, then hold the amounts) and `commit` (drop
+the hold, add the real usage). A hold never touches a counter's value: one that is never
+committed simply expires. A store is async because the shared ones (Redis) are; the
+in-memory one never awaits.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ class CounterState:
     ref: CounterRef
     value: int
     expires_in: float  # seconds; the full window for a counter that has not started
+    #: tokens held by reservations of requests still in flight (reserve only)
+    held: int = 0
 
     @property
     def remaining(self) -> int:
-        return max(0, self.ref.limit - self.value)
+        return max(0, self.ref.limit - self.value - self.held)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +85,26 @@ class CounterStore(ABC):
     @abstractmethod
     async def check_and_update(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
         """Atomically: if no counter is spent for `delta`, add it to all of them."""
+
+    @abstractmethod
+    async def reserve(
+        self,
+        counters: Sequence[CounterRef],
+        amounts: Sequence[int],
+        ttls: Sequence[float],
+        reservation: str,
+    ) -> CheckResult:
+        """Atomically: when `value + held + max(amounts[i], 1) <= limit` for every counter,
+        hold `amounts[i]` on `counters[i]` under the id `reservation` until the earlier of
+        `ttls[i]` seconds and the counter's window end (a counter with no window yet gets
+        one). The states report what was seen before holding."""
+
+    @abstractmethod
+    async def commit(
+        self, counters: Sequence[CounterRef], deltas: Sequence[int], reservation: str
+    ) -> None:
+        """Release the hold `reservation` on each counter (if still there) and add
+        `deltas[i]` as `update` does; a delta of 0 adds nothing."""
 
     @abstractmethod
     async def counters(self) -> list[tuple[str, int, float]]:

@@ -11,7 +11,8 @@ the key's PTTL. No replica's clock is involved, so replicas with skewed clocks a
 
 Key layout (see docs/redis.md)::
 
-    <prefix>{<namespace>}\x1f<limit>\x1f<window ms>\x1f<values...>
+    <prefix>{<namespace>}\x1f<limit>\x1f<window ms>\x1f<values...>     the counter (a string)
+    <prefix>r:{<namespace>}\x1f...                                     its holds (a hash)
 
 `<prefix>` is `tokengateway:` unless `?prefix=` says otherwise. The counter key's first part
 (the route namespace) is wrapped in a Redis Cluster hash tag, so every counter of one request
@@ -115,6 +116,76 @@ if ok then
   out[1] = 1
 end
 return out
+"""
+
+# Holds (reservations) live in one hash per counter, `<prefix>r:{<namespace>}...`: a field per
+# reservation id, valued "<amount>:<ends at, ms of Redis time>". The hash shares the counter's
+# hash tag (same slot) and expires with its last hold.
+# KEYS: counters then their hold hashes. ARGV: reservation id, then per counter amount,
+# limit, window_ms, ttl_ms. Returns {admitted (0/1), value_1, pttl_1, held_1, ...}.
+_RESERVE = """
+local n = #KEYS / 2
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {0}
+local ok = true
+for i = 1, n do
+  local key, holds = KEYS[i], KEYS[n + i]
+  local v = redis.call('GET', key)
+  local pttl = -2
+  if v then pttl = redis.call('PTTL', key) else v = '0' end
+  local held = 0
+  local entries = redis.call('HGETALL', holds)
+  for j = 1, #entries, 2 do
+    local sep = string.find(entries[j + 1], ':', 1, true)
+    local ends = tonumber(string.sub(entries[j + 1], sep + 1))
+    if ends <= now then
+      redis.call('HDEL', holds, entries[j])
+    else
+      held = held + tonumber(string.sub(entries[j + 1], 1, sep - 1))
+    end
+  end
+  out[#out + 1] = v
+  out[#out + 1] = pttl
+  out[#out + 1] = held
+  local need = tonumber(ARGV[4 * i - 2])
+  if need < 1 then need = 1 end
+  if tonumber(v) + held + need > tonumber(ARGV[4 * i - 1]) then ok = false end
+end
+if ok then
+  for i = 1, n do
+    local key, holds = KEYS[i], KEYS[n + i]
+    local left = redis.call('PTTL', key)
+    if left < 0 then
+      redis.call('SET', key, '0', 'PX', ARGV[4 * i], 'NX')
+      left = tonumber(ARGV[4 * i])
+    end
+    local amount = ARGV[4 * i - 2]
+    if tonumber(amount) > 0 then
+      local life = tonumber(ARGV[4 * i + 1])
+      if left < life then life = left end
+      redis.call('HSET', holds, ARGV[1], amount .. ':' .. (now + life))
+      if redis.call('PTTL', holds) < life then redis.call('PEXPIRE', holds, life) end
+    end
+  end
+  out[1] = 1
+end
+return out
+"""
+
+# KEYS: counters then their hold hashes. ARGV: reservation id, then delta_1, window_ms_1, ...
+_COMMIT = """
+local n = #KEYS / 2
+for i = 1, n do
+  redis.call('HDEL', KEYS[n + i], ARGV[1])
+  local d = ARGV[2 * i]
+  if tonumber(d) > 0 then
+    if not redis.call('SET', KEYS[i], d, 'PX', ARGV[2 * i + 1], 'NX') then
+      redis.call('INCRBY', KEYS[i], d)
+    end
+  end
+end
+return n
 """
 
 
@@ -363,7 +434,7 @@ class RedisStore(CounterStore):
                     await client.initialize()
                 await client.ping()
                 shas = {}
-                for source in (_CHECK, _UPDATE, _CHECK_AND_UPDATE):
+                for source in (_CHECK, _UPDATE, _CHECK_AND_UPDATE, _RESERVE, _COMMIT):
                     shas[source] = await client.script_load(source)
             except _FAILURES as exc:
                 await _close_quietly(client)
@@ -458,17 +529,59 @@ class RedisStore(CounterStore):
     async def check_and_update(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
         if not counters:
             return CheckResult(False, ())
-        if len(self._groups(counters)) > 1:
-            names = sorted({_namespace(r.key) for r in counters})
-            raise StorageError(
-                f"storage {self.uri}: check_and_update is atomic only within one namespace on "
-                f"Redis Cluster; got {names}"
-            )
+        self._one_slot(counters, "check_and_update")
         args: list[int] = [int(delta)]
         for ref in counters:
             args += [int(ref.limit), _window_ms(ref)]
         reply = await self._eval(_CHECK_AND_UPDATE, [self.redis_key(r.key) for r in counters], args)
         return _result(counters, delta, reply[1:])
+
+    async def reserve(
+        self,
+        counters: Sequence[CounterRef],
+        amounts: Sequence[int],
+        ttls: Sequence[float],
+        reservation: str,
+    ) -> CheckResult:
+        if not counters:
+            return CheckResult(False, ())
+        self._one_slot(counters, "reserve")
+        keys = [self.redis_key(r.key) for r in counters]
+        args: list[int | str] = [reservation]
+        for ref, amount, ttl in zip(counters, amounts, ttls, strict=True):
+            args += [int(amount), int(ref.limit), _window_ms(ref), max(1, round(ttl * 1000))]
+        reply = await self._eval(_RESERVE, keys + [self.holds_key(k) for k in keys], args)
+        states: list[CounterState] = []
+        limiting: int | None = None
+        for i, ref in enumerate(counters):
+            value, pttl, held = (int(x) for x in reply[1 + 3 * i : 4 + 3 * i])
+            state = CounterState(ref, value, pttl / 1000 if pttl >= 0 else ref.window, held)
+            states.append(state)
+            if value + held + max(amounts[i], 1) > ref.limit and (
+                limiting is None or state.expires_in > states[limiting].expires_in
+            ):
+                limiting = i
+        return CheckResult(limiting is not None, tuple(states), limiting)
+
+    async def commit(
+        self, counters: Sequence[CounterRef], deltas: Sequence[int], reservation: str
+    ) -> None:
+        if not counters:
+            return
+        self._one_slot(counters, "commit")
+        keys = [self.redis_key(r.key) for r in counters]
+        args: list[int | str] = [reservation]
+        for ref, delta in zip(counters, deltas, strict=True):
+            args += [int(delta), _window_ms(ref)]
+        await self._eval(_COMMIT, keys + [self.holds_key(k) for k in keys], args)
+
+    def _one_slot(self, counters: Sequence[CounterRef], verb: str) -> None:
+        if len(self._groups(counters)) > 1:
+            names = sorted({_namespace(r.key) for r in counters})
+            raise StorageError(
+                f"storage {self.uri}: {verb} is atomic only within one namespace on "
+                f"Redis Cluster; got {names}"
+            )
 
     # --- inspection and clean-up ---------------------------------------------------------
 
@@ -541,6 +654,11 @@ class RedisStore(CounterStore):
         """The Redis key of a counter key: prefix, `{namespace}` hash tag, the rest as is."""
         namespace, sep, rest = key.partition(_SEP)
         return self._prefix + f"{{{_escape_tag(namespace)}}}{sep}{rest}".encode()
+
+    def holds_key(self, redis_key: bytes) -> bytes:
+        """The hash of a counter's holds: `<prefix>r:` then the counter key's tagged part
+        (outside the counters' SCAN pattern, inside their Cluster slot)."""
+        return self._prefix + b"r:" + redis_key[len(self._prefix) :]
 
     def counter_key(self, redis_key: bytes) -> str | None:
         """The inverse of `redis_key`; None for a key this store did not write."""

@@ -208,6 +208,25 @@ class SqliteStore(MemoryStore):
             await self.start()
         return await super().check_and_update(counters, delta)
 
+    async def reserve(
+        self,
+        counters: Sequence[CounterRef],
+        amounts: Sequence[int],
+        ttls: Sequence[float],
+        reservation: str,
+    ) -> CheckResult:
+        # holds live in memory only: they last seconds, and one process owns the file
+        if self._db is None and not self._closed:
+            await self.start()
+        return await super().reserve(counters, amounts, ttls, reservation)
+
+    async def commit(
+        self, counters: Sequence[CounterRef], deltas: Sequence[int], reservation: str
+    ) -> None:
+        if self._db is None and not self._closed:
+            await self.start()
+        await super().commit(counters, deltas, reservation)
+
     async def retain(self, scopes: set[str]) -> int:
         before = set(self._counters)
         dropped = await super().retain(scopes)
