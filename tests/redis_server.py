@@ -25,6 +25,7 @@ import pytest
 
 __all__ = [
     "RedisClusterProcesses",
+    "RedisSentinelProcess",
     "RedisServer",
     "redis_cluster",
     "redis_server",
@@ -196,6 +197,67 @@ class RedisClusterProcesses:
             node.stop()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisSentinelProcess:
+    """A Redis Sentinel (`redis-server --sentinel`) watching `master` as `name`."""
+
+    def __init__(self, master: RedisServer, name: str = "tgmaster") -> None:
+        binary = require_redis()
+        self.name = name
+        self.master = master
+        self.dir = Path(tempfile.mkdtemp(prefix="sentinel-"))
+        self.port = free_port()
+        conf = self.dir / "sentinel.conf"
+        lines = [
+            f"port {self.port}",
+            f"bind {HOST}",
+            f"dir {self.dir}",
+            "protected-mode no",
+            f"sentinel monitor {name} {HOST} {master.port} 1",
+            f"sentinel down-after-milliseconds {name} 2000",
+        ]
+        if master.password:
+            lines.append(f"sentinel auth-pass {name} {master.password}")
+        conf.write_text("\n".join(lines) + "\n")
+        self.log = self.dir / "sentinel.log"
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [binary, str(conf), "--sentinel"],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while str(master.port) not in self.cli("SENTINEL", "get-master-addr-by-name", name):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis sentinel did not start: {self.output()}")
+            time.sleep(0.05)
+
+    def url(self, password: str | None = None) -> str:
+        auth = f":{password}@" if password else ""
+        return f"redis+sentinel://{auth}{HOST}:{self.port}/{self.name}/0"
+
+    def cli(self, *args: str) -> str:
+        cmd = [require_redis("redis-cli"), "-h", HOST, "-p", str(self.port), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        return done.stdout + done.stderr
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log.read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

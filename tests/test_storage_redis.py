@@ -21,12 +21,13 @@ from tokengateway.storage import (
     StorageURIError,
     open_store,
 )
-from tokengateway.storage.redis import RedisStore
+from tokengateway.storage.redis import RedisStore, parse_redis_uri
 
 # a plugin module imported by a test module too: registered first, so pytest may rewrite it
 pytest.register_assert_rewrite("tests.redis_server")
 from tests.redis_server import (  # noqa: E402
     RedisClusterProcesses,
+    RedisSentinelProcess,
     RedisServer,
     free_port,
     running_server,
@@ -475,3 +476,42 @@ def test_open_store_knows_the_redis_schemes() -> None:
     with pytest.raises(StorageURIError, match=r"unknown scheme 'foo'.*redis\+cluster://") as err:
         open_store("foo://:pw@bar")
     assert "pw" not in str(err.value)
+
+
+# --- Sentinel -----------------------------------------------------------------------------
+
+
+async def test_sentinel_finds_the_master_and_counts_there() -> None:
+    with running_server(password="s3cret") as master:
+        sentinel = RedisSentinelProcess(master)
+        try:
+            store = open_store(sentinel.url("s3cret"))
+            assert isinstance(store, RedisStore)
+            assert store.uri == sentinel.url("***")
+            await store.start()
+            try:
+                r = ref(3, 60, "via-sentinel")
+                results = [await store.check_and_update([r], 1) for _ in range(4)]
+                assert [x.limited for x in results] == [False, False, False, True]
+                assert not (await store.reserve([ref(9, 60, "h")], [4], [5.0], "x")).limited
+                # the counter is on the master the Sentinel named
+                assert master.cli("GET", store.redis_key(r.key).decode()).strip() == "3"
+            finally:
+                await store.close()
+            wrong = open_store(sentinel.url("nope"))
+            with pytest.raises(StorageError, match=r"authentication failed") as info:
+                await wrong.start()
+            assert "nope" not in str(info.value)
+        finally:
+            sentinel.stop()
+
+
+def test_sentinel_uris_are_parsed_with_secrets_hidden() -> None:
+    cfg = parse_redis_uri("redis+sentinel://:pw@a,b:26380/mymaster/2?sentinel_password=sp")
+    assert cfg.nodes == (("a", 26379), ("b", 26380))
+    assert (cfg.service, cfg.db, cfg.password, cfg.sentinel_password) == ("mymaster", 2, "pw", "sp")
+    assert cfg.shown == "redis+sentinel://:***@a,b:26380/mymaster/2?sentinel_password=***"
+    with pytest.raises(StorageURIError, match=r"name the master after the Sentinels"):
+        parse_redis_uri("redis+sentinel://a:26379")
+    with pytest.raises(StorageURIError, match=r"sentinel_password"):
+        parse_redis_uri("redis://a?sentinel_password=x")

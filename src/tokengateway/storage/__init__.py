@@ -1,9 +1,10 @@
 """Counter stores, chosen by URI: `memory://` (default, one process), `sqlite://` (one
-process, durable), `redis://`, `rediss://` (TLS), `redis+cluster://` and `rediss+cluster://`
-(shared by many replicas)."""
+process, durable), `redis://`, `rediss://` (TLS), `redis+cluster://`, `redis+sentinel://` and
+their TLS `rediss+` forms (shared by many replicas)."""
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from tokengateway.storage.base import (
@@ -27,7 +28,16 @@ __all__ = [
     "open_store",
 ]
 
-SCHEMES = ("memory", "sqlite", "redis", "rediss", "redis+cluster", "rediss+cluster")
+SCHEMES = (
+    "memory",
+    "sqlite",
+    "redis",
+    "rediss",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
 
 
 class StorageURIError(ValueError):
@@ -42,11 +52,16 @@ def hide_password(uri: str) -> str:
     scheme, sep, rest = uri.partition("://")
     at = rest.rfind("@")
     if not sep or at == -1:
-        return uri
+        return _hide_options(uri)
     user, colon, _password = rest[:at].partition(":")
     # `redis://secret@host` (no colon) is how redis-py spells a bare password: hidden too
     hidden = f"{user}:***" if colon else "***"
-    return f"{scheme}://{hidden}{rest[at:]}"
+    return _hide_options(f"{scheme}://{hidden}{rest[at:]}")
+
+
+def _hide_options(uri: str) -> str:
+    """Secrets given as options (`?sentinel_password=...`) hidden too."""
+    return re.sub(r"([?&]sentinel_password=)[^&#]*", r"\1***", uri)
 
 
 def open_store(uri: str) -> CounterStore:

@@ -1,4 +1,5 @@
-"""Counters in Redis, shared by every gateway replica (`redis://`, `rediss://`, `redis+cluster://`).
+"""Counters in Redis, shared by every gateway replica (`redis://`, `rediss://`, `redis+cluster://`,
+`redis+sentinel://host:26379,.../<master name>[/db]`).
 
 Why Lua: a limit shared by N replicas only holds if "read the counters, decide, add" happens
 inside Redis, never as a read-modify-write in Python. Each verb is one script, loaded once with
@@ -34,6 +35,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
 from tokengateway.storage import StorageURIError, hide_password
@@ -47,7 +49,14 @@ from tokengateway.storage.base import (
 
 __all__ = ["REDIS_SCHEMES", "RedisStore", "RedisURI", "hide_password", "parse_redis_uri"]
 
-REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
 DEFAULT_PREFIX = "tokengateway:"
 _SEP = "\x1f"
 _BATCH = 500  # keys per SCAN page / UNLINK / pipeline in the admin verbs
@@ -56,6 +65,7 @@ _BATCH = 500  # keys per SCAN page / UNLINK / pipeline in the admin verbs
 _FLOAT_OPTIONS = ("timeout", "connect_timeout")
 _INT_OPTIONS = ("max_connections",)
 _STR_OPTIONS = ("prefix",)
+_SENTINEL_OPTIONS = ("sentinel_password",)
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _CERT_REQS = ("required", "optional", "none")
 
@@ -199,6 +209,9 @@ class RedisURI:
     tls: bool
     nodes: tuple[tuple[str, int], ...]
     db: int = 0
+    #: the master's name when `nodes` are Sentinels (`redis+sentinel://`)
+    service: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     prefix: str = DEFAULT_PREFIX
@@ -235,6 +248,7 @@ def parse_redis_uri(uri: str) -> RedisURI:
     if not sep or scheme not in REDIS_SCHEMES:
         raise bad(f"not a Redis URI; supported: {', '.join(s + '://' for s in REDIS_SCHEMES)}")
     cluster = scheme.endswith("+cluster")
+    sentinel = scheme.endswith("+sentinel")
     tls = scheme.startswith("rediss")
     netloc, path, query_text, fragment = _split_netloc(rest)
     if fragment:
@@ -249,12 +263,18 @@ def parse_redis_uri(uri: str) -> RedisURI:
             username, password = unquote(user) or None, unquote(pw) or None
         else:
             password = unquote(user) or None
-    nodes = tuple(_parse_host(h, bad) for h in hostlist.split(","))
-    if not cluster and len(nodes) > 1:
-        raise bad(f"several hosts need {scheme}+cluster://")
+    default_port = 26379 if sentinel else 6379  # where Sentinels and servers listen
+    nodes = tuple(_parse_host(h, bad, default_port) for h in hostlist.split(","))
+    if not cluster and not sentinel and len(nodes) > 1:
+        raise bad(f"several hosts need {scheme}+cluster:// (or +sentinel://)")
 
     path = path.strip("/")
     db = 0
+    service: str | None = None
+    if sentinel:
+        service, _slash, path = path.partition("/")
+        if not service:
+            raise bad("name the master after the Sentinels: redis+sentinel://HOST:26379/MASTER")
     if path:
         if not path.isdigit():
             raise bad(f"the database must be a number, not {path!r}")
@@ -264,7 +284,13 @@ def parse_redis_uri(uri: str) -> RedisURI:
 
     options: dict[str, Any] = {}
     tls_options: dict[str, str] = {}
-    known = _FLOAT_OPTIONS + _INT_OPTIONS + _STR_OPTIONS + (_TLS_OPTIONS if tls else ())
+    known = (
+        _FLOAT_OPTIONS
+        + _INT_OPTIONS
+        + _STR_OPTIONS
+        + (_TLS_OPTIONS if tls else ())
+        + (_SENTINEL_OPTIONS if sentinel else ())
+    )
     try:
         query = parse_qsl(query_text, keep_blank_values=True, strict_parsing=bool(query_text))
     except ValueError:
@@ -291,6 +317,8 @@ def parse_redis_uri(uri: str) -> RedisURI:
                     "the Cluster hash tag)"
                 )
             options[name] = value
+        elif name == "sentinel_password":
+            options[name] = value
         else:
             if name == "ssl_cert_reqs" and value not in _CERT_REQS:
                 raise bad(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}")
@@ -302,6 +330,7 @@ def parse_redis_uri(uri: str) -> RedisURI:
         tls=tls,
         nodes=nodes,
         db=db,
+        service=service,
         username=username,
         password=password,
         tls_options=tls_options,
@@ -309,7 +338,9 @@ def parse_redis_uri(uri: str) -> RedisURI:
     )
 
 
-def _parse_host(text: str, bad: Callable[[str], StorageURIError]) -> tuple[str, int]:
+def _parse_host(
+    text: str, bad: Callable[[str], StorageURIError], default_port: int = 6379
+) -> tuple[str, int]:
     if not text:
         raise bad("a host is missing")
     if text.startswith("["):
@@ -326,7 +357,7 @@ def _parse_host(text: str, bad: Callable[[str], StorageURIError]) -> tuple[str, 
         if not host or any(c in host for c in "[]"):
             raise bad(f"bad host {text!r}")
     if not port_text:
-        return host, 6379
+        return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise bad(f"bad port {port_text!r}")
     return host, int(port_text)
@@ -419,6 +450,17 @@ class RedisStore(CounterStore):
         if c.cluster:
             nodes = [ClusterNode(host, port) for host, port in c.nodes]
             return RedisCluster(startup_nodes=nodes, **common)
+        if c.service is not None:
+            # the Sentinels name the master; a failover is followed on the next connection
+            sentinel_kwargs = {
+                "password": c.sentinel_password,
+                "socket_timeout": c.timeout,
+                "socket_connect_timeout": c.connect_timeout,
+            }
+            if c.tls:
+                sentinel_kwargs.update(ssl=True, **c.tls_options)
+            sentinels = Sentinel(list(c.nodes), sentinel_kwargs=sentinel_kwargs, **common)
+            return sentinels.master_for(c.service, db=c.db)
         host, port = c.nodes[0]
         # redis-py picks the hiredis parser by itself when `hiredis` is installed
         return aioredis.Redis(host=host, port=port, db=c.db, **common)
@@ -454,9 +496,9 @@ class RedisStore(CounterStore):
         text = str(exc) or type(exc).__name__
         if isinstance(exc, rexc.AuthenticationError) or "WRONGPASS" in text:
             text = f"authentication failed ({text})"
-        pw = self.config.password
-        if pw:
-            text = text.replace(pw, "***")
+        for secret in (self.config.password, self.config.sentinel_password):
+            if secret:
+                text = text.replace(secret, "***")
         return text
 
     # --- scripts -------------------------------------------------------------------------
