@@ -1,4 +1,5 @@
-"""One JSON line per request: who used what, and whether the count was estimated.
+"""One JSON line per request: who used what, which limit refused, and whether the count was
+estimated.
 
 Headers are never logged, so neither are API keys.
 """
@@ -20,7 +21,21 @@ __all__ = ["AccessLog", "Entry"]
 class Entry:
     """Filled in by the data path as the request goes; written when it ends."""
 
-    __slots__ = ("host", "method", "path", "request_id", "route", "start", "status", "usage")
+    __slots__ = (
+        "first_chunk",
+        "forwarded",
+        "host",
+        "limited_by",
+        "method",
+        "path",
+        "request_id",
+        "route",
+        "start",
+        "status",
+        "upstream_done",
+        "usage",
+        "user",
+    )
 
     def __init__(self, method: str, path: str) -> None:
         self.start = time.perf_counter()
@@ -31,11 +46,26 @@ class Entry:
         self.route: str | None = None
         self.status = 0
         self.usage: Usage | None = None
+        self.user: str | None = None
+        self.limited_by: str | None = None
+        # perf_counter() times: request sent upstream, first chunk back, answer complete
+        self.forwarded: float | None = None
+        self.first_chunk: float | None = None
+        self.upstream_done: float | None = None
 
     def recording(self, send: Send) -> Send:
+        """`send` that notes the status and gives every answer the request's id (unless the
+        upstream answered with its own)."""
+
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.status = message["status"]
+                if self.request_id:
+                    headers = message.get("headers")
+                    if headers is None:
+                        message["headers"] = headers = []
+                    if not any(k == b"x-request-id" for k, _ in headers):
+                        headers.append((b"x-request-id", self.request_id.encode("latin-1")))
             await send(message)
 
         return wrapped
@@ -51,6 +81,12 @@ class Entry:
             "status": self.status,
             "duration_ms": round((time.perf_counter() - self.start) * 1000, 3),
         }
+        if self.user is not None:
+            out["user"] = self.user
+        if self.limited_by is not None:
+            out["limited_by"] = self.limited_by
+        if self.forwarded is not None and self.upstream_done is not None:
+            out["upstream_ms"] = round((self.upstream_done - self.forwarded) * 1000, 3)
         if self.usage is not None:
             out["prompt_tokens"] = self.usage.prompt_tokens
             out["completion_tokens"] = self.usage.completion_tokens

@@ -1,7 +1,7 @@
 """The data path, one request from top to bottom.
 
-    route -> read body -> authenticate/authorize -> check limits -> forward -> read usage
-          -> report tokens
+    route -> read body -> authenticate/authorize -> check (or reserve) limits -> forward
+          -> read usage -> report (or commit) tokens -> rate-limit headers, metrics, log
 
 Each stage is a call into its own module (routing, auth, limits, proxy); this file only
 translates between HTTP (ASGI) and those libraries, and owns the order of the stages.
@@ -23,6 +23,8 @@ from tokengateway import cel
 from tokengateway.gateway.accesslog import AccessLog, Entry
 from tokengateway.gateway.config import CompiledConfig, RuleTarget
 from tokengateway.gateway.errors import send_error
+from tokengateway.gateway.metrics import Metrics
+from tokengateway.gateway.ratelimit_headers import limited_headers, success_headers
 from tokengateway.gateway.types import Receive, Scope, Send, read_body
 from tokengateway.limits import Applicable, Limiter, StorageUnavailable
 from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
@@ -56,14 +58,14 @@ class GatewayApp:
         self.upstream = upstream or Upstream()
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
+        self.metrics = Metrics()
         #: responses charged by an estimate because the upstream reported no usage
         self.estimated_usage = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             entry = Entry(scope["method"], scope["path"])
-            if self.access_log is not None:
-                send = entry.recording(send)
+            send = entry.recording(send)  # the status, and x-request-id on every answer
             try:
                 await self.handle(scope, receive, send, entry)
             except Exception:  # the last line of defence: never a stack trace to a client
@@ -72,10 +74,31 @@ class GatewayApp:
                     await send_error(
                         send, 500, "internal gateway error", "server_error", "internal_error"
                     )
+            if entry.route is not None:
+                self._count(entry)
             if self.access_log is not None:
                 self.access_log.write(entry)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+
+    def _count(self, entry: Entry) -> None:
+        usage = entry.usage
+        overhead = None
+        if entry.forwarded is not None and entry.upstream_done is not None:
+            overhead = (entry.forwarded - entry.start) + (time.perf_counter() - entry.upstream_done)
+        self.metrics.request(
+            entry.route or "",
+            entry.status,
+            usage.prompt_tokens if usage is not None else 0,
+            usage.completion_tokens if usage is not None else 0,
+            entry.upstream_done - entry.forwarded
+            if entry.forwarded is not None and entry.upstream_done is not None
+            else None,
+            entry.first_chunk - entry.forwarded
+            if entry.forwarded is not None and entry.first_chunk is not None
+            else None,
+            overhead,
+        )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -102,6 +125,8 @@ class GatewayApp:
                 value = f"{headers[name]}{'; ' if name == 'cookie' else ', '}{value}"
             headers[name] = value
         host = _hostname(headers.get("host", ""))
+        request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        entry.request_id = request_id
 
         # 1. route
         match = config.router.match(host, method, path, headers, query)
@@ -130,8 +155,6 @@ class GatewayApp:
             )
             return
 
-        request_id = headers.get("x-request-id") or str(uuid.uuid4())
-        entry.request_id = request_id
         needs_attributes = target.auth is not None or bool(target.limits)
         well_known = (
             _well_known(scope, method, path, query, host, headers, body, request_id)
@@ -163,9 +186,11 @@ class GatewayApp:
                 return
             auth_binding = decision.auth
             upstream_extra.extend(decision.success_headers)
+            entry.user = _user_of(auth_binding)
 
         # 4. check limits
         applicable = Applicable()
+        checked: CheckResult | None = None
         if target.limits:
             cel.bind_bodies(body)
             activation = cel.Activation({**well_known, "auth": auth_binding})
@@ -191,18 +216,36 @@ class GatewayApp:
                     )
                     return
                 if result.limited:
-                    await _send_limited(send, result)
+                    owners = applicable.token_limits + applicable.request_limits
+                    entry.limited_by = owners[result.limiting or 0]
+                    self.metrics.limited(target.route, entry.limited_by)
+                    await _send_limited(send, result, len(applicable.tokens))
                     return
+                self.metrics.authorized(
+                    target.route, dict.fromkeys(applicable.token_limits + applicable.request_limits)
+                )
+                checked = result
 
         # 5-7. forward, relay, report; a reservation is committed or released whatever happens
         usage: Usage | None = None
         try:
             usage = await self._forward(
-                scope, receive, send, target, headers, body, applicable, request_id, upstream_extra
+                scope,
+                receive,
+                send,
+                entry,
+                target,
+                headers,
+                body,
+                (applicable, checked),
+                request_id,
+                upstream_extra,
             )
         finally:
             if applicable.tokens:
-                await self.limiter.report(applicable, usage)
+                deltas = await self.limiter.report(applicable, usage)
+                if deltas:
+                    self.metrics.hits(target.route, applicable.token_limits, deltas)
         entry.usage = usage
 
     async def _forward(
@@ -210,14 +253,16 @@ class GatewayApp:
         scope: Scope,
         receive: Receive,
         send: Send,
+        entry: Entry,
         target: RuleTarget,
         headers: dict[str, str],
         body: bytes,
-        applicable: Applicable,
+        limits: tuple[Applicable, CheckResult | None],
         request_id: str,
         upstream_extra: list[tuple[str, str]],
     ) -> Usage | None:
         """Send the request upstream and relay the answer; the usage to charge, if any."""
+        applicable, checked = limits
         method: str = scope["method"]
         path: str = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
@@ -237,47 +282,60 @@ class GatewayApp:
             upstream_body, hide_usage = ask_for_usage(path, body)
         url = target.pick_backend() + path + (f"?{query}" if query else "")
         out_headers = _upstream_headers(scope, target, headers, request_id, upstream_extra)
+        entry.forwarded = time.perf_counter()
         try:
             resp = await self.upstream.send(method, url, out_headers, upstream_body, target.timeout)
         except UpstreamError as exc:
+            entry.upstream_done = time.perf_counter()
             await _send_upstream_error(send, exc)
             return None
 
-        # 6. relay the answer, reading its usage
-        stream: SSEStream | None = None
-        payload = b""
+        # 6. relay the answer, reading its usage; a response without usage is charged an
+        # estimate. Rate-limit headers replace the upstream's own.
         if resp.content_type == "text/event-stream":
             stream = SSEStream(hide_usage)
+            if checked is not None:
+                n = len(applicable.tokens)
+                _with_limits(resp.headers, success_headers(checked, n, applicable.countings, None))
             scope["tokengateway.started"] = True
-            await self._relay_stream(resp, stream, receive, send, path)
+            await self._relay_stream(resp, stream, receive, send, path, entry)
+            entry.upstream_done = time.perf_counter()
             usage = stream.usage
-        else:
-            relayed = await self._relay_body(resp, send)
-            if relayed is None:
-                return None
-            payload = relayed
-            usage = usage_from_json(payload)
-
-        # 7. what to report: a response without usage is charged an estimate
-        if applicable.tokens and usage is None and 200 <= resp.status < 300:
-            answer = stream.text if stream is not None else completion_text_of(payload)
-            usage = estimate_usage(_json_or_none(body), answer)
-            self.estimated_usage += 1
-        return usage
-
-    async def _relay_body(self, resp: UpstreamResponse, send: Send) -> bytes | None:
+            if applicable.tokens and usage is None and 200 <= resp.status < 300:
+                usage = self._estimate(body, stream.text)
+            return usage
         try:
             payload = await resp.read()
         except UpstreamError as exc:
+            entry.upstream_done = time.perf_counter()
             await _send_upstream_error(send, exc)
             return None
+        entry.upstream_done = time.perf_counter()
+        usage = usage_from_json(payload)
+        if applicable.tokens and usage is None and 200 <= resp.status < 300:
+            usage = self._estimate(body, completion_text_of(payload))
+        if checked is not None:
+            limit_headers = success_headers(
+                checked, len(applicable.tokens), applicable.countings, usage
+            )
+            _with_limits(resp.headers, limit_headers)
         resp.headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
         await send({"type": "http.response.body", "body": payload})
-        return payload
+        return usage
+
+    def _estimate(self, body: bytes, answer: str) -> Usage:
+        self.estimated_usage += 1
+        return estimate_usage(_json_or_none(body), answer)
 
     async def _relay_stream(
-        self, resp: UpstreamResponse, stream: SSEStream, receive: Receive, send: Send, path: str
+        self,
+        resp: UpstreamResponse,
+        stream: SSEStream,
+        receive: Receive,
+        send: Send,
+        path: str,
+        entry: Entry,
     ) -> None:
         """Pass events on as they arrive. A client that goes away stops the upstream (its
         tokens so far are still charged); an upstream that breaks gets an error event."""
@@ -301,6 +359,8 @@ class GatewayApp:
                     failure = exc
                     log.warning("%s: %s", path, exc)
                     break
+                if entry.first_chunk is None:
+                    entry.first_chunk = time.perf_counter()
                 out = stream.feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -421,19 +481,44 @@ async def _send_denied(send: Send, decision: authlib.AuthDecision) -> None:
     await send_error(send, decision.status, message, type_, code, headers=decision.deny_headers)
 
 
-async def _send_limited(send: Send, result: CheckResult) -> None:
+async def _send_limited(send: Send, result: CheckResult, token_counters: int) -> None:
+    headers, quota = limited_headers(result, token_counters)
     retry = max(1, math.ceil(result.retry_after))
-    state = result.states[result.limiting] if result.limiting is not None else None
-    limit = state.ref.limit if state else 0
-    window = _window_text(state.ref.window) if state else "window"
+    state = result.states[result.limiting or 0]
+    kind = "tokens" if (result.limiting or 0) < token_counters else "requests"
+    window = _window_text(state.ref.window)
+    what = "quota" if quota else "rate limit"
     await send_error(
         send,
         429,
-        f"rate limit exceeded: limit of {limit} per {window} reached; retry in {retry}s",
-        "rate_limit_exceeded",
-        "rate_limit_exceeded",
-        headers=[("retry-after", str(retry))],
+        f"{what} exceeded: limit of {state.ref.limit} {kind} per {window} reached; "
+        f"retry in {retry}s",
+        "insufficient_quota" if quota else "rate_limit_exceeded",
+        "insufficient_quota" if quota else "rate_limit_exceeded",
+        raw_headers=headers,
     )
+
+
+def _with_limits(headers: list[tuple[bytes, bytes]], limits: list[tuple[bytes, bytes]]) -> None:
+    """Put our rate-limit headers in place of any the upstream sent."""
+    if not limits:
+        return
+    headers[:] = [h for h in headers if not h[0].startswith(b"x-ratelimit-")]
+    headers.extend(limits)
+
+
+def _user_of(auth: dict[str, Any]) -> str | None:
+    """Who the request is, for the access log: the identity's user id, subject or name."""
+    identity = auth.get("identity")
+    if isinstance(identity, dict):
+        for key in ("userid", "sub", "username"):
+            value = identity.get(key)
+            if isinstance(value, str) and value:
+                return value
+        meta = identity.get("metadata")
+        if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+            return str(meta["name"])
+    return None
 
 
 def _window_text(seconds: float) -> str:

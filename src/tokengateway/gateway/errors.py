@@ -32,6 +32,7 @@ async def send_error(
     code: str | None = None,
     headers: Iterable[tuple[str, str]] = (),
     param: str | None = None,
+    raw_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     body = error_body(message, type_, code, param)
     raw = [
@@ -39,5 +40,6 @@ async def send_error(
         (b"content-length", str(len(body)).encode()),
     ]
     raw.extend((k.lower().encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers)
+    raw.extend(raw_headers)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})

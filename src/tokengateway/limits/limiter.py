@@ -52,12 +52,24 @@ class Applicable:
     """The counters of one request, split by what counts them; `countings[i]` says which
     tokens `tokens[i]` counts."""
 
-    __slots__ = ("amounts", "countings", "requests", "reservation", "tokens", "ttls")
+    __slots__ = (
+        "amounts",
+        "countings",
+        "request_limits",
+        "requests",
+        "reservation",
+        "token_limits",
+        "tokens",
+        "ttls",
+    )
 
     def __init__(self) -> None:
         self.tokens: list[CounterRef] = []
         self.countings: list[Counting] = []
         self.requests: list[CounterRef] = []
+        #: the identifier of the limit each of `tokens` / `requests` counts for
+        self.token_limits: list[str] = []
+        self.request_limits: list[str] = []
         #: tokens to hold on each of `tokens` (None: no limit reserves, check instead)
         self.amounts: list[int] | None = None
         self.ttls: list[float] = []
@@ -142,6 +154,7 @@ class Limiter:
             refs = limit.counter_refs(namespace, values)
             if not limit.counts_tokens:
                 out.requests.extend(refs)
+                out.request_limits.extend([limit.identifier] * len(refs))
                 continue
             held = limit.reservation if reservations else None
             if held is not None and out.amounts is None:
@@ -163,6 +176,7 @@ class Limiter:
                 out.ttls.extend([ttl] * len(refs))
             out.tokens.extend(refs)
             out.countings.extend([limit.counting] * len(refs))
+            out.token_limits.extend([limit.identifier] * len(refs))
         return out
 
     async def check(self, applicable: Applicable) -> CheckResult:
@@ -185,9 +199,7 @@ class Limiter:
                 requests = await self.store.check_and_update(applicable.requests, 1)
                 if requests.limited:
                     await self._release(applicable)
-                if requests.limited or tokens is None:
-                    return requests
-                return _merge(tokens, requests)
+                return requests if tokens is None else _merge(tokens, requests)
             return tokens or _NOT_LIMITED
         except StorageError as exc:
             self._failed(exc)
@@ -196,20 +208,20 @@ class Limiter:
                 raise StorageUnavailable(str(exc)) from None
             return _NOT_LIMITED
 
-    async def report(self, applicable: Applicable, usage: Usage | None) -> None:
+    async def report(self, applicable: Applicable, usage: Usage | None) -> list[int]:
         """Add each counter's cost of `usage`; a cost of 0 counts as 1 (Kuadrant's rule).
         A reservation is committed: its hold goes, the usage is added. Without usage (the
-        upstream failed), only the hold is released."""
+        upstream failed), only the hold is released. The deltas added, one per counter."""
         if not applicable.tokens:
-            return
+            return []
         if usage is None:
             await self._release(applicable)
-            return
+            return []
         deltas = [max(c.cost(usage), 1) for c in applicable.countings]
         reservation, applicable.reservation = applicable.reservation, None
         if self.pending:  # keep the order: behind what waits for the store
             self._keep(applicable.tokens, deltas)  # (a hold left behind expires alone)
-            return
+            return deltas
         try:
             if reservation is not None:
                 await self.store.commit(applicable.tokens, deltas, reservation)
@@ -218,6 +230,7 @@ class Limiter:
         except StorageError as exc:
             self._failed(exc)
             self._keep(applicable.tokens, deltas)
+        return deltas
 
     async def _release(self, applicable: Applicable) -> None:
         """Give a reservation's hold back without charging anything."""
@@ -265,4 +278,6 @@ class Limiter:
 
 
 def _merge(a: CheckResult, b: CheckResult) -> CheckResult:
-    return CheckResult(a.limited or b.limited, a.states + b.states, None)
+    """`a`'s states then `b`'s; the limiting counter is `b`'s (only `b` may be limited)."""
+    limiting = None if b.limiting is None else len(a.states) + b.limiting
+    return CheckResult(a.limited or b.limited, a.states + b.states, limiting)

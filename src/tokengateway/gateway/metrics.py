@@ -1,0 +1,212 @@
+"""Prometheus metrics of the data path, in the text exposition format.
+
+Limitador's names come first, so that Kuadrant's dashboards work unchanged:
+`authorized_calls`, `authorized_hits` (tokens, for token limits) and `limited_calls`, each
+labelled `limitador_namespace` (the route, which is the counters' namespace) and `limit_name`
+(`policy-namespace/policy/limit`). Ours are prefixed `tokengateway_`. Every label comes from
+the configuration or a small fixed set (status codes, token kinds): no user id, so the number
+of series stays bounded.
+
+Recording is a few dict increments and a bisect per histogram: no locks (one event loop).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+
+__all__ = ["Histogram", "Metrics"]
+
+#: seconds; upstream latency and time to first token of LLMs span milliseconds to minutes
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+#: seconds; what the gateway itself adds is meant to be well under a millisecond
+OVERHEAD_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+)
+
+
+class Histogram:
+    """Cumulative-bucket histogram for one label set."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str) -> Iterable[str]:
+        sep = "," if labels else ""
+        running = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            yield f'{name}_bucket{{{labels}{sep}le="{bound:g}"}} {running}'
+        running += self.counts[-1]
+        yield f'{name}_bucket{{{labels}{sep}le="+Inf"}} {running}'
+        yield f"{name}_sum{{{labels}}} {self.sum:.6f}" if labels else f"{name}_sum {self.sum:.6f}"
+        yield f"{name}_count{{{labels}}} {running}" if labels else f"{name}_count {running}"
+
+
+_Key = tuple[str, ...]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # Limitador's: (limitador_namespace, limit_name) -> count
+        self.authorized_calls: dict[_Key, int] = {}
+        self.authorized_hits: dict[_Key, int] = {}
+        self.limited_calls: dict[_Key, int] = {}
+        # ours
+        self.requests: dict[_Key, int] = {}  # (route, status code)
+        self.tokens: dict[_Key, int] = {}  # (route, kind: prompt | completion)
+        self.upstream: dict[str, Histogram] = {}  # route -> seconds to the whole answer
+        self.first_token: dict[str, Histogram] = {}  # route -> seconds to the first chunk
+        self.overhead = Histogram(OVERHEAD_BUCKETS)
+
+    # --- recording (the data path) -------------------------------------------------------
+
+    def authorized(self, namespace: str, limits: Iterable[str]) -> None:
+        calls = self.authorized_calls
+        for name in limits:
+            key = (namespace, name)
+            calls[key] = calls.get(key, 0) + 1
+
+    def hits(self, namespace: str, limits: Sequence[str], deltas: Sequence[int]) -> None:
+        hits = self.authorized_hits
+        for name, delta in zip(limits, deltas, strict=True):
+            key = (namespace, name)
+            hits[key] = hits.get(key, 0) + delta
+
+    def limited(self, namespace: str, limit: str) -> None:
+        key = (namespace, limit)
+        self.limited_calls[key] = self.limited_calls.get(key, 0) + 1
+
+    def request(
+        self,
+        route: str,
+        status: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        upstream: float | None,
+        first_token: float | None,
+        overhead: float | None,
+    ) -> None:
+        key = (route, str(status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if prompt_tokens or completion_tokens:
+            for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+                tkey = (route, kind)
+                self.tokens[tkey] = self.tokens.get(tkey, 0) + n
+        if upstream is not None:
+            hist = self.upstream.get(route)
+            if hist is None:
+                hist = self.upstream[route] = Histogram(LATENCY_BUCKETS)
+            hist.observe(upstream)
+        if first_token is not None:
+            hist = self.first_token.get(route)
+            if hist is None:
+                hist = self.first_token[route] = Histogram(LATENCY_BUCKETS)
+            hist.observe(first_token)
+        if overhead is not None:
+            self.overhead.observe(overhead)
+
+    def retain(self, routes: set[str]) -> None:
+        """Forget the series of routes no longer configured (bounded across reloads)."""
+        for table in (
+            self.authorized_calls,
+            self.authorized_hits,
+            self.limited_calls,
+            self.requests,
+            self.tokens,
+        ):
+            for key in [k for k in table if k[0] not in routes and k[0] != ""]:
+                del table[key]
+        for hists in (self.upstream, self.first_token):
+            for route in [r for r in hists if r not in routes]:
+                del hists[route]
+
+    # --- exposition ----------------------------------------------------------------------
+
+    def render(self, gauges: Iterable[tuple[str, str, str, float]] = ()) -> str:
+        """The text format; `gauges` adds (name, type, help, value) single-value series."""
+        out: list[str] = []
+        limitador = (
+            ("authorized_calls", "Requests let through, per limit.", self.authorized_calls),
+            (
+                "authorized_hits",
+                "Hits (tokens for token limits) added, per limit.",
+                self.authorized_hits,
+            ),
+            ("limited_calls", "Requests refused, per limit.", self.limited_calls),
+        )
+        for name, help_, table in limitador:
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+            for (ns, limit), value in sorted(table.items()):
+                out.append(
+                    f'{name}{{limitador_namespace="{_esc(ns)}",limit_name="{_esc(limit)}"}} {value}'
+                )
+        name = "tokengateway_requests_total"
+        out += [f"# HELP {name} Requests answered, by route and status.", f"# TYPE {name} counter"]
+        for (route, status), value in sorted(self.requests.items()):
+            out.append(f'{name}{{route="{_esc(route)}",status="{status}"}} {value}')
+        name = "tokengateway_tokens_total"
+        out += [f"# HELP {name} Tokens used, by route and kind.", f"# TYPE {name} counter"]
+        for (route, kind), value in sorted(self.tokens.items()):
+            out.append(f'{name}{{route="{_esc(route)}",kind="{kind}"}} {value}')
+        for name, help_, hists in (
+            (
+                "tokengateway_upstream_latency_seconds",
+                "Seconds from forwarding to the end of the upstream's answer.",
+                self.upstream,
+            ),
+            (
+                "tokengateway_time_to_first_token_seconds",
+                "Seconds from forwarding to a stream's first chunk.",
+                self.first_token,
+            ),
+        ):
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+            for route, hist in sorted(hists.items()):
+                out.extend(hist.lines(name, f'route="{_esc(route)}"'))
+        name = "tokengateway_overhead_seconds"
+        out += [
+            f"# HELP {name} Seconds the gateway spent on a request outside the upstream.",
+            f"# TYPE {name} histogram",
+        ]
+        out.extend(self.overhead.lines(name, ""))
+        for gname, gtype, help_, value in gauges:
+            full = f"tokengateway_{gname}"
+            out += [f"# HELP {full} {help_}", f"# TYPE {full} {gtype}", f"{full} {value:g}"]
+        return "\n".join(out) + "\n"
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
