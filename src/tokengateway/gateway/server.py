@@ -24,7 +24,7 @@ from tokengateway.gateway.config import CompiledConfig, needed_services
 from tokengateway.gateway.control import ControlPlane
 from tokengateway.limits import counter_scope
 from tokengateway.resources import load_paths, parse_resources
-from tokengateway.storage import open_store
+from tokengateway.storage import CounterStore, open_store
 
 __all__ = [
     "LoadedConfig",
@@ -202,6 +202,8 @@ class ServeOptions:
     access_log: bool = True
     watch_interval: float = 1.0
     on_storage_error: str = "allow"
+    #: processes serving the listen socket; more than 1 needs a shared store (workers.py)
+    workers: int = 1
 
 
 class _Dispatch:
@@ -220,28 +222,76 @@ class _Dispatch:
             await self.gateway(scope, receive, send)
 
 
+def gateway_app(
+    config: CompiledConfig, store: CounterStore, access_log: bool, on_storage_error: str
+) -> GatewayApp:
+    """The data path, as every gateway process builds it (the leader and `--workers`
+    followers)."""
+    return GatewayApp(
+        config,
+        store,
+        access_log=AccessLog() if access_log else None,
+        on_storage_error=on_storage_error,
+    )
+
+
+def uvicorn_config(app: Any) -> Any:
+    """How every gateway process runs uvicorn (the leader and `--workers` followers)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+        server_header=False,
+    )
+
+
 def serve_gateway(
     options: ServeOptions,
     stdin: TextIO | None = None,
     on_ready: Callable[[CompiledConfig, tuple[str, int], tuple[str, int]], None] | None = None,
 ) -> None:
     """Load, start simulators, serve until SIGINT/SIGTERM, stop simulators. Raises the
-    loading errors (ValueError subclasses) before anything listens."""
+    loading errors (ValueError subclasses) before anything listens.
+
+    With `options.workers` > 1 this process is the leader of `workers.WorkerPool`: all of
+    the above, plus followers that serve the same socket with every configuration it
+    publishes (see workers.py)."""
     import uvicorn
 
     sims = Simulators()
     store = open_store(options.storage)
     holder: dict[str, Any] = {}
+    pool = None
+    if options.workers > 1:
+        from tokengateway.gateway.workers import WorkerPool
+
+        settings = {
+            "storage": options.storage,
+            "on_storage_error": options.on_storage_error,
+            "access_log": options.access_log,
+        }
+        pool = WorkerPool(options.workers - 1, settings)
 
     def publish(config: CompiledConfig) -> None:
         app = holder.get("app")
         loop = holder.get("loop")
-        if app is None:
-            return
-        app.config = config  # one assignment: requests in flight keep the one they started with
-        scopes = {counter_scope(t.route, lim.identifier) for t in config.rules for lim in t.limits}
-        if loop is not None:
-            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(store.retain(scopes)))
+        if app is not None:
+            app.config = config  # one assignment: requests in flight keep the one they started with
+            scopes = {
+                counter_scope(t.route, lim.identifier) for t in config.rules for lim in t.limits
+            }
+            if loop is not None:
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(store.retain(scopes)))
+        if pool is not None:
+            # the control plane sets backend_urls before it publishes; followers compile the
+            # same documents with the same URLs, and the store's retain is ours alone
+            pool.publish(config, control.backend_urls)
 
     def start_backends(plans: Mapping[str, BackendPlan]) -> dict[str, str]:
         urls = sims.start(plans)
@@ -256,29 +306,14 @@ def serve_gateway(
         sims.prune(holder.get("plans", {}))
         gateway_sock = _socket(options.listen)
         admin_sock = _socket(options.admin)
-        app = GatewayApp(
-            config,
-            store,
-            access_log=AccessLog() if options.access_log else None,
-            on_storage_error=options.on_storage_error,
-        )
+        app = gateway_app(config, store, options.access_log, options.on_storage_error)
         holder["app"] = app
         admin_port = admin_sock.getsockname()[1]
         control.listen_address = gateway_sock.getsockname()[:2]
         admin = AdminApp(control, app, options.admin_token)
         # The socket goes to serve(sockets=...), not Config(fd=...): uvicorn wraps a bare fd
         # as a Unix socket, so TCP_NODELAY is never set and each response waits ~40 ms.
-        uv = uvicorn.Config(
-            _Dispatch(app, admin, admin_port),
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            access_log=False,
-            log_level="warning",
-            timeout_keep_alive=30,
-            server_header=False,
-        )
-        server = uvicorn.Server(uv)
+        server = uvicorn.Server(uvicorn_config(_Dispatch(app, admin, admin_port)))
 
         async def main() -> None:
             holder["loop"] = asyncio.get_running_loop()
@@ -292,6 +327,10 @@ def serve_gateway(
                 else None
             )
             replayer = asyncio.create_task(app.limiter.replay_loop())
+            supervisor = None
+            if pool is not None and server.started:
+                pool.start(gateway_sock)  # here: the main thread (see WorkerPool)
+                supervisor = asyncio.create_task(pool.supervise(lambda: server.should_exit))
             if server.started and on_ready is not None:
                 on_ready(config, gateway_sock.getsockname()[:2], admin_sock.getsockname()[:2])
             try:
@@ -300,6 +339,10 @@ def serve_gateway(
                 replayer.cancel()
                 if watcher is not None:
                     watcher.cancel()
+                if supervisor is not None:
+                    supervisor.cancel()
+                if pool is not None:
+                    pool.terminate()
 
         # uvicorn restores the previous handlers after a graceful shutdown and raises the
         # signal again; with the default handlers that would kill us before the simulators
@@ -313,6 +356,8 @@ def serve_gateway(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     finally:
+        if pool is not None:
+            pool.stop()  # before the simulators: followers may still be answering
         sims.stop()
 
 

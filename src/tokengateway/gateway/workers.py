@@ -1,0 +1,421 @@
+"""`serve --workers N`: N processes serve one address and enforce one limit.
+
+The process `serve` starts, the *leader*, is the single-process gateway unchanged: control
+plane, watched files, admin API, simulators, and it serves gateway traffic too. It starts
+N-1 *followers* (`python -m tokengateway.gateway.workers`) and hands each, by file
+descriptor:
+
+* the bound listen socket: every process accepts on it and the kernel gives each new
+  connection to the one that accepts first (a busy process comes back to accept later);
+* one end of a socketpair, the *channel*. The leader first sends the settings (store URI,
+  `--on-storage-error`, `--access-log`), then, each time it publishes a configuration, the
+  documents that configuration was compiled from and the backend URLs it resolved (simulators
+  run in the leader only). The follower compiles the same `CompiledConfig`, swaps it in with
+  one assignment (as the leader does), and answers with the message's generation number.
+  The leader's publish waits (bounded by `ACK_TIMEOUT`) until every live follower answered,
+  so when `apply` returns or a file reload is logged, every worker enforces the change.
+
+Messages are a 4-byte length and a pickle of plain data (dicts, lists, strings, numbers):
+the documents exactly as the leader's YAML loader produced them, which JSON could not
+always carry unchanged (a YAML mapping may have integer keys). The channel is a private
+socketpair between the leader and a child it started from the same code; nothing else can
+write to it.
+
+Followers have no control plane, admin API, file watcher nor simulators; they run the
+limiter's replay loop. Their counters are shared through the store, so only stores that
+several processes share (Redis) are accepted (`storage_problem`); removing the counters of
+deleted limits (`store.retain`) is left to the leader.
+
+Stopping: SIGINT/SIGTERM to the leader stops its server and sends SIGTERM to every follower;
+each finishes its requests as the leader does, and the leader waits for them. A leader that
+dies outright takes them along: PR_SET_PDEATHSIG (Linux) and, anywhere, the channel's end of
+file. A follower that exits while the leader serves is logged and started again after 1 s;
+one that keeps dying soon after its start waits twice as long each time, up to 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tokengateway.gateway.config import CompiledConfig, compile_config
+from tokengateway.gateway.server import (
+    _die_with_parent,
+    _raise_stop,
+    _run_loop,
+    _Stop,
+    gateway_app,
+    uvicorn_config,
+)
+from tokengateway.resources import Document, parse_resources
+from tokengateway.storage import SCHEMES, open_store
+
+__all__ = ["SHARED_SCHEMES", "WorkerPool", "storage_problem"]
+
+log = logging.getLogger("tokengateway.workers")
+
+#: counter stores several processes share: every Redis form (server, TLS, Cluster, Sentinel)
+SHARED_SCHEMES = tuple(s for s in SCHEMES if s.startswith("redis"))
+#: how long a publish waits for the followers to confirm the new configuration
+ACK_TIMEOUT = 10.0
+#: a follower that ran this long before exiting is restarted after the shortest delay
+STABLE_AFTER = 30.0
+RESTART_DELAY_MIN = 1.0
+RESTART_DELAY_MAX = 30.0
+
+_LENGTH = struct.Struct("!I")
+_ACK = struct.Struct("!Q")
+
+
+def storage_problem(uri: str, workers: int) -> str | None:
+    """Why `--workers` cannot run on this store, in one line; None when it can."""
+    scheme = uri.partition("://")[0].lower()
+    if workers <= 1 or scheme in SHARED_SCHEMES:
+        return None
+    if scheme == "memory":
+        why = (
+            "with memory:// each worker process would keep its own counters "
+            f"and let through up to {workers} times the limit"
+        )
+    elif scheme == "sqlite":
+        why = "a sqlite:// file is held by one process"
+    else:
+        why = f"{scheme}:// is not a store several processes share"
+    return (
+        f"--workers {workers} needs a counter store shared by the workers: {why}; "
+        "use --storage redis://HOST:PORT/DB"
+    )
+
+
+# --- the channel --------------------------------------------------------------------------
+
+
+def _frame(message: Any) -> bytes:
+    blob = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(blob)) + blob
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    """`size` bytes, or None at end of file (or a broken channel)."""
+    chunks = []
+    while size:
+        try:
+            chunk = sock.recv(min(size, 1 << 20))
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(sock: socket.socket) -> Any:
+    head = _read_exactly(sock, _LENGTH.size)
+    if head is None:
+        return None
+    blob = _read_exactly(sock, _LENGTH.unpack(head)[0])
+    return None if blob is None else pickle.loads(blob)  # our own child: trusted
+
+
+def config_message(config: CompiledConfig, backends: Mapping[str, str]) -> dict[str, Any]:
+    """What a follower needs to compile `config` again: its documents and backend URLs."""
+    return {
+        "documents": [(r.source, r.raw) for r in config.resources],
+        "backends": dict(backends),
+    }
+
+
+def compile_message(
+    message: Mapping[str, Any], previous: CompiledConfig | None = None
+) -> CompiledConfig:
+    resources = parse_resources([Document(s, d) for s, d in message["documents"]])
+    return compile_config(resources, message["backends"], previous=previous)
+
+
+# --- the leader's side --------------------------------------------------------------------
+
+
+class _Follower:
+    def __init__(self, number: int, proc: subprocess.Popen[bytes], channel: socket.socket):
+        self.number = number  # the leader is worker 1
+        self.proc = proc
+        self.channel = channel
+        self.started = time.monotonic()
+        self.acked = 0  # the last generation it confirmed
+        self.connected = True  # False once its channel ended
+        self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+
+class WorkerPool:
+    """The leader's followers: started, kept up to date, restarted, stopped.
+
+    Spawn and restart from the main thread only: PR_SET_PDEATHSIG fires when the *thread*
+    that started the child ends, not the process."""
+
+    def __init__(self, followers: int, settings: Mapping[str, Any]) -> None:
+        self.followers = followers
+        self._settings = _frame(dict(settings))
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._latest: bytes | None = None
+        self._running: dict[int, _Follower] = {}
+        self._delays: dict[int, float] = {}
+        self._sock: socket.socket | None = None
+        self.stopping = False
+
+    def publish(self, config: CompiledConfig, backends: Mapping[str, str]) -> None:
+        """Send a new configuration to every follower and wait until each live one serves it
+        (any thread; the control plane calls it from worker threads)."""
+        with self._cond:
+            self._generation += 1
+            generation = self._generation
+            self._latest = _frame({"generation": generation, **config_message(config, backends)})
+            for follower in self._running.values():
+                follower.outbox.put(self._latest)
+            deadline = time.monotonic() + ACK_TIMEOUT
+            while True:
+                behind = [
+                    f
+                    for f in self._running.values()
+                    if f.connected and f.acked < generation and not self.stopping
+                ]
+                if not behind:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning(
+                        "worker %s did not confirm the new configuration within %gs",
+                        ", ".join(str(f.number) for f in behind),
+                        ACK_TIMEOUT,
+                    )
+                    return
+                self._cond.wait(left)
+
+    def start(self, sock: socket.socket) -> None:
+        """Start every follower on the leader's listen socket (main thread)."""
+        self._sock = sock
+        for number in range(2, self.followers + 2):
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        assert self._sock is not None
+        ours, theirs = socket.socketpair()
+        listen_fd = self._sock.fileno()
+        cmd = [sys.executable, "-m", "tokengateway.gateway.workers"]
+        cmd += [str(listen_fd), str(theirs.fileno()), f"{number}/{self.followers + 1}"]
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                pass_fds=(listen_fd, theirs.fileno()),
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # so that its end of file reaches us when the follower ends
+        follower = _Follower(number, proc, ours)
+        with self._cond:
+            follower.outbox.put(self._settings)
+            if self._latest is not None:
+                follower.outbox.put(self._latest)
+            self._running[number] = follower
+        threading.Thread(
+            target=self._send_loop, args=(follower,), name=f"worker-{number}-send", daemon=True
+        ).start()
+        threading.Thread(
+            target=self._ack_loop, args=(follower,), name=f"worker-{number}-ack", daemon=True
+        ).start()
+
+    @staticmethod
+    def _send_loop(follower: _Follower) -> None:
+        while True:
+            frame = follower.outbox.get()
+            if frame is None:
+                return
+            try:
+                follower.channel.sendall(frame)
+            except OSError:
+                return  # the follower is gone; the supervisor starts it again
+
+    def _ack_loop(self, follower: _Follower) -> None:
+        while True:
+            data = _read_exactly(follower.channel, _ACK.size)
+            with self._cond:
+                if data is None:
+                    follower.connected = False
+                else:
+                    follower.acked = max(follower.acked, _ACK.unpack(data)[0])
+                self._cond.notify_all()
+            if data is None:
+                return
+
+    async def supervise(self, stopping: Callable[[], bool], interval: float = 0.2) -> None:
+        """Start again the followers that exit while the leader serves; once `stopping()`,
+        ask every follower to stop (they finish their requests while the leader finishes
+        its own) and return."""
+        restart_at: dict[int, float] = {}
+        while not stopping():
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for number, follower in list(self._running.items()):
+                code = follower.proc.poll()
+                if code is None or stopping():
+                    continue
+                if number not in restart_at:
+                    previous = self._delays.get(number)
+                    quick = now - follower.started < STABLE_AFTER
+                    delay = (
+                        min(previous * 2, RESTART_DELAY_MAX)
+                        if quick and previous
+                        else RESTART_DELAY_MIN
+                    )
+                    self._delays[number] = delay
+                    restart_at[number] = now + delay
+                    log.error(
+                        "worker %d (pid %d) %s; starting it again in %gs",
+                        number,
+                        follower.proc.pid,
+                        _how_it_ended(code),
+                        delay,
+                    )
+                elif now >= restart_at[number]:
+                    del restart_at[number]
+                    self._retire(follower)
+                    try:
+                        self._spawn(number)
+                    except OSError as exc:
+                        log.error("worker %d could not be started: %s", number, exc)
+                        restart_at[number] = now + self._delays[number]
+        self.terminate()
+
+    def _retire(self, follower: _Follower) -> None:
+        follower.outbox.put(None)
+        with contextlib.suppress(OSError):
+            follower.channel.shutdown(socket.SHUT_RDWR)
+        follower.channel.close()
+
+    def terminate(self) -> None:
+        """SIGTERM to every follower still running; does not wait."""
+        with self._cond:
+            self.stopping = True
+            self._cond.notify_all()
+        for follower in self._running.values():
+            if follower.proc.poll() is None:
+                follower.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every follower: SIGTERM, then SIGKILL for those still there after `timeout`."""
+        self.terminate()
+        deadline = time.monotonic() + timeout
+        for follower in self._running.values():
+            try:
+                follower.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d did not stop within %gs: killed", follower.number, timeout)
+                follower.proc.kill()
+                follower.proc.wait()
+            self._retire(follower)
+
+
+def _how_it_ended(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+# --- the follower's side ------------------------------------------------------------------
+
+
+def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
+    """Serve gateway traffic on the inherited socket with the configurations the leader
+    sends, until SIGTERM/SIGINT or the leader's end; the exit code."""
+    import uvicorn
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
+    channel = socket.socket(fileno=channel_fd)
+    failed: list[str] = []
+    try:
+        settings = _receive(channel)
+        first = _receive(channel)
+        if settings is None or first is None:
+            return 0  # the leader ended before we started
+        config = compile_message(first)
+        store = open_store(settings["storage"])
+        app = gateway_app(config, store, settings["access_log"], settings["on_storage_error"])
+        server = uvicorn.Server(uvicorn_config(app))
+        sock = socket.socket(fileno=listen_fd)
+
+        def stop(reason: str | None = None) -> None:
+            if reason is not None:
+                failed.append(reason)
+            server.should_exit = True
+
+        def follow(loop: asyncio.AbstractEventLoop) -> None:
+            """The leader's messages, until its end: compile, swap, confirm."""
+            while True:
+                message = _receive(channel)
+                if message is None:
+                    break
+                try:
+                    new = compile_message(message, previous=app.config)
+                except Exception as exc:  # never serve a configuration the leader does not
+                    log.exception("worker %s: cannot build the leader's configuration", name)
+                    loop.call_soon_threadsafe(stop, f"configuration refused: {exc}")
+                    return
+                app.config = new  # one assignment: requests in flight keep their own
+                try:
+                    channel.sendall(_ACK.pack(message["generation"]))
+                except OSError:
+                    break
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                loop.call_soon_threadsafe(stop)
+
+        async def main() -> None:
+            await store.start()  # an unreachable store stops us here, with its reason
+            task = asyncio.create_task(server.serve(sockets=[sock]))
+            while not server.started and not task.done():
+                await asyncio.sleep(0.01)
+            replayer = asyncio.create_task(app.limiter.replay_loop())
+            if server.started:
+                channel.sendall(_ACK.pack(first["generation"]))
+                threading.Thread(
+                    target=follow, args=(asyncio.get_running_loop(),), daemon=True
+                ).start()
+                print(f"worker {name} (pid {os.getpid()}) serving", file=sys.stderr, flush=True)
+            try:
+                await task
+            finally:
+                replayer.cancel()
+
+        _run_loop(main())
+    except _Stop:
+        pass
+    except Exception as exc:
+        print(f"error: worker {name}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if failed:
+        print(f"error: worker {name}: {failed[0]}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # the leader starts: python -m ... LISTEN_FD CHANNEL_FD N/TOTAL
+    sys.exit(run_follower(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
