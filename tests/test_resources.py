@@ -1048,7 +1048,7 @@ def test_limit_fields(tmp_path: Path) -> None:
         f'{prefix}.limits.free.rates[1].limit: must be an integer, got string "5"',
         f"{prefix}.limits.free.rates[2].limit: required",
         f"{prefix}.limits.free.counters[0].expression: must not be empty",
-        f'{prefix}.limits.free.rate: unknown field "rate" (allowed: counters, counting, rates, when)',
+        f'{prefix}.limits.free.rate: unknown field "rate" (allowed: counters, counting, rates, reservation, when)',
         f"{prefix}.when[0].predicate: must not be empty",
     ]
 

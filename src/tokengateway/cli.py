@@ -15,6 +15,7 @@ import click
 
 from tokengateway import __version__
 from tokengateway.kubectl import register as register_resource_commands
+from tokengateway.top import register as register_top_command
 
 TUTORIAL_DIR = Path(__file__).parent / "tutorial"
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -112,6 +113,14 @@ _backend = click.option(
     show_default=True,
     help="One JSON line per request on standard output.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes serving --listen (use several CPU cores); more than 1 needs "
+    "--storage redis://... so that they share the counters.",
+)
 @click.option("--fd", type=int, default=None, hidden=True)
 @click.option("--admin-fd", type=int, default=None, hidden=True)
 def serve(
@@ -124,6 +133,7 @@ def serve(
     on_storage_error: str,
     backends: tuple[str, ...],
     access_log: bool,
+    workers: int,
     fd: int | None,
     admin_fd: int | None,
 ) -> None:
@@ -140,6 +150,12 @@ def serve(
         overrides = parse_backend_overrides(backends)
     except (ValueError, StorageURIError) as exc:
         _fail(str(exc))
+    if workers > 1:
+        from tokengateway.gateway.workers import storage_problem
+
+        problem = storage_problem(storage, workers)
+        if problem is not None:
+            _fail(problem)
     if admin_token is None and not _loopback(admin_address[0]) and admin_fd is None:
         _fail(
             f"--admin {admin} is not on loopback: set --admin-token (or TOKENGATEWAY_ADMIN_TOKEN)"
@@ -154,12 +170,20 @@ def serve(
         state_dir=state_dir or _default_state_dir(admin_address),
         access_log=access_log,
         on_storage_error=on_storage_error,
+        workers=workers,
     )
 
     def ready(config, where: tuple[str, int], admin_where: tuple[str, int]) -> None:  # type: ignore[no-untyped-def]
         for warning in config.warnings:
             click.echo(f"warning: {warning}", err=True)
         click.echo(_banner(config, *where), err=True)
+        if workers > 1:
+            from tokengateway.storage import hide_password
+
+            click.echo(
+                f"{workers} worker processes on this address, counters in {hide_password(storage)}",
+                err=True,
+            )
         click.echo(f"admin API on http://{admin_where[0]}:{admin_where[1]}", err=True)
 
     try:
@@ -266,3 +290,4 @@ def demo(listen: str) -> None:
 
 
 register_resource_commands(main)
+register_top_command(main)

@@ -1,8 +1,10 @@
-"""The admin API: apply / get / delete resources, and Limitador-style limits and counters.
+"""The admin API: apply / get / delete resources, Limitador-style limits and counters, and
+the usage page (`GET /ui`, fed by `GET /usage`).
 
 Served on its own address (default 127.0.0.1:9090). Beyond loopback it needs a bearer
-token. Every error is a 4xx with `{"error": {"message", "details"}}`, never a 500 for bad
-input; changes run in a worker thread so the data path never waits for a reload.
+token; the usage page, opened in a browser, may carry it as `?token=` instead. Every error
+is a 4xx with `{"error": {"message", "details"}}`, never a 500 for bad input; changes run
+in a worker thread so the data path never waits for a reload.
 """
 
 from __future__ import annotations
@@ -10,23 +12,40 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote
 
 import msgspec
 
+from tokengateway.gateway import ui
 from tokengateway.gateway.config import ConfigError
 from tokengateway.gateway.control import ControlPlane, NotFoundError
 from tokengateway.gateway.types import Receive, Scope, Send, read_body
-from tokengateway.limits import Limit, parse_counter_key
+from tokengateway.limits import Limit, Rate, parse_counter_key
 from tokengateway.resources import ManifestError
 from tokengateway.resources.kinds import CLUSTER_SCOPED, UnknownKindError, resolve_kind
+from tokengateway.storage import StorageError
 
 __all__ = ["AdminApp"]
 
 log = logging.getLogger("tokengateway.admin")
 
 MAX_BODY = 4 * 1024 * 1024
+
+#: (limit identifier, window in ms) -> the limit and that rate, for one limits namespace
+LimitEntries = dict[tuple[str, int], tuple[Limit, Rate]]
+
+
+class _LiveCounter(NamedTuple):
+    """One counter of the store, matched to the limit and the rate it counts for."""
+
+    namespace: str
+    limit: Limit
+    rate: Rate
+    values: tuple[str, ...]
+    value: int
+    expires_in: float
 
 
 class _HTTPError(Exception):
@@ -50,6 +69,10 @@ class AdminApp:
             if scope["path"] == "/metrics" and scope["method"] == "GET":
                 await _send(send, 200, self._metrics().encode(), b"text/plain; version=0.0.4")
                 return
+            if scope["path"] == "/ui" and scope["method"] == "GET":
+                body, headers = ui.page()
+                await _send(send, 200, body, b"text/html; charset=utf-8", headers)
+                return
             status, payload = await self._route(scope, receive)
         except _HTTPError as exc:
             status = exc.status
@@ -61,7 +84,7 @@ class AdminApp:
         await _send(send, status, msgspec.json.encode(payload), b"application/json")
 
     def _metrics(self) -> str:
-        """Prometheus text; the full set of metrics is the observability work's."""
+        """Prometheus text: the data path's metrics (gateway/metrics.py) and the store's."""
         limiter = self.gateway.limiter
         metrics = [
             (
@@ -95,11 +118,7 @@ class AdminApp:
                 limiter.dropped,
             ),
         ]
-        lines = []
-        for name, kind, text, value in metrics:
-            lines += [f"# HELP tokengateway_{name} {text}", f"# TYPE tokengateway_{name} {kind}"]
-            lines.append(f"tokengateway_{name} {value}")
-        return "\n".join(lines) + "\n"
+        return str(self.gateway.metrics.render(metrics))
 
     def _authorize(self, scope: Scope) -> None:
         if self.token is None:
@@ -108,8 +127,16 @@ class AdminApp:
         for name, value in scope["headers"]:
             if name == b"authorization":
                 sent = value.decode("latin-1")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
-            raise _HTTPError(401, "missing or wrong admin token (Authorization: Bearer TOKEN)")
+        expected = f"Bearer {self.token}".encode()
+        if hmac.compare_digest(sent.encode(), expected):
+            return
+        if scope["path"] == "/ui":  # a browser's address bar cannot send a header
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            given = (query.get("token") or [""])[-1]
+            if hmac.compare_digest(f"Bearer {given}".encode(), expected):
+                return
+            raise _HTTPError(401, "missing or wrong admin token (open /ui?token=TOKEN)")
+        raise _HTTPError(401, "missing or wrong admin token (Authorization: Bearer TOKEN)")
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         method = scope["method"]
@@ -141,6 +168,8 @@ class AdminApp:
             return 200, self._limits(path[len("/limits/") :])
         if path.startswith("/counters/") and method == "GET":
             return 200, await self._counters(path[len("/counters/") :])
+        if path == "/usage" and method == "GET":
+            return 200, await self._usage()
         raise _HTTPError(404, f"no admin endpoint {method} {path}")
 
     @staticmethod
@@ -176,8 +205,8 @@ class AdminApp:
         except (ValueError, RuntimeError) as exc:
             raise _HTTPError(400, f"{exc}; nothing was changed") from None
 
-    def _limit_entries(self, namespace: str) -> dict[tuple[str, int], tuple[Limit, Any]]:
-        found: dict[tuple[str, int], tuple[Limit, Any]] = {}
+    def _limit_entries(self, namespace: str) -> LimitEntries:
+        found: LimitEntries = {}
         for target in self.gateway.config.rules:
             if target.route != namespace:
                 continue
@@ -192,28 +221,91 @@ class AdminApp:
             for limit, rate in self._limit_entries(namespace).values()
         ]
 
-    async def _counters(self, namespace: str) -> list[dict[str, Any]]:
-        entries = self._limit_entries(namespace)
+    async def _live_counters(self, entries: Mapping[str, LimitEntries]) -> list[_LiveCounter]:
+        """The store's live counters of these namespaces' limits (`_limit_entries` each);
+        counters of limits no longer in force are left out."""
+        try:
+            stored = await self.gateway.store.counters()
+        except StorageError as exc:
+            raise _HTTPError(503, f"the counter store is not answering: {exc}") from None
         out = []
-        for key, value, expires_in in await self.gateway.store.counters():
+        for key, value, expires_in in stored:
             parsed = parse_counter_key(key)
-            if parsed is None or parsed[0] != namespace:
+            if parsed is None:
                 continue
-            _, identifier, window_ms, values = parsed
-            found = entries.get((identifier, window_ms))
-            if found is None:
-                continue
-            limit, rate = found
-            names = [c.source for c in limit.counters]
-            out.append(
+            namespace, identifier, window_ms, values = parsed
+            found = entries.get(namespace, {}).get((identifier, window_ms))
+            if found is not None:
+                out.append(_LiveCounter(namespace, *found, values, value, expires_in))
+        return out
+
+    async def _counters(self, namespace: str) -> list[dict[str, Any]]:
+        live = await self._live_counters({namespace: self._limit_entries(namespace)})
+        return [
+            {
+                "limit": _limit_json(namespace, c.limit, c.rate),
+                "set_variables": _variables(c.limit, c.values),
+                "value": c.value,
+                "remaining": max(0, c.rate.limit - c.value),
+                "expires_in_seconds": round(c.expires_in, 3),
+            }
+            for c in live
+        ]
+
+    async def _usage(self) -> dict[str, Any]:
+        """Every limits namespace with limits, each limit in force and its live counters,
+        most used first: all the usage page and `tokengateway top` show, in one answer."""
+        namespaces = dict.fromkeys(t.route for t in self.gateway.config.rules if t.limits)
+        entries = {ns: self._limit_entries(ns) for ns in namespaces}
+        limits: dict[tuple[str, str], dict[str, Any]] = {}
+        for namespace, found in entries.items():
+            for limit, _ in found.values():
+                if (namespace, limit.identifier) not in limits:
+                    limits[(namespace, limit.identifier)] = _usage_limit_json(limit)
+        for c in await self._live_counters(entries):
+            limits[(c.namespace, c.limit.identifier)]["counters"].append(
                 {
-                    "limit": _limit_json(namespace, limit, rate),
-                    "set_variables": dict(zip(names, values, strict=False)),
-                    "remaining": max(0, rate.limit - value),
-                    "expires_in_seconds": round(expires_in, 3),
+                    "values": _variables(c.limit, c.values),
+                    "window": c.rate.window_text,
+                    "seconds": c.rate.window,
+                    "value": c.value,
+                    "limit": c.rate.limit,
+                    "remaining": max(0, c.rate.limit - c.value),
+                    "reset_in_seconds": round(c.expires_in, 3),
+                    "used": round(c.value / c.rate.limit, 4) if c.rate.limit > 0 else 1.0,
                 }
             )
-        return out
+        for entry in limits.values():
+            entry["counters"].sort(key=lambda c: (-c["used"], -c["value"], str(c["values"])))
+        return {
+            "namespaces": [
+                {
+                    "namespace": ns,
+                    "limits": [v for (n, _), v in limits.items() if n == ns],
+                }
+                for ns in namespaces
+            ]
+        }
+
+
+def _variables(limit: Limit, values: tuple[str, ...]) -> dict[str, str]:
+    """A counter's values by the expressions that gave them (`auth.identity.userid`)."""
+    return dict(zip([c.source for c in limit.counters], values, strict=False))
+
+
+def _usage_limit_json(limit: Limit) -> dict[str, Any]:
+    return {
+        "kind": limit.policy_kind,
+        "policy": limit.policy,
+        "name": limit.name,
+        "unit": "tokens" if limit.counts_tokens else "requests",
+        "rates": [
+            {"limit": r.limit, "window": r.window_text, "seconds": r.window} for r in limit.rates
+        ],
+        "conditions": [p.source for p in limit.predicates],
+        "variables": [c.source for c in limit.counters],
+        "counters": [],
+    }
 
 
 def _limit_json(namespace: str, limit: Limit, rate: Any) -> dict[str, Any]:
@@ -228,7 +320,13 @@ def _limit_json(namespace: str, limit: Limit, rate: Any) -> dict[str, Any]:
     }
 
 
-async def _send(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+async def _send(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -236,6 +334,7 @@ async def _send(send: Send, status: int, body: bytes, content_type: bytes) -> No
             "headers": [
                 (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
+                *(headers or ()),
             ],
         }
     )
