@@ -963,3 +963,19 @@ def test_template_escapes_and_modifier_arguments() -> None:
             "plain-path": "jane",
         }
     }
+
+
+def test_pure_rego_decisions_are_kept_per_input_impure_ones_never() -> None:
+    from tokengateway.auth.rego import RegoPolicy
+
+    pure = RegoPolicy('allow { input.auth.identity.group == "gold" }', policy="p", rule="r")
+    gold = {"auth": {"identity": {"group": "gold"}}, "request": {"id": "1"}}
+    free = {"auth": {"identity": {"group": "free"}}, "request": {"id": "2"}}
+    assert pure.evaluate(gold)[0] is True
+    assert pure.evaluate(free)[0] is False
+    # the policy reads only `auth`: requests differing elsewhere share one decision
+    assert pure.evaluate({**gold, "request": {"id": "3"}})[0] is True
+    assert len(pure._decisions or {}) == 2
+    timed = RegoPolicy("allow { time.now_ns() > 0 }", policy="p", rule="r")
+    assert timed.evaluate(gold)[0] is True
+    assert timed._decisions is None

@@ -59,6 +59,13 @@ Projection = dict[str, "Projection | None"]
 
 #: converted inputs kept per policy (keyed by their JSON), so a repeat costs a lookup
 _INPUT_CACHE_SIZE = 512
+_DECISION_CACHE_SIZE = 4096
+
+# Built-ins whose answer is not a function of the input alone: a policy calling any of them
+# is evaluated every time; any other policy's decision is kept per (projected) input.
+_IMPURE = re.compile(
+    r"\b(?:time\.now_ns|rand\.|http\.send|uuid\.rfc4122|opa\.runtime|net\.lookup|trace)\b"
+)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -169,7 +176,7 @@ def _explain_failed_build(name: str, module: str, query: str) -> tuple[str, int 
 class RegoPolicy:
     """One `opa.rego` authorization rule, compiled."""
 
-    __slots__ = ("_bundle", "_inputs", "_projection", "all_values", "roots")
+    __slots__ = ("_bundle", "_decisions", "_inputs", "_projection", "all_values", "roots")
 
     def __init__(self, source: str, *, policy: str, rule: str, all_values: bool = False) -> None:
         self.all_values = all_values
@@ -220,6 +227,10 @@ class RegoPolicy:
             )
         self._bundle = bundle
         self._inputs: dict[bytes, regopy.Input] = {}
+        #: decisions by input, for policies whose answer depends on the input alone
+        self._decisions: dict[bytes, tuple[bool, Any, str | None]] | None = (
+            None if _IMPURE.search(source) else {}
+        )
         self._projection = _input_projection(source)
         #: top-level keys of the authorization JSON the policy reads (None: any)
         self.roots: frozenset[str] | None = (
@@ -280,11 +291,34 @@ class RegoPolicy:
         return True, {"allow": True}, None
 
     def evaluate(self, doc: Mapping[str, Any]) -> tuple[bool, Any, str | None]:
-        """(allowed, the result object for auth.authorization.<rule>, the denial reason)."""
-        value = self._input(_project(doc, self._projection))
+        """(allowed, the result object for auth.authorization.<rule>, the denial reason).
+
+        A pure policy's decision is a function of its projected input, so it is kept: the
+        tutorial's policy sees one input per API key, and a cached decision costs a JSON
+        encoding (~2 µs) instead of a Rego query (~45 µs)."""
+        projected = _project(doc, self._projection)
+        decisions = self._decisions
+        key = None
+        if decisions is not None:
+            try:
+                key = _encode(projected)
+            except (TypeError, msgspec.EncodeError):
+                key = None
+            if key is not None:
+                found = decisions.get(key)
+                if found is not None:
+                    allowed, values, error = found
+                    return allowed, dict(values) if isinstance(values, dict) else values, error
+        value = self._input(projected)
         if value is None:
             return False, None, MSG_EVAL_FAILED
-        return self._run(value)
+        decision = self._run(value)
+        if decisions is not None and key is not None:
+            if len(decisions) >= _DECISION_CACHE_SIZE:
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    del decisions[next(iter(decisions))]
+            decisions[key] = decision
+        return decision
 
     def __repr__(self) -> str:
         return f"RegoPolicy(roots={sorted(self.roots) if self.roots is not None else 'any'})"
