@@ -95,16 +95,22 @@ def test_usage_shapes() -> None:
 @pytest.mark.parametrize(
     ("raw", "total"),
     [
-        ({"total_tokens": -5}, 0),
+        ({"total_tokens": -5}, None),  # no usable count: as if no usage (an estimate)
+        ({"total_tokens": -5, "prompt_tokens": 2, "completion_tokens": 3}, 5),
+        ({"total_tokens": 10**40}, 10**12),
+        ({"total_tokens": float("inf")}, 10**12),
         ({"total_tokens": 12.9}, 12),
         ({"total_tokens": "lots", "prompt_tokens": 2, "completion_tokens": 3}, 5),
         ({"prompt_tokens": True, "completion_tokens": 4}, 4),
         ({"total_tokens": float("nan"), "prompt_tokens": 1}, 1),
     ],
 )
-def test_odd_counts(raw: dict, total: int) -> None:
+def test_odd_counts(raw: dict, total: int | None) -> None:
     usage = usage_of(raw)
-    assert usage is not None and usage.total_tokens == total
+    if total is None:
+        assert usage is None
+    else:
+        assert usage is not None and usage.total_tokens == total
 
 
 @pytest.mark.parametrize(

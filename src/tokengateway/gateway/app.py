@@ -21,6 +21,7 @@ import msgspec
 from tokengateway import auth as authlib
 from tokengateway import cel
 from tokengateway.gateway.accesslog import AccessLog, Entry
+from tokengateway.gateway.body import check_body
 from tokengateway.gateway.config import CompiledConfig, RuleTarget
 from tokengateway.gateway.errors import send_error
 from tokengateway.gateway.metrics import Metrics
@@ -187,6 +188,19 @@ class GatewayApp:
             auth_binding = decision.auth
             upstream_extra.extend(decision.success_headers)
             entry.user = _user_of(auth_binding)
+
+        # 3b. a model request's body must be JSON the gateway can read (nothing is charged)
+        problem = check_body(method, path, headers.get("content-type", ""), body)
+        if problem is not None:
+            await send_error(
+                send,
+                400,
+                problem.message,
+                "invalid_request_error",
+                problem.code,
+                param=problem.param,
+            )
+            return
 
         # 4. check limits
         applicable = Applicable()
@@ -400,7 +414,7 @@ def _upstream_headers(
 def _json_or_none(body: bytes) -> Any:
     try:
         return msgspec.json.decode(body) if body else None
-    except msgspec.DecodeError:
+    except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
         return None
 
 

@@ -95,7 +95,7 @@ class Estimate:
         if self._prompt is None:
             try:
                 request: Any = msgspec.json.decode(self._body) if self._body else None
-            except msgspec.DecodeError:
+            except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
                 request = None
             self._prompt = prompt_tokens(request)
             self._limit = max_completion_tokens(request)

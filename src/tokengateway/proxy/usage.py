@@ -11,8 +11,9 @@ Shapes understood (non-streaming and streaming):
   cache_read_input_tokens}` (input excludes the cache); streamed over `message_start` and
   `message_delta` (whose output count is cumulative).
 
-Counts that are not numbers are ignored, negatives count as 0 and fractions are rounded
-down (docs/counting.md).
+Counts that are not numbers or are negative are ignored (a total is then prompt +
+completion), fractions are rounded down, and absurd ones are capped at MAX_COUNT so that no
+store ever overflows (docs/counting.md).
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ class _Body(msgspec.Struct):
 _decode_body = msgspec.json.Decoder(_Body).decode
 
 
+#: the most tokens one count may claim (a trillion): more is an upstream's bug, not usage
+MAX_COUNT = 10**12
+
+
 def _count(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if value != value or value in (float("inf"), float("-inf")):  # NaN, infinities
+    if value != value or value < 0:  # NaN, negatives
         return None
-    return max(0, int(value))
+    if value >= MAX_COUNT:  # infinities included
+        return MAX_COUNT
+    return int(value)
 
 
 def _details(raw: dict[str, Any], key: str) -> int:
@@ -82,7 +89,7 @@ def usage_from_json(body: bytes) -> Usage | None:
     """The `usage` of a JSON response body, or None when absent or unreadable."""
     try:
         return usage_of(_decode_body(body).usage)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except ValueError:  # DecodeError, ValidationError, or UnicodeDecodeError
         return None
 
 
@@ -90,7 +97,7 @@ def completion_text_of(body: bytes) -> str:
     """The generated text of a JSON response of any supported shape, for an estimate."""
     try:
         doc = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
         return body.decode("utf-8", "replace")
     if not isinstance(doc, dict):
         return ""
@@ -113,7 +120,7 @@ def ask_for_usage(path: str, body: bytes) -> tuple[bytes, bool]:
         return body, False
     try:
         doc = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
         return body, False
     if not isinstance(doc, dict) or doc.get("stream") is not True:
         return body, False
@@ -241,7 +248,7 @@ class SSEStream:
         """Read one JSON event; False when it must not reach the client."""
         try:
             event = msgspec.json.decode(data)
-        except msgspec.DecodeError:
+        except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
             return True
         if not isinstance(event, dict):
             return True

@@ -1,0 +1,103 @@
+"""The request-body stage: a body the gateway must understand is checked before anything else
+is done with it.
+
+For the model endpoints whose JSON the gateway reads (chat/completions, completions,
+embeddings, responses, messages), a body that is not a JSON object, or whose fields the
+gateway relies on have the wrong type, is refused with 400 naming what is wrong. Such a
+request reaches neither the limits (nothing is charged or held) nor the upstream. Fields the
+gateway does not read are the upstream's business and pass untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+__all__ = ["BodyProblem", "check_body"]
+
+#: paths (by their end) whose JSON body the gateway reads
+JSON_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages")
+#: the largest token count accepted in a max_* field (what int32-based servers take)
+MAX_TOKENS_BOUND = 2**31 - 1
+
+_decode = msgspec.json.decode
+
+
+@dataclass(frozen=True, slots=True)
+class BodyProblem:
+    message: str
+    param: str | None = None
+    code: str = "invalid_request_body"
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _count(doc: dict[str, Any], name: str, minimum: int) -> BodyProblem | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        return BodyProblem(
+            f"{name} must be an integer, not {_type_name(value)}", name, "invalid_type"
+        )
+    if value < minimum:
+        return BodyProblem(f"{name} must be at least {minimum}, not {value}", name, "invalid_value")
+    if value > MAX_TOKENS_BOUND:
+        return BodyProblem(
+            f"{name} must be at most {MAX_TOKENS_BOUND}, not {value}", name, "invalid_value"
+        )
+    return None
+
+
+def check_body(method: str, path: str, content_type: str, body: bytes) -> BodyProblem | None:
+    """What is wrong with a model request's body, or None (also for any other request)."""
+    if method != "POST" or not path.endswith(JSON_ENDPOINTS):
+        return None
+    if content_type and "json" not in content_type.lower():
+        return None  # e.g. multipart uploads: not ours to read
+    if not body.strip():
+        return BodyProblem("the request body is empty; expected a JSON object")
+    try:
+        doc = _decode(body)
+    except UnicodeDecodeError as exc:
+        return BodyProblem(
+            f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding"
+        )
+    except msgspec.DecodeError as exc:
+        return BodyProblem(f"the request body is not valid JSON: {exc}", code="invalid_json")
+    if not isinstance(doc, dict):
+        return BodyProblem(f"the request body must be a JSON object, not {_type_name(doc)}")
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        problem = _count(doc, name, 1)
+        if problem is not None:
+            return problem
+    problem = _count(doc, "n", 1)
+    if problem is not None:
+        return problem
+    stream = doc.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        return BodyProblem(
+            f"stream must be a boolean, not {_type_name(stream)}", "stream", "invalid_type"
+        )
+    options = doc.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return BodyProblem(
+            f"stream_options must be an object, not {_type_name(options)}",
+            "stream_options",
+            "invalid_type",
+        )
+    return None
