@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:8080
 
-.PHONY: setup system run test lint format demo clean
+.PHONY: setup system run test lint format demo clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,19 +32,25 @@ run: setup
 	$(BIN)/tokengateway serve -f examples/tutorial --listen $(LISTEN)
 
 test: setup system
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 format: setup
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
 
 demo: setup
 	$(BIN)/tokengateway demo
+
+# Benchmarks (docs/benchmarks.md): wrk and redis-server via apt-get when missing, LiteLLM in
+# its own benchmarks/.litellm-venv. `make bench BENCH_ARGS=--no-litellm` skips LiteLLM.
+bench: setup
+	./benchmarks/setup.sh
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,117 @@
+"""A bare pass-through proxy on the gateway's own stack: the baseline the gateway is held to.
+
+uvicorn (uvloop, httptools) serving a raw ASGI app that forwards every request — method,
+path, headers, body — to one upstream with one pooled aiohttp session, and relays the answer
+(streamed chunk by chunk when it is an event stream). No routing, no auth, no limits, no
+usage parsing: what is left is the cost of the stack itself.
+
+    python benchmarks/passthrough.py --port 8081 --upstream http://127.0.0.1:8000
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import aiohttp
+import uvicorn
+
+#: not forwarded (hop-by-hop, or recomputed by aiohttp / uvicorn)
+SKIP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"date",
+        b"server",
+    }
+)
+
+
+class Passthrough:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    self.session = aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                        auto_decompress=False,
+                        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                        cookie_jar=aiohttp.DummyCookieJar(),
+                    )
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    if self.session is not None:
+                        await self.session.close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in SKIP
+        ]
+        url = self.upstream + scope["path"]
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        assert self.session is not None
+        try:
+            resp = await self.session.request(
+                scope["method"], url, headers=headers, data=body or None, allow_redirects=False
+            )
+        except aiohttp.ClientError as exc:
+            payload = f"upstream failed: {exc}".encode()
+            await send({"type": "http.response.start", "status": 502, "headers": []})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        out = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in SKIP]
+        try:
+            if resp.content_type == "text/event-stream":
+                await send({"type": "http.response.start", "status": resp.status, "headers": out})
+                async for chunk in resp.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            else:
+                payload = await resp.read()
+                out.append((b"content-length", str(len(payload)).encode()))
+                await send({"type": "http.response.start", "status": resp.status, "headers": out})
+                await send({"type": "http.response.body", "body": payload})
+        finally:
+            resp.release()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    args = parser.parse_args()
+    uvicorn.run(
+        Passthrough(args.upstream),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        server_header=False,
+        timeout_keep_alive=30,
+    )
+
+
+if __name__ == "__main__":
+    main()
