@@ -11,6 +11,7 @@ errors yields :data:`MISSING`, which makes the limit not apply.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -140,19 +141,52 @@ def _clean(message: str) -> str:
 
 
 class Activation:
-    """The variables of one request, converted once for every expression evaluated on it."""
+    """The variables of one request, converted for the CEL engine once, on first need (the
+    common expressions below never need it)."""
 
-    __slots__ = ("_act", "data")
+    __slots__ = ("_cel", "data")
 
     def __init__(self, data: Mapping[str, Any]) -> None:
         self.data = dict(data)
-        self._act = _ENV.Activation(self.data)
+        self._cel: Any = None
+
+    @property
+    def _act(self) -> Any:
+        if self._cel is None:
+            self._cel = _ENV.Activation(self.data)
+        return self._cel
+
+
+# The two shapes most policies are made of, evaluated in Python with CEL's result: a
+# selector (`auth.identity.userid`) and a selector compared with a string literal
+# (`request.path == "/v1/chat/completions"`). A missing step is CEL's error (MISSING, and
+# false for a predicate); a value of another type is simply unequal, as CEL's heterogeneous
+# equality has it. tests/test_cel.py checks each case against the engine.
+_SELECTOR = "((?:" + "|".join(VARIABLES) + r")(?:\.[A-Za-z_][A-Za-z0-9_]*)*)"
+_FAST_SELECTOR = re.compile(rf"^{_SELECTOR}$")
+_FAST_COMPARE = re.compile(rf'^{_SELECTOR}\s*(==|!=)\s*"([^"\\\n]*)"$')
+
+
+def _walk(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = data
+    for step in path:
+        if not isinstance(node, dict):
+            return MISSING
+        node = node.get(step, MISSING)
+        if node is MISSING:
+            return MISSING
+    return node
+
+
+def _plain(value: Any) -> bool:
+    """Values CEL hands back unchanged (a map or list would be converted)."""
+    return isinstance(value, str | int | float | bool) or value is None
 
 
 class Expression:
     """A compiled CEL expression; `evaluate` returns a plain Python value or MISSING."""
 
-    __slots__ = ("_program", "source", "uses")
+    __slots__ = ("_compare", "_path", "_program", "source", "uses")
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -162,8 +196,25 @@ class Expression:
             raise CelCompileError(_clean(str(exc))) from None
         #: top-level variables the source mentions, e.g. {"auth", "request"}
         self.uses = frozenset(v for v in VARIABLES if v in source)
+        self._path: tuple[str, ...] | None = None
+        self._compare: tuple[bool, str] | None = None  # (equal?, literal)
+        if (found := _FAST_SELECTOR.match(source)) is not None:
+            self._path = tuple(found.group(1).split("."))
+        elif (found := _FAST_COMPARE.match(source)) is not None:
+            self._path = tuple(found.group(1).split("."))
+            self._compare = (found.group(2) == "==", found.group(3))
 
     def evaluate(self, activation: Activation) -> Any:
+        if self._path is not None:
+            value = _walk(activation.data, self._path)
+            if self._compare is None:
+                if _plain(value) or value is MISSING:
+                    return value
+            elif value is MISSING:
+                return MISSING
+            else:  # CEL's equality across types is false, not an error
+                equal, literal = self._compare
+                return (isinstance(value, str) and value == literal) is equal
         value = self._program.eval(activation._act)
         if value.type() == cel.Type.ERROR:
             return MISSING
@@ -185,6 +236,8 @@ class Predicate(Expression):
             raise CelCompileError(f"predicate must evaluate to a bool, not {rtype.name()}")
 
     def test(self, activation: Activation) -> bool:
+        if self._path is not None:
+            return self.evaluate(activation) is True
         value = self._program.eval(activation._act)
         return value.type() == cel.Type.BOOL and value.value() is True
 

@@ -1,0 +1,98 @@
+"""CEL: the Python fast path for common shapes must answer exactly as the CEL engine does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokengateway import cel
+
+SOURCES = [
+    "request.path",
+    "auth.identity.userid",
+    "auth.identity",
+    "request.headers.x",
+    'request.path == "/v1/chat/completions"',
+    'request.path != "/v1/chat/completions"',
+    'auth.identity.userid == "user-1"',
+    'auth.identity.userid != ""',
+    'request.method == "POST"',
+    'request.x.y == "é"',
+]
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.sampled_from("xy"), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+interesting = st.sampled_from(["/v1/chat/completions", "POST", "user-1", "", "é"]) | values
+
+
+def _maybe(node: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(
+        st.sampled_from(["path", "method", "headers", "x", "identity", "userid", "y"]),
+        node,
+        max_size=4,
+    )
+
+
+activations = st.fixed_dictionaries(
+    {},
+    optional={
+        "request": _maybe(interesting | _maybe(interesting)),
+        "auth": _maybe(interesting | _maybe(interesting)),
+    },
+)
+
+
+def _engine(expression: cel.Expression, data: dict[str, Any]) -> Any:
+    """What the CEL engine itself answers (bypassing the fast path)."""
+    value = expression._program.eval(cel._ENV.Activation(data))
+    if value.type() == cel.cel.Type.ERROR:
+        return cel.MISSING
+    return value.plain_value()
+
+
+def test_the_common_shapes_take_the_fast_path() -> None:
+    for source in SOURCES:
+        assert cel.compile_expression(source)._path is not None, source
+    for source in ["request.path.startsWith('/v1')", 'request.path == "a\\"b"', "size(auth)"]:
+        assert cel.compile_expression(source)._path is None, source
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=activations, source=st.sampled_from(SOURCES))
+def test_fast_path_agrees_with_the_engine(data: dict[str, Any], source: str) -> None:
+    expression = cel.compile_expression(source)
+    fast = expression.evaluate(cel.Activation(data))
+    slow = _engine(expression, data)
+    assert (fast is cel.MISSING) == (slow is cel.MISSING), (source, data, fast, slow)
+    if fast is not cel.MISSING:
+        assert fast == slow and type(fast) is type(slow), (source, data, fast, slow)
+    if " == " in source or " != " in source:
+        predicate = cel.compile_predicate(source)
+        assert predicate.test(cel.Activation(data)) is (slow is True)
+
+
+@pytest.mark.parametrize(
+    ("source", "data", "expected"),
+    [
+        ('request.size == "3"', {"request": {"size": 3}}, False),  # heterogeneous: unequal
+        ('request.size != "3"', {"request": {"size": 3}}, True),
+        ('request.nope != "x"', {"request": {}}, cel.MISSING),  # no such key: an error
+        ('request.path != "/b"', {"request": {"path": "/a"}}, True),
+        ("auth.identity.userid", {"auth": {"identity": {"userid": "u"}}}, "u"),
+        ("auth.identity.userid", {"auth": {"identity": "flat"}}, cel.MISSING),
+    ],
+)
+def test_fast_path_cases(source: str, data: dict[str, Any], expected: Any) -> None:
+    assert cel.compile_expression(source).evaluate(cel.Activation(data)) == expected
