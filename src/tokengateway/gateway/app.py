@@ -294,11 +294,14 @@ class GatewayApp:
         upstream_body, hide_usage = body, False
         if applicable.tokens:
             upstream_body, hide_usage = ask_for_usage(path, body)
-        url = target.pick_backend() + path + (f"?{query}" if query else "")
+        backend = target.pick_backend()
+        url = backend.url + path + (f"?{query}" if query else "")
         out_headers = _upstream_headers(scope, target, headers, request_id, upstream_extra)
         entry.forwarded = time.perf_counter()
         try:
-            resp = await self.upstream.send(method, url, out_headers, upstream_body, target.timeout)
+            resp = await self.upstream.send(
+                method, url, out_headers, upstream_body, target.timeout, backend.timeouts
+            )
         except UpstreamError as exc:
             entry.upstream_done = time.perf_counter()
             await _send_upstream_error(send, exc)

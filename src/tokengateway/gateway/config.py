@@ -55,6 +55,7 @@ from tokengateway.gateway.routing import (
     intersect_hostnames,
 )
 from tokengateway.limits import Limit, LimitCompileError, compile_limits, parse_window
+from tokengateway.proxy.upstream import DEFAULT_TIMEOUTS, Timeouts
 
 __all__ = [
     "AUTH_WHEN",
@@ -90,10 +91,20 @@ class ConfigError(ValueError):
         self.problems = list(problems)
 
 
+#: Service annotations setting the upstream timeouts of that backend (Gateway API durations;
+#: `0s` waits forever): connecting, the answer's first byte, silence between body chunks
+TIMEOUT_ANNOTATIONS = {
+    "connect": "tokengateway.io/connect-timeout",
+    "first_byte": "tokengateway.io/first-byte-timeout",
+    "idle": "tokengateway.io/idle-timeout",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Backend:
     url: str
     weight: int
+    timeouts: Timeouts = DEFAULT_TIMEOUTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +165,11 @@ class RuleTarget:
     listener: str = ""  # listener name
     effective: dict[str, EffectivePolicy] = field(default_factory=dict)  # kind -> policy
 
-    def pick_backend(self) -> str:
+    def pick_backend(self) -> Backend:
         if len(self.backends) == 1:
-            return self.backends[0].url
+            return self.backends[0]
         weights = [b.weight for b in self.backends]
-        return random.choices(self.backends, weights)[0].url
+        return random.choices(self.backends, weights)[0]
 
 
 @dataclass
@@ -597,6 +608,7 @@ class _Build:
             for s in by_kind.get("Secret", [])
         ]
         self.gateways = {_key(g): g for g in by_kind.get("Gateway", [])}
+        self.services = {_key(s): s for s in by_kind.get("Service", [])}
         self.routes = sorted(by_kind.get("HTTPRoute", []), key=_age)
         self.routes_by_key = {_key(r): r for r in self.routes}
         self.gateway_facts = {
@@ -668,7 +680,9 @@ class _Build:
         )
         problems: list[str] = []
         rules = spec.get("rules") or [{}]
-        backends = [tuple(_backends(route, r, self.backends, problems, facts)) for r in rules]
+        backends = [
+            tuple(_backends(route, r, self.backends, self.services, problems, facts)) for r in rules
+        ]
         matches = [_rule_matches(route, i, r, problems, facts) for i, r in enumerate(rules)]
         attached = False
         for parent in spec.get("parentRefs") or ():
@@ -872,6 +886,7 @@ def _backends(
     route: Any,
     rule: Mapping[str, Any],
     plans: Mapping[str, BackendPlan | str],
+    services: Mapping[str, Any],
     problems: list[str],
     facts: st.RouteFacts,
 ) -> list[Backend]:
@@ -891,8 +906,31 @@ def _backends(
             continue
         weight = int(ref.get("weight", 1))
         if weight > 0:
-            out.append(Backend(url, weight))
+            timeouts = _timeouts(key, services.get(key), problems)
+            out.append(Backend(url, weight, timeouts))
     return out
+
+
+def _timeouts(key: str, service: Any, problems: list[str]) -> Timeouts:
+    """A backend's upstream timeouts from its Service's annotations; a bad value is reported
+    and the default kept."""
+    annotations = (service.metadata.annotations or {}) if service is not None else {}
+    if not any(a in annotations for a in TIMEOUT_ANNOTATIONS.values()):
+        return DEFAULT_TIMEOUTS
+    values: dict[str, float | None] = {}
+    for field_name, annotation in TIMEOUT_ANNOTATIONS.items():
+        text = annotations.get(annotation)
+        if text is None:
+            continue
+        try:
+            values[field_name] = _duration(str(text))
+        except ValueError as exc:
+            problems.append(f"Service {key}: annotation {annotation}: {exc}")
+    return Timeouts(**{**_as_dict(DEFAULT_TIMEOUTS), **values})
+
+
+def _as_dict(timeouts: Timeouts) -> dict[str, float | None]:
+    return {name: getattr(timeouts, name) for name in TIMEOUT_ANNOTATIONS}
 
 
 def _rule_matches(

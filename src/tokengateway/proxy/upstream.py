@@ -3,16 +3,34 @@
 aiohttp, not httpx: measured 8-15x faster on this path under concurrency (DESIGN.md).
 Foreign exceptions are translated here, once, into `UpstreamError` with a kind the gateway
 maps to 502 or 504.
+
+Three timeouts, each settable per backend (`Timeouts`): connecting, the first byte of the
+answer (its status line and headers: for a non-streamed completion, the whole generation),
+and the silence between two chunks of the body. The route's `timeouts.request` bounds the
+whole exchange on top.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
 
-__all__ = ["Upstream", "UpstreamError", "UpstreamResponse"]
+__all__ = ["DEFAULT_TIMEOUTS", "Timeouts", "Upstream", "UpstreamError", "UpstreamResponse"]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds; None waits forever."""
+
+    connect: float | None = 10.0
+    first_byte: float | None = 600.0
+    idle: float | None = 300.0  # between two chunks of the body
+
+
+DEFAULT_TIMEOUTS = Timeouts()
 
 #: Never forwarded in either direction (RFC 9110 section 7.6.1) or recomputed by us.
 HOP_BY_HOP = frozenset(
@@ -53,12 +71,24 @@ class UpstreamResponse:
     headers: list[tuple[bytes, bytes]]
     content_type: str
     _resp: aiohttp.ClientResponse
+    idle: float | None = None  # the longest silence allowed between two chunks
 
     async def read(self) -> bytes:
         try:
-            return await self._resp.read()
+            if self.idle is None:
+                return await self._resp.read()
+            parts = []
+            content = self._resp.content
+            while True:
+                async with asyncio.timeout(self.idle):
+                    chunk = await content.readany()
+                if not chunk:
+                    return b"".join(parts)
+                parts.append(chunk)
         except TimeoutError:
-            raise UpstreamError("timeout", "upstream timed out sending the response") from None
+            raise UpstreamError(
+                "timeout", f"upstream sent nothing for {self.idle:g}s in the middle of its answer"
+            ) from None
         except aiohttp.ClientPayloadError:
             raise UpstreamError("broken", _INCOMPLETE) from None
         except aiohttp.ClientError as exc:
@@ -67,11 +97,18 @@ class UpstreamResponse:
             self._resp.release()
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        content = self._resp.content
         try:
-            async for chunk in self._resp.content.iter_any():
+            while True:
+                async with asyncio.timeout(self.idle):
+                    chunk = await content.readany()
+                if not chunk:
+                    return
                 yield chunk
         except TimeoutError:
-            raise UpstreamError("timeout", "upstream stopped sending (timeout)") from None
+            raise UpstreamError(
+                "timeout", f"upstream stream stopped: nothing for {self.idle:g}s"
+            ) from None
         except aiohttp.ClientPayloadError:
             raise UpstreamError("broken", _INCOMPLETE) from None
         except aiohttp.ClientError as exc:
@@ -84,10 +121,10 @@ class UpstreamResponse:
 
 
 class Upstream:
-    def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 600.0) -> None:
+    def __init__(self, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         self._session: aiohttp.ClientSession | None = None
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+        self.timeouts = timeouts
+        self._client_timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         if self._session is None:
@@ -111,24 +148,39 @@ class Upstream:
         headers: Sequence[tuple[str, str]],
         body: bytes,
         timeout: float | None = None,
+        timeouts: Timeouts | None = None,
     ) -> UpstreamResponse:
+        """`timeout` bounds the whole exchange (the route's); `timeouts` are the backend's."""
         if self._session is None:
             await self.start()
         assert self._session is not None
-        client_timeout = aiohttp.ClientTimeout(
-            total=timeout, sock_connect=self.connect_timeout, sock_read=self.read_timeout
-        )
+        limits = timeouts or self.timeouts
+        key = (timeout, limits.connect)
+        client_timeout = self._client_timeouts.get(key)
+        if client_timeout is None:
+            client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=limits.connect)
+            self._client_timeouts[key] = client_timeout
+        waiting = asyncio.timeout(limits.first_byte)
         try:
-            resp = await self._session.request(
-                method,
-                url,
-                headers=list(headers),
-                data=body or None,
-                timeout=client_timeout,
-                allow_redirects=False,
-            )
+            async with waiting:
+                resp = await self._session.request(
+                    method,
+                    url,
+                    headers=list(headers),
+                    data=body or None,
+                    timeout=client_timeout,
+                    allow_redirects=False,
+                )
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamError(
+                "timeout", f"upstream {_origin(url)}: no connection within {limits.connect:g}s"
+            ) from None
         except TimeoutError:
-            raise UpstreamError("timeout", f"upstream {_origin(url)} timed out") from None
+            if waiting.expired():
+                message = f"upstream {_origin(url)} sent no answer within {limits.first_byte:g}s"
+            else:
+                message = f"upstream {_origin(url)} timed out (route timeout {timeout:g}s)"
+            raise UpstreamError("timeout", message) from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError(
                 "unreachable",
@@ -141,7 +193,9 @@ class Upstream:
             for k, v in resp.raw_headers
             if (name := k.decode("latin-1").lower()) not in HOP_BY_HOP and name not in _RESPONSE_OWN
         ]
-        return UpstreamResponse(resp.status, out_headers, resp.content_type or "", resp)
+        return UpstreamResponse(
+            resp.status, out_headers, resp.content_type or "", resp, limits.idle
+        )
 
 
 def _origin(url: str) -> str:

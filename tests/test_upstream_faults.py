@@ -1,0 +1,146 @@
+"""Faults upstream: each timeout set per backend, resets, bad bodies. The client gets a clear
+502/504 (or an SSE error event once a stream has started) and the books stay true."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx
+
+from tests.conftest import chat
+from tests.test_gateway import GATEWAY, TOKEN_LIMIT, client, completion, write
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+def annotated(connect: str = "", first_byte: str = "", idle: str = "") -> str:
+    """The test gateway with timeout annotations on its Service."""
+    notes = {
+        "tokengateway.io/connect-timeout": connect,
+        "tokengateway.io/first-byte-timeout": first_byte,
+        "tokengateway.io/idle-timeout": idle,
+    }
+    body = ", ".join(f'"{k}": "{v}"' for k, v in notes.items() if v)
+    return GATEWAY.replace(
+        "metadata: {name: llm, namespace: default}\nspec:\n  ports",
+        "metadata: {name: llm, namespace: default, annotations: {" + body + "}}\nspec:\n  ports",
+    )
+
+
+def remaining(gw) -> int:  # type: ignore[no-untyped-def]
+    """Tokens left of the 1000 the test limit allows (asked with a request that succeeds)."""
+    rows = httpx.get(gw.admin_url + "/counters/default/llm").json()
+    return 1000 - sum(row["value"] for row in rows)
+
+
+def test_a_slow_first_byte_is_a_504_and_costs_nothing(tmp_path, start_gateway, upstream) -> None:
+    async def slow(path, body):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(2)
+        return 200, {"content-type": "application/json"}, completion(USAGE)
+
+    up = upstream(slow)
+    text = annotated(first_byte="300ms") + TOKEN_LIMIT.replace("LIMIT", "1000")
+    gw = start_gateway(write(tmp_path, text), args=("--backend", f"default/llm={up.url}"))
+    r = client(gw).post("/v1/chat/completions", json=chat())
+    assert r.status_code == 504
+    error = r.json()["error"]
+    assert error["code"] == "upstream_timeout" and "no answer within 0.3s" in error["message"]
+    assert remaining(gw) == 1000
+
+
+def test_a_connect_timeout_is_a_504(tmp_path, start_gateway) -> None:
+    # a listener whose backlog is full: the kernel drops further SYNs, so connecting hangs
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        text = annotated(connect="400ms") + TOKEN_LIMIT.replace("LIMIT", "1000")
+        gw = start_gateway(
+            write(tmp_path, text), args=("--backend", f"default/llm=http://127.0.0.1:{port}")
+        )
+        r = client(gw).post("/v1/chat/completions", json=chat())
+        assert r.status_code == 504, r.text
+        assert "no connection within 0.4s" in r.json()["error"]["message"]
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+
+
+def test_a_stalled_stream_ends_with_an_error_event(tmp_path, start_gateway, upstream) -> None:
+    async def stalls(path, body):  # type: ignore[no-untyped-def]
+        async def events():  # type: ignore[no-untyped-def]
+            chunk = {"choices": [{"index": 0, "delta": {"content": "four words of text"}}]}
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            await asyncio.sleep(3)
+            yield b"data: [DONE]\n\n"
+
+        return 200, {"content-type": "text/event-stream"}, events()
+
+    up = upstream(stalls)
+    text = annotated(idle="300ms") + TOKEN_LIMIT.replace("LIMIT", "1000")
+    gw = start_gateway(write(tmp_path, text), args=("--backend", f"default/llm={up.url}"))
+    with client(gw).stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
+        assert r.status_code == 200
+        body = r.read().decode()
+    assert "four words of text" in body
+    last = [line for line in body.splitlines() if line.startswith("data: ")][-1]
+    error = json.loads(last[len("data: ") :])["error"]
+    assert error["code"] == "upstream_timeout" and "nothing for 0.3s" in error["message"]
+    # what was streamed is charged, by an estimate: the prompt and the four words
+    assert 5 <= 1000 - remaining(gw) <= 20
+
+
+def test_a_body_cut_mid_way_is_a_502_and_costs_nothing(tmp_path, start_gateway) -> None:
+    """An upstream that promises 1,000 bytes, sends 20 and closes."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+
+    async def serve_one() -> None:
+        loop = asyncio.get_running_loop()
+        server.setblocking(False)
+        conn, _ = await loop.sock_accept(server)
+        await loop.sock_recv(conn, 65536)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+        await loop.sock_sendall(conn, head + b'{"id": "x", "usage":')
+        conn.close()
+
+    text = GATEWAY + TOKEN_LIMIT.replace("LIMIT", "1000")
+    gw = start_gateway(
+        write(tmp_path, text), args=("--backend", f"default/llm=http://127.0.0.1:{port}")
+    )
+
+    async def scenario() -> httpx.Response:
+        task = asyncio.ensure_future(serve_one())
+        async with httpx.AsyncClient(
+            base_url=gw.url, headers={"Host": "api.example.com"}, timeout=10
+        ) as c:
+            r = await c.post("/v1/chat/completions", json=chat())
+        await task
+        return r
+
+    r = asyncio.run(scenario())
+    server.close()
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_failed"
+    assert remaining(gw) == 1000
+
+
+def test_a_bad_timeout_annotation_is_reported(tmp_path) -> None:
+    from tests.conftest import run_cli
+
+    path = write(tmp_path, annotated(idle="soon"))
+    result = run_cli("validate", "-f", path, "--backend", "default/llm=http://127.0.0.1:9")
+    assert result.returncode != 0
+    assert "tokengateway.io/idle-timeout" in result.stderr + result.stdout
