@@ -400,7 +400,7 @@ def test_identity_defaults_and_overrides() -> None:
     d = eng.evaluate(request({"authorization": "Bearer iamafreeuser"}))
     assert d.allowed, d.reason
     assert d.identity is not None and d.identity["user"] == "user-1"
-    assert d.identity["data"] == {"api_key": "***REDACTED***"}
+    assert d.identity["data"] == {}  # the key is not kept, not even redacted
     assert eng.evaluate(request({"authorization": "Bearer iamagolduser"})).status == 403
 
 
@@ -670,7 +670,7 @@ def test_filter_properties_selectors_values_expressions_and_templates() -> None:
         "cel": "trlp-tutorial-api-key-gold-user-1@post",
         "greeting": "Hello, user-2!",
         "host": "trlp-tutorial.example.com",
-        "key-len": "iamagolduser",  # Authorino exposes the Secret's data (base64) to selectors
+        "key-len": None,  # Authorino would expose the key; we keep only its digest
     }
 
 

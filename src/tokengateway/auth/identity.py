@@ -13,7 +13,8 @@ loaded count whatever their labels; configuration here is always "loaded", so th
 not required.
 
 The index maps sha256(key) to the identity, so a lookup compares digests and the keys are
-not kept: they cannot leak through a repr, a log line or an exception.
+not kept: they cannot leak through a repr, a log line or an exception. Unlike Authorino,
+the identity's `data` leaves the `api_key` entry out for the same reason.
 """
 
 from __future__ import annotations
@@ -108,9 +109,12 @@ def secret_identity(secret: SecretRecord) -> tuple[dict[str, Any], dict[str, Any
     identity: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "metadata": metadata}
     public = dict(identity)
     if secret.data:
+        # the key itself is never kept: only its digest (the index), so no policy, log or
+        # error can carry it; Authorino would expose it here too
         identity["data"] = {
             k: base64.b64encode(str(v).encode("utf-8", "surrogateescape")).decode("ascii")
             for k, v in secret.data.items()
+            if k != API_KEY_ENTRY
         }
         public["data"] = dict.fromkeys(secret.data, REDACTED)
     if secret.type:
