@@ -163,6 +163,7 @@ class Upstream:
         import uvicorn
 
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.queries: list[str] = []  # the query string of each request, in order
         self.disconnects = 0
 
         async def app(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -176,6 +177,7 @@ class Upstream:
                     break
             headers = {k.decode(): v.decode() for k, v in scope["headers"]}
             self.requests.append((scope["path"], headers, body))
+            self.queries.append(scope.get("query_string", b"").decode("latin-1"))
             result = handler(scope["path"], body)
             if hasattr(result, "__await__"):
                 result = await result

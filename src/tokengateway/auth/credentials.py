@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 from tokengateway.auth.model import AuthConfigError
 
@@ -69,6 +69,33 @@ class CredentialLocation:
             if name == self.identifier:
                 return value or None
         return None
+
+    def strip(self, headers: dict[str, str], query: str) -> str:
+        """Take the credential out of `headers` (in place) and out of `query`; the query
+        left. The gateway's own API key is not the model server's business."""
+        kind = self.kind
+        if kind == "authorizationHeader":
+            headers.pop("authorization", None)
+        elif kind == "customHeader":
+            headers.pop(self._header, None)
+        elif kind == "cookie":
+            value = headers.get("cookie")
+            if value is not None:
+                kept = [
+                    p.strip() for p in value.split(";") if not p.strip().startswith(self._needle)
+                ]
+                if any(kept):
+                    headers["cookie"] = "; ".join(p for p in kept if p)
+                else:
+                    del headers["cookie"]
+        elif query:  # queryString
+            kept = [
+                part
+                for part in query.split("&")
+                if unquote_plus(part.split("=", 1)[0]) != self.identifier
+            ]
+            return "&".join(kept)
+        return query
 
     def __repr__(self) -> str:
         return f"CredentialLocation({self.kind}={self.identifier!r})"

@@ -539,7 +539,7 @@ class AuthEngine:
         found = self._authenticate(ctx, req)
         if isinstance(found, str):
             return self._deny(ctx, 401, found, self._challenges, self._unauthenticated, None, None)
-        source, public = found
+        source, public, location = found
 
         # 2. authorization
         for group in self._authz_groups:
@@ -578,6 +578,7 @@ class AuthEngine:
             auth=filters,
             identity=public,
             identity_source=source,
+            credential=location,
         )
 
     def _document(self, req: AuthRequest) -> dict[str, Any]:
@@ -622,8 +623,9 @@ class AuthEngine:
 
     def _authenticate(
         self, ctx: EvalContext, req: AuthRequest
-    ) -> tuple[str, dict[str, Any] | None] | str:
-        """(rule name, public identity) on success, else the X-Ext-Auth-Reason."""
+    ) -> tuple[str, dict[str, Any] | None, CredentialLocation | None] | str:
+        """(rule name, public identity, where its credential was) on success, else the
+        X-Ext-Auth-Reason."""
         errors: dict[str, str] = {}
         for group in self._source_groups:
             for src in group:
@@ -631,7 +633,7 @@ class AuthEngine:
                     continue
                 _, public, error = self._resolve(src, ctx, req)
                 if error is None:
-                    return src.name, public
+                    return src.name, public, src.location
                 if self._single_source:
                     return error
                 errors[src.name] = error

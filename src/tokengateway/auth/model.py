@@ -91,6 +91,8 @@ class AuthDecision:
     identity: dict[str, Any] | None = None
     #: name of the authentication rule that resolved the identity
     identity_source: str | None = None
+    #: where that rule read its credential (a CredentialLocation), to keep it from upstream
+    credential: Any = None
     #: False when the policy's top-level `when` did not match (nothing was evaluated)
     applied: bool = True
 

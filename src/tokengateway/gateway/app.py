@@ -166,6 +166,7 @@ class GatewayApp:
         # 3. authenticate and authorize
         auth_binding: dict[str, Any] = {}
         upstream_extra: list[tuple[str, str]] = []
+        credential: Any = None
         if target.auth is not None:
             decision = target.auth.evaluate(
                 authlib.AuthRequest(
@@ -187,6 +188,7 @@ class GatewayApp:
                 return
             auth_binding = decision.auth
             upstream_extra.extend(decision.success_headers)
+            credential = decision.credential
             entry.user = _user_of(auth_binding)
 
         # 3b. a model request's body must be JSON the gateway can read (nothing is charged)
@@ -253,7 +255,7 @@ class GatewayApp:
                 body,
                 (applicable, checked),
                 request_id,
-                upstream_extra,
+                (upstream_extra, credential),
             )
         finally:
             if applicable.tokens:
@@ -273,10 +275,11 @@ class GatewayApp:
         body: bytes,
         limits: tuple[Applicable, CheckResult | None],
         request_id: str,
-        upstream_extra: list[tuple[str, str]],
+        auth: tuple[list[tuple[str, str]], Any],
     ) -> Usage | None:
         """Send the request upstream and relay the answer; the usage to charge, if any."""
         applicable, checked = limits
+        upstream_extra, credential = auth
         method: str = scope["method"]
         path: str = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
@@ -295,8 +298,14 @@ class GatewayApp:
         if applicable.tokens:
             upstream_body, hide_usage = ask_for_usage(path, body)
         backend = target.pick_backend()
+        if credential is not None and not backend.forward_credentials:
+            headers = dict(headers)  # the gateway's own API key is not the upstream's business
+            query = credential.strip(headers, query)
         url = backend.url + path + (f"?{query}" if query else "")
-        out_headers = _upstream_headers(scope, target, headers, request_id, upstream_extra)
+        out_headers = _upstream_headers(scope, headers, request_id, upstream_extra)
+        if backend.authorization is not None:
+            out_headers = [h for h in out_headers if h[0] != "authorization"]
+            out_headers.append(("authorization", backend.authorization))
         entry.forwarded = time.perf_counter()
         try:
             resp = await self.upstream.send(
@@ -391,16 +400,11 @@ class GatewayApp:
 
 def _upstream_headers(
     scope: Scope,
-    target: RuleTarget,
     headers: dict[str, str],
     request_id: str,
     extra: list[tuple[str, str]],
 ) -> list[tuple[str, str]]:
-    out = [
-        (k, v)
-        for k, v in headers.items()
-        if k not in HOP_BY_HOP and not (target.auth is not None and k == "authorization")
-    ]
+    out = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]
     out.append(("x-forwarded-host", headers.get("host", "")))
     out.append(("x-forwarded-proto", scope.get("scheme", "http")))
     client = scope.get("client")

@@ -100,11 +100,21 @@ TIMEOUT_ANNOTATIONS = {
 }
 
 
+#: Service annotation naming a Secret (same namespace) whose `api_key` the gateway sends the
+#: backend as `Authorization: Bearer <key>`, in place of anything the client sent
+UPSTREAM_KEY_ANNOTATION = "tokengateway.io/upstream-api-key-secret"
+#: Service annotation "true": pass the client's credential on even when an AuthPolicy used it
+FORWARD_CREDENTIALS_ANNOTATION = "tokengateway.io/forward-client-credentials"
+
+
 @dataclass(frozen=True, slots=True)
 class Backend:
     url: str
     weight: int
     timeouts: Timeouts = DEFAULT_TIMEOUTS
+    #: the Authorization value for the backend's own key (never shown in a repr)
+    authorization: str | None = field(default=None, repr=False)
+    forward_credentials: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,6 +619,7 @@ class _Build:
         ]
         self.gateways = {_key(g): g for g in by_kind.get("Gateway", [])}
         self.services = {_key(s): s for s in by_kind.get("Service", [])}
+        self.secret_data = {_key(s): dict(s.decoded_data()) for s in by_kind.get("Secret", [])}
         self.routes = sorted(by_kind.get("HTTPRoute", []), key=_age)
         self.routes_by_key = {_key(r): r for r in self.routes}
         self.gateway_facts = {
@@ -680,9 +691,7 @@ class _Build:
         )
         problems: list[str] = []
         rules = spec.get("rules") or [{}]
-        backends = [
-            tuple(_backends(route, r, self.backends, self.services, problems, facts)) for r in rules
-        ]
+        backends = [tuple(_backends(route, r, self.backends, self, problems, facts)) for r in rules]
         matches = [_rule_matches(route, i, r, problems, facts) for i, r in enumerate(rules)]
         attached = False
         for parent in spec.get("parentRefs") or ():
@@ -886,7 +895,7 @@ def _backends(
     route: Any,
     rule: Mapping[str, Any],
     plans: Mapping[str, BackendPlan | str],
-    services: Mapping[str, Any],
+    build: _Build,
     problems: list[str],
     facts: st.RouteFacts,
 ) -> list[Backend]:
@@ -906,9 +915,37 @@ def _backends(
             continue
         weight = int(ref.get("weight", 1))
         if weight > 0:
-            timeouts = _timeouts(key, services.get(key), problems)
-            out.append(Backend(url, weight, timeouts))
+            service = build.services.get(key)
+            annotations = (service.metadata.annotations or {}) if service is not None else {}
+            out.append(
+                Backend(
+                    url,
+                    weight,
+                    _timeouts(key, service, problems),
+                    _upstream_key(key, annotations, build.secret_data, problems),
+                    str(annotations.get(FORWARD_CREDENTIALS_ANNOTATION, "")).lower() == "true",
+                )
+            )
     return out
+
+
+def _upstream_key(
+    key: str,
+    annotations: Mapping[str, Any],
+    secrets: Mapping[str, Mapping[str, str]],
+    problems: list[str],
+) -> str | None:
+    name = annotations.get(UPSTREAM_KEY_ANNOTATION)
+    if not name:
+        return None
+    secret = f"{key.split('/', 1)[0]}/{name}"
+    value = (secrets.get(secret) or {}).get("api_key")
+    if not value:
+        problems.append(
+            f"Service {key}: annotation {UPSTREAM_KEY_ANNOTATION}: Secret {secret} has no api_key"
+        )
+        return None
+    return f"Bearer {value}"
 
 
 def _timeouts(key: str, service: Any, problems: list[str]) -> Timeouts:
