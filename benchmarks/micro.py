@@ -14,7 +14,6 @@ The loop's own cost (a few tens of ns) is included.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import shutil
 import statistics
@@ -215,11 +214,8 @@ def rego_benchmarks(
 
 
 def applicable_of(limiter: Limiter, limits: Any, route: str, activation: cel.Activation) -> Any:
-    """`Limiter.applicable` as the gateway calls it (the request body is passed where the
-    signature takes it: it is used for reservations)."""
-    params = inspect.signature(limiter.applicable).parameters
-    kwargs: dict[str, Any] = {"body": CHAT_BODY} if "body" in params else {}
-    return limiter.applicable(limits, route, activation, **kwargs)
+    """`Limiter.applicable` as the gateway calls it (with the body, for reservations)."""
+    return limiter.applicable(limits, route, activation, body=CHAT_BODY)
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -359,11 +355,29 @@ def benchmarks(redis_url: str | None, repeats: int) -> list[dict[str, Any]]:
 
         return check_and_report
 
+    # the same request in reservation mode: a hold of 20 on each counter, then a commit
+    reserving = applicable_of(memory, limits, route, activation)
+    reserving.amounts = [20] * len(reserving.tokens)
+    reserving.ttls = [60.0] * len(reserving.tokens)
+
+    def reserve_pair(limiter: Limiter) -> Callable[[], Awaitable[None]]:
+        async def reserve_and_commit() -> None:
+            result = await limiter.check(reserving)
+            assert not result.limited and reserving.reservation is not None
+            await limiter.report(reserving, usage)
+
+        return reserve_and_commit
+
     async def limiter_benchmarks() -> None:
         record(
             "limiter: check + report (memory://)",
             "Limiter.check then Limiter.report, one counter, in-process store",
             await time_async(limiter_pair(memory), repeats),
+        )
+        record(
+            "limiter: reserve + commit (memory://)",
+            "Limiter.check holding 20 tokens, then Limiter.report committing the usage",
+            await time_async(reserve_pair(memory), repeats),
         )
         if redis_url is not None:
             store = open_store(redis_url)
@@ -373,6 +387,11 @@ def benchmarks(redis_url: str | None, repeats: int) -> list[dict[str, Any]]:
                     "limiter: check + report (redis://, loopback)",
                     "the same against a local redis-server: two round trips (EVALSHA each)",
                     await time_async(limiter_pair(Limiter(store)), repeats, n=2000),
+                )
+                record(
+                    "limiter: reserve + commit (redis://, loopback)",
+                    "the same in reservation mode: two round trips (EVALSHA each)",
+                    await time_async(reserve_pair(Limiter(store)), repeats, n=2000),
                 )
             finally:
                 await store.close()
