@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 from tests.conftest import HOST, TUTORIAL, chat, run_cli
+from tests.test_observability import _metric
 
 FOLLOWER = "tokengateway.gateway.workers"
 COUNTERS = "/counters/default/trlp-tutorial-llm-sim"
@@ -316,6 +318,119 @@ def test_every_worker_follows_on_storage_error(tmp_path, start_gateway) -> None:
         redis.stop()
 
 
+ROUTE = "default/trlp-tutorial-llm-sim"
+FREE = "gateway-system/trlp-tutorial-token-limits/free"
+GOLD = "gateway-system/trlp-tutorial-token-limits/gold"
+
+
+def test_metrics_cover_every_worker(manifests, start_gateway, redis_server) -> None:
+    storage, _ = _storage(redis_server)
+    # the free user may spend enough for requests on both workers; the gold user has 200
+    folder = manifests(replace={"limit: 50 ": "limit: 100000 "})
+    gw = start_gateway(folder, args=("--workers", "2", "--storage", storage))
+    pids = _wait_workers(gw, 2)
+    free: list[tuple[int | None, int, dict]] = []
+    while len(free) < 10 or {pid for pid, _, _ in free} != set(pids):
+        assert len(free) < 300, f"not every worker of {pids} answered: {free}"
+        free.append(_post(gw, pids, "iamafreeuser", max_tokens=20))
+    assert {status for _, status, _ in free} == {200}
+    gold: list[tuple[int | None, int, dict]] = []
+    while sum(status == 429 for _, status, _ in gold) < 3:
+        assert len(gold) < 100, gold
+        gold.append(_post(gw, pids, "iamagolduser", max_tokens=20))
+    assert {status for _, status, _ in gold} == {200, 429}
+    # both workers served some of the requests counted below
+    assert {pid for pid, _, _ in free + gold} == set(pids)
+
+    ok = [body for _, status, body in free + gold if status == 200]
+    refused = [body for _, status, body in gold if status == 429]
+    free_tokens = sum(body["usage"]["total_tokens"] for _, _, body in free)
+    gold_tokens = sum(body["usage"]["total_tokens"] for _, status, body in gold if status == 200)
+    expected = [
+        (("tokengateway_requests_total",), {"route": ROUTE, "status": "200"}, len(ok)),
+        (("tokengateway_requests_total",), {"route": ROUTE, "status": "429"}, len(refused)),
+        (("authorized_calls",), {"limitador_namespace": ROUTE, "limit_name": FREE}, len(free)),
+        (("authorized_hits",), {"limitador_namespace": ROUTE, "limit_name": FREE}, free_tokens),
+        (("authorized_hits",), {"limitador_namespace": ROUTE, "limit_name": GOLD}, gold_tokens),
+        (("limited_calls",), {"limitador_namespace": ROUTE, "limit_name": GOLD}, len(refused)),
+        (
+            ("tokengateway_tokens_total",),
+            {"route": ROUTE, "kind": "completion"},
+            sum(body["usage"]["completion_tokens"] for body in ok),
+        ),
+        (("tokengateway_upstream_latency_seconds_count",), {"route": ROUTE}, len(ok)),
+        (("tokengateway_overhead_seconds_count",), {}, len(ok)),
+        (("tokengateway_workers",), {}, 2),
+        (("tokengateway_workers_unreported",), {}, 0),
+    ]
+
+    def scrape() -> tuple[str, list[tuple[str, dict, float, float]]]:
+        text = httpx.get(gw.admin_url + "/metrics", timeout=10).text
+        seen = [(n, labels, want, _metric(text, n, **labels)) for (n,), labels, want in expected]
+        return text, seen
+
+    # a request's tokens are counted after its answer: wait for the last few
+    deadline = time.monotonic() + 10
+    text, seen = scrape()
+    while any(got != want for _, _, want, got in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        text, seen = scrape()
+    assert [(n, labels, got) for n, labels, _, got in seen] == [
+        (n, labels, want) for n, labels, want, _ in seen
+    ], text
+    # each series once, the histogram's buckets summed too
+    assert (
+        text.count(
+            'tokengateway_requests_total{route="default/trlp-tutorial-llm-sim",status="200"}'
+        )
+        == 1
+    )
+    buckets = re.findall(
+        r'^tokengateway_upstream_latency_seconds_bucket\{route="[^"]+",le="\+Inf"\} (\d+)$',
+        text,
+        re.M,
+    )
+    assert buckets == [str(len(ok))]
+
+
+def test_metrics_skip_a_worker_that_does_not_answer(start_gateway, redis_server) -> None:
+    storage, _ = _storage(redis_server)
+    gw = start_gateway(TUTORIAL, args=("--workers", "3", "--storage", storage))
+    leader, *followers = _wait_workers(gw, 3)
+    answered = _until_each_answered(gw, [leader, *followers])
+    os.kill(followers[0], signal.SIGSTOP)  # alive, serving nothing, answering nothing
+    try:
+        started = time.monotonic()
+        text = httpx.get(gw.admin_url + "/metrics", timeout=10).text
+        assert time.monotonic() - started < 3  # ~1 s: the scrape does not wait for it
+        assert _metric(text, "tokengateway_workers") == 3
+        assert _metric(text, "tokengateway_workers_unreported") == 1
+        assert re.search(r"worker \d sent no metrics within 1s", gw.output())
+    finally:
+        os.kill(followers[0], signal.SIGCONT)
+    # its late answer is dropped: the next scrape and the next publish get their own
+    text = httpx.get(gw.admin_url + "/metrics", timeout=10).text
+    assert _metric(text, "tokengateway_workers_unreported") == 0
+    assert _metric(text, "tokengateway_workers") == 3
+    # every worker's requests, not the leader's alone
+    counted = re.findall(
+        r'^tokengateway_requests_total\{route="[^"]+",status="\d+"\} (\d+)$', text, re.M
+    )
+    assert sum(map(int, counted)) == len(answered), text
+    lowered = (TUTORIAL / "06-token-limits.yaml").read_text().replace("limit: 50 ", "limit: 1 ")
+    r = httpx.post(gw.admin_url + "/apis/apply", content=lowered, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "did not confirm" not in gw.output()
+    assert {status for _, status in _until_each_answered(gw, [leader, *followers])} == {429}
+
+
+def test_metrics_of_a_single_process(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    text = httpx.get(gw.admin_url + "/metrics", timeout=10).text
+    assert _metric(text, "tokengateway_workers") == 1
+    assert _metric(text, "tokengateway_workers_unreported") == 0
+
+
 def _all_children(parent: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -324,3 +439,35 @@ def _all_children(parent: int) -> list[int]:
             if stat is not None and stat[1] == parent:
                 out.append(int(entry))
     return out
+
+
+def test_followers_take_the_connection_options(start_gateway, redis_server) -> None:
+    """--max-body-size (like the other connection options) reaches every worker: on one
+    kept-alive connection, a small request shows which worker it is, then a large one must
+    get 413 from that same worker."""
+    storage, _ = _storage(redis_server)
+    args = ("--workers", "2", "--storage", storage, "--max-body-size", "400")
+    gw = start_gateway(TUTORIAL, args=args)
+    pids = _wait_workers(gw, 2)
+    headers = {"Host": HOST, "Authorization": "APIKEY iamagolduser"}
+    refused_by: set[int] = set()
+    for _ in range(300):
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        try:
+            conn.connect()
+            client_port = conn.sock.getsockname()[1]
+            conn.request("GET", "/v1/models", headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            inode = _server_side(gw.port, client_port)
+            pid = next((p for p in pids if inode in _socket_inodes(p)), None)
+            big = json.dumps(chat(content="word " * 200))
+            conn.request("POST", "/v1/chat/completions", body=big, headers=headers)
+            assert conn.getresponse().status == 413
+            if pid is not None:
+                refused_by.add(pid)
+        finally:
+            conn.close()
+        if refused_by == set(pids):
+            return
+    raise AssertionError(f"only {refused_by} of {pids} answered")

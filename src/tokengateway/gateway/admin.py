@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote
 
@@ -21,6 +21,7 @@ import msgspec
 from tokengateway.gateway import ui
 from tokengateway.gateway.config import ConfigError
 from tokengateway.gateway.control import ControlPlane, NotFoundError
+from tokengateway.gateway.metrics import Snapshot, process_snapshot, render_snapshot
 from tokengateway.gateway.types import Receive, Scope, Send, read_body
 from tokengateway.limits import Limit, Rate, parse_counter_key
 from tokengateway.resources import ManifestError
@@ -67,7 +68,8 @@ class AdminApp:
         try:
             self._authorize(scope)
             if scope["path"] == "/metrics" and scope["method"] == "GET":
-                await _send(send, 200, self._metrics().encode(), b"text/plain; version=0.0.4")
+                text = await self._metrics()
+                await _send(send, 200, text.encode(), b"text/plain; version=0.0.4")
                 return
             if scope["path"] == "/ui" and scope["method"] == "GET":
                 body, headers = ui.page()
@@ -83,42 +85,18 @@ class AdminApp:
             payload = {"error": {"message": "internal error; see the gateway's log", "details": []}}
         await _send(send, status, msgspec.json.encode(payload), b"application/json")
 
-    def _metrics(self) -> str:
-        """Prometheus text: the data path's metrics (gateway/metrics.py) and the store's."""
-        limiter = self.gateway.limiter
-        metrics = [
-            (
-                "usage_estimated_total",
-                "counter",
-                "Responses charged by an estimate because the upstream reported no usage.",
-                self.gateway.estimated_usage,
-            ),
-            (
-                "storage_errors_total",
-                "counter",
-                "Counter store calls that failed.",
-                limiter.storage_errors,
-            ),
-            (
-                "storage_reports_pending",
-                "gauge",
-                "Token reports kept while the counter store is failing, waiting to be replayed.",
-                len(limiter.pending),
-            ),
-            (
-                "storage_reports_replayed_total",
-                "counter",
-                "Kept token reports applied once the counter store answered again.",
-                limiter.replayed,
-            ),
-            (
-                "storage_reports_dropped_total",
-                "counter",
-                "Kept token reports lost because the bound was reached.",
-                limiter.dropped,
-            ),
-        ]
-        return str(self.gateway.metrics.render(metrics))
+    #: set by server.py: the metrics of every worker process, summed (metrics.merge); without
+    #: it, /metrics shows this process's own
+    metrics_snapshot: Callable[[], Awaitable[Snapshot]] | None = None
+
+    async def _metrics(self) -> str:
+        """Prometheus text: the data path's metrics (gateway/metrics.py) and the store's,
+        over every worker with `serve --workers N` (bounded wait: see workers.py)."""
+        if self.metrics_snapshot is not None:
+            snapshot = await self.metrics_snapshot()
+        else:
+            snapshot = process_snapshot(self.gateway)
+        return render_snapshot(snapshot)
 
     def _authorize(self, scope: Scope) -> None:
         if self.token is None:

@@ -8,14 +8,64 @@ the configuration or a small fixed set (status codes, token kinds): no user id, 
 of series stays bounded.
 
 Recording is a few dict increments and a bisect per histogram: no locks (one event loop).
+
+With `serve --workers N` every process records its own. `Metrics.snapshot` turns one
+process's tables, plus its single-value figures (`FIGURES`: estimated usage, the store's
+errors and kept reports), into plain data the leader can receive over its channel to a
+follower; `merge` sums snapshots (counters and histogram buckets per label set, figures by
+name) and `render_snapshot` writes the result in the text format.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-__all__ = ["Histogram", "Metrics"]
+__all__ = [
+    "FIGURES",
+    "Histogram",
+    "Metrics",
+    "Snapshot",
+    "merge",
+    "process_snapshot",
+    "render_snapshot",
+]
+
+#: plain data (dicts, lists, tuples, strings, numbers) a worker can pickle: see `Metrics.snapshot`
+Snapshot = dict[str, Any]
+
+#: the single-value series beside the tables, rendered `tokengateway_NAME`: (type, help).
+#: Summed over the workers like the counters, gauges included: `storage_reports_pending` of
+#: all the workers is the number of reports kept by all of them.
+FIGURES: dict[str, tuple[str, str]] = {
+    "usage_estimated_total": (
+        "counter",
+        "Responses charged by an estimate because the upstream reported no usage.",
+    ),
+    "storage_errors_total": ("counter", "Counter store calls that failed."),
+    "storage_reports_pending": (
+        "gauge",
+        "Token reports kept while the counter store is failing, waiting to be replayed "
+        "(all workers).",
+    ),
+    "storage_reports_replayed_total": (
+        "counter",
+        "Kept token reports applied once the counter store answered again.",
+    ),
+    "storage_reports_dropped_total": (
+        "counter",
+        "Kept token reports lost because the bound was reached.",
+    ),
+    "workers": (
+        "gauge",
+        "Gateway processes serving the listen socket (serve --workers; 1 without).",
+    ),
+    "workers_unreported": (
+        "gauge",
+        "Serving processes whose figures are missing from this scrape (no answer within 1s).",
+    ),
+}
 
 #: seconds; upstream latency and time to first token of LLMs span milliseconds to minutes
 LATENCY_BUCKETS = (
@@ -74,8 +124,25 @@ class Histogram:
         yield f"{name}_sum{{{labels}}} {self.sum:.6f}" if labels else f"{name}_sum {self.sum:.6f}"
         yield f"{name}_count{{{labels}}} {running}" if labels else f"{name}_count {running}"
 
+    def snapshot(self) -> Snapshot:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
+
+    @classmethod
+    def from_snapshot(cls, data: Mapping[str, Any]) -> Histogram:
+        hist = cls(data["bounds"])
+        if len(data["counts"]) != len(hist.counts):
+            raise ValueError("a histogram snapshot needs one count per bound, and +Inf")
+        hist.counts = [int(c) for c in data["counts"]]
+        hist.sum = float(data["sum"])
+        return hist
+
 
 _Key = tuple[str, ...]
+
+#: the counter tables of `Metrics` (label tuple -> count), by attribute name
+_COUNTERS = ("authorized_calls", "authorized_hits", "limited_calls", "requests", "tokens")
+#: its histogram tables (route -> Histogram)
+_HISTOGRAMS = ("upstream", "first_token")
 
 
 class Metrics:
@@ -153,6 +220,32 @@ class Metrics:
             for route in [r for r in hists if r not in routes]:
                 del hists[route]
 
+    # --- snapshots (serve --workers) ------------------------------------------------------
+
+    def snapshot(self, figures: Mapping[str, float] | None = None) -> Snapshot:
+        """These tables as plain data, copied (the recording goes on in the copy's stead),
+        with `figures` (name -> value, see `FIGURES`) beside them. Take it on the event loop
+        that records; the copy may then be pickled from any thread."""
+        snap: Snapshot = {name: dict(getattr(self, name)) for name in _COUNTERS}
+        for name in _HISTOGRAMS:
+            snap[name] = {route: h.snapshot() for route, h in getattr(self, name).items()}
+        snap["overhead"] = self.overhead.snapshot()
+        snap["figures"] = dict(figures or {})
+        return snap
+
+    @classmethod
+    def from_snapshot(cls, snap: Mapping[str, Any]) -> Metrics:
+        """The tables of a snapshot (its figures are not part of a Metrics)."""
+        metrics = cls()
+        for name in _COUNTERS:
+            setattr(metrics, name, {tuple(k): v for k, v in snap.get(name, {}).items()})
+        for name in _HISTOGRAMS:
+            hists = {r: Histogram.from_snapshot(h) for r, h in snap.get(name, {}).items()}
+            setattr(metrics, name, hists)
+        if "overhead" in snap:
+            metrics.overhead = Histogram.from_snapshot(snap["overhead"])
+        return metrics
+
     # --- exposition ----------------------------------------------------------------------
 
     def render(self, gauges: Iterable[tuple[str, str, str, float]] = ()) -> str:
@@ -202,10 +295,84 @@ class Metrics:
             f"# TYPE {name} histogram",
         ]
         out.extend(self.overhead.lines(name, ""))
-        for gname, gtype, help_, value in gauges:
+        for gname, gtype, help_, gvalue in gauges:
             full = f"tokengateway_{gname}"
-            out += [f"# HELP {full} {help_}", f"# TYPE {full} {gtype}", f"{full} {value:g}"]
+            out += [f"# HELP {full} {help_}", f"# TYPE {full} {gtype}", f"{full} {_num(gvalue)}"]
         return "\n".join(out) + "\n"
+
+
+def merge(snapshots: Iterable[Mapping[str, Any]]) -> Snapshot:
+    """The sum of snapshots (`Metrics.snapshot`): every counter and every histogram bucket
+    and sum added per label set, a label set present in one only kept as is, and the
+    figures added by name: gauges too (see `FIGURES`). Histograms of one series must have
+    the same bounds (every worker runs the same code); ValueError otherwise."""
+    out = Metrics().snapshot()
+    for snap in snapshots:
+        for name in _COUNTERS:
+            table = out[name]
+            for key, value in snap.get(name, {}).items():
+                table[key] = table.get(key, 0) + value
+        for name in _HISTOGRAMS:
+            hists = out[name]
+            for route, hist in snap.get(name, {}).items():
+                hists[route] = _add_histograms(hists.get(route), hist, f"{name} of {route!r}")
+        if "overhead" in snap:
+            out["overhead"] = _add_histograms(out["overhead"], snap["overhead"], "overhead")
+        figures = out["figures"]
+        for key, value in snap.get("figures", {}).items():
+            figures[key] = figures.get(key, 0) + value
+    return out
+
+
+def _add_histograms(mine: Snapshot | None, theirs: Mapping[str, Any], what: str) -> Snapshot:
+    if mine is None:
+        return {
+            "bounds": list(theirs["bounds"]),
+            "counts": list(theirs["counts"]),
+            "sum": theirs["sum"],
+        }
+    if list(mine["bounds"]) != list(theirs["bounds"]) or len(mine["counts"]) != len(
+        theirs["counts"]
+    ):
+        raise ValueError(f"cannot add histograms with different buckets ({what})")
+    return {
+        "bounds": mine["bounds"],
+        "counts": [a + b for a, b in zip(mine["counts"], theirs["counts"], strict=True)],
+        "sum": mine["sum"] + theirs["sum"],
+    }
+
+
+def process_snapshot(gateway: Any) -> Snapshot:
+    """One gateway process's snapshot: its `GatewayApp`'s metrics and the figures of its
+    counter store, counting itself as one worker. Call it on that process's event loop."""
+    limiter = gateway.limiter
+    return gateway.metrics.snapshot(
+        {
+            "usage_estimated_total": gateway.estimated_usage,
+            "storage_errors_total": limiter.storage_errors,
+            "storage_reports_pending": len(limiter.pending),
+            "storage_reports_replayed_total": limiter.replayed,
+            "storage_reports_dropped_total": limiter.dropped,
+            "workers": 1,
+            "workers_unreported": 0,
+        }
+    )
+
+
+def render_snapshot(snap: Mapping[str, Any]) -> str:
+    """A (merged) snapshot in the text format: its tables, then its figures in the order of
+    `FIGURES` (a name not there is rendered as an untyped series)."""
+    figures = snap.get("figures", {})
+    known = [(n, *FIGURES[n], figures[n]) for n in FIGURES if n in figures]
+    other = [(n, "untyped", n, figures[n]) for n in sorted(figures) if n not in FIGURES]
+    return Metrics.from_snapshot(snap).render([*known, *other])
+
+
+def _num(value: float) -> str:
+    """Integers exactly (`:g` would write 1234567 as 1.23457e+06), other numbers in full."""
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    return repr(float(value))
 
 
 def _esc(value: str) -> str:

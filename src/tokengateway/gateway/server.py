@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 import subprocess
@@ -11,20 +12,30 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tokengateway.gateway.accesslog import AccessLog
 from tokengateway.gateway.admin import AdminApp
-from tokengateway.gateway.app import GatewayApp
+from tokengateway.gateway.app import DEFAULT_MAX_BODY, GatewayApp
 from tokengateway.gateway.backends import BackendPlan, plan_backends
 from tokengateway.gateway.config import CompiledConfig, needed_services
+from tokengateway.gateway.connections import (
+    ConnectionLimits,
+    RequestGuard,
+    protocol_class,
+    raise_open_file_limit,
+)
 from tokengateway.gateway.control import ControlPlane
+from tokengateway.gateway.metrics import Snapshot, merge, process_snapshot
 from tokengateway.limits import counter_scope
 from tokengateway.resources import load_paths, parse_resources
 from tokengateway.storage import CounterStore, open_store
+
+if TYPE_CHECKING:
+    from tokengateway.gateway.workers import WorkerPool
 
 __all__ = [
     "LoadedConfig",
@@ -32,6 +43,7 @@ __all__ = [
     "Simulators",
     "bind_socket",
     "load",
+    "metrics_source",
     "parse_listen",
     "serve_gateway",
 ]
@@ -204,6 +216,10 @@ class ServeOptions:
     on_storage_error: str = "allow"
     #: processes serving the listen socket; more than 1 needs a shared store (workers.py)
     workers: int = 1
+    #: request bodies over this many bytes are answered 413
+    max_body_size: int = DEFAULT_MAX_BODY
+    #: timeouts and caps at the connection level (connections.py)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 class _Dispatch:
@@ -223,31 +239,66 @@ class _Dispatch:
 
 
 def gateway_app(
-    config: CompiledConfig, store: CounterStore, access_log: bool, on_storage_error: str
+    config: CompiledConfig,
+    store: CounterStore,
+    access_log: bool,
+    on_storage_error: str,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> GatewayApp:
     """The data path, as every gateway process builds it (the leader and `--workers`
     followers)."""
     return GatewayApp(
         config,
         store,
+        max_body_bytes=max_body_bytes,
         access_log=AccessLog() if access_log else None,
         on_storage_error=on_storage_error,
     )
 
 
-def uvicorn_config(app: Any) -> Any:
-    """How every gateway process runs uvicorn (the leader and `--workers` followers)."""
+def metrics_source(app: GatewayApp, pool: WorkerPool | None) -> Callable[[], Awaitable[Snapshot]]:
+    """What the admin API's /metrics shows: this process's metrics alone, or with
+    `--workers` the sum over the leader and every follower that answers in time (the others
+    are counted in `workers_unreported`, and in `workers` as they serve all the same)."""
+
+    async def own() -> Snapshot:
+        return process_snapshot(app)
+
+    if pool is None:
+        return own
+
+    async def every() -> Snapshot:
+        mine = process_snapshot(app)
+        theirs, unreported = await pool.snapshots()
+        merged = merge([mine, *theirs])
+        merged["figures"]["workers"] += unreported
+        merged["figures"]["workers_unreported"] = unreported
+        return merged
+
+    return every
+
+
+def uvicorn_config(app: Any, limits: ConnectionLimits | None = None) -> Any:
+    """How every gateway process runs uvicorn (the leader and `--workers` followers): our
+    httptools protocol and body guard bound what each client holds (connections.py). Also
+    raises the process's open-file limit to fit `limits.max_connections`."""
     import uvicorn
 
+    limits = limits or ConnectionLimits()
+    raise_open_file_limit(limits.max_connections)
     return uvicorn.Config(
-        app,
+        RequestGuard(app, limits.body_timeout),
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(limits),
+        ws="none",  # no WebSocket: an Upgrade request is answered as plain HTTP
         lifespan="on",
         access_log=False,
         log_level="warning",
         timeout_keep_alive=30,
         server_header=False,
+        # the client is the TCP peer: uvicorn would otherwise take X-Forwarded-For and
+        # X-Forwarded-Proto from any client on 127.0.0.1 as its address and scheme
+        proxy_headers=False,
     )
 
 
@@ -275,6 +326,8 @@ def serve_gateway(
             "storage": options.storage,
             "on_storage_error": options.on_storage_error,
             "access_log": options.access_log,
+            "max_body_bytes": options.max_body_size,
+            "connections": dataclasses.asdict(options.connections),
         }
         pool = WorkerPool(options.workers - 1, settings)
 
@@ -306,14 +359,19 @@ def serve_gateway(
         sims.prune(holder.get("plans", {}))
         gateway_sock = _socket(options.listen)
         admin_sock = _socket(options.admin)
-        app = gateway_app(config, store, options.access_log, options.on_storage_error)
+        app = gateway_app(
+            config, store, options.access_log, options.on_storage_error, options.max_body_size
+        )
         holder["app"] = app
         admin_port = admin_sock.getsockname()[1]
         control.listen_address = gateway_sock.getsockname()[:2]
         admin = AdminApp(control, app, options.admin_token)
+        admin.metrics_snapshot = metrics_source(app, pool)
         # The socket goes to serve(sockets=...), not Config(fd=...): uvicorn wraps a bare fd
         # as a Unix socket, so TCP_NODELAY is never set and each response waits ~40 ms.
-        server = uvicorn.Server(uvicorn_config(_Dispatch(app, admin, admin_port)))
+        server = uvicorn.Server(
+            uvicorn_config(_Dispatch(app, admin, admin_port), options.connections)
+        )
 
         async def main() -> None:
             holder["loop"] = asyncio.get_running_loop()

@@ -15,11 +15,23 @@ descriptor:
   The leader's publish waits (bounded by `ACK_TIMEOUT`) until every live follower answered,
   so when `apply` returns or a file reload is logged, every worker enforces the change.
 
-Messages are a 4-byte length and a pickle of plain data (dicts, lists, strings, numbers):
-the documents exactly as the leader's YAML loader produced them, which JSON could not
-always carry unchanged (a YAML mapping may have integer keys). The channel is a private
+Messages, both ways, are a 4-byte length and a pickle of plain data (dicts, lists, strings,
+numbers): the documents exactly as the leader's YAML loader produced them, which JSON could
+not always carry unchanged (a YAML mapping may have integer keys). The channel is a private
 socketpair between the leader and a child it started from the same code; nothing else can
-write to it.
+write to it. Each message is a dict with a `type`:
+
+* leader to follower: `config` (`generation`, `documents`, `backends`) and `metrics` (`id`);
+  the settings, first, have no type;
+* follower to leader: `ack` (`generation`) and `metrics` (the request's `id`, `snapshot`).
+
+A reply names what it answers (a generation, a request id), so a publish and a scrape in
+flight at once cannot take each other's answers, and an answer that comes too late is
+dropped. `/metrics` on the leader (`WorkerPool.snapshots`) asks every serving follower for
+a snapshot of its metrics (metrics.py); the follower takes it on its event loop (a copy of
+a few dicts) and its writer thread sends it, so its requests never wait. The leader waits
+`METRICS_TIMEOUT` at most and sums what came; the followers that did not answer are
+counted in `tokengateway_workers_unreported`.
 
 Followers have no control plane, admin API, file watcher nor simulators; they run the
 limiter's replay loop. Their counters are shared through the store, so only stores that
@@ -51,7 +63,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tokengateway.gateway.app import DEFAULT_MAX_BODY
 from tokengateway.gateway.config import CompiledConfig, compile_config
+from tokengateway.gateway.connections import ConnectionLimits
+from tokengateway.gateway.metrics import Snapshot, process_snapshot
 from tokengateway.gateway.server import (
     _die_with_parent,
     _raise_stop,
@@ -71,13 +86,14 @@ log = logging.getLogger("tokengateway.workers")
 SHARED_SCHEMES = tuple(s for s in SCHEMES if s.startswith("redis"))
 #: how long a publish waits for the followers to confirm the new configuration
 ACK_TIMEOUT = 10.0
+#: how long a scrape of the leader's /metrics waits for the followers' snapshots
+METRICS_TIMEOUT = 1.0
 #: a follower that ran this long before exiting is restarted after the shortest delay
 STABLE_AFTER = 30.0
 RESTART_DELAY_MIN = 1.0
 RESTART_DELAY_MAX = 30.0
 
 _LENGTH = struct.Struct("!I")
-_ACK = struct.Struct("!Q")
 
 
 def storage_problem(uri: str, workers: int) -> str | None:
@@ -155,9 +171,13 @@ class _Follower:
         self.proc = proc
         self.channel = channel
         self.started = time.monotonic()
-        self.acked = 0  # the last generation it confirmed
+        self.acked = 0  # the last generation it confirmed; > 0 once it serves
         self.connected = True  # False once its channel ended
         self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    @property
+    def serving(self) -> bool:
+        return self.connected and self.acked > 0 and self.proc.poll() is None
 
 
 class WorkerPool:
@@ -176,6 +196,10 @@ class WorkerPool:
         self._delays: dict[int, float] = {}
         self._sock: socket.socket | None = None
         self.stopping = False
+        # metrics requests in flight: id -> where the reader threads hand each answer
+        self._replies = threading.Lock()
+        self._request = 0
+        self._waiting: dict[int, Callable[[int, Snapshot], None]] = {}
 
     def publish(self, config: CompiledConfig, backends: Mapping[str, str]) -> None:
         """Send a new configuration to every follower and wait until each live one serves it
@@ -183,7 +207,8 @@ class WorkerPool:
         with self._cond:
             self._generation += 1
             generation = self._generation
-            self._latest = _frame({"generation": generation, **config_message(config, backends)})
+            message = {"type": "config", "generation": generation}
+            self._latest = _frame({**message, **config_message(config, backends)})
             for follower in self._running.values():
                 follower.outbox.put(self._latest)
             deadline = time.monotonic() + ACK_TIMEOUT
@@ -204,6 +229,52 @@ class WorkerPool:
                     )
                     return
                 self._cond.wait(left)
+
+    async def snapshots(self, timeout: float = METRICS_TIMEOUT) -> tuple[list[Snapshot], int]:
+        """Every serving follower's metrics (metrics.process_snapshot): (the snapshots that
+        came within `timeout`, how many serving followers did not answer). On the leader's
+        event loop; it never waits for a publish in progress."""
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[tuple[int, Snapshot]] = asyncio.Queue()
+
+        def deliver(number: int, snapshot: Snapshot) -> None:  # in a reader thread
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                loop.call_soon_threadsafe(answers.put_nowait, (number, snapshot))
+
+        # _running changes on this loop only (start, supervise): no lock to read it
+        asked = [f for f in self._running.values() if f.serving and not self.stopping]
+        if not asked:
+            return [], 0
+        with self._replies:
+            self._request += 1
+            request = self._request
+            self._waiting[request] = deliver
+        try:
+            frame = _frame({"type": "metrics", "id": request})
+            for follower in asked:
+                follower.outbox.put(frame)
+            got: dict[int, Snapshot] = {}
+            deadline = loop.time() + timeout
+            while len(got) < len(asked):
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    number, snapshot = await asyncio.wait_for(answers.get(), left)
+                except TimeoutError:
+                    break
+                got[number] = snapshot
+        finally:
+            with self._replies:
+                del self._waiting[request]
+        missing = [f.number for f in asked if f.number not in got]
+        if missing:
+            log.warning(
+                "worker %s sent no metrics within %gs; /metrics leaves them out",
+                ", ".join(map(str, missing)),
+                timeout,
+            )
+        return list(got.values()), len(missing)
 
     def start(self, sock: socket.socket) -> None:
         """Start every follower on the leader's listen socket (main thread)."""
@@ -239,7 +310,7 @@ class WorkerPool:
             target=self._send_loop, args=(follower,), name=f"worker-{number}-send", daemon=True
         ).start()
         threading.Thread(
-            target=self._ack_loop, args=(follower,), name=f"worker-{number}-ack", daemon=True
+            target=self._read_loop, args=(follower,), name=f"worker-{number}-read", daemon=True
         ).start()
 
     @staticmethod
@@ -253,16 +324,30 @@ class WorkerPool:
             except OSError:
                 return  # the follower is gone; the supervisor starts it again
 
-    def _ack_loop(self, follower: _Follower) -> None:
+    def _read_loop(self, follower: _Follower) -> None:
+        """The follower's messages: confirmations of configurations, metrics snapshots."""
         while True:
-            data = _read_exactly(follower.channel, _ACK.size)
+            try:
+                message = _receive(follower.channel)
+            except Exception:  # not our framing: end the channel, the follower stops
+                log.exception("worker %d: unreadable message; closing its channel", follower.number)
+                with contextlib.suppress(OSError):
+                    follower.channel.shutdown(socket.SHUT_RDWR)
+                message = None
+            kind = message.get("type") if isinstance(message, dict) else None
+            if kind == "metrics":
+                with self._replies:
+                    deliver = self._waiting.get(message["id"])
+                if deliver is not None:  # else asked by a scrape that gave up waiting
+                    deliver(follower.number, message["snapshot"])
+                continue
             with self._cond:
-                if data is None:
+                if message is None:
                     follower.connected = False
-                else:
-                    follower.acked = max(follower.acked, _ACK.unpack(data)[0])
+                elif kind == "ack":
+                    follower.acked = max(follower.acked, message["generation"])
                 self._cond.notify_all()
-            if data is None:
+            if message is None:
                 return
 
     async def supervise(self, stopping: Callable[[], bool], interval: float = 0.2) -> None:
@@ -359,8 +444,15 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
             return 0  # the leader ended before we started
         config = compile_message(first)
         store = open_store(settings["storage"])
-        app = gateway_app(config, store, settings["access_log"], settings["on_storage_error"])
-        server = uvicorn.Server(uvicorn_config(app))
+        app = gateway_app(
+            config,
+            store,
+            settings["access_log"],
+            settings["on_storage_error"],
+            settings.get("max_body_bytes", DEFAULT_MAX_BODY),
+        )
+        limits = ConnectionLimits(**settings.get("connections", {}))
+        server = uvicorn.Server(uvicorn_config(app, limits))
         sock = socket.socket(fileno=listen_fd)
 
         def stop(reason: str | None = None) -> None:
@@ -368,12 +460,37 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
                 failed.append(reason)
             server.should_exit = True
 
+        # what goes to the leader: one writer thread, so that frames never interleave and
+        # the event loop never waits on the socket
+        outbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+
+        def write() -> None:
+            while True:
+                message = outbox.get()
+                if message is None:
+                    return
+                try:
+                    channel.sendall(_frame(message))
+                except OSError:
+                    return  # the leader is gone: `follow` sees the end of file and stops us
+
+        def answer_metrics(request: int) -> None:
+            """On the event loop, where the figures change: copy them, hand them over."""
+            snapshot = process_snapshot(app)
+            outbox.put({"type": "metrics", "id": request, "snapshot": snapshot})
+
         def follow(loop: asyncio.AbstractEventLoop) -> None:
-            """The leader's messages, until its end: compile, swap, confirm."""
+            """The leader's messages, until its end: compile, swap, confirm; snapshots."""
             while True:
                 message = _receive(channel)
                 if message is None:
                     break
+                if message.get("type") == "metrics":
+                    try:
+                        loop.call_soon_threadsafe(answer_metrics, message["id"])
+                    except RuntimeError:  # the loop is closed: we are stopping
+                        break
+                    continue
                 try:
                     new = compile_message(message, previous=app.config)
                 except Exception as exc:  # never serve a configuration the leader does not
@@ -381,10 +498,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
                     loop.call_soon_threadsafe(stop, f"configuration refused: {exc}")
                     return
                 app.config = new  # one assignment: requests in flight keep their own
-                try:
-                    channel.sendall(_ACK.pack(message["generation"]))
-                except OSError:
-                    break
+                outbox.put({"type": "ack", "generation": message["generation"]})
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
                 loop.call_soon_threadsafe(stop)
 
@@ -395,7 +509,8 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
                 await asyncio.sleep(0.01)
             replayer = asyncio.create_task(app.limiter.replay_loop())
             if server.started:
-                channel.sendall(_ACK.pack(first["generation"]))
+                threading.Thread(target=write, name="leader-write", daemon=True).start()
+                outbox.put({"type": "ack", "generation": first["generation"]})
                 threading.Thread(
                     target=follow, args=(asyncio.get_running_loop(),), daemon=True
                 ).start()
@@ -404,6 +519,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
                 await task
             finally:
                 replayer.cancel()
+                outbox.put(None)
 
         _run_loop(main())
     except _Stop:
