@@ -46,6 +46,24 @@ def _load(paths: Sequence[str], backends: Sequence[str]):  # type: ignore[no-unt
         raise AssertionError from exc  # unreachable
 
 
+class _Size(click.ParamType):
+    """A number of bytes: 1048576, 512KiB, 8MiB, 1GiB (also K, M, G: binary)."""
+
+    name = "size"
+    _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
+        number, unit = text.rstrip("kmg"), text[len(text.rstrip("kmg")) :]
+        if not number.isdigit() or unit not in self._UNITS or int(number) < 1:
+            self.fail(f"{value!r}: expected a number of bytes, e.g. 1048576 or 8MiB", param, ctx)
+        return int(number) * self._UNITS[unit]
+
+
+_SIZE = _Size()
+
 _files = click.option(
     "-f",
     "--filename",
@@ -121,6 +139,46 @@ _backend = click.option(
     help="Processes serving --listen (use several CPU cores); more than 1 needs "
     "--storage redis://... so that they share the counters.",
 )
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time a client has to send a request's line and headers; then 408 and close.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time a client may send nothing of a request body (408 and close), or read "
+    "nothing of its answer (connection cut).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Open connections per process and address; more are answered 503 and closed.",
+)
+@click.option(
+    "--max-body-size",
+    type=_SIZE,
+    default="8MiB",
+    show_default=True,
+    metavar="BYTES",
+    help="Largest request body (413 beyond); suffixes KiB, MiB, GiB.",
+)
+@click.option(
+    "--max-header-size",
+    type=_SIZE,
+    default="32KiB",
+    show_default=True,
+    metavar="BYTES",
+    help="Largest request line and headers together (431 beyond).",
+)
 @click.option("--fd", type=int, default=None, hidden=True)
 @click.option("--admin-fd", type=int, default=None, hidden=True)
 def serve(
@@ -134,12 +192,18 @@ def serve(
     backends: tuple[str, ...],
     access_log: bool,
     workers: int,
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
+    max_body_size: int,
+    max_header_size: int,
     fd: int | None,
     admin_fd: int | None,
 ) -> None:
     """Serve the gateway described by the manifests (and by what `apply` adds later)."""
     from tokengateway.gateway.backends import parse_backend_overrides
     from tokengateway.gateway.config import ConfigError
+    from tokengateway.gateway.connections import ConnectionLimits
     from tokengateway.gateway.server import ServeOptions, parse_listen, serve_gateway
     from tokengateway.storage import StorageURIError, open_store
 
@@ -171,6 +235,13 @@ def serve(
         access_log=access_log,
         on_storage_error=on_storage_error,
         workers=workers,
+        max_body_size=max_body_size,
+        connections=ConnectionLimits(
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            max_connections=max_connections,
+            max_header_bytes=max_header_size,
+        ),
     )
 
     def ready(config, where: tuple[str, int], admin_where: tuple[str, int]) -> None:  # type: ignore[no-untyped-def]

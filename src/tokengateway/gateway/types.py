@@ -11,14 +11,32 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class RequestAborted(BaseException):
+    """The request's body will never be complete: the client went away in the middle of it,
+    or sent nothing more for the body timeout (the connection layer then answered 408
+    itself, see connections.py).
+
+    A BaseException, like asyncio's CancelledError: an app's `except Exception` last line of
+    defence must not turn it into a 500 (nobody is there to read it), and no half-received
+    body may go further. The connection layer (connections.RequestGuard) catches it."""
+
+
 async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None when it is larger than `limit` bytes."""
+    """The whole request body, or None when it is larger than `limit` bytes.
+
+    Refuses at once, before reading anything, when `receive` knows the request's declared
+    Content-Length (the `content_length` attribute of connections.RequestGuard's receive)
+    and it is over `limit`. Raises RequestAborted when the client disconnects before the
+    end of the body: a truncated body is never returned."""
+    declared = getattr(receive, "content_length", None)
+    if declared is not None and declared > limit:
+        return None
     chunks = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise RequestAborted("the client disconnected before the end of the request body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
