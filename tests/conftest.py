@@ -164,6 +164,7 @@ class Upstream:
 
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self.queries: list[str] = []  # the query string of each request, in order
+        self.raw_headers: list[list[tuple[str, str]]] = []  # each request's, repeats kept
         self.disconnects = 0
 
         async def app(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -178,6 +179,7 @@ class Upstream:
             headers = {k.decode(): v.decode() for k, v in scope["headers"]}
             self.requests.append((scope["path"], headers, body))
             self.queries.append(scope.get("query_string", b"").decode("latin-1"))
+            self.raw_headers.append([(k.decode(), v.decode()) for k, v in scope["headers"]])
             result = handler(scope["path"], body)
             if hasattr(result, "__await__"):
                 result = await result

@@ -349,3 +349,46 @@ def test_host_header_is_required_to_match_a_listener(tmp_path, start_gateway, up
         httpx.get(gw.url + "/v1/models", headers={"Host": "api.example.com:8080"}).status_code
         == 200
     )
+
+
+def test_forwarding_headers_are_the_gateways_own(tmp_path, start_gateway, upstream) -> None:
+    up = upstream(lambda path, body: (200, {"content-type": "application/json"}, completion(None)))
+    gw = start_gateway(write(tmp_path, GATEWAY), args=("--backend", f"llm={up.url}"))
+    r = client(gw).post(
+        "/v1/chat/completions",
+        json=chat(),
+        headers={
+            "x-forwarded-host": "evil.example.com",
+            "x-forwarded-proto": "https",
+            "x-forwarded-for": "10.0.0.1",
+            "connection": "keep-alive, x-hop-secret",
+            "x-hop-secret": "not for the upstream",
+        },
+    )
+    assert r.status_code == 200
+    raw = up.raw_headers[-1]
+    named = [k for k, _ in raw]
+    for name in ("x-forwarded-host", "x-forwarded-proto", "x-forwarded-for"):
+        assert named.count(name) == 1, (name, raw)
+    seen = dict(raw)
+    assert seen["x-forwarded-host"] == "api.example.com"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"  # the chain, extended
+    assert "x-hop-secret" not in seen
+
+
+def test_an_aborted_body_is_logged(tmp_path, start_gateway, upstream) -> None:
+    import socket
+    import time
+
+    up = upstream(lambda path, body: (200, {"content-type": "application/json"}, completion(None)))
+    gw = start_gateway(write(tmp_path, GATEWAY), args=("--backend", f"llm={up.url}"))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.example.com\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model": '
+        )
+        time.sleep(0.3)
+    lines = gw.access_log(at_least=1)
+    assert lines and lines[-1]["status"] == 499 and lines[-1]["route"] == "default/llm"
+    assert up.requests == []  # a truncated body never goes upstream

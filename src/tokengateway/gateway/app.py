@@ -26,7 +26,7 @@ from tokengateway.gateway.config import CompiledConfig, RuleTarget
 from tokengateway.gateway.errors import send_error
 from tokengateway.gateway.metrics import Metrics
 from tokengateway.gateway.ratelimit_headers import limited_headers, success_headers
-from tokengateway.gateway.types import Receive, Scope, Send, read_body
+from tokengateway.gateway.types import Receive, RequestAborted, Scope, Send, read_body
 from tokengateway.limits import Applicable, Limiter, StorageUnavailable
 from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
 from tokengateway.proxy.usage import SSEStream, ask_for_usage, completion_text_of, usage_from_json
@@ -75,10 +75,11 @@ class GatewayApp:
                     await send_error(
                         send, 500, "internal gateway error", "server_error", "internal_error"
                     )
-            if entry.route is not None:
-                self._count(entry)
-            if self.access_log is not None:
-                self.access_log.write(entry)
+            finally:  # also when the request was aborted (RequestAborted, cancellation)
+                if entry.route is not None:
+                    self._count(entry)
+                if self.access_log is not None:
+                    self.access_log.write(entry)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
@@ -145,7 +146,13 @@ class GatewayApp:
         entry.host = host
 
         # 2. body (needed to forward, for requestBodyJSON and for estimates)
-        body = await read_body(receive, self.max_body_bytes)
+        try:
+            body = await read_body(receive, self.max_body_bytes)
+        except RequestAborted as exc:
+            # the connection layer answers a timeout with 408; a client that left gets
+            # nothing (499, as nginx logs it)
+            entry.status = 408 if "timeout" in str(exc) else 499
+            raise
         if body is None:
             await send_error(
                 send,
@@ -404,7 +411,11 @@ def _upstream_headers(
     request_id: str,
     extra: list[tuple[str, str]],
 ) -> list[tuple[str, str]]:
-    out = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]
+    dropped = HOP_BY_HOP | _FORWARDED
+    listed = headers.get("connection")
+    if listed:  # headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1)
+        dropped = dropped | {h.strip().lower() for h in listed.split(",")}
+    out = [(k, v) for k, v in headers.items() if k not in dropped]
     out.append(("x-forwarded-host", headers.get("host", "")))
     out.append(("x-forwarded-proto", scope.get("scheme", "http")))
     client = scope.get("client")
@@ -416,6 +427,11 @@ def _upstream_headers(
     out.append(("accept-encoding", "identity"))
     out.extend(extra)
     return out
+
+
+#: set by the gateway itself (x-forwarded-for extends the client's chain): a client's own
+#: host and proto would be read first by some upstreams
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"})
 
 
 def _json_or_none(body: bytes) -> Any:
