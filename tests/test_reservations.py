@@ -138,3 +138,25 @@ def test_a_failed_request_gives_its_hold_back(start_gateway, manifests) -> None:
         ok = client.post("/v1/chat/completions", json=chat(max_tokens=30))
         assert ok.status_code == 200, ok.text
         assert _counted(gw) == ok.json()["usage"]["total_tokens"]
+
+
+@pytest.mark.parametrize(("fraction", "admitted"), [("0.5", 2), ("1", 1)])
+def test_the_reservation_clamp_is_a_serve_option(
+    fraction: str, admitted: int, start_gateway, manifests
+) -> None:
+    """Two requests in flight holding 40 tokens each on a 50-token limit: clamped to half
+    the limit (25), both fit; with --max-reservation-fraction 1, the second does not."""
+    holds = {
+        "- limit: 200 # 200 tokens per minute for gold users (small for testing)\n          window: 1m": (
+            "- limit: 50\n          window: 1h"
+        ),
+        "        - expression: auth.identity.userid\n    gold:": (
+            "        - expression: auth.identity.userid\n    gold:"
+            "\n      reservation:\n        amount: uint(40)"
+        ),
+    }
+    gw = start_gateway(
+        manifests({**SLOW_SIM, **holds}), args=("--max-reservation-fraction", fraction)
+    )
+    responses = asyncio.run(_burst(gw.url, 2))
+    assert sum(r.status_code == 200 for r in responses) == admitted

@@ -179,6 +179,22 @@ _backend = click.option(
     metavar="BYTES",
     help="Largest request line and headers together (431 beyond).",
 )
+@click.option(
+    "--max-reservation-fraction",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Largest hold of one reservation, as a fraction of each counter's limit "
+    "(Limitador's --max-reservation-fraction).",
+)
+@click.option(
+    "--max-reservation-ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest a reservation holds tokens (Limitador's --max-reservation-ttl).",
+)
 @click.option("--fd", type=int, default=None, hidden=True)
 @click.option("--admin-fd", type=int, default=None, hidden=True)
 def serve(
@@ -197,6 +213,8 @@ def serve(
     max_connections: int,
     max_body_size: int,
     max_header_size: int,
+    max_reservation_fraction: float,
+    max_reservation_ttl: float,
     fd: int | None,
     admin_fd: int | None,
 ) -> None:
@@ -236,6 +254,7 @@ def serve(
         on_storage_error=on_storage_error,
         workers=workers,
         max_body_size=max_body_size,
+        reservation_clamps=(max_reservation_fraction, max_reservation_ttl),
         connections=ConnectionLimits(
             header_timeout=header_timeout,
             body_timeout=body_timeout,

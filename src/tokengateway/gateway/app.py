@@ -28,6 +28,7 @@ from tokengateway.gateway.metrics import Metrics
 from tokengateway.gateway.ratelimit_headers import limited_headers, success_headers
 from tokengateway.gateway.types import Receive, RequestAborted, Scope, Send, read_body
 from tokengateway.limits import Applicable, Limiter, StorageUnavailable
+from tokengateway.limits.limiter import MAX_RESERVATION_FRACTION, MAX_RESERVATION_TTL
 from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
 from tokengateway.proxy.usage import SSEStream, ask_for_usage, completion_text_of, usage_from_json
 from tokengateway.storage import CheckResult, CounterStore
@@ -38,6 +39,8 @@ __all__ = ["GatewayApp"]
 log = logging.getLogger("tokengateway.gateway")
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
+#: (largest hold as a fraction of a counter's limit, longest hold in seconds): Limitador's
+RESERVATION_CLAMPS = (MAX_RESERVATION_FRACTION, MAX_RESERVATION_TTL)
 
 
 class GatewayApp:
@@ -52,10 +55,16 @@ class GatewayApp:
         max_body_bytes: int = DEFAULT_MAX_BODY,
         access_log: AccessLog | None = None,
         on_storage_error: str = "allow",
+        reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
     ) -> None:
         self.config = config
         self.store = store
-        self.limiter = Limiter(store, on_error=on_storage_error)
+        self.limiter = Limiter(
+            store,
+            on_error=on_storage_error,
+            max_reservation_fraction=reservation_clamps[0],
+            max_reservation_ttl=reservation_clamps[1],
+        )
         self.upstream = upstream or Upstream()
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log

@@ -79,6 +79,8 @@ def check_body(method: str, path: str, content_type: str, body: bytes) -> BodyPr
         )
     except msgspec.DecodeError as exc:
         return BodyProblem(f"the request body is not valid JSON: {exc}", code="invalid_json")
+    except RecursionError:
+        return BodyProblem("the request body's JSON is nested too deeply", code="invalid_json")
     if not isinstance(doc, dict):
         return BodyProblem(f"the request body must be a JSON object, not {_type_name(doc)}")
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tokengateway.gateway.accesslog import AccessLog
 from tokengateway.gateway.admin import AdminApp
-from tokengateway.gateway.app import DEFAULT_MAX_BODY, GatewayApp
+from tokengateway.gateway.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
 from tokengateway.gateway.backends import BackendPlan, plan_backends
 from tokengateway.gateway.config import CompiledConfig, needed_services
 from tokengateway.gateway.connections import (
@@ -218,6 +218,8 @@ class ServeOptions:
     workers: int = 1
     #: request bodies over this many bytes are answered 413
     max_body_size: int = DEFAULT_MAX_BODY
+    #: the largest hold of a reservation (fraction of a counter's limit) and its longest life
+    reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS
     #: timeouts and caps at the connection level (connections.py)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
@@ -244,6 +246,7 @@ def gateway_app(
     access_log: bool,
     on_storage_error: str,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
 ) -> GatewayApp:
     """The data path, as every gateway process builds it (the leader and `--workers`
     followers)."""
@@ -253,6 +256,7 @@ def gateway_app(
         max_body_bytes=max_body_bytes,
         access_log=AccessLog() if access_log else None,
         on_storage_error=on_storage_error,
+        reservation_clamps=reservation_clamps,
     )
 
 
@@ -327,6 +331,7 @@ def serve_gateway(
             "on_storage_error": options.on_storage_error,
             "access_log": options.access_log,
             "max_body_bytes": options.max_body_size,
+            "reservation_clamps": options.reservation_clamps,
             "connections": dataclasses.asdict(options.connections),
         }
         pool = WorkerPool(options.workers - 1, settings)
@@ -360,7 +365,12 @@ def serve_gateway(
         gateway_sock = _socket(options.listen)
         admin_sock = _socket(options.admin)
         app = gateway_app(
-            config, store, options.access_log, options.on_storage_error, options.max_body_size
+            config,
+            store,
+            options.access_log,
+            options.on_storage_error,
+            options.max_body_size,
+            options.reservation_clamps,
         )
         holder["app"] = app
         admin_port = admin_sock.getsockname()[1]

@@ -63,7 +63,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tokengateway.gateway.app import DEFAULT_MAX_BODY
+from tokengateway.gateway.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS
 from tokengateway.gateway.config import CompiledConfig, compile_config
 from tokengateway.gateway.connections import ConnectionLimits
 from tokengateway.gateway.metrics import Snapshot, process_snapshot
@@ -450,6 +450,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
             settings["access_log"],
             settings["on_storage_error"],
             settings.get("max_body_bytes", DEFAULT_MAX_BODY),
+            tuple(settings.get("reservation_clamps", RESERVATION_CLAMPS)),
         )
         limits = ConnectionLimits(**settings.get("connections", {}))
         server = uvicorn.Server(uvicorn_config(app, limits))
