@@ -382,32 +382,34 @@ class GatewayApp:
         """Pass events on as they arrive. A client that goes away stops the upstream (its
         tokens so far are still charged); an upstream that breaks gets an error event."""
         await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
-        gone = asyncio.ensure_future(receive())  # completes when the client disconnects
-        chunks = resp.chunks()
+        # A client that disconnects completes `gone`, which closes the upstream response:
+        # the read in progress ends at once (no task per chunk is needed to notice).
+        gone = asyncio.ensure_future(receive())
+
+        def client_left(_: object) -> None:
+            resp.close()
+
+        gone.add_done_callback(client_left)
         failure: UpstreamError | None = None
         try:
-            while True:
-                step = asyncio.ensure_future(anext(chunks))
-                await asyncio.wait((step, gone), return_when=asyncio.FIRST_COMPLETED)
-                if not step.done():
-                    step.cancel()
-                    resp.close()
-                    return
-                try:
-                    chunk = step.result()
-                except StopAsyncIteration:
-                    break
-                except UpstreamError as exc:
-                    failure = exc
-                    log.warning("%s: %s", path, exc)
-                    break
+            async for chunk in resp.chunks():
                 if entry.first_chunk is None:
                     entry.first_chunk = time.perf_counter()
                 out = stream.feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+                if gone.done():
+                    break
+        except UpstreamError as exc:
+            if not gone.done():
+                failure = exc
+                log.warning("%s: %s", path, exc)
         finally:
+            gone.remove_done_callback(client_left)  # ending normally keeps the connection
             gone.cancel()
+        if gone.done() and not gone.cancelled():
+            resp.close()  # the client left: stop the upstream (what came is charged)
+            return
         tail = stream.close(complete=failure is None)
         if failure is not None:
             tail += _stream_error(path, failure)

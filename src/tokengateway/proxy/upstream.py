@@ -98,13 +98,19 @@ class UpstreamResponse:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         content = self._resp.content
+        idle = self.idle
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                async with asyncio.timeout(self.idle):
+            # one timeout moved forward at each chunk: cheaper than a new one per chunk
+            async with asyncio.timeout(None) as silence:
+                while True:
+                    if idle is not None:
+                        silence.reschedule(loop.time() + idle)
                     chunk = await content.readany()
-                if not chunk:
-                    return
-                yield chunk
+                    if not chunk:
+                        return
+                    silence.reschedule(None)
+                    yield chunk
         except TimeoutError:
             raise UpstreamError(
                 "timeout", f"upstream stream stopped: nothing for {self.idle:g}s"
