@@ -322,3 +322,23 @@ def test_a_broken_policy_does_not_stop_the_gateway(manifests, start_gateway) -> 
     assert conditions["Enforced"]["reason"] == "InvalidCelExpression"
     assert "'free'" in conditions["Enforced"]["message"]
     assert spend(gw, "iamagolduser")[-1] == 429  # the gold limit is still enforced
+
+
+def test_a_state_dir_inside_the_served_folder_causes_no_reloads(manifests, start_gateway) -> None:
+    """The state file's folder changes when the state is written; it is not a manifest, so
+    it must not make the watcher reload (it did, every second, forever)."""
+    import time
+
+    folder = manifests()
+    gw = start_gateway(folder, state_dir=folder / "state")
+    time.sleep(3.5)  # the watcher polls every second
+    assert "configuration reloaded" not in gw.output()
+    (folder / "06-token-limits.yaml").write_text(
+        (folder / "06-token-limits.yaml").read_text().replace("limit: 50 ", "limit: 51 ")
+    )
+    deadline = time.monotonic() + 10
+    while gw.output().count("configuration reloaded") < 1:
+        assert time.monotonic() < deadline, gw.output()
+        time.sleep(0.1)
+    time.sleep(2.5)
+    assert gw.output().count("configuration reloaded") == 1

@@ -30,6 +30,7 @@ from tokengateway.gateway.backends import plan_backends
 from tokengateway.gateway.config import CompiledConfig, compile_config, needed_services
 from tokengateway.resources import Document, load_paths, parse_resources
 from tokengateway.resources.kinds import CLUSTER_SCOPED
+from tokengateway.resources.loader import MANIFEST_EXTENSIONS
 
 __all__ = ["ApplyResult", "ControlPlane", "NotFoundError", "ResourceKey"]
 
@@ -226,7 +227,12 @@ class ControlPlane:
             if raw == "-":
                 continue
             path = Path(raw)
-            files = [path] if path.is_file() else sorted(path.glob("*")) if path.is_dir() else []
+            if path.is_file():
+                files = [path]
+            elif path.is_dir():  # the files load_paths reads: a state dir inside is not one
+                files = sorted(f for f in path.glob("*") if f.suffix.lower() in MANIFEST_EXTENSIONS)
+            else:
+                files = []
             for f in files:
                 with contextlib.suppress(OSError):
                     found[str(f)] = f.stat().st_mtime_ns
@@ -332,8 +338,12 @@ class ControlPlane:
             docs.append(doc)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         target = self.state_dir / STATE_FILE
+        text = yaml.safe_dump_all(docs, sort_keys=False)
+        with contextlib.suppress(OSError):
+            if target.read_text() == text:
+                return  # unchanged: no write (a file watcher may be looking at this folder)
         partial = target.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        partial.write_text(text)
         partial.replace(target)
 
     async def watch(self, interval: float = 1.0) -> None:
