@@ -82,8 +82,11 @@ def json_pointer(doc: Any, pointer: str) -> Any:
                 raise KeyError(f"no member {token!r}")
             node = node[token]
         elif isinstance(node, list):
-            if not token.isdigit() or (len(token) > 1 and token[0] == "0"):
+            # ASCII digits only ("²".isdigit() too), and no more than an index can have
+            if not (token.isascii() and token.isdigit()) or (len(token) > 1 and token[0] == "0"):
                 raise KeyError(f"{token!r} is not an array index")
+            if len(token) > 18:
+                raise KeyError(f"index {token[:20]}... out of range")
             idx = int(token)
             if idx >= len(node):
                 raise KeyError(f"index {idx} out of range")

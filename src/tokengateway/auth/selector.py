@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
@@ -142,7 +143,7 @@ def _json_arg(arg: str) -> dict[str, Any]:
         return {}
     try:
         parsed = json.loads(arg)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return parsed if isinstance(parsed, dict) else {}
 
@@ -171,7 +172,7 @@ def _mod_extract(value: Any, arg: str) -> Any:
     sep = to_string(sep)
     try:
         pos = int(opts.get("pos", 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite position
         pos = 0
     text = to_string(value)
     parts = text.split(sep) if sep else list(text)
@@ -276,7 +277,7 @@ def _mod_fromstr(value: Any, arg: str) -> Any:
         return MISSING
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return MISSING
 
 
@@ -321,7 +322,8 @@ class _Key(_Step):
         super().__init__()
         self.name = name
         self.pattern = pattern
-        self.index = int(name) if name.isdigit() and name.isascii() else -1
+        # an index no list can reach is no index (and int() refuses over 4300 digits)
+        self.index = int(name) if name.isdigit() and name.isascii() and len(name) <= 18 else -1
 
     def apply(self, value: Any) -> Any:
         if isinstance(value, Mapping):
@@ -396,7 +398,11 @@ class _Query(_Step):
                 number = float(rpv)
             except ValueError:
                 number = 0.0
-            return _compare(float(value), number, op)
+            try:
+                left = float(value)
+            except OverflowError:  # an integer beyond float64, as GJSON reads it: infinite
+                left = math.inf if value > 0 else -math.inf
+            return _compare(left, number, op)
         return False
 
 
@@ -755,4 +761,7 @@ class Selector:
 
 def compile_selector(source: str) -> Selector:
     """Parse a GJSON path once; raise SelectorError if it is malformed or unsupported."""
-    return Selector(source)
+    try:
+        return Selector(source)
+    except RecursionError:  # queries nested in queries, hundreds deep
+        raise SelectorError(f"selector {source[:40]!r}... is nested too deeply") from None

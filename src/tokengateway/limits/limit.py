@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,23 @@ __all__ = [
 ]
 
 _SEP = "\x1f"
+#: escapes, in a counter value, the separator ("\x1e1") and itself ("\x1e0"): values are
+#: anyone's text (a header, a claim), and one holding the separator must neither read back
+#: as two values nor share a key with another tuple of values. Other values are verbatim.
+_ESC = "\x1e"
+_UNESCAPE = re.compile("\x1e([01])")
+
+
+def _escape(value: str) -> str:
+    if _ESC in value or _SEP in value:
+        return value.replace(_ESC, _ESC + "0").replace(_SEP, _ESC + "1")
+    return value
+
+
+def _unescape(value: str) -> str:
+    if _ESC in value:
+        return _UNESCAPE.sub(lambda m: _ESC if m[1] == "0" else _SEP, value)
+    return value
 
 
 def counter_scope(namespace: str, identifier: str) -> str:
@@ -33,11 +51,13 @@ def counter_scope(namespace: str, identifier: str) -> str:
 
 
 def parse_counter_key(key: str) -> tuple[str, str, int, tuple[str, ...]] | None:
-    """(namespace, limit identifier, window in ms, counter values) of a counter key."""
+    """(namespace, limit identifier, window in ms, counter values) of a counter key.
+
+    A key does not say how many values it holds: one empty value reads back as none."""
     parts = key.split(_SEP, 3)
     if len(parts) < 4 or not parts[2].isdigit():
         return None
-    values = tuple(parts[3].split(_SEP)) if parts[3] else ()
+    values = tuple(_unescape(v) for v in parts[3].split(_SEP)) if parts[3] else ()
     return parts[0], parts[1], int(parts[2]), values
 
 
@@ -58,6 +78,11 @@ class Rate:
     limit: int
     window: float  # seconds
     window_text: str
+
+    @property
+    def window_ms(self) -> int:
+        """The window in milliseconds, as counter keys carry it (rounded: 1.001 s is 1001)."""
+        return round(self.window * 1000)
 
 
 #: completion tokens assumed for a request that sets no `max_tokens` (reservation estimate)
@@ -143,11 +168,9 @@ class Limit:
     def counter_refs(self, namespace: str, values: tuple[str, ...]) -> list[CounterRef]:
         """One counter per rate: (namespace, limit, window, values) -> key."""
         base = counter_scope(namespace, self.identifier)
-        tail = _SEP.join(values)
+        tail = _SEP.join(_escape(v) for v in values)
         return [
-            CounterRef(
-                f"{base}{_SEP}{int(rate.window * 1000)}{_SEP}{tail}", rate.limit, rate.window
-            )
+            CounterRef(f"{base}{_SEP}{rate.window_ms}{_SEP}{tail}", rate.limit, rate.window)
             for rate in self.rates
         ]
 

@@ -12,8 +12,9 @@ Shapes understood (non-streaming and streaming):
   `message_delta` (whose output count is cumulative).
 
 Counts that are not numbers or are negative are ignored (a total is then prompt +
-completion), fractions are rounded down, and absurd ones are capped at MAX_COUNT so that no
-store ever overflows (docs/counting.md).
+completion), fractions are rounded down, and absurd ones (sums included) are capped at
+MAX_COUNT so that no store ever overflows (docs/counting.md). JSON nested too deeply to
+decode is read as no JSON at all, never as an error.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def usage_of(raw: Any) -> Usage | None:
         cache_read = _count(raw.get("cache_read_input_tokens"))
         cache_write = _count(raw.get("cache_creation_input_tokens"))
         if cache_read is not None or cache_write is not None:  # Anthropic: input excludes cache
-            prompt = (prompt or 0) + (cache_read or 0) + (cache_write or 0)
+            prompt = min((prompt or 0) + (cache_read or 0) + (cache_write or 0), MAX_COUNT)
             cached = cache_read or 0
         else:
             cached = _details(raw, "input_tokens_details")
@@ -81,7 +82,7 @@ def usage_of(raw: Any) -> Usage | None:
     if prompt is None and completion is None and total is None:
         return None
     if total is None:
-        total = (prompt or 0) + (completion or 0)
+        total = min((prompt or 0) + (completion or 0), MAX_COUNT)
     return Usage(prompt or 0, completion or 0, total, cached)
 
 
@@ -89,7 +90,7 @@ def usage_from_json(body: bytes) -> Usage | None:
     """The `usage` of a JSON response body, or None when absent or unreadable."""
     try:
         return usage_of(_decode_body(body).usage)
-    except ValueError:  # DecodeError, ValidationError, or UnicodeDecodeError
+    except (ValueError, RecursionError):  # DecodeError, ValidationError, UnicodeDecodeError
         return None
 
 
@@ -99,14 +100,19 @@ def completion_text_of(body: bytes) -> str:
         doc = msgspec.json.decode(body)
     except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
         return body.decode("utf-8", "replace")
+    except RecursionError:  # nested too deeply to be an answer
+        return ""
     if not isinstance(doc, dict):
         return ""
     parts = []
-    for choice in doc.get("choices") or ():  # chat / completions
-        if isinstance(choice, dict):
-            parts.append(text_of([choice.get("message"), choice.get("text")]))
-    parts.append(text_of(doc.get("output")))  # responses
-    parts.append(text_of(doc.get("content")))  # messages
+    try:
+        for choice in doc.get("choices") or ():  # chat / completions
+            if isinstance(choice, dict):
+                parts.append(text_of([choice.get("message"), choice.get("text")]))
+        parts.append(text_of(doc.get("output")))  # responses
+        parts.append(text_of(doc.get("content")))  # messages
+    except RecursionError:  # text_of recurses: a document nested nearly as deep as allowed
+        return ""
     return "".join(parts)
 
 
@@ -120,7 +126,7 @@ def ask_for_usage(path: str, body: bytes) -> tuple[bytes, bool]:
         return body, False
     try:
         doc = msgspec.json.decode(body)
-    except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
+    except (ValueError, RecursionError):  # msgspec.DecodeError, UnicodeDecodeError, too deep
         return body, False
     if not isinstance(doc, dict) or doc.get("stream") is not True:
         return body, False
@@ -130,10 +136,17 @@ def ask_for_usage(path: str, body: bytes) -> tuple[bytes, bool]:
     if not isinstance(options, dict) or options.get("include_usage") is True:
         return body, False
     doc["stream_options"] = {**options, "include_usage": True}
-    return msgspec.json.encode(doc), True
+    try:
+        return msgspec.json.encode(doc), True
+    except RecursionError:  # decoded at the very limit of the stack: leave it as it came
+        return body, False
 
 
-_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+# the `"usage": null` member (with the separator it leaves behind) in one line of JSON
+_USAGE_NULL = re.compile(
+    rb',[ \t]*"usage"[ \t]*:[ \t]*null|"usage"[ \t]*:[ \t]*null[ \t]*(?:,[ \t]*)?'
+)
+_JSON_SPACE = b" \t\r\n"
 
 
 class SSEStream:
@@ -144,7 +157,9 @@ class SSEStream:
     stream that breaks never leaves the client half an event). With `hide_usage` (the gateway
     asked the upstream for usage the client did not ask for) the usage-only chunk and the
     `"usage": null` members that asking added are left out, so the client gets the bytes it
-    would have got without the gateway. Lines may end in CR, LF or CRLF, split at any byte.
+    would have got without the gateway (a member is left in place in an event whose JSON
+    spans several `data:` lines, where removing it is not safe). Lines may end in CR, LF or
+    CRLF, split at any byte; data fields are read as the HTML SSE spec says.
     """
 
     __slots__ = (
@@ -153,6 +168,7 @@ class SSEStream:
         "_data",
         "_dropped",
         "_line",
+        "_null_usage",
         "_raw",
         "_text",
         "events",
@@ -170,6 +186,7 @@ class SSEStream:
         self._data: list[bytes] = []
         self._cr = False
         self._dropped = False
+        self._null_usage = False
         self._anthropic_prompt: dict[str, Any] | None = None
 
     @property
@@ -178,12 +195,16 @@ class SSEStream:
         return "".join(self._text)
 
     def feed(self, chunk: bytes) -> bytes:
+        if not chunk:  # an empty read must not forget a CR that may start a CRLF
+            return b""
         out: list[bytes] = []
         i = 0
         if self._cr and chunk[:1] == b"\n":  # the LF of a CRLF split across reads
             i = 1
-            if not (self._dropped and not self._raw):
+            if self._raw:  # the CR ended a line of the event being read
                 self._raw.append(b"\n")
+            elif not self._dropped:  # the CR ended an event already sent: its LF goes too
+                out.append(b"\n")
         self._cr = False
         n = len(chunk)
         while i < n:
@@ -228,18 +249,22 @@ class SSEStream:
         if line.startswith(b"data:"):
             value = line[5:]
             self._data.append(value[1:] if value.startswith(b" ") else value)
+        elif line == b"data":  # a field without a colon has an empty value
+            self._data.append(b"")
 
     def _dispatch(self, out: list[bytes]) -> None:
         raw = b"".join(self._raw)
+        lines = len(self._data)
         data = b"\n".join(self._data)
         self._raw = []
         self._data = []
         keep = True
-        if data.startswith(b"{"):
+        self._null_usage = False
+        if data[:1] == b"{" or data.lstrip(_JSON_SPACE)[:1] == b"{":
             self.events += 1
             keep = self._event(data)
         if keep:
-            if self.hide_usage and b'"usage"' in raw:
+            if self._null_usage and lines == 1:
                 raw = _USAGE_NULL.sub(b"", raw)
             out.append(raw)
         self._dropped = not keep
@@ -248,10 +273,12 @@ class SSEStream:
         """Read one JSON event; False when it must not reach the client."""
         try:
             event = msgspec.json.decode(data)
-        except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
+        except (ValueError, RecursionError):  # DecodeError, UnicodeDecodeError, too deep
             return True
         if not isinstance(event, dict):
             return True
+        if self.hide_usage and "usage" in event and event["usage"] is None:
+            self._null_usage = True  # the member asking for usage added: not for the client
         kind = event.get("type")
         if kind is None or kind == "message_delta":
             usage = event.get("usage")
