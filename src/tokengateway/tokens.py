@@ -9,6 +9,7 @@ directory, so no network is ever needed.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -104,7 +105,8 @@ def text_of(value: Any) -> str:
     """The text a request or response carries, whatever the API shape: strings, message
     contents, content parts, prompts, inputs, system prompts (not ids, roles or options)."""
     parts: list[str] = []
-    _collect(value, parts)
+    with contextlib.suppress(RecursionError):  # absurdly nested: count what was collected
+        _collect(value, parts)
     return "\n".join(parts)
 
 

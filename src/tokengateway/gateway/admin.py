@@ -190,7 +190,7 @@ class AdminApp:
                 continue
             for limit in target.limits:
                 for rate in limit.rates:
-                    found[(limit.identifier, int(rate.window * 1000))] = (limit, rate)
+                    found[(limit.identifier, rate.window_ms)] = (limit, rate)
         return found
 
     def _limits(self, namespace: str) -> list[dict[str, Any]]:

@@ -448,7 +448,7 @@ _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwarded-prot
 def _json_or_none(body: bytes) -> Any:
     try:
         return msgspec.json.decode(body) if body else None
-    except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
+    except (ValueError, RecursionError):  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
         return None
 
 

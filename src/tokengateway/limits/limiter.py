@@ -95,7 +95,7 @@ class Estimate:
         if self._prompt is None:
             try:
                 request: Any = msgspec.json.decode(self._body) if self._body else None
-            except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
+            except (ValueError, RecursionError):  # not JSON, bad UTF-8, absurdly nested
                 request = None
             self._prompt = prompt_tokens(request)
             self._limit = max_completion_tokens(request)
