@@ -11,7 +11,6 @@ examples, for a soak. The `test_regression_*` examples are bugs these properties
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import json
 import math
@@ -1105,7 +1104,6 @@ def test_fuzz_request_parsing(data: bytes) -> None:
     fuzz_one(data)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
 def test_fuzz_request_with_atheris(tmp_path: Path) -> None:
     script = Path(__file__).with_name("fuzz_request.py")
     env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
