@@ -34,10 +34,12 @@ run: setup
 test: setup system
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/python -m mypy
 	$(BIN)/pytest
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m mypy
 
 format: setup
 	$(BIN)/ruff format src tests benchmarks

@@ -10,12 +10,17 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from tokengateway import __version__
 from tokengateway.kubectl import register as register_resource_commands
 from tokengateway.top import register as register_top_command
+
+if TYPE_CHECKING:  # imported lazily at run time: the commands start faster
+    from tokengateway.gateway.config import CompiledConfig
+    from tokengateway.gateway.server import LoadedConfig
 
 TUTORIAL_DIR = Path(__file__).parent / "tutorial"
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -34,7 +39,7 @@ def main() -> None:
     manifests (Gateway, HTTPRoute, AuthPolicy, TokenRateLimitPolicy, ...)."""
 
 
-def _load(paths: Sequence[str], backends: Sequence[str]):  # type: ignore[no-untyped-def]
+def _load(paths: Sequence[str], backends: Sequence[str]) -> LoadedConfig:
     from tokengateway.gateway.backends import parse_backend_overrides
     from tokengateway.gateway.server import load
 
@@ -52,7 +57,7 @@ class _Size(click.ParamType):
     name = "size"
     _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
         text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
@@ -263,7 +268,7 @@ def serve(
         ),
     )
 
-    def ready(config, where: tuple[str, int], admin_where: tuple[str, int]) -> None:  # type: ignore[no-untyped-def]
+    def ready(config: CompiledConfig, where: tuple[str, int], admin_where: tuple[str, int]) -> None:
         for warning in config.warnings:
             click.echo(f"warning: {warning}", err=True)
         click.echo(_banner(config, *where), err=True)
@@ -295,7 +300,7 @@ def _default_state_dir(admin: tuple[str, int]) -> Path:
     return Path(base) / "tokengateway" / f"{admin[0]}_{admin[1]}"
 
 
-def _banner(config, host: str, port: int) -> str:  # type: ignore[no-untyped-def]
+def _banner(config: CompiledConfig, host: str, port: int) -> str:
     lines = [f"tokengateway {__version__} listening on http://{host}:{port}"]
     seen = set()
     for match in config.router._matches:

@@ -12,6 +12,7 @@ Only the standard library speaks HTTP here: the CLI stays light and starts fast.
 from __future__ import annotations
 
 import datetime
+import functools
 import http.client
 import ipaddress
 import json
@@ -279,7 +280,7 @@ def _error_from(status: int, raw: bytes) -> AdminError:
         message = str(error.get("message") or f"HTTP {status}")
         if "type" in error and "details" not in error:  # OpenAI's envelope: the data plane
             message += " (this is the gateway's data plane answering: --admin names the admin API)"
-        return AdminError(status, message, map(str, details))
+        return AdminError(status, message, [str(d) for d in details])
     if isinstance(error, str):
         return AdminError(status, error)
     return AdminError(status, json.dumps(body)[:500])
@@ -467,7 +468,9 @@ def _spec(obj: Mapping[str, Any]) -> Mapping[str, Any]:
 def _conditions(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """`status.conditions`, or a route's `status.parents[*].conditions`."""
     status = _status(obj)
-    found = [c for c in status.get("conditions") or [] if isinstance(c, dict)]
+    found: list[Mapping[str, Any]] = [
+        c for c in status.get("conditions") or [] if isinstance(c, dict)
+    ]
     for parent in status.get("parents") or []:
         if isinstance(parent, dict):
             found += [c for c in parent.get("conditions") or [] if isinstance(c, dict)]
@@ -631,7 +634,9 @@ def counters_table(counters: Sequence[Mapping[str, Any]]) -> str:
     """`GET /counters/{namespace}` as LIMIT, MAX, WINDOW, VARIABLES, REMAINING, EXPIRES IN."""
     rows = []
     for counter in counters:
-        limit = counter.get("limit") if isinstance(counter.get("limit"), dict) else {}
+        limit = counter.get("limit")
+        if not isinstance(limit, dict):
+            limit = {}
         values = counter.get("set_variables") or {}
         order = [str(v) for v in limit.get("variables") or []]
         order += sorted(str(k) for k in values if str(k) not in order)
@@ -807,7 +812,7 @@ def _targets(args: Sequence[str], verb: str) -> list[_Target]:
     for name in names:
         if "/" in name:
             _fail(f"a resource name may not contain '/': {name!r}")
-    return [_Target(kind, name) for kind in kinds for name in (names or [None])]
+    return [_Target(kind, name) for kind in kinds for name in (names or (None,))]
 
 
 def _namespace_for(kind: str, namespace: str | None) -> str | None:
@@ -909,7 +914,7 @@ def get_command(
     for target in targets:
         ns = None if all_namespaces else _namespace_for(target.kind, namespace)
         try:
-            items = _call(lambda t=target, ns=ns: client.resources(t.kind, ns, t.name))
+            items = _call(functools.partial(client.resources, target.kind, ns, target.name))
         except AdminError as exc:
             failed = True
             if _is_not_found(exc) and target.name is not None:
@@ -1016,7 +1021,7 @@ def delete_command(
         assert target.name is not None
         ns = _namespace_for(target.kind, namespace)
         try:
-            results = _call(lambda t=target, ns=ns: client.delete(t.kind, ns, t.name))
+            results = _call(functools.partial(client.delete, target.kind, ns, target.name))
         except AdminError as exc:
             if _is_not_found(exc):
                 if not ignore_not_found:
@@ -1055,7 +1060,7 @@ def _delete_one_by_one(client: AdminClient, text: str) -> list[dict[str, Any]]:
         meta = obj.get("metadata") or {}
         ns = _namespace_for(kind, meta.get("namespace"))
         try:
-            results += _call(lambda k=kind, ns=ns, m=meta: client.delete(k, ns, str(m.get("name"))))
+            results += _call(functools.partial(client.delete, kind, ns, str(meta.get("name"))))
         except AdminError as exc:
             if not _is_not_found(exc):
                 _server_error(exc)

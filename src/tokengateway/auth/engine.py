@@ -71,6 +71,7 @@ _UNSUPPORTED_AUTHZ = {
     "kubernetesSubjectAccessReview": "it calls the Kubernetes SubjectAccessReview API",
     "spicedb": "it calls a SpiceDB server",
 }
+_IDENTITY_METHODS: tuple[str, ...]
 _IDENTITY_METHODS = ("apiKey", "jwt", "oauth2Introspection", "x509", "kubernetesTokenReview")
 _IDENTITY_METHODS += ("plain", "anonymous")
 

@@ -219,8 +219,8 @@ class RegoPolicy:
             bundle = interpreter.build(query)
         except regopy.RegoError as exc:
             message, offset = _sexpr_message(str(exc))
-            line = module.encode()[:offset].count(b"\n") + 1 if offset is not None else None
-            raise AuthConfigError(policy, rule, located(message, line)) from None
+            at_line = module.encode()[:offset].count(b"\n") + 1 if offset is not None else None
+            raise AuthConfigError(policy, rule, located(message, at_line)) from None
         if not bundle.ok():
             raise AuthConfigError(
                 policy, rule, located(*_explain_failed_build(name, module, query))

@@ -81,6 +81,8 @@ AUTH_WHEN = "conditions#"
 _AUTH_SECTIONS = ("authentication", "metadata", "authorization", "callbacks")
 
 StatusKey = tuple[str, str, str]  # (kind, namespace, name)
+#: One compiled match: RouteMatch's path, method, headers and query params, in that order.
+_MatchPieces = tuple[PathMatch, str | None, tuple[HeaderMatch, ...], tuple[HeaderMatch, ...]]
 
 
 class ConfigError(ValueError):
@@ -712,7 +714,7 @@ class _Build:
         parent: Mapping[str, Any],
         facts: st.RouteFacts,
         backends: Sequence[tuple[Backend, ...]],
-        matches: Sequence[list[tuple[int, tuple[Any, ...]]]],
+        matches: Sequence[list[tuple[int, _MatchPieces]]],
     ) -> bool:
         """Attach the route through one parentRef; whether some listener took it."""
         spec, key = _spec(route), _key(route)
@@ -972,7 +974,7 @@ def _as_dict(timeouts: Timeouts) -> dict[str, float | None]:
 
 def _rule_matches(
     route: Any, index: int, rule: Mapping[str, Any], problems: list[str], facts: st.RouteFacts
-) -> list[tuple[int, tuple[Any, ...]]]:
+) -> list[tuple[int, _MatchPieces]]:
     out = []
     for m_index, match in enumerate(rule.get("matches") or [{}]):
         try:
@@ -984,9 +986,7 @@ def _rule_matches(
     return out
 
 
-def _match(
-    match: Mapping[str, Any],
-) -> tuple[PathMatch, str | None, tuple[HeaderMatch, ...], tuple[HeaderMatch, ...]]:
+def _match(match: Mapping[str, Any]) -> _MatchPieces:
     path = match.get("path") or {}
     ptype = path.get("type", "PathPrefix")
     value = path.get("value", "/")

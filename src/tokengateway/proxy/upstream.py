@@ -77,7 +77,7 @@ class UpstreamResponse:
         try:
             if self.idle is None:
                 return await self._resp.read()
-            parts = []
+            parts: list[bytes] = []
             content = self._resp.content
             while True:
                 async with asyncio.timeout(self.idle):

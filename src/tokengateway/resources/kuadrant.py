@@ -321,8 +321,8 @@ class TokenRateLimitPolicySpec(RateLimitPolicySpec):
     limit says otherwise with `counting`)."""
 
     targetRef: TokenRateLimitPolicyTargetRef  # type: ignore[assignment]
-    defaults: MergeableTokenLimits | None = None  # type: ignore[assignment]
-    overrides: MergeableTokenLimits | None = None  # type: ignore[assignment]
+    defaults: MergeableTokenLimits | None = None
+    overrides: MergeableTokenLimits | None = None
     limits: dict[str, TokenLimit] = Field(default_factory=dict)  # type: ignore[assignment]
 
 
@@ -516,7 +516,8 @@ with warnings.catch_warnings():
     class SuccessResponseSpec(StrictModel):
         """A success header or filter; filters become `auth.<name>` for limit predicates."""
 
-        json: JsonProperties | None = None
+        # The field shadows BaseModel.json() on purpose (see above), which mypy reports.
+        json: JsonProperties | None = None  # type: ignore[assignment]
         plain: ValueOrSelector | None = None
         wristband: dict[str, Any] | None = None
         when: list[PatternExpressionOrRef] = Field(default_factory=list)

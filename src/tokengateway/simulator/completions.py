@@ -103,7 +103,7 @@ def _frames(reply: _Reply, ex: Exchange) -> Iterator[Frame]:
     }
 
     def chunk(choice: dict[str, Any]) -> bytes:
-        body = {**head, "choices": [choice]}
+        body: dict[str, Any] = {**head, "choices": [choice]}
         if include_usage:
             body["usage"] = None  # as OpenAI: null on every chunk but the usage one
         return sse_data(body)

@@ -86,6 +86,8 @@ def parse_faults(spec: str | Iterable[str]) -> Faults:
                 continue
             name, eq, raw = directive.partition("=")
             name = name.strip().lower()
+            key: str
+            value: object
             if name in _FLAGS and not eq:
                 key, value = _FLAGS[name], True
             elif name == "cut-after" and eq:

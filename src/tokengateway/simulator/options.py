@@ -149,14 +149,14 @@ def parse_sim_args(
     Raises `ValueError` naming the flag when a value is missing or invalid.
     """
     # YAML may hand over numbers (`- 8000`); Kubernetes would reject them, we just read them.
-    argv = [str(arg) for arg in argv]
+    args = [str(arg) for arg in argv]
     values: dict[str, str] = {}
     served: list[str] = []
     faults: list[str] = []
     warnings: list[str] = []
-    i, n = 0, len(argv)
+    i, n = 0, len(args)
     while i < n:
-        token = argv[i]
+        token = args[i]
         i += 1
         if not _is_flag(token):
             warnings.append(f"ignoring unexpected simulator argument {token!r}")
@@ -166,8 +166,8 @@ def parse_sim_args(
         if name in _SINGLE_VALUE_FLAGS:
             if eq:
                 raw = inline
-            elif i < n and not _is_flag(argv[i]):
-                raw = argv[i]
+            elif i < n and not _is_flag(args[i]):
+                raw = args[i]
                 i += 1
             else:
                 raise ValueError(f"{flag}: a value is required")
@@ -175,26 +175,26 @@ def parse_sim_args(
                 warnings.append(f"{flag} given more than once; using the last value {raw!r}")
             values[name] = raw
         elif name in _MULTI_VALUE_FLAGS:
-            given = [inline] if eq else []
-            while not eq and i < n and not _is_flag(argv[i]):
-                given.append(argv[i])
+            names = [inline] if eq else []
+            while not eq and i < n and not _is_flag(args[i]):
+                names.append(args[i])
                 i += 1
-            given = [v for v in given if v.strip()]
-            if not given:
+            names = [v for v in names if v.strip()]
+            if not names:
                 raise ValueError(f"{flag}: at least one name is required")
-            served.extend(given)
+            served.extend(names)
         elif name in _REPEATABLE_FLAGS:
             if eq:
                 raw = inline
-            elif i < n and not _is_flag(argv[i]):
-                raw = argv[i]
+            elif i < n and not _is_flag(args[i]):
+                raw = args[i]
                 i += 1
             else:
                 raise ValueError(f"{flag}: a value is required")
             faults.append(raw)
         else:
             # Skip the unknown flag's values too, so they are not taken for stray arguments.
-            while not eq and i < n and not _is_flag(argv[i]):
+            while not eq and i < n and not _is_flag(args[i]):
                 i += 1
             warnings.append(f"ignoring unsupported simulator flag {flag}")
 
