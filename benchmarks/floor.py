@@ -1,0 +1,84 @@
+"""The floor under a refusal: what the HTTP server alone costs per request.
+
+    .venv/bin/python benchmarks/floor.py [--seconds 6]
+
+The gateway's server stack (uvicorn on uvloop with httptools, and the gateway's own
+connection guard, as `serve` configures it) in front of an ASGI app that answers every
+request with a fixed 429 in OpenAI's envelope and does nothing else. Its CPU per request is
+what any refusal costs before a single line of policy runs: the part of the 429 target that
+this stack spends by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import parse_wrk
+from common import BENCH, HOST, Proc, free_port, stop_all, wait_http
+
+APP = textwrap.dedent(
+    """
+    import sys
+    import uvicorn
+    from tokengateway.gateway.server import bind_socket, uvicorn_config
+
+    BODY = (b'{"error": {"message": "rate limit exceeded", "type": "rate_limit_exceeded", '
+            b'"param": null, "code": "rate_limit_exceeded"}}')
+    HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode()),
+               (b"retry-after", b"1")]
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 429, "headers": HEADERS})
+        await send({"type": "http.response.body", "body": BODY})
+
+    sock = bind_socket("127.0.0.1", int(sys.argv[1]))
+    config = uvicorn_config(app)
+    config.lifespan = "off"
+    uvicorn.Server(config).run(sockets=[sock])
+    """
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=6)
+    args = parser.parse_args()
+    work = Path("/tmp") / f"floor-{int(time.time())}"
+    work.mkdir(parents=True, exist_ok=True)
+    script = work / "floor_app.py"
+    script.write_text(APP)
+    port = free_port()
+    try:
+        server = Proc("floor", [sys.executable, str(script), str(port)], work, cpus={1})
+        wait_http(server, port)
+        wrk = ["wrk", "-t", "1", "-c", "32", "-s", str(BENCH / "chat.lua")]
+        url = f"http://{HOST}:{port}/v1/chat/completions"
+        subprocess.run([*wrk, "-d", "2s", url], capture_output=True, check=True)
+        cpu0 = server.cpu()
+        done = subprocess.run(
+            [*wrk, "-d", f"{args.seconds:g}s", "--latency", url],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        cpu = server.cpu() - cpu0
+        result = parse_wrk(done.stdout)
+    finally:
+        stop_all()
+    print("| server alone, fixed 429 | req/s | CPU per request |")
+    print("|---|---:|---:|")
+    per_request = 1000 * cpu / result["requests"]
+    print(f"| uvicorn + uvloop + httptools + guard | {result['rps']:,.0f} | {per_request:.3f} ms |")
+
+
+if __name__ == "__main__":
+    main()
