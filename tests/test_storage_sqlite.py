@@ -103,6 +103,32 @@ async def test_counters_and_their_windows_survive_a_restart_on_the_wall_clock(
     assert rows == [(month.key,)]  # the expired row was deleted from the file too
 
 
+async def test_a_restart_restores_exact_values_and_drops_them_as_their_windows_end(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    uri = f"sqlite://{tmp_path}/c.db"
+    windows = [1.0, 5.0, 2.0, 10.0, 3.0]
+    refs = [ref(2**62, w, f"u{i}") for i, w in enumerate(windows)]
+    store = await _opened(uri, clock=clock)
+    await store.update(refs, [2**60 + i for i in range(len(refs))])  # past what a float holds
+    await store.close()
+    store = await _opened(uri, clock=clock)
+    try:
+        got = {k: (v, left) for k, v, left in await store.counters()}
+        assert got == {r.key: (2**60 + i, r.window) for i, r in enumerate(refs)}
+        tick = ref(10, 100, "tick")
+        for t in (1.5, 2.5, 3.5, 5.5, 10.5):  # loaded counters go as their windows end
+            clock.now = 1000 + t
+            await store.update([tick], [1])
+            assert sorted(k for k, _, _ in await store.counters()) == sorted(
+                [tick.key] + [r.key for r in refs if r.window > t]
+            )
+            assert len(store) == 1 + sum(w > t for w in windows)
+    finally:
+        await store.close()
+
+
 async def test_changes_are_written_behind_within_the_flush_interval(tmp_path: Path) -> None:
     clock = Clock()
     store = await _opened(f"sqlite://{tmp_path}/c.db", clock=clock)

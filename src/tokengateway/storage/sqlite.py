@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import os
 import sqlite3
@@ -101,12 +100,7 @@ class SqliteStore(MemoryStore):
             self._closed = False
             db, rows = await asyncio.to_thread(self._open, self._clock())
             self._db = db
-            self._counters.clear()
-            self._expiries.clear()
-            for key, value, expires in rows:
-                self._counters[key] = [value, expires]
-                self._expiries.append((expires, key))
-            heapq.heapify(self._expiries)
+            self._load(rows)
             self._dirty.clear()
             self._changed = asyncio.Event()
             self._flusher = asyncio.create_task(self._flush_loop(), name=f"flush {self.uri}")
@@ -189,8 +183,10 @@ class SqliteStore(MemoryStore):
         self._dirty.update(keys)
         self._changed.set()
 
-    def _add(self, counters: Sequence[CounterRef], deltas: Sequence[int]) -> None:
-        super()._add(counters, deltas)
+    def _add(
+        self, counters: Sequence[CounterRef], deltas: Sequence[int], now: float | None = None
+    ) -> None:
+        super()._add(counters, deltas, now)
         self._touched(ref.key for ref in counters)
 
     async def check(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
@@ -228,11 +224,10 @@ class SqliteStore(MemoryStore):
         await super().commit(counters, deltas, reservation)
 
     async def retain(self, scopes: set[str]) -> int:
-        before = set(self._counters)
-        dropped = await super().retain(scopes)
+        dropped = self._retain(scopes)
         if dropped:
-            self._touched(before.difference(self._counters))
-        return dropped
+            self._touched(dropped)
+        return len(dropped)
 
     def _batch(self) -> tuple[list[_Row], list[tuple[str]]]:
         """Take the dirty counters as rows to write and keys to delete (on the loop, so the
@@ -242,10 +237,10 @@ class SqliteStore(MemoryStore):
         deletes: list[tuple[str]] = []
         for key in self._dirty:
             entry = self._counters.get(key)
-            if entry is None or entry[1] <= now:
+            if entry is None or entry.imag <= now:
                 deletes.append((key,))
             else:
-                upserts.append((key, int(entry[0]), entry[1]))
+                upserts.append((key, int(entry.real), entry.imag))
         self._dirty = set()
         return upserts, deletes
 
