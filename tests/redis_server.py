@@ -199,14 +199,17 @@ class RedisClusterProcesses:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class RedisSentinelProcess:
-    """A Redis Sentinel (`redis-server --sentinel`) watching `master` as `name`."""
+class RedisSentinelProcess(RedisServer):
+    """A Redis Sentinel (`redis-server --sentinel`) watching `master` as `name` (a server's
+    log and stop, its own start and client)."""
 
     def __init__(self, master: RedisServer, name: str = "tgmaster") -> None:
         binary = require_redis()
         self.name = name
         self.master = master
         self.dir = Path(tempfile.mkdtemp(prefix="sentinel-"))
+        self._own_dir = True
+        self.password = None
         self.port = free_port()
         conf = self.dir / "sentinel.conf"
         lines = [
@@ -243,21 +246,6 @@ class RedisSentinelProcess:
         cmd = [require_redis("redis-cli"), "-h", HOST, "-p", str(self.port), *args]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
         return done.stdout + done.stderr
-
-    def output(self) -> str:
-        self._log.flush()
-        return self.log.read_text(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
