@@ -173,3 +173,16 @@ def test_histograms_with_different_buckets_are_refused() -> None:
     two["overhead"]["counts"] = [0, 0]
     with pytest.raises(ValueError, match="different buckets"):
         merge([one, two])
+
+
+def test_retain_forgets_the_series_of_routes_no_longer_served() -> None:
+    from tokengateway.gateway.metrics import Metrics
+
+    m = Metrics()
+    for route in ("ns/kept", "ns/gone"):
+        m.authorized(route, ["p/l"])
+        m.request(route, 200, 3, 4, 0.01, None, 0.0001)
+    m.retain({"ns/kept"})
+    text = m.render()
+    assert 'limitador_namespace="ns/kept"' in text and 'route="ns/kept"' in text
+    assert "ns/gone" not in text

@@ -62,10 +62,15 @@ _bodies: ContextVar[tuple[bytes | None, bytes | None] | None] = ContextVar(
 _parsed: ContextVar[dict[int, Any] | None] = ContextVar("tokengateway_cel_parsed", default=None)
 
 
-def bind_bodies(request_body: bytes | None = None, response_body: bytes | None = None) -> None:
-    """Make the request/response bodies visible to `requestBodyJSON` / `responseBodyJSON`."""
+def bind_bodies(
+    request_body: bytes | None = None,
+    response_body: bytes | None = None,
+    request_json: Any = None,
+) -> None:
+    """Make the request/response bodies visible to `requestBodyJSON` / `responseBodyJSON`;
+    `request_json` is the request body already decoded, when the caller has it."""
     _bodies.set((request_body, response_body))
-    _parsed.set({})
+    _parsed.set({} if request_json is None else {0: request_json})
 
 
 def json_pointer(doc: Any, pointer: str) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from typing import Any
@@ -21,7 +20,7 @@ import msgspec
 from tokengateway import auth as authlib
 from tokengateway import cel
 from tokengateway.gateway.accesslog import AccessLog, Entry
-from tokengateway.gateway.body import check_body
+from tokengateway.gateway.body import read_json_body
 from tokengateway.gateway.config import CompiledConfig, RuleTarget
 from tokengateway.gateway.errors import send_error
 from tokengateway.gateway.metrics import Metrics
@@ -72,6 +71,15 @@ class GatewayApp:
         #: responses charged by an estimate because the upstream reported no usage
         self.estimated_usage = 0
 
+    def swap(self, config: CompiledConfig, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Serve `config` from now on, in one assignment (requests in flight keep the one
+        they started with); from any thread. The metrics of routes it no longer has are
+        forgotten on `loop`, so their series stay bounded across reloads."""
+        self.config = config
+        if loop is not None:
+            routes = {t.route for t in config.rules}
+            loop.call_soon_threadsafe(self.metrics.retain, routes)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             entry = Entry(scope["method"], scope["path"])
@@ -94,20 +102,20 @@ class GatewayApp:
 
     def _count(self, entry: Entry) -> None:
         usage = entry.usage
-        overhead = None
-        if entry.forwarded is not None and entry.upstream_done is not None:
-            overhead = (entry.forwarded - entry.start) + (time.perf_counter() - entry.upstream_done)
+        upstream = first_token = overhead = None
+        sent, done = entry.forwarded, entry.upstream_done
+        if sent is not None and done is not None:
+            upstream = done - sent
+            overhead = (sent - entry.start) + (time.perf_counter() - done)
+            if entry.first_chunk is not None:
+                first_token = entry.first_chunk - sent
         self.metrics.request(
             entry.route or "",
             entry.status,
             usage.prompt_tokens if usage is not None else 0,
             usage.completion_tokens if usage is not None else 0,
-            entry.upstream_done - entry.forwarded
-            if entry.forwarded is not None and entry.upstream_done is not None
-            else None,
-            entry.first_chunk - entry.forwarded
-            if entry.forwarded is not None and entry.first_chunk is not None
-            else None,
+            upstream,
+            first_token,
             overhead,
         )
 
@@ -181,8 +189,7 @@ class GatewayApp:
 
         # 3. authenticate and authorize
         auth_binding: dict[str, Any] = {}
-        upstream_extra: list[tuple[str, str]] = []
-        credential: Any = None
+        decision: authlib.AuthDecision | None = None
         if target.auth is not None:
             decision = target.auth.evaluate(
                 authlib.AuthRequest(
@@ -203,12 +210,10 @@ class GatewayApp:
                 await _send_denied(send, decision)
                 return
             auth_binding = decision.auth
-            upstream_extra.extend(decision.success_headers)
-            credential = decision.credential
             entry.user = _user_of(auth_binding)
 
         # 3b. a model request's body must be JSON the gateway can read (nothing is charged)
-        problem = check_body(method, path, headers.get("content-type", ""), body)
+        doc, problem = read_json_body(method, path, headers.get("content-type", ""), body)
         if problem is not None:
             await send_error(
                 send,
@@ -224,13 +229,14 @@ class GatewayApp:
         applicable = Applicable()
         checked: CheckResult | None = None
         if target.limits:
-            cel.bind_bodies(body)
+            cel.bind_bodies(body, request_json=doc)
             activation = cel.Activation({**well_known, "auth": auth_binding})
             applicable = self.limiter.applicable(
                 target.limits,
                 target.route,
                 activation,
                 body=body,
+                request=doc,
                 reservations=config.reservations,
                 default_ttl=target.timeout,
             )
@@ -267,11 +273,14 @@ class GatewayApp:
                 send,
                 entry,
                 target,
-                headers,
-                body,
-                (applicable, checked),
-                request_id,
-                (upstream_extra, credential),
+                headers=headers,
+                query=query,
+                body=body,
+                doc=doc,
+                request_id=request_id,
+                decision=decision,
+                applicable=applicable,
+                checked=checked,
             )
         finally:
             if applicable.tokens:
@@ -287,18 +296,19 @@ class GatewayApp:
         send: Send,
         entry: Entry,
         target: RuleTarget,
+        *,
         headers: dict[str, str],
+        query: str,
         body: bytes,
-        limits: tuple[Applicable, CheckResult | None],
+        doc: dict[str, Any] | None,
         request_id: str,
-        auth: tuple[list[tuple[str, str]], Any],
+        decision: authlib.AuthDecision | None,
+        applicable: Applicable,
+        checked: CheckResult | None,
     ) -> Usage | None:
         """Send the request upstream and relay the answer; the usage to charge, if any."""
-        applicable, checked = limits
-        upstream_extra, credential = auth
         method: str = scope["method"]
         path: str = scope["path"]
-        query = scope.get("query_string", b"").decode("latin-1")
 
         # 5. forward
         if not target.backends:
@@ -312,13 +322,18 @@ class GatewayApp:
             return None
         upstream_body, hide_usage = body, False
         if applicable.tokens:
-            upstream_body, hide_usage = ask_for_usage(path, body)
+            upstream_body, hide_usage = (
+                ask_for_usage(path, body) if doc is None else ask_for_usage(path, body, doc)
+            )
         backend = target.pick_backend()
-        if credential is not None and not backend.forward_credentials:
-            headers = dict(headers)  # the gateway's own API key is not the upstream's business
-            query = credential.strip(headers, query)
+        extra: list[tuple[str, str]] = []
+        if decision is not None:
+            extra = decision.success_headers
+            if decision.credential is not None and not backend.forward_credentials:
+                headers = dict(headers)  # the gateway's own API key is not the upstream's
+                query = decision.credential.strip(headers, query)
         url = backend.url + path + (f"?{query}" if query else "")
-        out_headers = _upstream_headers(scope, headers, request_id, upstream_extra)
+        out_headers = _upstream_headers(scope, headers, request_id, extra)
         if backend.authorization is not None:
             out_headers = [h for h in out_headers if h[0] != "authorization"]
             out_headers.append(("authorization", backend.authorization))
@@ -344,7 +359,7 @@ class GatewayApp:
             entry.upstream_done = time.perf_counter()
             usage = stream.usage
             if applicable.tokens and usage is None and 200 <= resp.status < 300:
-                usage = self._estimate(body, stream.text)
+                usage = self._estimate(body, doc, stream.text)
             return usage
         try:
             payload = await resp.read()
@@ -355,7 +370,7 @@ class GatewayApp:
         entry.upstream_done = time.perf_counter()
         usage = usage_from_json(payload)
         if applicable.tokens and usage is None and 200 <= resp.status < 300:
-            usage = self._estimate(body, completion_text_of(payload))
+            usage = self._estimate(body, doc, completion_text_of(payload))
         if checked is not None:
             limit_headers = success_headers(
                 checked, len(applicable.tokens), applicable.countings, usage
@@ -366,9 +381,9 @@ class GatewayApp:
         await send({"type": "http.response.body", "body": payload})
         return usage
 
-    def _estimate(self, body: bytes, answer: str) -> Usage:
+    def _estimate(self, body: bytes, doc: dict[str, Any] | None, answer: str) -> Usage:
         self.estimated_usage += 1
-        return estimate_usage(_json_or_none(body), answer)
+        return estimate_usage(doc if doc is not None else _json_or_none(body), answer)
 
     async def _relay_stream(
         self,
@@ -530,21 +545,21 @@ async def _send_denied(send: Send, decision: authlib.AuthDecision) -> None:
 
 
 async def _send_limited(send: Send, result: CheckResult, token_counters: int) -> None:
-    headers, quota = limited_headers(result, token_counters)
-    retry = max(1, math.ceil(result.retry_after))
-    state = result.states[result.limiting or 0]
-    kind = "tokens" if (result.limiting or 0) < token_counters else "requests"
-    window = _window_text(state.ref.window)
-    what = "quota" if quota else "rate limit"
+    refusal = limited_headers(result, token_counters)
+    ref = refusal.state.ref
+    what, type_ = ("quota", "insufficient_quota") if refusal.quota else ("rate limit", _RATE)
     await send_error(
         send,
         429,
-        f"{what} exceeded: limit of {state.ref.limit} {kind} per {window} reached; "
-        f"retry in {retry}s",
-        "insufficient_quota" if quota else "rate_limit_exceeded",
-        "insufficient_quota" if quota else "rate_limit_exceeded",
-        raw_headers=headers,
+        f"{what} exceeded: limit of {ref.limit} {refusal.kind} per {_window_text(ref.window)} "
+        f"reached; retry in {refusal.retry}s",
+        type_,
+        type_,
+        raw_headers=refusal.headers,
     )
+
+
+_RATE = "rate_limit_exceeded"
 
 
 def _with_limits(headers: list[tuple[bytes, bytes]], limits: list[tuple[bytes, bytes]]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["BodyProblem", "check_body"]
+__all__ = ["BodyProblem", "check_body", "read_json_body"]
 
 #: paths (by their end) whose JSON body the gateway reads
 JSON_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages")
@@ -65,24 +65,40 @@ def _count(doc: dict[str, Any], name: str, minimum: int) -> BodyProblem | None:
 
 def check_body(method: str, path: str, content_type: str, body: bytes) -> BodyProblem | None:
     """What is wrong with a model request's body, or None (also for any other request)."""
+    return read_json_body(method, path, content_type, body)[1]
+
+
+def read_json_body(
+    method: str, path: str, content_type: str, body: bytes
+) -> tuple[dict[str, Any] | None, BodyProblem | None]:
+    """(the model request's body as a JSON object, what is wrong with it). Decoded once
+    here, so that the later stages (usage asked for, estimates, reservations) read this
+    object rather than the bytes again; (None, None) for any other request."""
     if method != "POST" or not path.endswith(JSON_ENDPOINTS):
-        return None
+        return None, None
     if content_type and "json" not in content_type.lower():
-        return None  # e.g. multipart uploads: not ours to read
+        return None, None  # e.g. multipart uploads: not ours to read
     if not body.strip():
-        return BodyProblem("the request body is empty; expected a JSON object")
+        return None, BodyProblem("the request body is empty; expected a JSON object")
     try:
         doc = _decode(body)
     except UnicodeDecodeError as exc:
-        return BodyProblem(
+        return None, BodyProblem(
             f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding"
         )
     except msgspec.DecodeError as exc:
-        return BodyProblem(f"the request body is not valid JSON: {exc}", code="invalid_json")
+        return None, BodyProblem(f"the request body is not valid JSON: {exc}", code="invalid_json")
     except RecursionError:
-        return BodyProblem("the request body's JSON is nested too deeply", code="invalid_json")
+        return None, BodyProblem(
+            "the request body's JSON is nested too deeply", code="invalid_json"
+        )
     if not isinstance(doc, dict):
-        return BodyProblem(f"the request body must be a JSON object, not {_type_name(doc)}")
+        return None, BodyProblem(f"the request body must be a JSON object, not {_type_name(doc)}")
+    return doc, _field_problem(doc)
+
+
+def _field_problem(doc: dict[str, Any]) -> BodyProblem | None:
+    """A field the gateway reads, of the wrong type or out of range."""
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         problem = _count(doc, name, 1)
         if problem is not None:

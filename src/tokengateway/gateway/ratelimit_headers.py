@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from tokengateway.limits import Counting
 from tokengateway.storage import CheckResult, CounterState
 from tokengateway.tokens import Usage
 
-__all__ = ["LONG_QUOTA", "MAX_CLIENT_WAIT", "go_duration", "limited_headers", "success_headers"]
+__all__ = [
+    "LONG_QUOTA",
+    "MAX_CLIENT_WAIT",
+    "Refusal",
+    "go_duration",
+    "limited_headers",
+    "success_headers",
+]
 
 #: OpenAI's SDKs honour a retry-after of at most 60 s; past that, tell them not to retry
 MAX_CLIENT_WAIT = 60.0
@@ -90,16 +98,27 @@ def success_headers(
     return out
 
 
-def limited_headers(result: CheckResult, token_counters: int) -> tuple[list[Header], bool]:
-    """Headers for a refusal, and whether it is a long quota rather than a rate."""
+class Refusal(NamedTuple):
+    """A refusal as the client hears of it: the headers, and what the message says."""
+
+    headers: list[Header]
+    state: CounterState  # the counter that refused
+    kind: str  # "tokens" or "requests"
+    retry: int  # whole seconds, as in retry-after
+    quota: bool  # a long quota rather than a rate (insufficient_quota)
+
+
+def limited_headers(result: CheckResult, token_counters: int) -> Refusal:
+    """The refusal of `result`, whose states hold `token_counters` token counters first."""
     assert result.limiting is not None
     state = result.states[result.limiting]
     kind = "tokens" if result.limiting < token_counters else "requests"
-    retry = result.retry_after
+    wait = result.retry_after
+    retry = max(1, math.ceil(wait))
     out = _triple(kind, state, state.ref.limit - state.value - state.held)
     out += [
-        (b"retry-after", str(max(1, math.ceil(retry))).encode()),
-        (b"retry-after-ms", str(max(1, math.ceil(retry * 1000))).encode()),
-        (b"x-should-retry", b"true" if retry <= MAX_CLIENT_WAIT else b"false"),
+        (b"retry-after", str(retry).encode()),
+        (b"retry-after-ms", str(max(1, math.ceil(wait * 1000))).encode()),
+        (b"x-should-retry", b"true" if wait <= MAX_CLIENT_WAIT else b"false"),
     ]
-    return out, state.ref.window >= LONG_QUOTA
+    return Refusal(out, state, kind, retry, state.ref.window >= LONG_QUOTA)

@@ -340,7 +340,7 @@ def serve_gateway(
         app = holder.get("app")
         loop = holder.get("loop")
         if app is not None:
-            app.config = config  # one assignment: requests in flight keep the one they started with
+            app.swap(config, loop)
             scopes = {
                 counter_scope(t.route, lim.identifier) for t in config.rules for lim in t.limits
             }

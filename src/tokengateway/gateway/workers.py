@@ -498,7 +498,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
                     log.exception("worker %s: cannot build the leader's configuration", name)
                     loop.call_soon_threadsafe(stop, f"configuration refused: {exc}")
                     return
-                app.config = new  # one assignment: requests in flight keep their own
+                app.swap(new, loop)
                 outbox.put({"type": "ack", "generation": message["generation"]})
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
                 loop.call_soon_threadsafe(stop)

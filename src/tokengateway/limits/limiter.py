@@ -84,19 +84,22 @@ class Estimate:
     """A request's likely usage, for reservations: its prompt tokens by the offline tokenizer
     plus the completion tokens it allows. Worked out on first use only."""
 
-    __slots__ = ("_body", "_limit", "_prompt")
+    __slots__ = ("_body", "_limit", "_prompt", "_request")
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, request: Any = None) -> None:
         self._body = body
+        self._request = request  # the body already decoded, when the caller has it
         self._prompt: int | None = None
         self._limit: int | None = None
 
     def usage(self, default_completion: int) -> Usage:
         if self._prompt is None:
-            try:
-                request: Any = msgspec.json.decode(self._body) if self._body else None
-            except (ValueError, RecursionError):  # not JSON, bad UTF-8, absurdly nested
-                request = None
+            request = self._request
+            if request is None and self._body:
+                try:
+                    request = msgspec.json.decode(self._body)
+                except (ValueError, RecursionError):  # not JSON, bad UTF-8, absurdly nested
+                    request = None
             self._prompt = prompt_tokens(request)
             self._limit = max_completion_tokens(request)
         completion = default_completion if self._limit is None else self._limit
@@ -138,6 +141,7 @@ class Limiter:
         activation: cel.Activation,
         *,
         body: bytes = b"",
+        request: Any = None,
         reservations: bool = True,
         default_ttl: float | None = None,
     ) -> Applicable:
@@ -163,7 +167,7 @@ class Limiter:
             if out.amounts is not None:
                 amount, ttl = 0, 0.0
                 if held is not None:
-                    estimate = estimate or Estimate(body)
+                    estimate = estimate or Estimate(body, request)
                     amount = held.hold(
                         activation, estimate.usage(held.default_completion), limit.counting
                     )

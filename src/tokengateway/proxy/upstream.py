@@ -74,29 +74,11 @@ class UpstreamResponse:
     idle: float | None = None  # the longest silence allowed between two chunks
 
     async def read(self) -> bytes:
-        try:
-            if self.idle is None:
-                return await self._resp.read()
-            parts: list[bytes] = []
-            content = self._resp.content
-            while True:
-                async with asyncio.timeout(self.idle):
-                    chunk = await content.readany()
-                if not chunk:
-                    return b"".join(parts)
-                parts.append(chunk)
-        except TimeoutError:
-            raise UpstreamError(
-                "timeout", f"upstream sent nothing for {self.idle:g}s in the middle of its answer"
-            ) from None
-        except aiohttp.ClientPayloadError:
-            raise UpstreamError("broken", _INCOMPLETE) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError("broken", f"upstream response broken: {exc}") from None
-        finally:
-            self._resp.release()
+        """The whole body (the same reads, timeout and errors as `chunks`)."""
+        return b"".join([chunk async for chunk in self.chunks()])
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; `idle` bounds the silence before each chunk."""
         content = self._resp.content
         idle = self.idle
         loop = asyncio.get_running_loop()
@@ -112,13 +94,11 @@ class UpstreamResponse:
                     silence.reschedule(None)
                     yield chunk
         except TimeoutError:
-            raise UpstreamError(
-                "timeout", f"upstream stream stopped: nothing for {self.idle:g}s"
-            ) from None
+            raise UpstreamError("timeout", f"upstream sent nothing for {self.idle:g}s") from None
         except aiohttp.ClientPayloadError:
             raise UpstreamError("broken", _INCOMPLETE) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError("broken", f"upstream stream broken: {exc}") from None
+            raise UpstreamError("broken", f"upstream answer broken: {exc}") from None
         finally:
             self._resp.release()
 

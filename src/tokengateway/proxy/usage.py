@@ -34,6 +34,7 @@ class _Body(msgspec.Struct):
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
+_UNREAD: Any = object()  # ask_for_usage: no decoded body given
 
 
 #: the most tokens one count may claim (a trillion): more is an upstream's bug, not usage
@@ -119,15 +120,17 @@ def completion_text_of(body: bytes) -> str:
 _STREAMED_COMPLETIONS = ("/chat/completions", "/completions")
 
 
-def ask_for_usage(path: str, body: bytes) -> tuple[bytes, bool]:
+def ask_for_usage(path: str, body: bytes, doc: Any = _UNREAD) -> tuple[bytes, bool]:
     """A streamed chat/completions request with `stream_options.include_usage` added when
-    the client did not ask; True when the gateway added it (and must hide the answer)."""
+    the client did not ask; True when the gateway added it (and must hide the answer).
+    `doc` is the body already decoded, when the caller has it (it is not changed)."""
     if b'"stream"' not in body or not path.endswith(_STREAMED_COMPLETIONS):
         return body, False
-    try:
-        doc = msgspec.json.decode(body)
-    except (ValueError, RecursionError):  # msgspec.DecodeError, UnicodeDecodeError, too deep
-        return body, False
+    if doc is _UNREAD:
+        try:
+            doc = msgspec.json.decode(body)
+        except (ValueError, RecursionError):  # DecodeError, UnicodeDecodeError, too deep
+            return body, False
     if not isinstance(doc, dict) or doc.get("stream") is not True:
         return body, False
     options = doc.get("stream_options")
@@ -135,9 +138,9 @@ def ask_for_usage(path: str, body: bytes) -> tuple[bytes, bool]:
         options = {}
     if not isinstance(options, dict) or options.get("include_usage") is True:
         return body, False
-    doc["stream_options"] = {**options, "include_usage": True}
+    asked = {**doc, "stream_options": {**options, "include_usage": True}}
     try:
-        return msgspec.json.encode(doc), True
+        return msgspec.json.encode(asked), True
     except RecursionError:  # decoded at the very limit of the stack: leave it as it came
         return body, False
 
