@@ -322,9 +322,7 @@ class GatewayApp:
             return None
         upstream_body, hide_usage = body, False
         if applicable.tokens:
-            upstream_body, hide_usage = (
-                ask_for_usage(path, body) if doc is None else ask_for_usage(path, body, doc)
-            )
+            upstream_body, hide_usage = ask_for_usage(path, body, doc)
         backend = target.pick_backend()
         extra: list[tuple[str, str]] = []
         if decision is not None:

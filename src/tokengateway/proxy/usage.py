@@ -34,7 +34,6 @@ class _Body(msgspec.Struct):
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
-_UNREAD: Any = object()  # ask_for_usage: no decoded body given
 
 
 #: the most tokens one count may claim (a trillion): more is an upstream's bug, not usage
@@ -120,13 +119,14 @@ def completion_text_of(body: bytes) -> str:
 _STREAMED_COMPLETIONS = ("/chat/completions", "/completions")
 
 
-def ask_for_usage(path: str, body: bytes, doc: Any = _UNREAD) -> tuple[bytes, bool]:
+def ask_for_usage(path: str, body: bytes, doc: Any = None) -> tuple[bytes, bool]:
     """A streamed chat/completions request with `stream_options.include_usage` added when
     the client did not ask; True when the gateway added it (and must hide the answer).
-    `doc` is the body already decoded, when the caller has it (it is not changed)."""
+    `doc` is the body already decoded, when the caller has it (it is not changed); without
+    it the body is decoded here."""
     if b'"stream"' not in body or not path.endswith(_STREAMED_COMPLETIONS):
         return body, False
-    if doc is _UNREAD:
+    if doc is None:
         try:
             doc = msgspec.json.decode(body)
         except (ValueError, RecursionError):  # DecodeError, UnicodeDecodeError, too deep
