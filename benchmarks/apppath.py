@@ -48,11 +48,19 @@ def config(limit: int) -> CompiledConfig:
         return compile_config(loaded.resources, urls, strict=True)
 
 
-class _Resp:
-    """Enough of an aiohttp response for UpstreamResponse.read()."""
+class _Content:
+    def __init__(self) -> None:
+        self._left = [ANSWER]
 
-    async def read(self) -> bytes:
-        return ANSWER
+    async def readany(self) -> bytes:
+        return self._left.pop() if self._left else b""
+
+
+class _Resp:
+    """Enough of an aiohttp response for UpstreamResponse.chunks()."""
+
+    def __init__(self) -> None:
+        self.content = _Content()
 
     def release(self) -> None:
         pass
