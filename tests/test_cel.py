@@ -96,3 +96,53 @@ def test_fast_path_agrees_with_the_engine(data: dict[str, Any], source: str) -> 
 )
 def test_fast_path_cases(source: str, data: dict[str, Any], expected: Any) -> None:
     assert cel.compile_expression(source).evaluate(cel.Activation(data)) == expected
+
+
+MEMO_SOURCES = [
+    'request.path.startsWith("/v1")',
+    "has(auth.identity.userid)",
+    "has(request.x.y)",
+    "auth.identity.userid == 1",
+    "request.x == true",
+    "request.x == 1.0",
+    "size(request.path) > 2",
+    'auth.identity.userid.split(",").exists(g, g == "gold")',
+    'request.method + "!"',
+    "request.x",  # fast path: never kept
+]
+
+
+def test_what_an_expression_reads_is_found() -> None:
+    reads = cel.compile_expression(MEMO_SOURCES[7])._reads
+    assert reads == (("auth", "identity", "userid"),)  # not ...userid.split
+    assert cel.compile_expression('requestBodyJSON("/model") == "m"')._reads is None
+    assert cel.compile_expression("has(request.x.y) && size(auth) > 0")._reads == (
+        ("request", "x", "y"),
+        ("auth",),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(datas=st.lists(activations, min_size=1, max_size=6), source=st.sampled_from(MEMO_SOURCES))
+def test_kept_answers_agree_with_the_engine(datas: list[dict[str, Any]], source: str) -> None:
+    """One expression answers a run of requests (so later ones may be served from what it
+    kept); each answer must be the engine's own for that request."""
+    expression = cel.compile_expression(source)
+    predicate = (
+        cel.compile_predicate(source) if "+" not in source and source != "request.x" else None
+    )
+    for data in datas * 2:  # the second round is served from the kept answers
+        got = expression.evaluate(cel.Activation(data))
+        want = _engine(expression, data)
+        assert (got is cel.MISSING) == (want is cel.MISSING), (source, data, got, want)
+        if got is not cel.MISSING:
+            assert got == want and type(got) is type(want), (source, data, got, want)
+        if predicate is not None:
+            assert predicate.test(cel.Activation(data)) is (want is True), (source, data)
+
+
+def test_kept_answers_are_bounded() -> None:
+    expression = cel.compile_expression('request.path.startsWith("/v1")')
+    for i in range(cel.MEMO_SIZE + 50):
+        assert expression.evaluate(cel.Activation({"request": {"path": f"/v1/{i}"}})) is True
+    assert len(expression._memo) == cel.MEMO_SIZE

@@ -11,6 +11,7 @@ errors yields :data:`MISSING`, which makes the limit not apply.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -175,6 +176,53 @@ _FAST_SELECTOR = re.compile(rf"^{_SELECTOR}$")
 _FAST_COMPARE = re.compile(rf'^{_SELECTOR}\s*(==|!=)\s*"([^"\\\n]*)"$')
 
 
+# Any other expression that reads only selectors (and no body) is a function of their values:
+# its answers are kept per tuple of values, when each is a plain value. A selector is a
+# variable followed by field names; a name followed by "(" is a method call, not a field.
+_READS = re.compile(
+    r"(?<![\w.])(?:" + "|".join(VARIABLES) + r")(?:\.[A-Za-z_][A-Za-z0-9_]*(?![\w(]|\s+\())*"
+)
+#: answers kept per expression (the oldest goes first when full)
+MEMO_SIZE = 4096
+_NOT_PLAIN = object()
+
+
+def _reads(source: str) -> tuple[tuple[str, ...], ...] | None:
+    """The selectors `source` reads, or None when its answer may depend on anything else
+    (the request or response body)."""
+    if "BodyJSON" in source:
+        return None
+    return tuple(dict.fromkeys(tuple(m.group(0).split(".")) for m in _READS.finditer(source)))
+
+
+def _memo_key(data: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> Any:
+    """What the selectors' values are, in a form where equal keys mean equal inputs for CEL:
+    each value with its type (1, 1.0 and true are one key in Python, not in CEL), and where a
+    missing step failed (a map without the key, or something that is not a map). _NOT_PLAIN
+    when a value is a map or list: not kept."""
+    key = []
+    for path in paths:
+        node: Any = data
+        for depth, step in enumerate(path):
+            if not isinstance(node, dict):
+                node = ("!", depth, type(node).__name__)
+                break
+            found = node.get(step, _NOT_PLAIN)
+            if found is _NOT_PLAIN:
+                node = ("!", depth, "absent")
+                break
+            node = found
+        else:
+            if type(node) is str:
+                key.append(node)
+                continue
+            if not _plain(node):
+                return _NOT_PLAIN
+            node = (type(node), node)
+        key.append(node)
+    return tuple(key)
+
+
 def _walk(data: dict[str, Any], path: tuple[str, ...]) -> Any:
     node: Any = data
     for step in path:
@@ -194,7 +242,7 @@ def _plain(value: Any) -> bool:
 class Expression:
     """A compiled CEL expression; `evaluate` returns a plain Python value or MISSING."""
 
-    __slots__ = ("_compare", "_path", "_program", "source", "uses")
+    __slots__ = ("_compare", "_memo", "_path", "_program", "_reads", "source", "uses")
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -211,6 +259,8 @@ class Expression:
         elif (found := _FAST_COMPARE.match(source)) is not None:
             self._path = tuple(found.group(1).split("."))
             self._compare = (found.group(2) == "==", found.group(3))
+        self._reads = _reads(source) if self._path is None else None
+        self._memo: dict[Any, Any] = {}
 
     def evaluate(self, activation: Activation) -> Any:
         if self._path is not None:
@@ -223,10 +273,31 @@ class Expression:
             else:  # CEL's equality across types is false, not an error
                 equal, literal = self._compare
                 return (isinstance(value, str) and value == literal) is equal
+        if self._reads is None:
+            return self._eval(activation)
+        key = _memo_key(activation.data, self._reads)
+        if key is _NOT_PLAIN:
+            return self._eval(activation)
+        found = self._memo.get(key, _NOT_PLAIN)
+        if found is _NOT_PLAIN:
+            found = self._eval(activation)
+            if _plain(found) or found is MISSING:
+                self._keep(key, found)
+        return found
+
+    def _eval(self, activation: Activation) -> Any:
         value = self._program.eval(activation._act)
         if value.type() == cel.Type.ERROR:
             return MISSING
         return value.plain_value()
+
+    def _keep(self, key: Any, answer: Any) -> None:
+        memo = self._memo
+        if len(memo) >= MEMO_SIZE:
+            # another thread may evict at the same time: losing that race is harmless
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del memo[next(iter(memo))]
+        memo[key] = answer
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r})"
@@ -244,10 +315,7 @@ class Predicate(Expression):
             raise CelCompileError(f"predicate must evaluate to a bool, not {rtype.name()}")
 
     def test(self, activation: Activation) -> bool:
-        if self._path is not None:
-            return self.evaluate(activation) is True
-        value = self._program.eval(activation._act)
-        return value.type() == cel.Type.BOOL and value.value() is True
+        return self.evaluate(activation) is True
 
 
 def compile_expression(source: str) -> Expression:
