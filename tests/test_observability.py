@@ -208,3 +208,13 @@ def test_metrics_after_known_traffic_and_no_key_in_logs(start_gateway) -> None:
     ok = [x for x in lines if x["status"] == 200]
     assert all(x["user"] == "user-1" and x["upstream_ms"] > 0 for x in ok)
     assert "iamafreeuser" not in gw.output() and "iamafreeuser" not in text
+
+
+def test_made_request_ids_are_distinct_version_4_uuids() -> None:
+    from tokengateway.gateway.app import new_request_id
+
+    made = [new_request_id() for _ in range(20000)]
+    assert len(set(made)) == len(made)
+    for text in made[:2000]:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text

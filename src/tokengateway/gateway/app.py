@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -144,7 +144,7 @@ class GatewayApp:
                 value = f"{headers[name]}{'; ' if name == 'cookie' else ', '}{value}"
             headers[name] = value
         host = _hostname(headers.get("host", ""))
-        request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        request_id = headers.get("x-request-id") or new_request_id()
         entry.request_id = request_id
 
         # 1. route
@@ -475,6 +475,29 @@ def _stream_error(path: str, exc: UpstreamError) -> bytes:
     return b"data: " + msgspec.json.encode({"error": error}) + b"\n\n"
 
 
+_UUID_MASK = ~((0xF << 76) | (0xC << 60)) & ((1 << 128) - 1)
+_UUID_V4 = (4 << 76) | (0x8 << 60)
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID, as text: str(uuid.uuid4()) costs ~2 us, this ~0.5 us.
+    The bits come from `random` (reseeded in a forked child), not from os.urandom: a request
+    id is a label, not a secret."""
+    digits = "%032x" % (random.getrandbits(128) & _UUID_MASK | _UUID_V4)
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+_clock: list[Any] = [0, ""]
+
+
+def _now_text() -> str:
+    """The current UTC time as Envoy's request.time text, made once per second."""
+    now = int(time.time())
+    if _clock[0] != now:
+        _clock[:] = [now, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))]
+    return str(_clock[1])
+
+
 def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1].lower()
@@ -505,7 +528,7 @@ def _well_known(
             "scheme": scope.get("scheme", "http"),
             "query": query,
             "headers": headers,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "time": _now_text(),
             "size": len(body),
             "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
             "useragent": headers.get("user-agent", ""),
