@@ -979,3 +979,73 @@ def test_pure_rego_decisions_are_kept_per_input_impure_ones_never() -> None:
     timed = RegoPolicy("allow { time.now_ns() > 0 }", policy="p", rule="r")
     assert timed.evaluate(gold)[0] is True
     assert timed._decisions is None
+
+
+# --- decisions kept per API key ------------------------------------------------------------------
+
+
+def test_a_decision_that_depends_on_the_key_alone_is_kept_per_key() -> None:
+    eng = compile_auth(POLICY, TUTORIAL_RULES, None, SECRETS, SYSTEM_NS)
+    gold = request({"authorization": "APIKEY iamagolduser"})
+    first = eng.evaluate(gold)
+    assert eng.evaluate(request({"authorization": "APIKEY iamagolduser"}, path="/x")) is first
+    silver = eng.evaluate(request({"authorization": "APIKEY iamasilveruser"}))
+    assert (
+        silver.status == 403
+        and eng.evaluate(request({"authorization": "APIKEY iamasilveruser"})) is silver
+    )
+    for _ in range(3):  # an unknown key is never kept: each is a new 401
+        wrong = eng.evaluate(request({"authorization": "APIKEY nope"}))
+        assert wrong.status == 401
+    assert eng._kept is not None and len(eng._kept) == 2
+    assert not any(b"iamagolduser" in key for key in eng._kept)  # digests, not keys
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        # a filter that reads the request
+        {
+            "authentication": {"k": apikey(authorizationHeader={"prefix": "APIKEY"})},
+            "response": {"success": {"filters": {"p": {"plain": {"selector": "request.path"}}}}},
+        },
+        # a CEL condition on the request
+        {
+            "authentication": {"k": apikey(authorizationHeader={"prefix": "APIKEY"})},
+            "authorization": {
+                "only-chat": {
+                    "patternMatching": {
+                        "patterns": [{"predicate": 'request.path.startsWith("/v1/chat")'}]
+                    }
+                }
+            },
+        },
+        # a Rego policy that reads the clock
+        {
+            "authentication": {"k": apikey(authorizationHeader={"prefix": "APIKEY"})},
+            "authorization": {
+                "clock": {"opa": {"rego": "allow { time.now_ns() > 0 }"}},
+            },
+        },
+        # a Rego policy that reads the request
+        {
+            "authentication": {"k": apikey(authorizationHeader={"prefix": "APIKEY"})},
+            "authorization": {
+                "path": {"opa": {"rego": 'allow { input.request.path == "/v1/chat/completions" }'}},
+            },
+        },
+    ],
+    ids=["filter-reads-request", "cel-reads-request", "rego-clock", "rego-reads-request"],
+)
+def test_a_decision_that_reads_more_than_the_key_is_never_kept(rules: dict[str, Any]) -> None:
+    eng = engine(rules)
+    assert eng._kept is None
+    gold = {"authorization": "APIKEY iamagolduser"}
+    first = eng.evaluate(request(gold))
+    assert first.allowed
+    other = eng.evaluate(request(gold, path="/v1/other"))
+    assert other is not first
+    if "filter" in str(rules):
+        assert other.auth == {"p": "/v1/other"} and first.auth == {"p": "/v1/chat/completions"}
+    if "only-chat" in str(rules) or "path" in rules.get("authorization", {}):
+        assert not other.allowed

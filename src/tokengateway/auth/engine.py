@@ -32,13 +32,14 @@ accepted and ignored (they do not change decisions).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokengateway import cel
 from tokengateway.auth.credentials import CredentialLocation, compile_credentials
-from tokengateway.auth.identity import REDACTED, ApiKeyIndex, compile_label_selector
+from tokengateway.auth.identity import REDACTED, ApiKeyIndex, compile_label_selector, digest
 from tokengateway.auth.model import AuthConfigError, AuthDecision, AuthRequest, SecretRecord
 from tokengateway.auth.rego import MSG_UNAUTHORIZED, RegoPolicy
 from tokengateway.auth.selector import to_json, to_string
@@ -463,7 +464,16 @@ def compile_auth(
         unauthenticated=unauthenticated,
         unauthorized=unauthorized,
         needs_context=compiler.roots is None or "context" in compiler.roots,
+        # nothing but the identity (and what follows from it) is read, and no Rego policy
+        # reads a clock: the decision is a function of the API key
+        per_key=compiler.roots is not None
+        and compiler.roots <= {"auth"}
+        and all(az.rego is None or az.rego.pure for az in authorizers),
     )
+
+
+#: decisions kept per API key and engine (the oldest goes first when full)
+KEPT_DECISIONS = 4096
 
 
 class AuthEngine:
@@ -472,6 +482,7 @@ class AuthEngine:
     __slots__ = (
         "_authz_groups",
         "_challenges",
+        "_kept",
         "_needs_context",
         "_response_groups",
         "_single_source",
@@ -493,6 +504,7 @@ class AuthEngine:
         unauthenticated: _DenyWith | None,
         unauthorized: _DenyWith | None,
         needs_context: bool,
+        per_key: bool = False,
     ) -> None:
         self.name = name
         self._when = tuple(when)
@@ -506,6 +518,11 @@ class AuthEngine:
         self._unauthenticated = unauthenticated
         self._unauthorized = unauthorized
         self._needs_context = needs_context
+        #: decisions by the digest of the API key, when they depend on nothing else: one
+        #: apiKey rule, and every condition, value and policy reads only `auth`
+        self._kept: dict[bytes, AuthDecision] | None = None
+        if per_key and len(sources) == 1 and sources[0].index is not None:
+            self._kept = {}
 
     @property
     def identity_sources(self) -> list[str]:
@@ -533,6 +550,25 @@ class AuthEngine:
                 if not predicate.test(activation):
                     return AuthDecision(allowed=True, status=200, applied=False)
 
+        kept = self._kept
+        if kept is None:
+            return self._evaluate(req)
+        source = self._source_groups[0][0]
+        credential = source.location.extract(req.headers, req.path)
+        if credential is None:
+            return self._evaluate(req)
+        hashed = digest(credential)
+        decision = kept.get(hashed)
+        if decision is None:
+            decision = self._evaluate(req)
+            if decision.status != 401 and source.index.lookup_digest(hashed) is not None:
+                if len(kept) >= KEPT_DECISIONS:
+                    with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                        del kept[next(iter(kept))]
+                kept[hashed] = decision
+        return decision
+
+    def _evaluate(self, req: AuthRequest) -> AuthDecision:
         ctx = EvalContext(self._document(req))
         auth: dict[str, Any] = ctx.doc["auth"]
 

@@ -148,6 +148,9 @@ class ApiKeyIndex:
     def lookup(self, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         return self._by_digest.get(digest(key))
 
+    def lookup_digest(self, hashed: bytes) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        return self._by_digest.get(hashed)
+
     def __len__(self) -> int:
         return len(self._by_digest)
 

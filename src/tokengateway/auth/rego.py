@@ -290,6 +290,11 @@ class RegoPolicy:
             return True, dict(bindings["values"]), None
         return True, {"allow": True}, None
 
+    @property
+    def pure(self) -> bool:
+        """Its decision depends on its input alone (no clock, no randomness)."""
+        return self._decisions is not None
+
     def evaluate(self, doc: Mapping[str, Any]) -> tuple[bool, Any, str | None]:
         """(allowed, the result object for auth.authorization.<rule>, the denial reason).
 

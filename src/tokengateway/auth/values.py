@@ -133,10 +133,11 @@ class TemplateValue(Value):
 
 
 class CelValue(Value):
-    __slots__ = ("expression",)
+    __slots__ = ("expression", "roots")
 
     def __init__(self, expression: cel.Expression) -> None:
         self.expression = expression
+        self.roots = expression.uses
 
     def resolve(self, ctx: EvalContext) -> Any:
         value = self.expression.evaluate(ctx.activation())
@@ -276,10 +277,11 @@ class PatternCondition(Condition):
 
 
 class CelCondition(Condition):
-    __slots__ = ("predicate",)
+    __slots__ = ("predicate", "roots")
 
     def __init__(self, predicate: cel.Predicate) -> None:
         self.predicate = predicate
+        self.roots = predicate.uses
 
     def matches(self, ctx: EvalContext) -> bool:
         return self.predicate.test(ctx.activation())
