@@ -6,6 +6,7 @@ import datetime
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from tokengateway import cel
@@ -127,6 +128,10 @@ class Reservation:
         return seconds if seconds > 0 else None
 
 
+#: counter lists kept per limit, by values (all are dropped when full)
+KEPT_COUNTERS = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     """One named limit of one policy, ready to evaluate per request.
@@ -143,6 +148,10 @@ class Limit:
     counters: tuple[cel.Expression, ...]
     counting: Counting = TOTAL
     reservation: Reservation | None = None
+    #: counters already made, by namespace and values (the same user's come back often)
+    _refs: dict[tuple[str, tuple[str, ...]], list[CounterRef]] = dataclass_field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def identifier(self) -> str:
@@ -166,13 +175,21 @@ class Limit:
         return tuple(values)
 
     def counter_refs(self, namespace: str, values: tuple[str, ...]) -> list[CounterRef]:
-        """One counter per rate: (namespace, limit, window, values) -> key."""
+        """One counter per rate: (namespace, limit, window, values) -> key. The list is
+        shared: read-only."""
+        made = self._refs.get((namespace, values))
+        if made is not None:
+            return made
         base = counter_scope(namespace, self.identifier)
         tail = _SEP.join(_escape(v) for v in values)
-        return [
+        made = [
             CounterRef(f"{base}{_SEP}{rate.window_ms}{_SEP}{tail}", rate.limit, rate.window)
             for rate in self.rates
         ]
+        if len(self._refs) >= KEPT_COUNTERS:
+            self._refs.clear()
+        self._refs[(namespace, values)] = made
+        return made
 
 
 def _stringify(value: Any) -> str:
