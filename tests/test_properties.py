@@ -33,6 +33,7 @@ from tokengateway.auth.selector import MISSING, SelectorError, compile_selector
 from tokengateway.gateway.body import JSON_ENDPOINTS, MAX_TOKENS_BOUND, BodyProblem, check_body
 from tokengateway.limits import Limit, Rate, parse_counter_key
 from tokengateway.limits import parse_window as limit_window
+from tokengateway.proxy import usage as usage_module
 from tokengateway.proxy.usage import (
     MAX_COUNT,
     SSEStream,
@@ -1116,3 +1117,17 @@ def test_fuzz_request_with_atheris(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@bounded(500)
+@given(
+    parts=st.lists(
+        st.sampled_from(
+            [b',"usage":null', b'"usage": null', b'"usage":null,', b"{", b"}", b'"a":1', b",", b" "]
+        ),
+        max_size=8,
+    )
+)
+def test_dropping_null_usage_quickly_equals_the_pattern(parts: list[bytes]) -> None:
+    raw = b"data: " + b"".join(parts) + b"\n\n"
+    assert usage_module._without_null_usage(raw) == usage_module._USAGE_NULL.sub(b"", raw)

@@ -152,6 +152,14 @@ _USAGE_NULL = re.compile(
 _JSON_SPACE = b" \t\r\n"
 
 
+def _without_null_usage(raw: bytes) -> bytes:
+    """`raw` without its `"usage": null` members. The usual case, one compact member after
+    another, is a plain replace (what the pattern would do, ~5x faster)."""
+    if raw.count(b'"usage"') == 1 and b',"usage":null' in raw:
+        return raw.replace(b',"usage":null', b"", 1)
+    return _USAGE_NULL.sub(b"", raw)
+
+
 class SSEStream:
     """An incremental server-sent-events reader that finds usage as the stream passes.
 
@@ -268,7 +276,7 @@ class SSEStream:
             keep = self._event(data)
         if keep:
             if self._null_usage and lines == 1:
-                raw = _USAGE_NULL.sub(b"", raw)
+                raw = _without_null_usage(raw)
             out.append(raw)
         self._dropped = not keep
 
