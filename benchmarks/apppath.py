@@ -48,24 +48,6 @@ def config(limit: int) -> CompiledConfig:
         return compile_config(loaded.resources, urls, strict=True)
 
 
-class _Content:
-    def __init__(self) -> None:
-        self._left = [ANSWER]
-
-    async def readany(self) -> bytes:
-        return self._left.pop() if self._left else b""
-
-
-class _Resp:
-    """Enough of an aiohttp response for UpstreamResponse.chunks()."""
-
-    def __init__(self) -> None:
-        self.content = _Content()
-
-    def release(self) -> None:
-        pass
-
-
 class InstantUpstream:
     async def start(self) -> None:
         pass
@@ -75,7 +57,7 @@ class InstantUpstream:
 
     async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
         headers = [(b"content-type", b"application/json"), (b"server", b"bench")]
-        return UpstreamResponse(200, headers, "application/json", _Resp())  # type: ignore[arg-type]
+        return UpstreamResponse(200, headers, "application/json", ANSWER)
 
 
 SCOPE = {

@@ -144,3 +144,126 @@ def test_a_bad_timeout_annotation_is_reported(tmp_path) -> None:
     result = run_cli("validate", "-f", path, "--backend", "default/llm=http://127.0.0.1:9")
     assert result.returncode != 0
     assert "tokengateway.io/idle-timeout" in result.stderr + result.stdout
+
+
+class ScriptedUpstream:
+    """A raw HTTP server in a thread: `script(self, reader, writer)` serves each connection."""
+
+    def __init__(self, script) -> None:  # type: ignore[no-untyped-def]
+        import threading
+
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.loop = asyncio.new_event_loop()
+        self.tasks: set[asyncio.Task] = set()
+        started = threading.Event()
+
+        async def main() -> None:
+            self.stopping = asyncio.Event()
+            server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            started.set()
+            await self.stopping.wait()
+            server.close()
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),))
+        self.thread.daemon = True
+        self.thread.start()
+        started.wait(5)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            await self.script(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.close()
+            self.tasks.discard(task)
+
+    async def request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        self.requests.append(body)
+        return body
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def test_a_keep_alive_connection_closed_under_a_request_is_retried(tmp_path, start_gateway) -> None:
+    """The upstream closes an idle connection just as the gateway sends on it (its keep-alive
+    timeout): nothing was answered, so the request goes again on a new connection."""
+    answer = completion(USAGE)
+    ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(
+        answer
+    )
+
+    async def script(srv: ScriptedUpstream, reader, writer) -> None:  # type: ignore[no-untyped-def]
+        first = srv.connections == 1
+        while True:
+            await srv.request(reader)
+            if first and len(srv.requests) == 2:
+                return  # read, never answered: closed
+            writer.write(ok + answer)
+            await writer.drain()
+
+    up = ScriptedUpstream(script)
+    try:
+        text = GATEWAY + TOKEN_LIMIT.replace("LIMIT", "1000")
+        gw = start_gateway(write(tmp_path, text), args=("--backend", f"default/llm={up.url}"))
+        c = client(gw)
+        assert [c.post("/v1/chat/completions", json=chat()).status_code for _ in range(3)] == [
+            200,
+            200,
+            200,
+        ]
+        assert len(up.requests) == 4 and up.connections == 2
+        assert remaining(gw) == 1000 - 3 * USAGE["total_tokens"]
+    finally:
+        up.stop()
+
+
+def test_a_chunk_encoding_broken_mid_stream_ends_with_an_error_event(
+    tmp_path, start_gateway
+) -> None:
+    event = {"choices": [{"index": 0, "delta": {"content": "four words of text"}}]}
+    data = b"data: " + json.dumps(event).encode() + b"\n\n"
+
+    async def script(srv: ScriptedUpstream, reader, writer) -> None:  # type: ignore[no-untyped-def]
+        await srv.request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+            b"\r\n%x\r\n%s\r\n" % (len(data), data)
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"not-a-chunk-size\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    up = ScriptedUpstream(script)
+    try:
+        text = GATEWAY + TOKEN_LIMIT.replace("LIMIT", "1000")
+        gw = start_gateway(write(tmp_path, text), args=("--backend", f"default/llm={up.url}"))
+        with client(gw).stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
+            assert r.status_code == 200
+            body = r.read().decode()
+        assert "four words of text" in body
+        last = [line for line in body.splitlines() if line.startswith("data: ")][-1]
+        error = json.loads(last[len("data: ") :])["error"]
+        assert error["code"] == "upstream_failed" and "upstream answer broken" in error["message"]
+        assert 5 <= 1000 - remaining(gw) <= 20  # what came is charged, by an estimate
+    finally:
+        up.stop()
