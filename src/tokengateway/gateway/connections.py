@@ -1,23 +1,32 @@
-"""Defences at the connection level, under the ASGI apps: what uvicorn leaves unbounded.
+"""The gateway's HTTP/1.1 server: asyncio protocols and httptools' parser, speaking ASGI 3.
 
-uvicorn's httptools protocol bounds nothing a client controls before its request reaches an
-app: a connection may stay silent forever, send its headers one byte a minute, send an
-endless header, and any number of such connections may be open. `GuardedProtocol` (given to
-uvicorn as its `http` class, one instance per connection) adds, per connection:
+One `HttpProtocol` per connection parses requests with httptools and runs each in one task
+of the ASGI app (`Server.app`), answering strictly in order; `Server` listens on the given
+sockets, runs the app's lifespan around them and stops gracefully. It does what the apps
+need of an ASGI server and no more (no WebSocket, no HTTP/2, no proxy headers: the client is
+the TCP peer), and it bounds everything a client controls, per connection:
 
 * **header timeout**: the request line and headers must all arrive within `header_timeout`
   of the connection's start, and of the first byte of each later request on it (between
-  requests, uvicorn's keep-alive timeout applies). Then 408, or a bare close when the client
-  sent nothing at all (a browser's spare connection).
+  requests, the keep-alive timeout applies: `KEEP_ALIVE` seconds, then a silent close).
+  Then 408, or a bare close when the client sent nothing at all (a browser's spare
+  connection).
 * **head size**: at most `max_header_bytes` of request line and headers: 431.
-* **connection cap**: at most `max_connections` open connections per listening address and
+* **connection cap**: at most `max_connections` open connections per listening socket and
   process; the next one is answered 503 and closed at once, without reading anything.
+* **body timeout**: each wait of the app for the next part of the body is bounded by
+  `body_timeout`: the server answers 408 in OpenAI's envelope, closes the connection, and
+  the app's `receive` raises `RequestAborted`.
+* **early answers**: an answer that starts before the whole request body arrived (413, 404)
+  closes the connection after it, instead of reading and dropping the rest of the body for
+  as long as it comes; `receive.content_length` is the declared Content-Length, so that
+  `read_body` answers 413 before reading a body that announces itself too large.
 * **slow readers**: a client that takes none of its answer for `body_timeout` while data
   waits for it is cut off (`abort`: a close would wait forever for the data to drain, and
-  the answer would stay in memory).
+  the answer would stay in memory). A client that reads, however slowly, is not.
 * **trailers** of a chunked request are dropped: httptools reports them as headers once the
-  body ended, and uvicorn would add them to the request's headers, where anything
-  (`Authorization`, `Host`) would pass unseen by a proxy in front that checks headers.
+  body ended; added to the request's headers, anything (`Authorization`, `Host`) would pass
+  unseen by a proxy in front that checks headers.
 * **upgrades** (WebSocket, h2c, CONNECT): httptools stops parsing after their head and
   would read what follows as new requests. They are answered as plain HTTP/1.1 and the
   connection closes, nothing after the head parsed; one with a body is refused (400).
@@ -28,37 +37,47 @@ uvicorn as its `http` class, one instance per connection) adds, per connection:
   (any of the errors above, an early 413) first sends its answer and a FIN, then reads and
   drops what still comes for up to `LINGER` seconds: closing at once with unread data would
   send a reset, which may destroy the answer before the client reads it.
+* **flow control**: reading pauses while more than `READ_HIGH_WATER` bytes of body wait for
+  the app (and while a pipelined request waits for the answer before it); the app's `send`
+  waits while the transport's write buffer is full.
 
-`RequestGuard` (ASGI middleware around every app) bounds the request body:
+An exception from the app before its answer started is a 500 in OpenAI's envelope (the
+traceback goes to the log only); after it started, the connection is closed. A
+`RequestAborted` from the app ends its request quietly: the client is gone, or has its 408.
 
-* **body timeout**: each wait for the next part of the body is bounded by `body_timeout`:
-  408 in OpenAI's envelope, connection closed, the app stopped with `RequestAborted`.
-* an answer that starts before the whole body was read (413, 404) closes the connection
-  after it, instead of reading and dropping the rest of the body for as long as it comes;
-* `receive.content_length` is the declared Content-Length, so that `read_body` answers 413
-  before reading a body that announces itself too large.
+The request path is kept lean (the server's CPU per request is part of every refusal's
+cost, see benchmarks/floor.py): one `_Cycle` per request (the app's `receive`, with `send`),
+one task, timers armed only when something actually waits, the head written with the first
+part of the body in one `write`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
+import functools
+import http
 import logging
+import signal
+import socket
+import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokengateway.gateway.errors import error_body
-from tokengateway.gateway.types import ASGIApp, Message, Receive, RequestAborted, Scope, Send
+from tokengateway.gateway.types import ASGIApp, Message, RequestAborted, Scope
 
 __all__ = [
     "ConnectionLimits",
-    "GuardedProtocol",
-    "RequestGuard",
-    "protocol_class",
+    "HttpProtocol",
+    "Server",
     "raise_open_file_limit",
 ]
 
@@ -68,6 +87,36 @@ log = logging.getLogger("tokengateway.connections")
 LINGER = 2.0
 #: at most one "connection limit reached" warning per listening address in this many seconds
 _WARN_EVERY = 10.0
+#: how long a connection may stay idle between two requests
+KEEP_ALIVE = 30.0
+#: how long a graceful stop waits for the requests in flight before closing their connections
+GRACEFUL_TIMEOUT = 10.0
+#: reading pauses while more than this many bytes of request body wait for the app
+READ_HIGH_WATER = 64 * 1024
+
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: the lengths of the response header names the server looks at (content-length,
+#: transfer-encoding, connection, date): the others are not even lower-cased
+_SPECIAL_LENGTHS = frozenset((14, 17, 10, 4))
+#: the ioctl that tells how many bytes a socket's send queue holds (Linux: SIOCOUTQ)
+_SIOCOUTQ: int | None
+try:
+    import fcntl
+    import termios
+
+    _SIOCOUTQ = termios.TIOCOUTQ if sys.platform.startswith("linux") else None
+except ImportError:  # pragma: no cover - not on this platform
+    _SIOCOUTQ = None
+#: every request's task has this name: Python 3.11 formats a new "Task-N" for each otherwise.
+#: The task is made directly (`loop.create_task` is slower by a call and, on uvloop, names
+#: the task twice); no task factory is ever installed here.
+_TASK_NAME = "tokengateway-http-request"
+_Task = asyncio.Task
+#: the same for the request headers the server reads (content-length, transfer-encoding,
+#: expect)
+_REQUEST_SPECIAL_LENGTHS = frozenset((14, 17, 6))
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 
 
 @dataclass(frozen=True)
@@ -81,189 +130,560 @@ class ConnectionLimits:
     max_header_bytes: int = 32 * 1024
 
 
-def _response(status: int, reason: str, message: str, code: str) -> bytes:
-    body = error_body(message, "invalid_request_error", code)
+def _response(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:
+    """A complete answer in OpenAI's error envelope that closes the connection."""
+    body = error_body(message, type_, code)
     head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} {_reason(status)}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        if not isinstance(status, int) or not 100 <= status <= 999:
+            raise RuntimeError(f"invalid HTTP status {status!r}")
+        line = f"HTTP/1.1 {status} {_reason(status)}\r\n".encode("ascii")  # SP even if no reason
+        if len(_STATUS_LINES) < 1000:
+            _STATUS_LINES[status] = line
+    return line
+
+
+def _date_line(now: float | None = None) -> bytes:
+    return b"date: " + email.utils.formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
 
 
 class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a head over the size limit."""
 
 
-class _Transport:
-    """The transport as uvicorn sees it: `close` lingers when a request is half read."""
-
-    __slots__ = ("_protocol", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, protocol: GuardedProtocol) -> None:
-        self._transport = transport
-        self._protocol = protocol
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def write(self, data: bytes) -> None:
-        self._transport.write(data)
-
-    def is_closing(self) -> bool:
-        return self._protocol.lingering or self._transport.is_closing()
-
-    def close(self) -> None:
-        self._protocol.close()
+# --- one request ---------------------------------------------------------------------------
 
 
-class GuardedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the bounds of `limits` (see the module's doc).
+class _Cycle:
+    """One request and its answer: the app's `receive` (the instance is called) and `send`.
 
-    Use `protocol_class(limits)`: uvicorn creates the instances itself, from a class."""
+    `content_length` is the declared Content-Length (None without one, or chunked)."""
 
-    limits: ConnectionLimits = ConnectionLimits()
-    #: open connections per listening address (host, port), shared by the class's instances
-    open_connections: dict[Any, int] = {}
-    _warned: dict[Any, float] = {}
+    __slots__ = (
+        "body_done",
+        "buffered",
+        "chunked",
+        "chunks",
+        "complete",
+        "conn",
+        "content_length",
+        "delivered",
+        "disconnected",
+        "expect",
+        "keep_alive",
+        "method_head",
+        "no_body",
+        "pending",
+        "remaining",
+        "scope",
+        "started",
+        "task",
+        "timed_out",
+        "waiter",
+    )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.raw: asyncio.Transport | None = None
+    # set by `_start`, before `send` reads them
+    chunked: bool
+    no_body: bool
+    #: bytes of the declared Content-Length still to send (None: not counted)
+    remaining: int | None
+    #: the response head, written with the first part of the body
+    pending: bytes | None
+    # set as the request starts (at once, or after the requests before it)
+    task: asyncio.Task[None]
+
+    def __init__(
+        self,
+        conn: HttpProtocol,
+        scope: Scope,
+        content_length: int | None,
+        keep_alive: bool,
+        expect: bool,
+        method_head: bool,
+    ) -> None:
+        self.conn = conn
+        self.scope = scope
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.expect = expect
+        self.method_head = method_head
+        #: body parts received and not yet handed to the app
+        self.chunks: list[bytes] | None = None
+        self.buffered = 0
+        #: the parser reached the end of the request (its whole body is here)
+        self.body_done = False
+        #: the app received the last part of the body
+        self.delivered = False
+        self.started = False
+        self.complete = False
+        self.disconnected = False
+        self.timed_out = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    # --- receive -----------------------------------------------------------------------
+
+    async def __call__(self) -> Message:
+        while True:
+            if self.disconnected or self.complete:
+                if self.timed_out:
+                    raise RequestAborted("request body timeout")
+                return {"type": "http.disconnect"}
+            chunks = self.chunks
+            if chunks is not None:
+                self.chunks = None
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                if self.buffered > READ_HIGH_WATER:
+                    self.buffered = 0
+                    self.conn.resume_for_body()
+                else:
+                    self.buffered = 0
+                done = self.body_done
+                if done:
+                    self.delivered = True
+                return {"type": "http.request", "body": body, "more_body": not done}
+            if self.body_done:
+                if not self.delivered:
+                    self.delivered = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                await self._wait(None)  # until the client leaves or the answer ends
+                continue
+            conn = self.conn
+            if self.expect:
+                self.expect = False
+                if not self.started and conn.writable():
+                    conn.transport.write(_CONTINUE)  # type: ignore[union-attr]
+            conn.resume_for_body()
+            await self._wait(conn.limits.body_timeout)
+
+    async def _wait(self, timeout: float | None) -> None:
+        loop = self.conn.loop
+        self.waiter = waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, self._body_timed_out)
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _body_timed_out(self) -> None:
+        """No part of the body for `body_timeout`: 408 (unless the answer started), the
+        connection closed, and the app's receive raises RequestAborted."""
+        self.timed_out = True
+        conn = self.conn
+        if not self.started and conn.writable():
+            timeout = conn.limits.body_timeout
+            conn.transport.write(  # type: ignore[union-attr]
+                _response(
+                    408,
+                    f"no part of the request body arrived for {timeout:g}s",
+                    "request_timeout",
+                )
+            )
+        self.started = self.complete = self.disconnected = True
+        conn.cycle_ended(self, close=True)
+        self.wake()
+
+    # --- send --------------------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        if self.disconnected:
+            return  # the client is gone (or has its 408): nobody to tell
+        kind = message["type"]
+        if not self.started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"expected 'http.response.start', got {kind!r}")
+            self._start(message)
+            return
+        if kind != "http.response.body":
+            raise RuntimeError(f"expected 'http.response.body', got {kind!r}")
+        if self.complete:
+            raise RuntimeError("'http.response.body' sent after the response completed")
+        conn = self.conn
+        if conn.write_paused:
+            await conn.drain()
+            if self.disconnected:
+                return
+        body: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        if self.no_body:
+            data = b""
+        elif self.chunked:
+            if body:
+                data = b"%x\r\n%b\r\n" % (len(body), body)
+                if not more:
+                    data += b"0\r\n\r\n"
+            else:
+                data = b"" if more else b"0\r\n\r\n"
+        else:
+            data = body
+            if self.remaining is not None:
+                self.remaining -= len(body)
+                if self.remaining < 0:
+                    self.complete = True
+                    conn.cycle_ended(self, close=True)
+                    raise RuntimeError("response body longer than its Content-Length")
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            data = pending + data
+        if data:
+            conn.transport.write(data)  # type: ignore[union-attr]
+        if not more:
+            self.complete = True
+            if self.remaining:
+                conn.cycle_ended(self, close=True)
+                raise RuntimeError("response body shorter than its Content-Length")
+            conn.cycle_ended(self, close=not self.keep_alive)
+            if self.waiter is not None:
+                self.wake()  # a receive waiting for the client to leave: the answer ended
+
+    def _start(self, message: Message) -> None:
+        status = message["status"]
+        parts = [_STATUS_LINES.get(status) or _status_line(status)]  # lines, CR LF included
+        length: bytes | None = None
+        close = has_date = chunked = False
+        remaining = None
+        for name, value in message.get("headers") or ():
+            if len(name) in _SPECIAL_LENGTHS:
+                low = name.lower()
+                if low == b"content-length":
+                    length = value
+                elif low == b"transfer-encoding":
+                    continue  # the framing is ours to choose
+                elif low == b"connection":
+                    if b"close" in value.lower():
+                        close = True
+                elif low == b"date":
+                    has_date = True
+            parts.append(b"%b: %b\r\n" % (name, value))
+        keep_alive = self.keep_alive and not close and self.body_done
+        http10 = self.scope["http_version"] == "1.0"
+        no_body = self.method_head or status < 200 or status == 204 or status == 304
+        if length is not None:
+            if not no_body:
+                remaining = int(length)
+        elif not no_body:
+            if http10:
+                keep_alive = False  # the end of the connection ends the body
+            else:
+                chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+        if not keep_alive:
+            if not close:
+                parts.append(b"connection: close\r\n")
+        elif http10:
+            parts.append(b"connection: keep-alive\r\n")
+        if not has_date:
+            parts.append(self.conn.server.date)
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        lines = len(parts)
+        if head.count(b"\n") != lines or head.count(b"\r") != lines:
+            raise RuntimeError("CR or LF in a response header")
+        self.keep_alive = keep_alive
+        self.no_body = no_body
+        self.chunked = chunked
+        self.remaining = remaining
+        self.started = True
+        self.expect = False
+        if length is None and not no_body:
+            # a stream: its head goes out now, before the first event arrives
+            self.pending = None
+            self.conn.transport.write(head)  # type: ignore[union-attr]
+        else:
+            self.pending = head  # written with the body, in one write
+
+
+# --- one connection ------------------------------------------------------------------------
+
+
+class _Listener:
+    """A listening socket's count of open connections (the cap is per socket, per process)."""
+
+    __slots__ = ("open", "warned", "where")
+
+    def __init__(self, where: Any) -> None:
+        self.where = where
+        self.open = 0
+        self.warned = -_WARN_EVERY
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection: parses its requests and runs each in the server's app."""
+
+    __slots__ = (
+        "_chunked",
+        "_content_length",
+        "_drain_waiter",
+        "_expect",
+        "_head_bytes",
+        "_head_left",
+        "_head_timer",
+        "_headers",
+        "_idle_at",
+        "_idle_timer",
+        "_in_head",
+        "_linger_timer",
+        "_max_head",
+        "_mid_request",
+        "_upgrade_body",
+        "_url",
+        "_write_backlog",
+        "_write_timer",
+        "active",
+        "app",
+        "broken",
+        "client",
+        "counted",
+        "limits",
+        "lingering",
+        "listener",
+        "local",
+        "loop",
+        "parser",
+        "pipeline",
+        "read_paused",
+        "reading",
+        "server",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, server: Server, listener: _Listener) -> None:
+        self.server = server
+        self.listener = listener
+        self.app = server.app
+        self.limits = server.limits
+        self.loop = server.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client: tuple[str, int] | None = None
+        self.local: tuple[str, int] | None = None
+        self.counted = False
+        #: the request being answered; the requests parsed behind it (pipelining)
+        self.active: _Cycle | None = None
+        self.pipeline: deque[_Cycle] = deque()
+        #: the last request whose head was parsed (its body goes to it)
+        self.reading: _Cycle | None = None
         self.lingering = False
-        self._counted: Any = None
+        #: nothing more is parsed on this connection (a bad request, an ignored upgrade)
+        self.broken = False
+        self.read_paused = False
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_at = 0.0
         self._write_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._write_backlog = 0
         #: between a request's first byte and its last (when closing means losing input)
         self._mid_request = False
-        #: nothing more is parsed on this connection (a bad request, an ignored upgrade)
-        self._broken = False
-        #: an upgrade request with a body, answered 400 instead of being started
-        self._refused_upgrade = False
-        self._write_backlog = 0
         #: before the end of the current head (request line and headers)
         self._in_head = True
         #: bytes received while in a head (catches a head that never ends)
         self._head_bytes = 0
-        #: bytes of the current head's URL and headers, as the parser reports them
-        self._head_size = 0
+        #: bytes the current head's URL and headers may still take, as the parser reports them
+        self._max_head = self.limits.max_header_bytes
+        self._head_left = self._max_head
+        # the request being parsed
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._content_length: int | None = None
+        self._chunked = False
+        self._expect = False
+        #: an upgrade request with a body, answered 400 instead of being started
+        self._upgrade_body = False
 
     # --- the connection ------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.raw = transport
-        super().connection_made(_Transport(transport, self))  # type: ignore[arg-type]
-        where = self.server
-        count = self.open_connections.get(where, 0)
-        if count >= self.limits.max_connections:
-            self._refuse(where, count)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        listener = self.listener
+        if listener.open >= self.limits.max_connections:
+            self._refuse(transport)
             return
-        self.open_connections[where] = count + 1
-        self._counted = where
-        self._arm_head_timer()
+        listener.open += 1
+        self.counted = True
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple | list) and len(peer) >= 2:
+            self.client = (str(peer[0]), int(peer[1]))
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple | list) and len(local) >= 2:
+            self.local = (str(local[0]), int(local[1]))
+        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
 
-    def _refuse(self, where: Any, count: int) -> None:
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        listener = self.listener
+        count = listener.open
         now = time.monotonic()
-        if now - self._warned.get(where, -_WARN_EVERY) >= _WARN_EVERY:
-            self._warned[where] = now
+        if now - listener.warned >= _WARN_EVERY:
+            listener.warned = now
+            where = listener.where
             log.warning(
                 "%d connections open on %s: refusing new ones (--max-connections)",
                 count,
-                ":".join(map(str, where)) if where else "?",
+                ":".join(map(str, where)) if isinstance(where, tuple) else where or "?",
             )
-        assert self.raw is not None
-        self.raw.write(
+        self.broken = True
+        transport.write(
             _response(
                 503,
-                "Service Unavailable",
                 f"too many connections to this gateway ({count}); retry later",
                 "too_many_connections",
             )
         )
-        self.raw.close()  # nothing read: nothing to linger for, and the fd is needed now
+        transport.close()  # nothing read: nothing to linger for, and the fd is needed now
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._head_timer, self._write_timer, self._linger_timer):
+        for timer in (self._head_timer, self._idle_timer, self._write_timer, self._linger_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._write_timer = self._linger_timer = None
-        if self._counted is not None:
-            left = self.open_connections.get(self._counted, 1) - 1
-            if left > 0:
-                self.open_connections[self._counted] = left
-            else:
-                self.open_connections.pop(self._counted, None)
-            self._counted = None
-        super().connection_lost(exc)
+        self._head_timer = self._idle_timer = self._write_timer = self._linger_timer = None
+        if self.counted:
+            self.counted = False
+            self.listener.open -= 1
+            self.server.connections.discard(self)
+        self.pipeline.clear()
+        active = self.active
+        if active is not None:
+            self.active = None
+            active.disconnected = True
+            active.wake()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self.reading = None
+
+    def writable(self) -> bool:
+        transport = self.transport
+        return transport is not None and not transport.is_closing() and not self.lingering
 
     def close(self) -> None:
         """Close, lingering when the client's request is not entirely read (see the module's
-        doc); what uvicorn's `transport.close()` calls."""
-        raw = self.raw
-        if raw is None or raw.is_closing() or self.lingering:
+        doc)."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.lingering:
             return
-        if not self._mid_request or not raw.can_write_eof():
-            raw.close()
+        unread = self._mid_request or self.pipeline
+        if not unread or not transport.can_write_eof():
+            transport.close()
             return
         self.lingering = True
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        raw.write_eof()  # the answer, then a FIN
+        self.pipeline.clear()
+        for timer in (self._head_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._idle_timer = None
+        transport.write_eof()  # the answer, then a FIN
         with contextlib.suppress(Exception):
-            raw.resume_reading()  # to drop what comes, also when uvicorn paused reading
-        self._linger_timer = self.loop.call_later(LINGER, raw.close)
+            transport.resume_reading()  # to drop what comes, also when reading was paused
+        self.read_paused = False
+        self._linger_timer = self.loop.call_later(LINGER, transport.close)
 
-    def _reject(self, status: int, reason: str, message: str, code: str) -> None:
-        """Answer with an error and close."""
-        if self.raw is None or self.raw.is_closing() or self.lingering:
+    def _reject(self, status: int, message: str, code: str) -> None:
+        """Answer the request being parsed with an error, and close."""
+        if not self.writable():
             return
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            if not cycle.more_body or cycle.response_started:
-                # a later request (pipelined) is bad while this one is answered: parse no
+        active = self.active
+        if active is not None:
+            if active is not self.reading or active.body_done or active.started:
+                # a later (pipelined) request is bad while this one is answered: parse no
                 # more, and close once that answer is complete
-                self._broken = True
-                cycle.keep_alive = False
+                self.broken = True
+                self._mid_request = True
+                active.keep_alive = False
                 self.pipeline.clear()
                 return
             # the request whose body the app reads is bad: to the app, the client left
-            cycle.disconnected = True
-            cycle.message_event.set()
-        self.raw.write(_response(status, reason, message, code))
+            active.disconnected = True
+            active.wake()
+            self.active = None
+        self.broken = True
+        self.transport.write(_response(status, message, code))  # type: ignore[union-attr]
         self.close()
+
+    def shutdown(self) -> None:
+        """The server stops: close now when idle, else after the answer in progress."""
+        active = self.active
+        if active is None:  # idle, or in the middle of a head
+            transport = self.transport
+            if transport is not None and not self.lingering:
+                transport.close()
+            return
+        active.keep_alive = False
+        for cycle in self.pipeline:
+            cycle.keep_alive = False
+
+    def abort(self) -> None:
+        """The graceful stop's time is up: close, and stop the app's task."""
+        active = self.active
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+        if active is not None:
+            active.task.cancel()
 
     # --- reading ---------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering or self._broken:
+        if self.lingering or self.broken:
             return  # dropped: the connection closes once its last answer is sent
-        self._unset_keepalive_if_required()
         if self._in_head:
             self._head_bytes += len(data)
-            self._arm_head_timer()  # any byte, even the CR LF httptools skips before a request
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._ignore_upgrade()
+            return
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _HeadTooLarge):
                 self._head_too_large()
                 return
             log.debug("invalid HTTP request from %s: %s", self.client, exc)
-            self._reject(400, "Bad Request", f"invalid HTTP request: {exc}", "invalid_request")
+            self._reject(400, f"invalid HTTP request: {exc}", "invalid_request")
             return
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._ignore_upgrade()
-            return
-        if self._in_head and self._head_bytes > self.limits.max_header_bytes:
-            self._head_too_large()
+        if self._in_head:
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._head_too_large()
+            elif self._mid_request and self._head_timer is None:
+                # a head begun and not finished: its time runs from now
+                self._head_timer = self.loop.call_later(
+                    self.limits.header_timeout, self._head_timed_out
+                )
 
     def _head_too_large(self) -> None:
         self._reject(
             431,
-            "Request Header Fields Too Large",
             f"request line and headers over {self.limits.max_header_bytes} bytes",
             "request_header_too_large",
         )
@@ -273,45 +693,54 @@ class GuardedProtocol(HttpToolsProtocol):
         another protocol followed, and would parse what comes next as new requests. We speak
         none: the request is answered as plain HTTP (one with a body, whose body httptools
         skipped, is refused), nothing after it is parsed, and the connection closes."""
-        self._broken = True
+        self.broken = True
         self._mid_request = True  # unread input may follow: linger when closing
-        if self._refused_upgrade:
-            self._refused_upgrade = False
+        if self._upgrade_body:
+            self._upgrade_body = False
             self._reject(
                 400,
-                "Bad Request",
                 "an Upgrade request with a body: this server speaks HTTP/1.1 only",
                 "invalid_request",
             )
-        elif self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False
+            return
+        last = self.reading
+        if last is not None and not last.complete:
+            last.keep_alive = False  # answered, then closed
         else:
             self.close()
 
-    def send_400_response(self, msg: str) -> None:
-        self._reject(400, "Bad Request", f"invalid HTTP request: {msg}", "invalid_request")
+    # httptools' callbacks
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
         self._mid_request = True
-        self._in_head = True
-        self._head_size = 0
-        self._arm_head_timer()  # the first request's runs since the connection started
+        self._head_left = self._max_head
+        self._url = b""
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+        self._expect = False
 
     def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        super().on_url(url)
+        self._head_left -= len(url)
+        if self._head_left < 0:
+            raise _HeadTooLarge  # the parser stops; data_received answers 431
+        self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:
-            self._count_head(len(name) + len(value) + 4)
-            super().on_header(name, value)
-        # else: a trailer after a chunked body, dropped
-
-    def _count_head(self, size: int) -> None:
-        self._head_size += size
-        if self._head_size > self.limits.max_header_bytes:
-            raise _HeadTooLarge  # the parser stops; data_received answers 431
+        if not self._in_head:
+            return  # a trailer after a chunked body, dropped
+        self._head_left -= len(name) + len(value) + 4
+        if self._head_left < 0:
+            raise _HeadTooLarge
+        name = name.lower()
+        self._headers.append((name, value))
+        if len(name) in _REQUEST_SPECIAL_LENGTHS:
+            if name == b"content-length":
+                self._content_length = int(value)  # the parser accepts digits only, and one
+            elif name == b"transfer-encoding":
+                self._chunked = True
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self._expect = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -319,169 +748,444 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        if self.parser.should_upgrade() and not self._should_upgrade() and self._has_body():
-            self._refused_upgrade = True  # httptools will not parse its body: never started
+        parser = self.parser
+        if parser.should_upgrade() and (self._chunked or self._content_length):
+            self._upgrade_body = True  # httptools will not parse its body: never started
+            self.reading = None
             return
-        super().on_headers_complete()
+        url = self._url
+        if url[0] == 47 and b"#" not in url:  # "/...": no need for the full URL parser
+            mark = url.find(b"?")
+            if mark < 0:
+                raw_path, query = url, b""
+            else:
+                raw_path, query = url[:mark], url[mark + 1 :]
+        else:
+            parsed = httptools.parse_url(url)
+            raw_path = parsed.path or b""
+            query = parsed.query or b""
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii")
+        version = parser.get_http_version()
+        scope = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": version,
+            "server": self.local,
+            "client": self.client,
+            "scheme": "http",
+            "method": method,
+            "root_path": "",
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": self._headers,
+        }
+        cycle = _Cycle(
+            self,
+            scope,
+            None if self._chunked else self._content_length,
+            parser.should_keep_alive(),
+            self._expect and version == "1.1",
+            method == "HEAD",
+        )
+        self.reading = cycle
+        if self.active is None:
+            self.active = cycle
+            cycle.task = _Task(self._run_app(cycle), loop=self.loop, name=_TASK_NAME)
+        else:
+            # pipelined: answered after the one before; read no more meanwhile
+            self.pipeline.append(cycle)
+            if not self.read_paused:
+                self.read_paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
 
-    def _has_body(self) -> bool:
-        for name, value in self.headers:
-            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-                return True
-        return False
+    def on_body(self, body: bytes) -> None:
+        cycle = self.reading
+        if cycle is None:
+            return
+        if cycle.chunks is None:
+            cycle.chunks = [body]
+        else:
+            cycle.chunks.append(body)
+        cycle.buffered += len(body)
+        if cycle.waiter is not None:
+            cycle.wake()
+        if cycle.buffered > READ_HIGH_WATER and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
         self._mid_request = False
         self._in_head = True
-        if not self._refused_upgrade:
-            super().on_message_complete()
+        if self._upgrade_body:
+            return
+        cycle = self.reading
+        if cycle is not None:
+            cycle.body_done = True
+            if cycle.waiter is not None:
+                cycle.wake()
+
+    def resume_for_body(self) -> None:
+        """The app wants more of the body: read again, unless a pipelined request waits."""
+        if self.read_paused and not self.pipeline and not self.lingering:
+            self.read_paused = False
+            transport = self.transport
+            if transport is not None:
+                transport.resume_reading()
+
+    # --- answering -------------------------------------------------------------------------
+
+    def _run(self, cycle: _Cycle) -> None:
+        self.active = cycle
+        cycle.task = _Task(self._run_app(cycle), loop=self.loop, name=_TASK_NAME)
+
+    async def _run_app(self, cycle: _Cycle) -> None:
+        try:
+            await self.app(cycle.scope, cycle, cycle.send)
+        except RequestAborted:
+            if not cycle.complete:
+                self.cycle_ended(cycle, close=True)
+        except asyncio.CancelledError:
+            if not cycle.complete:
+                self.cycle_ended(cycle, close=True)
+            raise
+        except Exception:
+            scope = cycle.scope
+            log.exception("error in the ASGI app on %s %s", scope["method"], scope["path"])
+            self._failed(cycle)
+        else:
+            if not cycle.complete and not cycle.disconnected:
+                log.error(
+                    "the ASGI app returned without %s the response to %s %s",
+                    "completing" if cycle.started else "starting",
+                    cycle.scope["method"],
+                    cycle.scope["path"],
+                )
+                self._failed(cycle)
+
+    def _failed(self, cycle: _Cycle) -> None:
+        if cycle.complete or cycle.disconnected:
+            return
+        if cycle.started:
+            cycle.complete = True
+            self.cycle_ended(cycle, close=True)  # a half-sent answer: nothing else to do
+            return
+        cycle.started = cycle.complete = True
+        if self.writable():
+            self.transport.write(  # type: ignore[union-attr]
+                _response(500, "internal gateway error", "internal_error", "server_error")
+            )
+        self.cycle_ended(cycle, close=True)
+
+    def cycle_ended(self, cycle: _Cycle, close: bool) -> None:
+        """`cycle`'s answer is complete (or abandoned): close, or go on with the next."""
+        if self.active is not cycle:
+            if close:
+                self.close()
+            return
+        self.active = None
+        if close:
+            self.close()
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.pipeline:
+            self._run(self.pipeline.popleft())
+            if not self.pipeline and self.read_paused and not self.broken:
+                self.read_paused = False
+                transport.resume_reading()
+            return
+        if self.broken or self.server.stopping:
+            self.close()
+            return
+        if self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+        self._idle_at = self.loop.time() + KEEP_ALIVE
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(KEEP_ALIVE, self._idle_check)
 
     # --- timers ----------------------------------------------------------------------------
 
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(
-                self.limits.header_timeout, self._head_timed_out
-            )
+    def _idle_check(self) -> None:
+        """The keep-alive timeout: armed once, pushed back by each answer (no timer per
+        request)."""
+        self._idle_timer = None
+        if not self.writable() or self.active is not None or self._mid_request:
+            return  # busy: the next answer arms it again (a head has its own timer)
+        left = self._idle_at - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._idle_check)
+            return
+        self.transport.close()  # type: ignore[union-attr]
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.raw is None or self.raw.is_closing() or self.lingering:
+        if not self.writable():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self.active is not None:
             # the next request's head waits behind an answer still being sent: its time
             # starts again (that answer has its own bounds)
-            self._arm_head_timer()
+            self._head_timer = self.loop.call_later(
+                self.limits.header_timeout, self._head_timed_out
+            )
             return
         if not self._mid_request:
             self.close()  # not a byte of a request: nobody to tell
             return
         self._reject(
             408,
-            "Request Timeout",
             f"request headers not received within {self.limits.header_timeout:g}s",
             "request_timeout",
         )
 
     def pause_writing(self) -> None:
-        super().pause_writing()
+        self.write_paused = True
         self._arm_write_timer()
 
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Until the client took enough of what waits for it (or left)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        waiter = self._drain_waiter
+        if waiter is None:
+            self._drain_waiter = waiter = self.loop.create_future()
+        await waiter
+
     def _arm_write_timer(self) -> None:
-        if self._write_timer is None and self.raw is not None:
-            self._write_backlog = self.raw.get_write_buffer_size()
+        if self._write_timer is None and self.transport is not None:
+            self._write_backlog = self._unsent()
             self._write_timer = self.loop.call_later(
                 self.limits.body_timeout, self._write_timed_out
             )
 
-    def resume_writing(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
-        super().resume_writing()
+    def _unsent(self) -> int:
+        """Bytes of answers the client has not taken: in our buffer, and in the kernel's
+        send queue (which can hold megabytes: while it drains, our buffer does not move)."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        size = transport.get_write_buffer_size()
+        if _SIOCOUTQ is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    queued = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0")
+                    size += int.from_bytes(queued, sys.byteorder, signed=True)
+        return size
 
     def _write_timed_out(self) -> None:
         self._write_timer = None
-        raw = self.raw
-        if raw is None or raw.is_closing():
+        transport = self.transport
+        if transport is None or not self.counted:
             return
-        if raw.get_write_buffer_size() < self._write_backlog:
+        if self._unsent() < self._write_backlog:
             self._arm_write_timer()  # slow, but reading
             return
         log.debug("%s read nothing for %gs: aborted", self.client, self.limits.body_timeout)
-        raw.abort()
+        transport.abort()
 
 
-def protocol_class(limits: ConnectionLimits) -> type[GuardedProtocol]:
-    """A `GuardedProtocol` class with these limits and its own connection counts."""
-    return type(
-        "GuardedProtocol",
-        (GuardedProtocol,),
-        {"limits": limits, "open_connections": {}, "_warned": {}},
-    )
+# --- the server ----------------------------------------------------------------------------
 
 
-# --- the request body ----------------------------------------------------------------------
+class _Lifespan:
+    """The app's lifespan protocol: startup before serving, shutdown after."""
 
-
-class _GuardedReceive:
-    """One request's `receive` and `send`, as `RequestGuard` hands them to the app."""
-
-    __slots__ = ("_receive", "_send", "_timeout", "body_done", "content_length", "started")
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send, timeout: float | None) -> None:
-        self._receive = receive
-        self._send = send
-        self._timeout = timeout
-        length: int | None = None
-        chunked = False
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                length = int(value)  # the parser accepts digits only, and only one of them
-            elif name == b"transfer-encoding":
-                chunked = True
-        #: the declared body size (read_body refuses a body over its limit before reading it)
-        self.content_length = length
-        self.body_done = not chunked and not length
-        self.started = False
-
-    async def __call__(self) -> Message:
-        if self.body_done or self._timeout is None:
-            message = await self._receive()
-        else:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    message = await self._receive()
-            except TimeoutError:
-                await self._timed_out()
-                raise RequestAborted("request body timeout") from None
-        if message["type"] == "http.request" and not message.get("more_body", False):
-            self.body_done = True
-        return message
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-            if not self.body_done:  # the rest of the body is not worth reading
-                headers = list(message.get("headers") or ())
-                headers.append((b"connection", b"close"))
-                message = {**message, "headers": headers}
-        await self._send(message)
-
-    async def _timed_out(self) -> None:
-        if self.started:
-            return
-        self.started = True
-        body = error_body(
-            f"no part of the request body arrived for {self._timeout:g}s",
-            "invalid_request_error",
-            "request_timeout",
-        )
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        await self._send({"type": "http.response.start", "status": 408, "headers": headers})
-        await self._send({"type": "http.response.body", "body": body})
-
-
-class RequestGuard:
-    """ASGI middleware: the body timeout, and closing after an answer that did not wait for
-    the whole body (see the module's doc). `RequestAborted` from the app ends a request
-    quietly: the client is gone, or has its 408."""
-
-    def __init__(self, app: ASGIApp, body_timeout: float | None) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.body_timeout = body_timeout
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+        self.started = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.failed: str | None = None
+        self.supported = True
+        self.task: asyncio.Task[None] | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+    async def startup(self) -> bool:
+        self.task = asyncio.get_running_loop().create_task(self._main())
+        await self.messages.put({"type": "lifespan.startup"})
+        await self.started.wait()
+        return self.failed is None
+
+    async def shutdown(self, timeout: float = GRACEFUL_TIMEOUT) -> None:
+        if not self.supported or self.task is None or self.task.done():
             return
-        guarded = _GuardedReceive(scope, receive, send, self.body_timeout)
-        with contextlib.suppress(RequestAborted):
-            await self.app(scope, guarded, guarded.send)
+        await self.messages.put({"type": "lifespan.shutdown"})
+        try:
+            await asyncio.wait_for(self.stopped.wait(), timeout)
+        except TimeoutError:
+            log.warning("the app's shutdown did not end within %gs", timeout)
+            self.task.cancel()
+        if self.failed is not None:
+            log.error("the app's shutdown failed: %s", self.failed)
+
+    async def _main(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
+        try:
+            await self.app(scope, self.messages.get, self._send)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if not self.started.is_set():
+                log.exception("the app's startup failed")
+                self.failed = f"{type(exc).__name__}: {exc}"
+            else:
+                log.exception("error in the app's lifespan")
+        finally:
+            if not self.started.is_set():
+                self.supported = False  # returned (or failed) before its startup
+            self.started.set()
+            self.stopped.set()
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "lifespan.startup.complete":
+            self.started.set()
+        elif kind == "lifespan.startup.failed":
+            self.failed = message.get("message") or "startup failed"
+            self.started.set()
+        elif kind == "lifespan.shutdown.complete":
+            self.stopped.set()
+        elif kind == "lifespan.shutdown.failed":
+            self.failed = message.get("message") or "shutdown failed"
+            self.stopped.set()
+
+
+class Server:
+    """Serves `app` (ASGI 3) on listening sockets: `await Server(app, limits).serve(socks)`.
+
+    `started` is set once every socket accepts; setting `should_exit` (from the event loop's
+    thread) stops it gracefully: no more connections, idle ones closed, the requests in
+    flight given `GRACEFUL_TIMEOUT` seconds, then the app's lifespan shutdown. On the main
+    thread SIGINT and SIGTERM set `should_exit` while `serve` runs (a second one cuts the
+    wait short); the previous handlers are put back when it returns."""
+
+    def __init__(self, app: ASGIApp, limits: ConnectionLimits | None = None) -> None:
+        self.app = app
+        self.limits = limits or ConnectionLimits()
+        self.started = False
+        self.should_exit = False
+        self.force_exit = False
+        #: set once `serve` stops accepting: connections close after their answer
+        self.stopping = False
+        self.connections: set[HttpProtocol] = set()
+        self.date = _date_line()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def serve(self, sockets: list[socket.socket]) -> None:
+        self.loop = loop = asyncio.get_running_loop()
+        signals = self._catch_signals(loop)
+        try:
+            lifespan = _Lifespan(self.app)
+            if not await lifespan.startup():
+                raise RuntimeError(f"the app's startup failed: {lifespan.failed}")
+            try:
+                if not self.should_exit:
+                    await self._listen(loop, sockets)
+                    self.started = True
+                    await self._wait_for_exit()
+                await self._stop(loop)
+            finally:
+                await lifespan.shutdown()
+        finally:
+            self._restore_signals(loop, signals)
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket]) -> None:
+        for sock in sockets:
+            try:
+                where: Any = sock.getsockname()
+            except OSError:  # pragma: no cover
+                where = None
+            if isinstance(where, tuple):
+                where = where[:2]
+            factory = functools.partial(HttpProtocol, self, _Listener(where))
+            if sock.family == getattr(socket, "AF_UNIX", None):
+                server = await loop.create_unix_server(factory, sock=sock, backlog=2048)
+            else:
+                server = await loop.create_server(factory, sock=sock, backlog=2048)
+            self._servers.append(server)
+
+    async def _wait_for_exit(self) -> None:
+        last = int(time.time())
+        while not self.should_exit:
+            await asyncio.sleep(0.1)
+            now = int(time.time())
+            if now != last:
+                last = now
+                self.date = _date_line(now)
+
+    async def _stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = loop.time() + GRACEFUL_TIMEOUT
+        while self.connections and not self.force_exit and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.connections:
+            log.warning(
+                "%d connections still busy after %gs: closed",
+                len(self.connections),
+                GRACEFUL_TIMEOUT,
+            )
+        for conn in list(self.connections):
+            conn.abort()
+        # the apps' tasks (also those that answered and still finish their work) end before
+        # the lifespan shutdown closes what they use
+        code = HttpProtocol._run_app.__code__
+        current = asyncio.current_task()
+        tasks = [
+            task
+            for task in asyncio.all_tasks()
+            if task is not current and getattr(task.get_coro(), "cr_code", None) is code
+        ]
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+
+    def _signal(self) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+    def _catch_signals(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, Any]]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        caught: list[tuple[int, Any]] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            try:
+                loop.add_signal_handler(sig, self._signal)
+            except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
+                continue
+            caught.append((sig, previous))
+        return caught
+
+    @staticmethod
+    def _restore_signals(loop: asyncio.AbstractEventLoop, caught: list[tuple[int, Any]]) -> None:
+        for sig, previous in caught:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+            with contextlib.suppress(Exception):
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def raise_open_file_limit(max_connections: int) -> None:

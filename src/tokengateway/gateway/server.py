@@ -22,12 +22,7 @@ from tokengateway.gateway.admin import AdminApp
 from tokengateway.gateway.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
 from tokengateway.gateway.backends import BackendPlan, plan_backends
 from tokengateway.gateway.config import CompiledConfig, needed_services
-from tokengateway.gateway.connections import (
-    ConnectionLimits,
-    RequestGuard,
-    protocol_class,
-    raise_open_file_limit,
-)
+from tokengateway.gateway.connections import ConnectionLimits, Server, raise_open_file_limit
 from tokengateway.gateway.control import ControlPlane
 from tokengateway.gateway.metrics import Snapshot, merge, process_snapshot
 from tokengateway.limits import counter_scope
@@ -43,6 +38,7 @@ __all__ = [
     "Simulators",
     "bind_socket",
     "load",
+    "make_server",
     "metrics_source",
     "parse_listen",
     "serve_gateway",
@@ -282,28 +278,13 @@ def metrics_source(app: GatewayApp, pool: WorkerPool | None) -> Callable[[], Awa
     return every
 
 
-def uvicorn_config(app: Any, limits: ConnectionLimits | None = None) -> Any:
-    """How every gateway process runs uvicorn (the leader and `--workers` followers): our
-    httptools protocol and body guard bound what each client holds (connections.py). Also
-    raises the process's open-file limit to fit `limits.max_connections`."""
-    import uvicorn
-
+def make_server(app: Any, limits: ConnectionLimits | None = None) -> Server:
+    """How every gateway process serves (the leader and `--workers` followers): our HTTP
+    server (connections.py), which bounds what each client holds. Also raises the process's
+    open-file limit to fit `limits.max_connections`."""
     limits = limits or ConnectionLimits()
     raise_open_file_limit(limits.max_connections)
-    return uvicorn.Config(
-        RequestGuard(app, limits.body_timeout),
-        loop="uvloop",
-        http=protocol_class(limits),
-        ws="none",  # no WebSocket: an Upgrade request is answered as plain HTTP
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=30,
-        server_header=False,
-        # the client is the TCP peer: uvicorn would otherwise take X-Forwarded-For and
-        # X-Forwarded-Proto from any client on 127.0.0.1 as its address and scheme
-        proxy_headers=False,
-    )
+    return Server(app, limits)
 
 
 def serve_gateway(
@@ -317,8 +298,6 @@ def serve_gateway(
     With `options.workers` > 1 this process is the leader of `workers.WorkerPool`: all of
     the above, plus followers that serve the same socket with every configuration it
     publishes (see workers.py)."""
-    import uvicorn
-
     sims = Simulators()
     store = open_store(options.storage)
     holder: dict[str, Any] = {}
@@ -377,11 +356,7 @@ def serve_gateway(
         control.listen_address = gateway_sock.getsockname()[:2]
         admin = AdminApp(control, app, options.admin_token)
         admin.metrics_snapshot = metrics_source(app, pool)
-        # The socket goes to serve(sockets=...), not Config(fd=...): uvicorn wraps a bare fd
-        # as a Unix socket, so TCP_NODELAY is never set and each response waits ~40 ms.
-        server = uvicorn.Server(
-            uvicorn_config(_Dispatch(app, admin, admin_port), options.connections)
-        )
+        server = make_server(_Dispatch(app, admin, admin_port), options.connections)
 
         async def main() -> None:
             holder["loop"] = asyncio.get_running_loop()
@@ -412,9 +387,10 @@ def serve_gateway(
                 if pool is not None:
                     pool.terminate()
 
-        # uvicorn restores the previous handlers after a graceful shutdown and raises the
-        # signal again; with the default handlers that would kill us before the simulators
-        # are stopped.
+        # While it serves, the server turns SIGINT/SIGTERM into a graceful stop, and puts
+        # these handlers back when it returns. Before and after (loading, stopping), a signal
+        # raises _Stop here, so that the `finally` below still stops the simulators and
+        # workers: the default handlers would kill us first.
         previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             _run_loop(main())

@@ -18,14 +18,14 @@ class RequestAborted(BaseException):
 
     A BaseException, like asyncio's CancelledError: an app's `except Exception` last line of
     defence must not turn it into a 500 (nobody is there to read it), and no half-received
-    body may go further. The connection layer (connections.RequestGuard) catches it."""
+    body may go further. The server (connections.py) catches it."""
 
 
 async def read_body(receive: Receive, limit: int) -> bytes | None:
     """The whole request body, or None when it is larger than `limit` bytes.
 
     Refuses at once, before reading anything, when `receive` knows the request's declared
-    Content-Length (the `content_length` attribute of connections.RequestGuard's receive)
+    Content-Length (the `content_length` attribute of the server's receive, connections.py)
     and it is over `limit`. Raises RequestAborted when the client disconnects before the
     end of the body: a truncated body is never returned."""
     declared = getattr(receive, "content_length", None)

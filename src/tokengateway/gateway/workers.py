@@ -73,7 +73,7 @@ from tokengateway.gateway.server import (
     _run_loop,
     _Stop,
     gateway_app,
-    uvicorn_config,
+    make_server,
 )
 from tokengateway.resources import Document, parse_resources
 from tokengateway.storage import SCHEMES, open_store
@@ -431,8 +431,6 @@ def _how_it_ended(code: int) -> str:
 def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
     """Serve gateway traffic on the inherited socket with the configurations the leader
     sends, until SIGTERM/SIGINT or the leader's end; the exit code."""
-    import uvicorn
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
     channel = socket.socket(fileno=channel_fd)
@@ -453,7 +451,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
             tuple(settings.get("reservation_clamps", RESERVATION_CLAMPS)),
         )
         limits = ConnectionLimits(**settings.get("connections", {}))
-        server = uvicorn.Server(uvicorn_config(app, limits))
+        server = make_server(app, limits)
         sock = socket.socket(fileno=listen_fd)
 
         def stop(reason: str | None = None) -> None:
