@@ -533,21 +533,29 @@ class Bench:
             self.check_chat(sim_port)
             self.measure_wrk(row, sim, sim_port)
 
-        # the bare pass-through proxy and the gateway, both in front of the fixed upstream
-        pt_port = free_port()
+        # the bare pass-through proxies and the gateway, all in front of the fixed upstream:
+        # one on the gateway's own server and client (the same stack), one on uvicorn and
+        # aiohttp (the reference stack the issue quotes)
         up_url = self.upstream_url
-        passthrough = Proc(
-            "passthrough",
-            [PY, str(BENCH / "passthrough.py"), "--port", str(pt_port), "--upstream", up_url],
-            self.logs,
-            cpus=self.sut_cpus,
-        )
-        with self.scenario("non-streaming", "pass-through proxy (same stack, no policy)") as row:
-            wait_http(passthrough, pt_port)
-            self.check_chat(pt_port)
-            self.measure_wrk(row, passthrough, pt_port, upstream=up)
-        with self.scenario("streaming", "pass-through proxy, stream") as row:
-            self.measure_wrk(row, passthrough, pt_port, stream=True, upstream=up)
+        proxies: list[tuple[str, Proc, int]] = []
+        for stack, name in PASSTHROUGHS:
+            pt_port = free_port()
+            proc = Proc(
+                f"passthrough-{stack}",
+                [
+                    *(PY, str(BENCH / "passthrough.py"), "--port", str(pt_port)),
+                    *("--upstream", up_url, "--stack", stack),
+                ],
+                self.logs,
+                cpus=self.sut_cpus,
+            )
+            proxies.append((name, proc, pt_port))
+            with self.scenario("non-streaming", name) as row:
+                wait_http(proc, pt_port)
+                self.check_chat(pt_port)
+                self.measure_wrk(row, proc, pt_port, upstream=up)
+            with self.scenario("streaming", f"{name}, stream") as row:
+                self.measure_wrk(row, proc, pt_port, stream=True, upstream=up)
 
         gw: Proc | None = None
         gw_port = gw_admin = 0
@@ -556,7 +564,8 @@ class Bench:
                 "gw-memory", open_limits(), self.upstream_url
             )
             self.check_chat(gw_port)
-            self.measure_wrk(row, gw, gw_port, upstream=up, others=(passthrough,), admin=gw_admin)
+            others = tuple(proc for _, proc, _ in proxies)
+            self.measure_wrk(row, gw, gw_port, upstream=up, others=others, admin=gw_admin)
             self.note_children(row, gw)
         if gw is not None and gw.alive():
             with self.scenario("streaming", "gateway, tutorial policies, memory://, stream") as row:
@@ -568,17 +577,19 @@ class Bench:
         rate = f"rate {self.args.rate:g} req/s"
         with self.scenario(rate, f"upstream alone @ {self.args.rate:g}/s") as row:
             self.measure_rate(row, up, port)
-        if passthrough.alive():
-            with self.scenario(rate, f"pass-through proxy @ {self.args.rate:g}/s") as row:
-                self.measure_rate(row, passthrough, pt_port, upstream=up)
+        for name, proc, pt_port in proxies:
+            if proc.alive():
+                with self.scenario(rate, f"{name} @ {self.args.rate:g}/s") as row:
+                    self.measure_rate(row, proc, pt_port, upstream=up)
         if gw is not None and gw.alive():
             with self.scenario(rate, f"gateway, memory:// @ {self.args.rate:g}/s") as row:
                 self.measure_rate(row, gw, gw_port, upstream=up)
 
         with self.scenario("ttfb", "ttfb") as row:
             self.measure_ttfb("upstream alone", port, up)
-            if passthrough.alive():
-                self.measure_ttfb("pass-through proxy", pt_port, passthrough, up)
+            for name, proc, pt_port in proxies:
+                if proc.alive():
+                    self.measure_ttfb(name.replace(", no policy", ""), pt_port, proc, up)
             if gw is not None and gw.alive():
                 self.measure_ttfb("gateway, memory://", gw_port, gw, up)
         if row.error is None:
@@ -588,7 +599,8 @@ class Bench:
             with contextlib.suppress(Exception):
                 self.results.meta["gateway_memory_requests"] = gw_served(gw_admin)
             gw.stop()
-        passthrough.stop()
+        for _, proc, _ in proxies:
+            proc.stop()
 
         if sim is not None and sim.alive():
             with self.scenario("non-streaming", "gateway → simulator, memory://") as row:
@@ -950,6 +962,12 @@ def machine_info(bench: Bench) -> dict[str, Any]:
 # --- report ------------------------------------------------------------------------------------
 
 
+PT_OWN = "pass-through proxy (gateway's server + client, no policy)"
+PT_REF = "pass-through proxy (uvicorn + aiohttp, no policy)"
+#: (passthrough.py --stack, row name)
+PASSTHROUGHS = (("tokengateway", PT_OWN), ("uvicorn-aiohttp", PT_REF))
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -960,7 +978,8 @@ def targets(res: Results, rate: float) -> list[tuple[str, str, str]]:
     """(target, measured, ✓/✗) for each tracked target."""
     out: list[tuple[str, str, str]] = []
     gw = res.row("gateway, tutorial policies, memory://")
-    pt = res.row("pass-through proxy (same stack, no policy)")
+    pt = res.row(PT_OWN)
+    pt_ref = res.row(PT_REF)
     up_rate = res.row(f"upstream alone @ {rate:g}/s")
     gw_rate = res.row(f"gateway, memory:// @ {rate:g}/s")
     refused = res.row("gateway, limit spent: every request refused")
@@ -988,6 +1007,15 @@ def targets(res: Results, rate: float) -> list[tuple[str, str, str]]:
         )
     else:
         out.append(("throughput ≥ 70 % of the pass-through proxy", "n/a", "-"))
+    if gw and pt_ref and gw.rps and pt_ref.rps:
+        share = 100 * gw.rps / pt_ref.rps
+        out.append(
+            (
+                "… of the issue's reference pass-through (uvicorn + aiohttp)",
+                f"{share:.0f} % ({gw.rps:,.0f} vs {pt_ref.rps:,.0f} req/s)",
+                mark(share >= 70),
+            )
+        )
     if up_rate and gw_rate and None not in (up_rate.p50_ms, gw_rate.p50_ms):
         d50 = gw_rate.p50_ms - up_rate.p50_ms  # type: ignore[operator]
         d99 = gw_rate.p99_ms - up_rate.p99_ms  # type: ignore[operator]
@@ -1041,14 +1069,21 @@ def ratios(res: Results, rate: float) -> list[tuple[str, str]]:
     pairs = [
         ("gateway / upstream alone, req/s", "gateway, tutorial policies, memory://",
          "upstream alone (fixed response)"),
-        ("gateway / pass-through proxy, req/s", "gateway, tutorial policies, memory://",
-         "pass-through proxy (same stack, no policy)"),
+        ("gateway / pass-through proxy (same stack), req/s",
+         "gateway, tutorial policies, memory://", PT_OWN),
+        ("gateway / pass-through proxy (uvicorn + aiohttp), req/s",
+         "gateway, tutorial policies, memory://", PT_REF),
+        ("pass-through: gateway's stack / uvicorn + aiohttp, req/s", PT_OWN, PT_REF),
         ("gateway / upstream alone, req/s, stream", "gateway, tutorial policies, memory://, stream",
          "upstream alone (fixed response), stream"),
-        ("gateway / pass-through proxy, req/s, stream",
-         "gateway, tutorial policies, memory://, stream", "pass-through proxy, stream"),
-        ("gateway CPU / pass-through CPU, per request", "gateway, tutorial policies, memory://",
-         "pass-through proxy (same stack, no policy)"),
+        ("gateway / pass-through proxy (same stack), req/s, stream",
+         "gateway, tutorial policies, memory://, stream", f"{PT_OWN}, stream"),
+        ("gateway / pass-through proxy (uvicorn + aiohttp), req/s, stream",
+         "gateway, tutorial policies, memory://, stream", f"{PT_REF}, stream"),
+        ("gateway CPU / pass-through CPU (same stack), per request",
+         "gateway, tutorial policies, memory://", PT_OWN),
+        ("gateway CPU / pass-through CPU (uvicorn + aiohttp), per request",
+         "gateway, tutorial policies, memory://", PT_REF),
         ("gateway redis:// / memory://, req/s", "gateway, redis://, 1 worker",
          "gateway, tutorial policies, memory://"),
         ("gateway redis:// 2 workers / 1 worker, req/s", "gateway, redis://, 2 workers",

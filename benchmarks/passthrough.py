@@ -1,11 +1,16 @@
-"""A bare pass-through proxy on the gateway's own stack: the baseline the gateway is held to.
+"""A bare pass-through proxy: the baseline the gateway is held to, on two stacks.
 
-uvicorn (uvloop, httptools) serving a raw ASGI app that forwards every request — method,
-path, headers, body — to one upstream with one pooled aiohttp session, and relays the answer
-(streamed chunk by chunk when it is an event stream). No routing, no auth, no limits, no
-usage parsing: what is left is the cost of the stack itself.
+It forwards every request (method, path, headers, body) to one upstream and relays the
+answer, streamed chunk by chunk when it is an event stream. There is no routing, no auth,
+no limits and no usage parsing: what is left is the cost of the stack itself.
 
-    python benchmarks/passthrough.py --port 8081 --upstream http://127.0.0.1:8000
+* `--stack uvicorn-aiohttp`: uvicorn (uvloop, httptools) and one pooled aiohttp session.
+  This is the issue's reference stack, and the gateway's own until it got its own server
+  and client.
+* `--stack tokengateway`: the gateway's own HTTP server (`gateway/connections.py`, with its
+  connection limits) and upstream client (`proxy/upstream.py`): the gateway's stack today.
+
+    python benchmarks/passthrough.py --port 8081 --upstream http://127.0.0.1:8000 [--stack ...]
 """
 
 from __future__ import annotations
@@ -93,12 +98,81 @@ class Passthrough:
             resp.release()
 
 
+class OwnPassthrough:
+    """The same forwarding on the gateway's own server and client."""
+
+    def __init__(self, upstream: str) -> None:
+        from tokengateway.proxy.upstream import Upstream
+
+        self.upstream = upstream.rstrip("/")
+        self.client = Upstream()
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await self.client.start()
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await self.client.close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        from tokengateway.proxy.upstream import UpstreamError
+
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in SKIP
+        ]
+        url = self.upstream + scope["path"]
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        try:
+            resp = await self.client.send(scope["method"], url, headers, body)
+            if resp.content_type == "text/event-stream":
+                await send(
+                    {"type": "http.response.start", "status": resp.status, "headers": resp.headers}
+                )
+                async for chunk in resp.chunks():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            payload = await resp.read()
+        except UpstreamError as exc:
+            payload = f"upstream failed: {exc}".encode()
+            await send({"type": "http.response.start", "status": 502, "headers": []})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        out = resp.headers
+        out.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await send({"type": "http.response.body", "body": payload})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument(
+        "--stack", choices=("uvicorn-aiohttp", "tokengateway"), default="uvicorn-aiohttp"
+    )
     args = parser.parse_args()
+    if args.stack == "tokengateway":
+        import uvloop
+
+        from tokengateway.gateway.server import bind_socket, make_server
+
+        sock = bind_socket(args.host, args.port)
+        uvloop.run(make_server(OwnPassthrough(args.upstream)).serve([sock]))
+        return
     uvicorn.run(
         Passthrough(args.upstream),
         host=args.host,
