@@ -987,7 +987,10 @@ def test_pure_rego_decisions_are_kept_per_input_impure_ones_never() -> None:
 def test_a_decision_that_depends_on_the_key_alone_is_kept_per_key() -> None:
     eng = compile_auth(POLICY, TUTORIAL_RULES, None, SECRETS, SYSTEM_NS)
     gold = request({"authorization": "APIKEY iamagolduser"})
+    assert eng.known(gold.headers, gold.path) is None  # nothing kept yet
     first = eng.evaluate(gold)
+    assert eng.known(gold.headers, "/v1/models") is first
+    assert eng.known({"authorization": "APIKEY nope"}, gold.path) is None
     assert eng.evaluate(request({"authorization": "APIKEY iamagolduser"}, path="/x")) is first
     silver = eng.evaluate(request({"authorization": "APIKEY iamasilveruser"}))
     assert (
@@ -1049,3 +1052,12 @@ def test_a_decision_that_reads_more_than_the_key_is_never_kept(rules: dict[str, 
         assert other.auth == {"p": "/v1/other"} and first.auth == {"p": "/v1/chat/completions"}
     if "only-chat" in str(rules) or "path" in rules.get("authorization", {}):
         assert not other.allowed
+
+
+def test_a_kept_decision_is_found_by_a_key_in_the_query_too() -> None:
+    rules = {"authentication": {"k": apikey(queryString={"name": "api_key"})}}
+    eng = engine(rules)
+    first = eng.evaluate(request(path="/v1/chat/completions?api_key=iamagolduser"))
+    assert first.allowed
+    assert eng.known({}, "/v1/models?api_key=iamagolduser") is first
+    assert eng.known({}, "/v1/models") is None

@@ -156,7 +156,8 @@ class Activation:
     __slots__ = ("_cel", "data")
 
     def __init__(self, data: Mapping[str, Any]) -> None:
-        self.data = dict(data)
+        # a dict is taken as it is (callers build one per request), anything else copied
+        self.data = data if type(data) is dict else dict(data)
         self._cel: Any = None
 
     @property

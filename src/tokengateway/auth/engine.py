@@ -568,6 +568,18 @@ class AuthEngine:
                 kept[hashed] = decision
         return decision
 
+    def known(self, headers: Mapping[str, str], path: str) -> AuthDecision | None:
+        """The decision kept for this request's API key, if the engine keeps decisions per
+        key and has one: what `evaluate` would answer, without building its request. None
+        means: call `evaluate`."""
+        kept = self._kept
+        if kept is None or self._when:
+            return None
+        credential = self._source_groups[0][0].location.extract(headers, path)
+        if credential is None:
+            return None
+        return kept.get(digest(credential))
+
     def _evaluate(self, req: AuthRequest) -> AuthDecision:
         ctx = EvalContext(self._document(req))
         auth: dict[str, Any] = ctx.doc["auth"]

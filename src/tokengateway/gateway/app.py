@@ -191,12 +191,13 @@ class GatewayApp:
         auth_binding: dict[str, Any] = {}
         decision: authlib.AuthDecision | None = None
         if target.auth is not None:
-            decision = target.auth.evaluate(
+            full_path = well_known["request"]["path"]  # with the query: a key may be in it
+            decision = target.auth.known(headers, full_path) or target.auth.evaluate(
                 authlib.AuthRequest(
                     method=method,
                     scheme=well_known["request"]["scheme"],
                     host=host,
-                    path=well_known["request"]["path"],
+                    path=full_path,
                     headers=headers,
                     source_address=well_known["source"]["address"],
                     source_port=well_known["source"]["port"],
