@@ -10,6 +10,7 @@ translates between HTTP (ASGI) and those libraries, and owns the order of the st
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -22,7 +23,7 @@ from tokengateway import cel
 from tokengateway.gateway.accesslog import AccessLog, Entry
 from tokengateway.gateway.body import read_json_body
 from tokengateway.gateway.config import CompiledConfig, RuleTarget
-from tokengateway.gateway.errors import send_error
+from tokengateway.gateway.errors import error_body, send_error
 from tokengateway.gateway.metrics import Metrics
 from tokengateway.gateway.ratelimit_headers import limited_headers, success_headers
 from tokengateway.gateway.types import Receive, RequestAborted, Scope, Send, read_body
@@ -569,16 +570,24 @@ async def _send_denied(send: Send, decision: authlib.AuthDecision) -> None:
 async def _send_limited(send: Send, result: CheckResult, token_counters: int) -> None:
     refusal = limited_headers(result, token_counters)
     ref = refusal.state.ref
-    what, type_ = ("quota", "insufficient_quota") if refusal.quota else ("rate limit", _RATE)
-    await send_error(
-        send,
-        429,
-        f"{what} exceeded: limit of {ref.limit} {refusal.kind} per {_window_text(ref.window)} "
-        f"reached; retry in {refusal.retry}s",
-        type_,
-        type_,
-        raw_headers=refusal.headers,
-    )
+    body = _refusal_body(ref.limit, refusal.kind, ref.window, refusal.quota, refusal.retry)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        *refusal.headers,
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@functools.lru_cache(maxsize=4096)
+def _refusal_body(limit: int, kind: str, window: float, quota: bool, retry: int) -> bytes:
+    """A 429's body in OpenAI's envelope: made once per limit, kind and wait (a refusal
+    is the cheapest answer the gateway gives, and the one a client may send most)."""
+    what, type_ = ("quota", "insufficient_quota") if quota else ("rate limit", _RATE)
+    per = _window_text(window)
+    message = f"{what} exceeded: limit of {limit} {kind} per {per} reached; retry in {retry}s"
+    return error_body(message, type_, type_)
 
 
 _RATE = "rate_limit_exceeded"

@@ -62,11 +62,18 @@ def _tightest(states: Sequence[CounterState], remaining: Sequence[int]) -> int:
     return best
 
 
+_NAMES = {
+    kind: tuple(f"x-ratelimit-{what}-{kind}".encode() for what in ("limit", "remaining", "reset"))
+    for kind in ("tokens", "requests")
+}
+
+
 def _triple(kind: str, state: CounterState, remaining: int) -> list[Header]:
+    limit, left, reset = _NAMES[kind]
     return [
-        (b"x-ratelimit-limit-" + kind.encode(), str(state.ref.limit).encode()),
-        (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, remaining)).encode()),
-        (b"x-ratelimit-reset-" + kind.encode(), go_duration(state.expires_in).encode()),
+        (limit, b"%d" % state.ref.limit),
+        (left, b"%d" % max(0, remaining)),
+        (reset, go_duration(state.expires_in).encode()),
     ]
 
 
@@ -117,8 +124,8 @@ def limited_headers(result: CheckResult, token_counters: int) -> Refusal:
     retry = max(1, math.ceil(wait))
     out = _triple(kind, state, state.ref.limit - state.value - state.held)
     out += [
-        (b"retry-after", str(retry).encode()),
-        (b"retry-after-ms", str(max(1, math.ceil(wait * 1000))).encode()),
+        (b"retry-after", b"%d" % retry),
+        (b"retry-after-ms", b"%d" % max(1, math.ceil(wait * 1000))),
         (b"x-should-retry", b"true" if wait <= MAX_CLIENT_WAIT else b"false"),
     ]
     return Refusal(out, state, kind, retry, state.ref.window >= LONG_QUOTA)
