@@ -36,26 +36,28 @@ SKIP = frozenset(
 )
 
 
-class Passthrough:
+class _Forwarder:
+    """What both stacks do alike: the lifespan, reading the body, the target of a request."""
+
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
-        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def forward(self, scope, body, headers, url, send):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
 
     async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    self.session = aiohttp.ClientSession(
-                        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                        auto_decompress=False,
-                        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                        cookie_jar=aiohttp.DummyCookieJar(),
-                    )
+                    await self.start()
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
-                    if self.session is not None:
-                        await self.session.close()
+                    await self.close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
@@ -72,15 +74,39 @@ class Passthrough:
         url = self.upstream + scope["path"]
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
+        await self.forward(scope, body, headers, url, send)
+
+
+async def _bad_gateway(send, exc: Exception) -> None:  # type: ignore[no-untyped-def]
+    await send({"type": "http.response.start", "status": 502, "headers": []})
+    await send({"type": "http.response.body", "body": f"upstream failed: {exc}".encode()})
+
+
+class Passthrough(_Forwarder):
+    """uvicorn's app: one pooled aiohttp session."""
+
+    session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def forward(self, scope, body, headers, url, send):  # type: ignore[no-untyped-def]
         assert self.session is not None
         try:
             resp = await self.session.request(
                 scope["method"], url, headers=headers, data=body or None, allow_redirects=False
             )
         except aiohttp.ClientError as exc:
-            payload = f"upstream failed: {exc}".encode()
-            await send({"type": "http.response.start", "status": 502, "headers": []})
-            await send({"type": "http.response.body", "body": payload})
+            await _bad_gateway(send, exc)
             return
         out = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in SKIP]
         try:
@@ -98,57 +124,36 @@ class Passthrough:
             resp.release()
 
 
-class OwnPassthrough:
+class OwnPassthrough(_Forwarder):
     """The same forwarding on the gateway's own server and client."""
 
     def __init__(self, upstream: str) -> None:
         from tokengateway.proxy.upstream import Upstream
 
-        self.upstream = upstream.rstrip("/")
+        super().__init__(upstream)
         self.client = Upstream()
 
-    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await self.client.start()
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await self.client.close()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
+    async def start(self) -> None:
+        await self.client.start()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def forward(self, scope, body, headers, url, send):  # type: ignore[no-untyped-def]
         from tokengateway.proxy.upstream import UpstreamError
 
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in SKIP
-        ]
-        url = self.upstream + scope["path"]
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
         try:
             resp = await self.client.send(scope["method"], url, headers, body)
             if resp.content_type == "text/event-stream":
-                await send(
-                    {"type": "http.response.start", "status": resp.status, "headers": resp.headers}
-                )
+                start = {"type": "http.response.start", "status": resp.status}
+                await send({**start, "headers": resp.headers})
                 async for chunk in resp.chunks():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
                 return
             payload = await resp.read()
         except UpstreamError as exc:
-            payload = f"upstream failed: {exc}".encode()
-            await send({"type": "http.response.start", "status": 502, "headers": []})
-            await send({"type": "http.response.body", "body": payload})
+            await _bad_gateway(send, exc)
             return
         out = resp.headers
         out.append((b"content-length", str(len(payload)).encode()))

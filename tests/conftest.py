@@ -263,3 +263,25 @@ def require(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is required by this test; `make test` installs it")
     return path
+
+
+@contextlib.contextmanager
+def unconnectable_port() -> Iterator[int]:
+    """A loopback port nobody can connect to in time: its listener's backlog is full, so the
+    kernel drops further SYNs and a connect hangs (until the connect timeout under test)."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            fillers.append(s)
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+        yield port
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from tests.conftest import require
+from tests.conftest import require, unconnectable_port
 from tokengateway.proxy import upstream as upstream_module
 from tokengateway.proxy.upstream import (
     READ_HIGH,
@@ -865,27 +865,12 @@ def test_a_slow_reader_is_not_a_silent_upstream(run) -> None:
 
 def test_no_connection_within_connect_is_a_timeout(run) -> None:
     async def scenario() -> None:
-        # a listener whose backlog is full: the kernel drops further SYNs, connecting hangs
-        blackhole = socket.socket()
-        blackhole.bind(("127.0.0.1", 0))
-        blackhole.listen(0)
-        port = blackhole.getsockname()[1]
-        fillers = []
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            fillers.append(s)
-        try:
+        with unconnectable_port() as port:
             up = Upstream(Timeouts(connect=0.3))
             error = await failure(up.send("GET", f"http://127.0.0.1:{port}/", [], b""))
             assert error.kind == "timeout"
             assert str(error) == f"upstream http://127.0.0.1:{port}: no connection within 0.3s"
             await up.close()
-        finally:
-            for s in fillers:
-                s.close()
-            blackhole.close()
 
     run(scenario)
 

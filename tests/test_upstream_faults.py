@@ -9,7 +9,7 @@ import socket
 
 import httpx
 
-from tests.conftest import chat
+from tests.conftest import chat, unconnectable_port
 from tests.test_gateway import GATEWAY, TOKEN_LIMIT, client, completion, write
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
@@ -51,18 +51,7 @@ def test_a_slow_first_byte_is_a_504_and_costs_nothing(tmp_path, start_gateway, u
 
 
 def test_a_connect_timeout_is_a_504(tmp_path, start_gateway) -> None:
-    # a listener whose backlog is full: the kernel drops further SYNs, so connecting hangs
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    port = blackhole.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(("127.0.0.1", port))
-        fillers.append(s)
-    try:
+    with unconnectable_port() as port:
         text = annotated(connect="400ms") + TOKEN_LIMIT.replace("LIMIT", "1000")
         gw = start_gateway(
             write(tmp_path, text), args=("--backend", f"default/llm=http://127.0.0.1:{port}")
@@ -70,10 +59,6 @@ def test_a_connect_timeout_is_a_504(tmp_path, start_gateway) -> None:
         r = client(gw).post("/v1/chat/completions", json=chat())
         assert r.status_code == 504, r.text
         assert "no connection within 0.4s" in r.json()["error"]["message"]
-    finally:
-        for s in fillers:
-            s.close()
-        blackhole.close()
 
 
 def test_a_stalled_stream_ends_with_an_error_event(tmp_path, start_gateway, upstream) -> None:
