@@ -61,6 +61,15 @@ def test_a_connect_timeout_is_a_504(tmp_path, start_gateway) -> None:
         assert "no connection within 0.4s" in r.json()["error"]["message"]
 
 
+def stream_to_its_error(gw) -> tuple[str, dict]:  # type: ignore[no-untyped-def]
+    """Stream a chat through `gw`: the whole body, and the error its last event carries."""
+    with client(gw).stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
+        assert r.status_code == 200
+        body = r.read().decode()
+    last = [line for line in body.splitlines() if line.startswith("data: ")][-1]
+    return body, json.loads(last[len("data: ") :])["error"]
+
+
 def test_a_stalled_stream_ends_with_an_error_event(tmp_path, start_gateway, upstream) -> None:
     async def stalls(path, body):  # type: ignore[no-untyped-def]
         async def events():  # type: ignore[no-untyped-def]
@@ -74,12 +83,8 @@ def test_a_stalled_stream_ends_with_an_error_event(tmp_path, start_gateway, upst
     up = upstream(stalls)
     text = annotated(idle="300ms") + TOKEN_LIMIT.replace("LIMIT", "1000")
     gw = start_gateway(write(tmp_path, text), args=("--backend", f"default/llm={up.url}"))
-    with client(gw).stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
-        assert r.status_code == 200
-        body = r.read().decode()
+    body, error = stream_to_its_error(gw)
     assert "four words of text" in body
-    last = [line for line in body.splitlines() if line.startswith("data: ")][-1]
-    error = json.loads(last[len("data: ") :])["error"]
     assert error["code"] == "upstream_timeout" and "nothing for 0.3s" in error["message"]
     # what was streamed is charged, by an estimate: the prompt and the four words
     assert 5 <= 1000 - remaining(gw) <= 20
@@ -242,12 +247,8 @@ def test_a_chunk_encoding_broken_mid_stream_ends_with_an_error_event(
     try:
         text = GATEWAY + TOKEN_LIMIT.replace("LIMIT", "1000")
         gw = start_gateway(write(tmp_path, text), args=("--backend", f"default/llm={up.url}"))
-        with client(gw).stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
-            assert r.status_code == 200
-            body = r.read().decode()
+        body, error = stream_to_its_error(gw)
         assert "four words of text" in body
-        last = [line for line in body.splitlines() if line.startswith("data: ")][-1]
-        error = json.loads(last[len("data: ") :])["error"]
         assert error["code"] == "upstream_failed" and "upstream answer broken" in error["message"]
         assert 5 <= 1000 - remaining(gw) <= 20  # what came is charged, by an estimate
     finally:
