@@ -196,3 +196,14 @@ def test_estimate_uses_a_real_tokenizer_and_is_never_zero() -> None:
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
     }
     assert estimate_usage(anthropic, "").prompt_tokens == count_tokens("Be brief.\nHi")
+
+
+@pytest.mark.parametrize("choices", [b"1", b"true", b"2.5", b'"text"', b"{}", b"null"])
+def test_choices_that_are_not_an_array_are_read_as_none(choices: bytes) -> None:
+    """Found by the SSE property test: `"choices": 1` from an upstream raised a TypeError
+    in the middle of a relayed stream (and in the estimate of a plain answer)."""
+    event = b'data: {"choices": ' + choices + b"}\n\n"
+    reader = SSEStream()
+    assert reader.feed(event) == event  # passed on as it came
+    assert reader.close() == b"" and reader.usage is None and reader.text == ""
+    assert completion_text_of(b'{"choices": ' + choices + b"}") == ""

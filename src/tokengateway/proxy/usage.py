@@ -94,6 +94,12 @@ def usage_from_json(body: bytes) -> Usage | None:
         return None
 
 
+def _list(value: Any) -> list[Any]:
+    """`value` when it is a JSON array, else nothing to walk (an upstream may send
+    `"choices": 1`)."""
+    return value if isinstance(value, list) else []
+
+
 def completion_text_of(body: bytes) -> str:
     """The generated text of a JSON response of any supported shape, for an estimate."""
     try:
@@ -106,7 +112,7 @@ def completion_text_of(body: bytes) -> str:
         return ""
     parts = []
     try:
-        for choice in doc.get("choices") or ():  # chat / completions
+        for choice in _list(doc.get("choices")):  # chat / completions
             if isinstance(choice, dict):
                 parts.append(text_of([choice.get("message"), choice.get("text")]))
         parts.append(text_of(doc.get("output")))  # responses
@@ -301,7 +307,7 @@ class SSEStream:
                     self.usage = found
                     if self.hide_usage and event.get("choices") == []:
                         return False
-            for choice in event.get("choices") or ():
+            for choice in _list(event.get("choices")):
                 if isinstance(choice, dict):
                     delta = choice.get("delta")
                     text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
