@@ -176,10 +176,12 @@ class Upstream:
                 body += message.get("body", b"")
                 if not message.get("more_body"):
                     break
-            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
             self.requests.append((scope["path"], headers, body))
             self.queries.append(scope.get("query_string", b"").decode("latin-1"))
-            self.raw_headers.append([(k.decode(), v.decode()) for k, v in scope["headers"]])
+            self.raw_headers.append(
+                [(k.decode(), v.decode("latin-1")) for k, v in scope["headers"]]
+            )
             result = handler(scope["path"], body)
             if hasattr(result, "__await__"):
                 result = await result

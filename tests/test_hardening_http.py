@@ -535,8 +535,9 @@ def test_unusual_header_bytes_are_forwarded_and_echoed_without_injection(gateway
     assert "x-evil" not in sent
     for name in ("x-request-id", "x-note"):
         assert not any(c in sent[name] for c in "\r\n\x00"), sent[name]
-    # the same text (the upstream client writes it UTF-8 encoded, not the same bytes)
+    # the very bytes the client sent (the recorder reads them as Latin-1)
     assert sent["x-request-id"] == request_id.decode("latin-1")
+    assert sent["x-note"] == "\x80\x85 latin-1"
     # the client's address and scheme are the connection's, whatever it claims
     assert sent["x-forwarded-for"] == "6.6.6.6, 127.0.0.1"
     assert sent["x-forwarded-proto"] == "http"

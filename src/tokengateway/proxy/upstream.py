@@ -35,8 +35,9 @@ What differs from aiohttp, knowingly: an answer to HEAD closes its connection (l
 be told that such an answer has no body); a chunk encoding that breaks after the headers is
 reported at once (aiohttp waited for the idle timeout); bytes after the end of an answer
 close the connection; the route's timeout ending during the body says so (aiohttp called
-it a silence). As with aiohttp: no User-Agent, Accept, Accept-Encoding or Content-Type of
-our own, no redirects, no decompression, no cookies, header text encoded UTF-8.
+it a silence); header text goes out as Latin-1, the client's own bytes (aiohttp re-encoded
+them UTF-8), and only text beyond Latin-1 as UTF-8. As with aiohttp: no User-Agent, Accept,
+Accept-Encoding or Content-Type of our own, no redirects, no decompression, no cookies.
 """
 
 from __future__ import annotations
@@ -924,7 +925,11 @@ def _checked(text: str, lines: int) -> bytes:
     """`text` encoded, if it has exactly `lines` line ends (none hidden in a value)."""
     if text.count("\n") != lines or text.count("\r") != lines:
         raise ValueError("a line break in the request's method, target or headers")
-    return text.encode("utf-8")  # as aiohttp did (a latin-1 value's bytes are re-encoded)
+    try:
+        # the client's header bytes were read as Latin-1: the same bytes go upstream
+        return text.encode("latin-1")
+    except UnicodeEncodeError:  # text of our own beyond Latin-1 (a policy's header value)
+        return text.encode("utf-8")
 
 
 def _reason(exc: OSError) -> str:
