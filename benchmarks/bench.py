@@ -36,7 +36,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     BENCH,
+    CHAT_BODY,
     HOST,
+    MODEL,
     ROOT,
     Proc,
     Redis,
@@ -51,7 +53,6 @@ PY = sys.executable
 TUTORIAL = ROOT / "src" / "tokengateway" / "tutorial"
 SERVICE = "trlp-tutorial-llm-sim"  # the tutorial's Service, reached through --backend
 ROUTE_NS = "default/trlp-tutorial-llm-sim"  # the route, also the counters' namespace
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 GW_HOST = "trlp-tutorial.example.com"
 GOLD = "APIKEY iamagolduser"
 LITELLM_KEY = "sk-bench-gold"
@@ -59,14 +60,6 @@ LITELLM_VENV = BENCH / ".litellm-venv"
 TOKENS_PER_ANSWER = 13  # the fixed upstream's usage.total_tokens
 HIGH_LIMIT = 10**12  # tokens per hour: never reached in a run
 CHAT_PATH = "/v1/chat/completions"
-CHAT_BODY = json.dumps(
-    {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "What is Kubernetes?"}],
-        "max_tokens": 20,
-        "stream": False,
-    }
-).encode()
 
 
 # --- results -----------------------------------------------------------------------------------

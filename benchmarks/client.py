@@ -37,12 +37,11 @@ import aiohttp
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, HOST, Proc, free_port, stop_all, wait_http
+from common import BENCH, HOST, MODEL, Proc, free_port, stop_all, wait_http
 
 from tokengateway.proxy.upstream import DEFAULT_TIMEOUTS, Timeouts, Upstream, UpstreamError
 
 EVENTS = 14  # SSE events in the fixed upstream's stream (usage and [DONE] included)
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def chat_body(stream: bool) -> bytes:

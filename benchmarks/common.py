@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
+#: the model every benchmark asks for, and the chat completion body most of them send
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+CHAT_BODY = json.dumps(
+    {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is Kubernetes?"}],
+        "max_tokens": 20,
+        "stream": False,
+    }
+).encode()
+
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

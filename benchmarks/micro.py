@@ -27,7 +27,7 @@ from typing import Any
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Redis, stop_all
+from common import CHAT_BODY, MODEL, ROOT, Redis, stop_all
 
 from tokengateway import auth as authlib
 from tokengateway import cel
@@ -41,7 +41,6 @@ from tokengateway.tokens import Usage
 
 TUTORIAL = ROOT / "src" / "tokengateway" / "tutorial"
 HOST = "trlp-tutorial.example.com"
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 TARGET_SECONDS = 0.1
 
 
@@ -64,15 +63,6 @@ def tutorial_target() -> Any:
     (target,) = [t for t in config.rules if t.limits]
     return target
 
-
-CHAT_BODY = json.dumps(
-    {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "What is Kubernetes?"}],
-        "max_tokens": 20,
-        "stream": False,
-    }
-).encode()
 
 HEADERS = {
     "host": HOST,

@@ -27,9 +27,8 @@ import aiohttp
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentile
+from common import MODEL, percentile
 
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def chat_body(stream: bool) -> bytes:

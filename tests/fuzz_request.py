@@ -49,7 +49,7 @@ PATHS = (
 CONTENT_TYPES = ("application/json", "", "text/plain", "application/json; charset=utf-8")
 
 
-def _check_usage(usage: Usage | None) -> None:
+def check_usage(usage: Usage | None) -> None:
     if usage is None:
         return
     assert isinstance(usage, Usage), usage
@@ -78,7 +78,7 @@ def fuzz_one(data: bytes) -> None:
     if not added:
         assert sent is body
 
-    _check_usage(usage_from_json(body))
+    check_usage(usage_from_json(body))
     assert isinstance(completion_text_of(body), str)
 
     # the body as an upstream's event stream, cut every `step` bytes
@@ -95,7 +95,7 @@ def fuzz_one(data: bytes) -> None:
             assert body.startswith(sent_back)
             if c & 0x80:
                 assert sent_back == body
-        _check_usage(reader.usage)
+        check_usage(reader.usage)
         assert isinstance(reader.text, str)
 
 

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz_request import fuzz_one
+from tests.fuzz_request import check_usage, fuzz_one
 from tokengateway import cel
 from tokengateway.auth.selector import MISSING, SelectorError, compile_selector
 from tokengateway.gateway.body import JSON_ENDPOINTS, MAX_TOKENS_BOUND, BodyProblem, check_body
@@ -495,17 +495,8 @@ usage_objects = st.dictionaries(
 
 
 def _check_counts(usage: Usage | None) -> None:
-    if usage is None:
-        return
-    assert isinstance(usage, Usage)
-    for count in (
-        usage.prompt_tokens,
-        usage.completion_tokens,
-        usage.total_tokens,
-        usage.cached_prompt_tokens,
-    ):
-        assert type(count) is int and 0 <= count <= MAX_COUNT, usage
-    assert usage.estimated is False
+    check_usage(usage)  # counts of the right type, in range
+    assert usage is None or usage.estimated is False
 
 
 @bounded(400)

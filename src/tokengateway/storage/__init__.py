@@ -8,6 +8,7 @@ import re
 from urllib.parse import urlsplit
 
 from tokengateway.storage.base import (
+    REDIS_SCHEMES,
     CheckResult,
     CounterRef,
     CounterState,
@@ -28,16 +29,7 @@ __all__ = [
     "open_store",
 ]
 
-SCHEMES = (
-    "memory",
-    "sqlite",
-    "redis",
-    "rediss",
-    "redis+cluster",
-    "rediss+cluster",
-    "redis+sentinel",
-    "rediss+sentinel",
-)
+SCHEMES = ("memory", "sqlite", *REDIS_SCHEMES)
 
 
 class StorageURIError(ValueError):

@@ -15,7 +15,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["CheckResult", "CounterRef", "CounterState", "CounterStore", "StorageError"]
+__all__ = [
+    "REDIS_SCHEMES",
+    "CheckResult",
+    "CounterRef",
+    "CounterState",
+    "CounterStore",
+    "StorageError",
+]
+
+#: URI schemes of the Redis store (storage/redis.py), known here without importing redis-py
+REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
 
 
 class StorageError(RuntimeError):

@@ -40,6 +40,7 @@ from redis.backoff import ExponentialBackoff
 
 from tokengateway.storage import StorageURIError, hide_password
 from tokengateway.storage.base import (
+    REDIS_SCHEMES,
     CheckResult,
     CounterRef,
     CounterState,
@@ -49,14 +50,6 @@ from tokengateway.storage.base import (
 
 __all__ = ["REDIS_SCHEMES", "RedisStore", "RedisURI", "hide_password", "parse_redis_uri"]
 
-REDIS_SCHEMES = (
-    "redis",
-    "rediss",
-    "redis+cluster",
-    "rediss+cluster",
-    "redis+sentinel",
-    "rediss+sentinel",
-)
 DEFAULT_PREFIX = "tokengateway:"
 _SEP = "\x1f"
 _BATCH = 500  # keys per SCAN page / UNLINK / pipeline in the admin verbs
