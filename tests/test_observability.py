@@ -68,6 +68,8 @@ def test_token_headers_on_successes_and_the_429(start_gateway) -> None:
     assert refused.headers["x-should-retry"] == "true"
     error = refused.json()["error"]
     assert error["type"] == "rate_limit_exceeded" and "50 tokens per 1m" in error["message"]
+    # the body is made once per (limit, wait): it must still say this refusal's own wait
+    assert error["message"].endswith(f"reached; retry in {retry}s"), error["message"]
 
 
 def test_headers_on_a_stream(start_gateway) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tokengateway import cel
@@ -544,41 +544,54 @@ class AuthEngine:
     # -- per request ------------------------------------------------------------------------
 
     def evaluate(self, req: AuthRequest) -> AuthDecision:
+        return self.decide(req.headers, req.path, lambda: req)
+
+    def decide(
+        self, headers: Mapping[str, str], path: str, request: Callable[[], AuthRequest]
+    ) -> AuthDecision:
+        """`evaluate(request())`, where `request` is called only when no decision kept for
+        the API key in `headers` / `path` (the path with its query) answers first."""
+        req: AuthRequest | None = None
         if self._when:
+            req = request()
             activation = cel.Activation(req.well_known or {})
             for predicate in self._when:
                 if not predicate.test(activation):
                     return AuthDecision(allowed=True, status=200, applied=False)
-
-        kept = self._kept
-        if kept is None:
-            return self._evaluate(req)
-        source = self._source_groups[0][0]
-        credential = source.location.extract(req.headers, req.path)
-        if credential is None:
-            return self._evaluate(req)
-        hashed = digest(credential)
-        decision = kept.get(hashed)
-        if decision is None:
-            decision = self._evaluate(req)
-            if decision.status != 401 and source.index.lookup_digest(hashed) is not None:
-                if len(kept) >= KEPT_DECISIONS:
-                    with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                        del kept[next(iter(kept))]
-                kept[hashed] = decision
+        key = self._key(headers, path)
+        if key is not None:
+            found = self._kept.get(key)  # type: ignore[union-attr]
+            if found is not None:
+                return found
+        decision = self._evaluate(req or request())
+        if key is not None and decision.status != 401:
+            self._keep(key, decision)
         return decision
 
     def known(self, headers: Mapping[str, str], path: str) -> AuthDecision | None:
         """The decision kept for this request's API key, if the engine keeps decisions per
-        key and has one: what `evaluate` would answer, without building its request. None
-        means: call `evaluate`."""
-        kept = self._kept
-        if kept is None or self._when:
+        key and has one (None also when a top-level `when` must be tested first)."""
+        key = None if self._when else self._key(headers, path)
+        return None if key is None else self._kept.get(key)  # type: ignore[union-attr]
+
+    def _key(self, headers: Mapping[str, str], path: str) -> bytes | None:
+        """The digest decisions are kept by: None when this engine keeps none, or the
+        request has no credential."""
+        if self._kept is None:
             return None
         credential = self._source_groups[0][0].location.extract(headers, path)
-        if credential is None:
-            return None
-        return kept.get(digest(credential))
+        return None if credential is None else digest(credential)
+
+    def _keep(self, key: bytes, decision: AuthDecision) -> None:
+        """Keep a decision for a key the index knows (never for unknown keys)."""
+        kept = self._kept
+        assert kept is not None
+        if self._source_groups[0][0].index.lookup_digest(key) is None:
+            return
+        if len(kept) >= KEPT_DECISIONS:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del kept[next(iter(kept))]
+        kept[key] = decision
 
     def _evaluate(self, req: AuthRequest) -> AuthDecision:
         ctx = EvalContext(self._document(req))

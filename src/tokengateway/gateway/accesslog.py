@@ -6,6 +6,7 @@ Headers are never logged, so neither are API keys.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import IO, Any
@@ -15,7 +16,18 @@ import msgspec
 from tokengateway.gateway.types import Message, Send
 from tokengateway.tokens import Usage
 
-__all__ = ["AccessLog", "Entry"]
+__all__ = ["AccessLog", "Entry", "utc_now_text"]
+
+
+def utc_now_text() -> str:
+    """The current UTC time as Envoy's `request.time` and the access log write it
+    (`2026-11-27T10:00:00Z`), made once per second rather than per request."""
+    return _utc_text(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _utc_text(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 class Entry:
@@ -72,7 +84,7 @@ class Entry:
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "time": utc_now_text(),
             "request_id": self.request_id,
             "method": self.method,
             "host": self.host,

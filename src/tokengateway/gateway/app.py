@@ -20,10 +20,10 @@ import msgspec
 
 from tokengateway import auth as authlib
 from tokengateway import cel
-from tokengateway.gateway.accesslog import AccessLog, Entry
+from tokengateway.gateway.accesslog import AccessLog, Entry, utc_now_text
 from tokengateway.gateway.body import read_json_body
 from tokengateway.gateway.config import CompiledConfig, RuleTarget
-from tokengateway.gateway.errors import error_body, send_error
+from tokengateway.gateway.errors import error_body, send_error, send_json
 from tokengateway.gateway.metrics import Metrics
 from tokengateway.gateway.ratelimit_headers import limited_headers, success_headers
 from tokengateway.gateway.types import Receive, RequestAborted, Scope, Send, read_body
@@ -193,8 +193,10 @@ class GatewayApp:
         decision: authlib.AuthDecision | None = None
         if target.auth is not None:
             full_path = well_known["request"]["path"]  # with the query: a key may be in it
-            decision = target.auth.known(headers, full_path) or target.auth.evaluate(
-                authlib.AuthRequest(
+            decision = target.auth.decide(
+                headers,
+                full_path,
+                lambda: authlib.AuthRequest(  # built only when no kept decision answers
                     method=method,
                     scheme=well_known["request"]["scheme"],
                     host=host,
@@ -206,7 +208,7 @@ class GatewayApp:
                     destination_port=well_known["destination"]["port"],
                     request_id=request_id,
                     well_known=well_known,
-                )
+                ),
             )
             if not decision.allowed:
                 await _send_denied(send, decision)
@@ -489,17 +491,6 @@ def new_request_id() -> str:
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
-_clock: list[Any] = [0, ""]
-
-
-def _now_text() -> str:
-    """The current UTC time as Envoy's request.time text, made once per second."""
-    now = int(time.time())
-    if _clock[0] != now:
-        _clock[:] = [now, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))]
-    return str(_clock[1])
-
-
 def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1].lower()
@@ -530,7 +521,7 @@ def _well_known(
             "scheme": scope.get("scheme", "http"),
             "query": query,
             "headers": headers,
-            "time": _now_text(),
+            "time": utc_now_text(),
             "size": len(body),
             "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
             "useragent": headers.get("user-agent", ""),
@@ -571,13 +562,7 @@ async def _send_limited(send: Send, result: CheckResult, token_counters: int) ->
     refusal = limited_headers(result, token_counters)
     ref = refusal.state.ref
     body = _refusal_body(ref.limit, refusal.kind, ref.window, refusal.quota, refusal.retry)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", b"%d" % len(body)),
-        *refusal.headers,
-    ]
-    await send({"type": "http.response.start", "status": 429, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, 429, body, refusal.headers)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -13,7 +13,7 @@ import msgspec
 
 from tokengateway.gateway.types import Send
 
-__all__ = ["error_body", "send_error"]
+__all__ = ["error_body", "send_error", "send_json"]
 
 _encode = msgspec.json.encode
 
@@ -34,12 +34,16 @@ async def send_error(
     param: str | None = None,
     raw_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    body = error_body(message, type_, code, param)
-    raw = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    raw.extend((k.lower().encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers)
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers]
     raw.extend(raw_headers)
+    await send_json(send, status, error_body(message, type_, code, param), raw)
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer with a JSON body already encoded (an error envelope, say), and `headers`."""
+    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    raw.extend(headers)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
