@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tokengateway.gateway.types import read_body
+
 pytest_plugins = ["tests.redis_server"]  # real redis-server processes, as fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,12 +172,7 @@ class Upstream:
         async def app(scope, receive, send):  # type: ignore[no-untyped-def]
             if scope["type"] != "http":
                 return
-            body = b""
-            while True:
-                message = await receive()
-                body += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
+            body = await read_body(receive, 1 << 30) or b""
             headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
             self.requests.append((scope["path"], headers, body))
             self.queries.append(scope.get("query_string", b"").decode("latin-1"))

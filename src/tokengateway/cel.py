@@ -11,7 +11,6 @@ errors yields :data:`MISSING`, which makes the limit not apply.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -20,6 +19,8 @@ from typing import Any
 import msgspec
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_strings
+
+from tokengateway.kept import keep
 
 __all__ = [
     "MISSING",
@@ -293,12 +294,7 @@ class Expression:
         return value.plain_value()
 
     def _keep(self, key: Any, answer: Any) -> None:
-        memo = self._memo
-        if len(memo) >= MEMO_SIZE:
-            # another thread may evict at the same time: losing that race is harmless
-            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                del memo[next(iter(memo))]
-        memo[key] = answer
+        keep(self._memo, key, answer, MEMO_SIZE)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r})"

@@ -32,7 +32,6 @@ accepted and ignored (they do not change decisions).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -51,6 +50,7 @@ from tokengateway.auth.values import (
     compile_conditions,
     compile_value,
 )
+from tokengateway.kept import keep
 
 __all__ = ["AuthEngine", "compile_auth"]
 
@@ -588,10 +588,7 @@ class AuthEngine:
         assert kept is not None
         if self._source_groups[0][0].index.lookup_digest(key) is None:
             return
-        if len(kept) >= KEPT_DECISIONS:
-            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                del kept[next(iter(kept))]
-        kept[key] = decision
+        keep(kept, key, decision, KEPT_DECISIONS)
 
     def _evaluate(self, req: AuthRequest) -> AuthDecision:
         ctx = EvalContext(self._document(req))

@@ -24,7 +24,6 @@ rego-cpp terms costs more than the evaluation itself.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
@@ -37,6 +36,7 @@ import msgspec
 import regopy
 
 from tokengateway.auth.model import AuthConfigError
+from tokengateway.kept import keep
 
 __all__ = ["RegoPolicy"]
 
@@ -256,12 +256,7 @@ class RegoPolicy:
         except (regopy.RegoError, ValueError):
             return None
         if key is not None:
-            cache = self._inputs
-            if len(cache) >= _INPUT_CACHE_SIZE:
-                # another thread may evict at the same time: losing that race is harmless
-                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                    del cache[next(iter(cache))]
-            cache[key] = converted
+            keep(self._inputs, key, converted, _INPUT_CACHE_SIZE)
         return converted
 
     def _run(self, value: regopy.Input) -> tuple[bool, Any, str | None]:
@@ -319,10 +314,7 @@ class RegoPolicy:
             return False, None, MSG_EVAL_FAILED
         decision = self._run(value)
         if decisions is not None and key is not None:
-            if len(decisions) >= _DECISION_CACHE_SIZE:
-                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                    del decisions[next(iter(decisions))]
-            decisions[key] = decision
+            keep(decisions, key, decision, _DECISION_CACHE_SIZE)
         return decision
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ from dataclasses import field as dataclass_field
 from typing import Any
 
 from tokengateway import cel
+from tokengateway.kept import keep
 from tokengateway.limits.counting import TOTAL, Counting, parse_counting
 from tokengateway.resources import parse_window as _parse_duration
 from tokengateway.storage import CounterRef
@@ -128,7 +129,7 @@ class Reservation:
         return seconds if seconds > 0 else None
 
 
-#: counter lists kept per limit, by values (all are dropped when full)
+#: counter lists kept per limit, by values
 KEPT_COUNTERS = 4096
 
 
@@ -186,9 +187,7 @@ class Limit:
             CounterRef(f"{base}{_SEP}{rate.window_ms}{_SEP}{tail}", rate.limit, rate.window)
             for rate in self.rates
         ]
-        if len(self._refs) >= KEPT_COUNTERS:
-            self._refs.clear()
-        self._refs[(namespace, values)] = made
+        keep(self._refs, (namespace, values), made, KEPT_COUNTERS)
         return made
 
 
