@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODEL, percentile
 
 
-
 def chat_body(stream: bool) -> bytes:
     return json.dumps(
         {
