@@ -5,15 +5,35 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:8080
 
-.PHONY: setup system run test lint format demo clean bench
+.PHONY: setup system run test lint format demo clean bench lock lowest
 
-$(STAMP): pyproject.toml
+# `make setup` installs exactly requirements.lock (every package pinned, with hashes), then the
+# project itself without touching its dependencies. `make lock` refreshes the lock on purpose;
+# `make lowest` checks the lower bounds pyproject.toml publishes (docs/dependencies.md).
+LOCK_ARGS := pyproject.toml requirements/build.in --all-extras --python-version 3.11 \
+             --python-platform x86_64-manylinux_2_28 \
+             --generate-hashes
+
+$(STAMP): requirements.lock pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# `make lock` keeps every pin it can and resolves what pyproject.toml changed;
+# `make lock UPGRADE=1` moves every package to its newest allowed release.
+lock: setup
+	$(BIN)/uv pip compile $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) -o requirements.lock
+	$(BIN)/uv pip compile benchmarks/litellm.in --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	    $(if $(UPGRADE),--upgrade) -o benchmarks/litellm.lock
+
+lowest: setup
+	./scripts/lowest.sh
 
 system:
 	./scripts/setup-system.sh
@@ -55,4 +75,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-lowest .venv-lowest.txt .pytest_cache .ruff_cache

@@ -57,6 +57,8 @@ GW_HOST = "trlp-tutorial.example.com"
 GOLD = "APIKEY iamagolduser"
 LITELLM_KEY = "sk-bench-gold"
 LITELLM_VENV = BENCH / ".litellm-venv"
+LITELLM_LOCK = BENCH / "litellm.lock"
+LITELLM_STAMP = LITELLM_VENV / "installed.lock"
 TOKENS_PER_ANSWER = 13  # the fixed upstream's usage.total_tokens
 HIGH_LIMIT = 10**12  # tokens per hour: never reached in a run
 CHAT_PATH = "/v1/chat/completions"
@@ -730,7 +732,7 @@ class Bench:
     def litellm(self) -> None:
         name = "LiteLLM proxy, per-key tpm_limit (custom_auth)"
         exe = LITELLM_VENV / "bin" / "litellm"
-        if not exe.exists():
+        if not exe.exists() or _read(LITELLM_STAMP) != LITELLM_LOCK.read_text():
             reason = install_litellm(self.logs / "litellm-install.log")
             if reason is not None:
                 self.results.rows.append(Row("litellm", name, error=reason))
@@ -851,13 +853,22 @@ general_settings:
 
 
 def install_litellm(log_path: Path, timeout: float = 1200) -> str | None:
-    """Create benchmarks/.litellm-venv with litellm[proxy]; None, or why it failed."""
+    """Create benchmarks/.litellm-venv with exactly benchmarks/litellm.lock (litellm[proxy]
+    at the version the published figures used); None, or why it failed."""
     log(f"installing litellm[proxy] into {LITELLM_VENV} (once; slow)")
     with open(log_path, "w") as out:
         try:
             for cmd in (
                 [PY, "-m", "venv", "--clear", str(LITELLM_VENV)],
-                [str(LITELLM_VENV / "bin" / "python"), "-m", "pip", "install", "litellm[proxy]"],
+                [
+                    str(LITELLM_VENV / "bin" / "python"),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--require-hashes",
+                    "-r",
+                    str(LITELLM_LOCK),
+                ],
             ):
                 done = subprocess.run(
                     cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False
@@ -870,7 +881,12 @@ def install_litellm(log_path: Path, timeout: float = 1200) -> str | None:
             return f"install timed out after {timeout:.0f}s"
     if not (LITELLM_VENV / "bin" / "litellm").exists():
         return "install finished but there is no litellm command"
+    LITELLM_STAMP.write_text(LITELLM_LOCK.read_text())  # installed: this lock, no other
     return None
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
 
 
 def litellm_version() -> str:

@@ -326,6 +326,48 @@ def test_bad_cel_is_a_load_error_naming_policy_and_limit(tmp_path, manifests) ->
     assert "'free'" in result.stderr
 
 
+def test_validate_compiles_cel_and_rego_of_policies_whose_target_is_absent(tmp_path) -> None:
+    """A typo is caught before the target arrives: the Gateway is not in the files."""
+    path = tmp_path / "early.yaml"
+    policy = """
+apiVersion: kuadrant.io/v1alpha1
+kind: TokenRateLimitPolicy
+metadata: {name: early, namespace: gateway-system}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: not-yet}
+  limits:
+    free:
+      rates: [{limit: 50, window: 1m}]
+      when: [{predicate: 'auth.identity.groups.split(",").exists(g, g == "free"'}]
+      counters: [{expression: auth.identity.userid}]
+---
+apiVersion: kuadrant.io/v1
+kind: AuthPolicy
+metadata: {name: early-auth, namespace: gateway-system}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: not-yet}
+  rules:
+    authorization:
+      opa:
+        opa: {rego: "allow { input.context.request.http.method == }"}
+"""
+    path.write_text(policy)
+    result = run_cli("validate", "-f", str(path))
+    assert result.returncode == 1, result.stdout
+    assert "gateway-system/early" in result.stderr
+    assert "'free'" in result.stderr
+    assert "gateway-system/early-auth" in result.stderr
+    assert "Rego does not compile" in result.stderr
+    assert "Traceback" not in result.stderr
+    # the same policies, written correctly, only warn that their target is missing
+    path.write_text(
+        policy.replace('g == "free"\'', 'g == "free")\'').replace("method == }", "method != 1 }")
+    )
+    result = run_cli("validate", "-f", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "not-yet" in result.stderr and "not found" in result.stderr
+
+
 def test_stdin_manifests(tmp_path) -> None:
     result = run_cli("validate", "-f", "-", stdin=GATEWAY.replace("TIMEOUTS", ""))
     assert result.returncode == 1  # the Service has no address

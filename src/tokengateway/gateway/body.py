@@ -82,19 +82,27 @@ def read_json_body(
         return None, BodyProblem("the request body is empty; expected a JSON object")
     try:
         doc = _decode(body)
-    except UnicodeDecodeError as exc:
-        return None, BodyProblem(
-            f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding"
-        )
-    except msgspec.DecodeError as exc:
-        return None, BodyProblem(f"the request body is not valid JSON: {exc}", code="invalid_json")
-    except RecursionError:
-        return None, BodyProblem(
-            "the request body's JSON is nested too deeply", code="invalid_json"
-        )
+    except (msgspec.MsgspecError, ValueError, RecursionError) as exc:  # a ValueError only lately
+        return None, _decode_problem(body, exc)
     if not isinstance(doc, dict):
         return None, BodyProblem(f"the request body must be a JSON object, not {_type_name(doc)}")
     return doc, _field_problem(doc)
+
+
+def _decode_problem(body: bytes, exc: Exception) -> BodyProblem:
+    """Why a body did not decode, found by the gateway itself: the decoder's own wording
+    (and whether it reports bad UTF-8 as its own error or as UnicodeDecodeError) changes
+    between releases, so invalid UTF-8 is located here, and only the JSON syntax error
+    keeps the decoder's text."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return BodyProblem(
+            f"the request body is not valid UTF-8 (byte {bad.start})", code="invalid_encoding"
+        )
+    if isinstance(exc, RecursionError):
+        return BodyProblem("the request body's JSON is nested too deeply", code="invalid_json")
+    return BodyProblem(f"the request body is not valid JSON: {exc}", code="invalid_json")
 
 
 def _field_problem(doc: dict[str, Any]) -> BodyProblem | None:

@@ -556,9 +556,10 @@ def compile_config(
         build.route(route)
     compiler = build.compiler
     if strict:
+        # every policy's CEL and Rego compile, also where its target is not (yet) in the
+        # files: a typo is caught before the target arrives, not when it does
         for policy in build.policies.values():
-            accepted = policy.facts.target_problem is None
-            if accepted and f"{policy.kind} {policy.key}" not in compiler.compiled:
+            if f"{policy.kind} {policy.key}" not in compiler.compiled:
                 compiler.validate_alone(policy)
     problems = build.problems + compiler.problems
     if strict and problems:

@@ -98,7 +98,11 @@ class Estimate:
             if request is None and self._body:
                 try:
                     request = msgspec.json.decode(self._body)
-                except (ValueError, RecursionError):  # not JSON, bad UTF-8, absurdly nested
+                except (
+                    msgspec.MsgspecError,
+                    ValueError,
+                    RecursionError,
+                ):  # not JSON, bad UTF-8, too deep
                     request = None
             self._prompt = prompt_tokens(request)
             self._limit = max_completion_tokens(request)

@@ -34,6 +34,9 @@ class _Body(msgspec.Struct):
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
+#: what decoding an answer may raise: msgspec's errors (ValueErrors only since some release),
+#: UnicodeDecodeError on bad UTF-8 in older releases, RecursionError when nested too deep
+_DECODE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError)
 
 
 #: the most tokens one count may claim (a trillion): more is an upstream's bug, not usage
@@ -90,7 +93,7 @@ def usage_from_json(body: bytes) -> Usage | None:
     """The `usage` of a JSON response body, or None when absent or unreadable."""
     try:
         return usage_of(_decode_body(body).usage)
-    except (ValueError, RecursionError):  # DecodeError, ValidationError, UnicodeDecodeError
+    except _DECODE_ERRORS:
         return None
 
 
@@ -104,7 +107,7 @@ def completion_text_of(body: bytes) -> str:
     """The generated text of a JSON response of any supported shape, for an estimate."""
     try:
         doc = msgspec.json.decode(body)
-    except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
+    except (msgspec.MsgspecError, ValueError):  # not JSON, or bad UTF-8
         return body.decode("utf-8", "replace")
     except RecursionError:  # nested too deeply to be an answer
         return ""
@@ -135,7 +138,7 @@ def ask_for_usage(path: str, body: bytes, doc: Any = None) -> tuple[bytes, bool]
     if doc is None:
         try:
             doc = msgspec.json.decode(body)
-        except (ValueError, RecursionError):  # DecodeError, UnicodeDecodeError, too deep
+        except _DECODE_ERRORS:
             return body, False
     if not isinstance(doc, dict) or doc.get("stream") is not True:
         return body, False
@@ -290,7 +293,7 @@ class SSEStream:
         """Read one JSON event; False when it must not reach the client."""
         try:
             event = msgspec.json.decode(data)
-        except (ValueError, RecursionError):  # DecodeError, UnicodeDecodeError, too deep
+        except _DECODE_ERRORS:
             return True
         if not isinstance(event, dict):
             return True

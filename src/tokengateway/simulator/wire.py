@@ -142,7 +142,7 @@ def parse_object(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 worded like llm-d's."""
     try:
         req = decode(body)
-    except ValueError as exc:  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
+    except (msgspec.MsgspecError, ValueError) as exc:  # not JSON, or bad UTF-8
         raise ApiError(400, f"Failed to read and parse request body, {exc}") from None
     if not isinstance(req, dict):
         raise ApiError(400, "Failed to read and parse request body, expected a JSON object")

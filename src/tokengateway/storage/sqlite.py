@@ -165,7 +165,9 @@ class SqliteStore(MemoryStore):
             db.close()
             if isinstance(exc, StorageError):
                 raise
-            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            # by SQLite's result code, not its message text (SQLITE_BUSY: another process
+            # holds the exclusive lock)
+            if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
                 raise self._fail(
                     f"{self.path} is in use by another gateway process (one process per "
                     "database file; several processes or --workers N need Redis)"
@@ -296,3 +298,9 @@ class SqliteStore(MemoryStore):
                 log.error("storage %s: cannot write the counters (will retry): %s", self.uri, exc)
                 self._changed.set()
                 await asyncio.sleep(self.flush_interval)
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED, extended codes included (their low byte)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    return code is not None and (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
