@@ -259,7 +259,9 @@ def test_the_scope_describes_the_request_and_the_connection(serve) -> None:
     assert first["http_version"] == "1.1"
     assert first["method"] == "GET"
     assert first["scheme"] == "http"
-    assert first["path"] == "/a b/c/d"  # percent-decoded, as uvicorn does
+    # normalised, and still percent-encoded (unlike ASGI's decoded path): "%2F" stays a
+    # character of its segment for routing and upstream alike (gateway/target.py)
+    assert first["path"] == "/a%20b/c%2Fd"
     assert first["raw_path"] == b"/a%20b/c%2Fd"
     assert first["query_string"] == b"x=1&y=%20"
     assert first["root_path"] == ""
@@ -274,6 +276,7 @@ def test_the_scope_describes_the_request_and_the_connection(serve) -> None:
     # the absolute form, HTTP/1.0
     assert (second["method"], second["path"], second["raw_path"]) == ("POST", "/p/q", b"/p/q")
     assert second["query_string"] == b"r=1"
+    assert (b"host", b"example.com") in second["headers"]  # the target's authority
     assert second["http_version"] == "1.0"
     # the server address is the socket the connection came in on (the admin API's dispatch)
     assert tuple(third["server"]) == ("127.0.0.1", running.ports[1])

@@ -154,6 +154,11 @@ def test_models_lists_model_and_served_names(echo: _Running) -> None:
     assert raw["object"] == "list"
     assert [m["root"] for m in raw["data"]] == [MODEL, MODEL]
     assert echo.client().models.retrieve(ALIAS).id == ALIAS
+    # a model id with "/", sent plain or escaped: the server keeps "%2F", the simulator
+    # decodes the id once
+    for sent in (MODEL, MODEL.replace("/", "%2F"), MODEL.replace("/", "%2f")):
+        got = httpx.get(f"{echo.url}/v1/models/{sent}")
+        assert (got.status_code, got.json()["id"]) == (200, MODEL), sent
 
 
 # --- chat completions, echo mode: exact words and usage -----------------------------------------

@@ -30,6 +30,12 @@ the TCP peer), and it bounds everything a client controls, per connection:
 * **upgrades** (WebSocket, h2c, CONNECT): httptools stops parsing after their head and
   would read what follows as new requests. They are answered as plain HTTP/1.1 and the
   connection closes, nothing after the head parsed; one with a body is refused (400).
+* **one request line, one Host** (`target.py`): origin- and absolute-form targets only (the
+  authority of an absolute one replaces Host), `OPTIONS *` answered here; the path handed on
+  (`scope["path"]`, equal to `raw_path` decoded) is normalised and stays percent-encoded;
+  Host is required (HTTP/1.1), single and `host[:port]`; header values lose trailing
+  whitespace (llhttp drops the leading); Transfer-Encoding other than `chunked` is refused.
+  All are 400 (501 for an unsupported coding) naming what was wrong.
 * **clear answers**: the parser's refusals (request smuggling attempts such as both
   Content-Length and Transfer-Encoding, bad chunk sizes, CR/LF in a header) are a 400 in
   OpenAI's error envelope with the parser's reason, like every error this module sends.
@@ -67,11 +73,17 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import unquote
 
 import httptools
 
 from tokengateway.gateway.errors import error_body
+from tokengateway.gateway.target import (
+    ALLOWED_METHODS,
+    TargetError,
+    normalize_path,
+    split_target,
+    valid_host,
+)
 from tokengateway.gateway.types import ASGIApp, Message, RequestAborted, Scope
 
 __all__ = [
@@ -114,8 +126,13 @@ except ImportError:  # pragma: no cover - not on this platform
 _TASK_NAME = "tokengateway-http-request"
 _Task = asyncio.Task
 #: the same for the request headers the server reads (content-length, transfer-encoding,
-#: expect)
-_REQUEST_SPECIAL_LENGTHS = frozenset((14, 17, 6))
+#: expect, host)
+_REQUEST_SPECIAL_LENGTHS = frozenset((14, 17, 6, 4))
+#: answers that never have a body, nor Content-Length or Transfer-Encoding (RFC 9110 8.6,
+#: 6.4.1; a 304's Content-Length would have to be the 200's, which the server cannot know)
+_BARE = frozenset((100, 101, 102, 103, 204, 304))
+#: optional whitespace around a field value (RFC 9110 5.6.3), as bytes' integers
+_OWS = frozenset(b" \t")
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 
 
@@ -167,6 +184,16 @@ def _date_line(now: float | None = None) -> bytes:
 
 class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a head over the size limit."""
+
+
+class _BadHead(Exception):
+    """Raised from a parser callback to refuse a request head (400 unless told, with this
+    message)."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 # --- one request ---------------------------------------------------------------------------
@@ -367,10 +394,13 @@ class _Cycle:
         length: bytes | None = None
         close = has_date = chunked = False
         remaining = None
+        bare = status in _BARE
         for name, value in message.get("headers") or ():
             if len(name) in _SPECIAL_LENGTHS:
                 low = name.lower()
                 if low == b"content-length":
+                    if bare:
+                        continue  # never on 1xx, 204, 304, whatever the app says
                     length = value
                 elif low == b"transfer-encoding":
                     continue  # the framing is ours to choose
@@ -382,7 +412,7 @@ class _Cycle:
             parts.append(b"%b: %b\r\n" % (name, value))
         keep_alive = self.keep_alive and not close and self.body_done
         http10 = self.scope["http_version"] == "1.0"
-        no_body = self.method_head or status < 200 or status == 204 or status == 304
+        no_body = bare or self.method_head or status < 200
         if length is not None:
             if not no_body:
                 remaining = int(length)
@@ -437,6 +467,7 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_chunked",
+        "_codings",
         "_content_length",
         "_drain_waiter",
         "_expect",
@@ -444,6 +475,8 @@ class HttpProtocol(asyncio.Protocol):
         "_head_left",
         "_head_timer",
         "_headers",
+        "_host",
+        "_hosts",
         "_idle_at",
         "_idle_timer",
         "_in_head",
@@ -513,8 +546,13 @@ class HttpProtocol(asyncio.Protocol):
         # the request being parsed
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        #: the Host field lines of the request being parsed
+        self._hosts = 0
+        self._host = b""
         self._content_length: int | None = None
         self._chunked = False
+        #: the Transfer-Encoding values, joined (checked by on_headers_complete)
+        self._codings: bytes | None = None
         self._expect = False
         #: an upgrade request with a body, answered 400 instead of being started
         self._upgrade_body = False
@@ -669,8 +707,18 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(exc.__context__, _HeadTooLarge):
                 self._head_too_large()
                 return
+            bad = exc.__context__
+            if isinstance(bad, _BadHead):
+                log.debug("bad request head from %s: %s", self.client, bad)
+                self._reject(bad.status, str(bad), bad.code)
+                return
             log.debug("invalid HTTP request from %s: %s", self.client, exc)
-            self._reject(400, f"invalid HTTP request: {exc}", "invalid_request")
+            what = (
+                "request target"
+                if isinstance(exc, httptools.HttpParserInvalidURLError)
+                else "HTTP request"
+            )
+            self._reject(400, f"invalid {what}: {exc}", "invalid_request")
             return
         if self._in_head:
             if self._head_bytes > self.limits.max_header_bytes:
@@ -716,8 +764,10 @@ class HttpProtocol(asyncio.Protocol):
         self._head_left = self._max_head
         self._url = b""
         self._headers = []
+        self._hosts = 0
         self._content_length = None
         self._chunked = False
+        self._codings = None
         self._expect = False
 
     def on_url(self, url: bytes) -> None:
@@ -733,11 +783,18 @@ class HttpProtocol(asyncio.Protocol):
         if self._head_left < 0:
             raise _HeadTooLarge
         name = name.lower()
+        if value and value[-1] in _OWS:  # llhttp drops leading whitespace, not trailing
+            value = value.rstrip(b" \t")
         self._headers.append((name, value))
         if len(name) in _REQUEST_SPECIAL_LENGTHS:
-            if name == b"content-length":
+            if name == b"host":
+                self._hosts += 1
+                self._host = value
+            elif name == b"content-length":
                 self._content_length = int(value)  # the parser accepts digits only, and one
             elif name == b"transfer-encoding":
+                codings = self._codings
+                self._codings = value if codings is None else codings + b", " + value
                 self._chunked = True
             elif name == b"expect" and value.lower() == b"100-continue":
                 self._expect = True
@@ -753,23 +810,40 @@ class HttpProtocol(asyncio.Protocol):
             self._upgrade_body = True  # httptools will not parse its body: never started
             self.reading = None
             return
-        url = self._url
-        if url[0] == 47 and b"#" not in url:  # "/...": no need for the full URL parser
-            mark = url.find(b"?")
-            if mark < 0:
-                raw_path, query = url, b""
-            else:
-                raw_path, query = url[:mark], url[mark + 1 :]
-        else:
-            parsed = httptools.parse_url(url)
-            raw_path = parsed.path or b""
-            query = parsed.query or b""
-        path = raw_path.decode("ascii")
-        if "%" in path:
-            path = unquote(path)
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("ascii")
         version = parser.get_http_version()
+        headers = self._headers
+        codings = self._codings
+        if codings is not None and codings.lower() != b"chunked":
+            _refuse_codings(codings)
+        try:
+            if self._hosts != 1:
+                if self._hosts > 1:
+                    raise TargetError("more than one Host header")
+                if version != "1.0":
+                    raise TargetError("an HTTP/1.1 request without a Host header")
+            else:
+                host = self._host
+                if not valid_host(host):
+                    shown = host[:100].decode("latin-1")
+                    raise TargetError(f"invalid Host header {shown!r}: expected host[:port]")
+            url = self._url
+            if url[0] == 47 and b"#" not in url:  # "/...": the usual case, parsed inline
+                mark = url.find(b"?")
+                raw_path, query = (url, b"") if mark < 0 else (url[:mark], url[mark + 1 :])
+            else:
+                authority, raw_path, query = split_target(url)
+                if authority is not None:  # it replaces Host (RFC 9112 3.2.2)
+                    headers = [(n, v) for n, v in headers if n != b"host"]
+                    headers.append((b"host", authority))
+                elif method != "OPTIONS":  # "*"
+                    raise TargetError(f"the request target '*' is only for OPTIONS, not {method}")
+            if raw_path != b"*":
+                raw_path = normalize_path(raw_path)
+        except TargetError as exc:
+            raise _BadHead(str(exc)) from None
+        path = raw_path.decode("ascii")
         scope = {
             "type": "http",
             "asgi": _ASGI,
@@ -782,7 +856,7 @@ class HttpProtocol(asyncio.Protocol):
             "path": path,
             "raw_path": raw_path,
             "query_string": query,
-            "headers": self._headers,
+            "headers": headers,
         }
         cycle = _Cycle(
             self,
@@ -845,7 +919,10 @@ class HttpProtocol(asyncio.Protocol):
 
     async def _run_app(self, cycle: _Cycle) -> None:
         try:
-            await self.app(cycle.scope, cycle, cycle.send)
+            if cycle.scope["path"] == "*":
+                await _options_asterisk(cycle.send)
+            else:
+                await self.app(cycle.scope, cycle, cycle.send)
         except RequestAborted:
             if not cycle.complete:
                 self.cycle_ended(cycle, close=True)
@@ -1000,6 +1077,34 @@ class HttpProtocol(asyncio.Protocol):
             return
         log.debug("%s read nothing for %gs: aborted", self.client, self.limits.body_timeout)
         transport.abort()
+
+
+def _refuse_codings(codings: bytes) -> None:
+    """Transfer-Encoding other than "chunked" alone. llhttp checks it only after
+    on_headers_complete, and takes a list ending in chunked ("gzip, chunked"), whose other
+    codings nobody would decode: RFC 9112 6.3 wants a 400 when chunked is not last (or
+    comes twice: the length cannot be known), 6.1 a 501 for a coding not understood."""
+    names = [c.strip().lower() for c in codings.split(b",")]
+    shown = codings[:60].decode("latin-1")
+    if names[-1] != b"chunked" or names.count(b"chunked") > 1:
+        raise _BadHead(f"invalid Transfer-Encoding {shown!r}: 'chunked' must come last, once")
+    raise _BadHead(
+        f"Transfer-Encoding {shown!r} is not supported: only 'chunked'",
+        501,
+        "unsupported_transfer_encoding",
+    )
+
+
+async def _options_asterisk(send: Any) -> None:
+    """`OPTIONS *`: about the server itself, answered here (never routed nor forwarded)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"allow", ALLOWED_METHODS), (b"content-length", b"0")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
 
 
 # --- the server ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
+from urllib.parse import unquote
 
 from tokengateway.simulator.completions import handle_completion
 from tokengateway.simulator.embeddings import handle_embeddings
@@ -123,7 +124,8 @@ class SimulatorApp:
         methods = self._routes.get(path)
         if methods is None:
             if path.startswith("/v1/models/") and scope["method"] == "GET":
-                await self._model(path.removeprefix("/v1/models/"), send)
+                # the server keeps escapes (a model id may hold "%2F"): decoded once here
+                await self._model(unquote(path.removeprefix("/v1/models/")), send)
                 return
             raise ApiError(404, f"Not Found: {path}")
         handler = methods.get(scope["method"])
