@@ -455,6 +455,19 @@ def compile_auth(
     )
     unauthorized = compiler.deny_with(response.get("unauthorized"), "rules.response.unauthorized")
 
+    # the request body is seen as `request.size` / `context.request.http.size` and through
+    # `requestBodyJSON`: a policy whose text names neither can be decided from the head
+    # alone (conservative: "size" anywhere counts, as does anything that reads everything)
+    roots = compiler.roots
+    for predicate in top_when:
+        roots = None if roots is None else roots | predicate.uses
+    text = repr((when, rules, patterns))  # a patternRef's patterns are read too
+    reads_body = (
+        roots is None
+        or "requestBodyJSON" in text
+        or (bool(roots & {"request", "context"}) and "size" in text)
+    )
+
     return AuthEngine(
         name=name,
         when=top_when,
@@ -464,6 +477,7 @@ def compile_auth(
         unauthenticated=unauthenticated,
         unauthorized=unauthorized,
         needs_context=compiler.roots is None or "context" in compiler.roots,
+        reads_body=reads_body,
         # nothing but the identity (and what follows from it) is read, and no Rego policy
         # reads a clock: the decision is a function of the API key
         per_key=compiler.roots is not None
@@ -491,6 +505,7 @@ class AuthEngine:
         "_unauthorized",
         "_when",
         "name",
+        "reads_body",
     )
 
     def __init__(
@@ -505,8 +520,12 @@ class AuthEngine:
         unauthorized: _DenyWith | None,
         needs_context: bool,
         per_key: bool = False,
+        reads_body: bool = True,
     ) -> None:
         self.name = name
+        #: whether a decision may depend on the request body (its size, requestBodyJSON):
+        #: when not, the gateway decides before reading the body
+        self.reads_body = reads_body
         self._when = tuple(when)
         self._source_groups = _groups(sources)
         self._single_source = len(sources) == 1
