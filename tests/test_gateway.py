@@ -103,6 +103,31 @@ def test_response_without_usage_is_charged_an_estimate(tmp_path, start_gateway, 
     assert statuses == [200, 200, 429]
 
 
+def test_reads_without_usage_are_not_charged(tmp_path, start_gateway, upstream) -> None:
+    """A TRLP without `when` covers GET /v1/models too: an answer without usage to a
+    request that generates nothing is charged nothing (as Kuadrant), not 1 token."""
+    models = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
+
+    def answer(path, body):
+        if path.startswith("/v1/models"):
+            return 200, {"content-type": "application/json"}, models
+        return 200, {"content-type": "application/json"}, completion({"total_tokens": 2})
+
+    up = upstream(answer)
+    path = write(tmp_path, GATEWAY + TOKEN_LIMIT.replace("LIMIT", "3"))
+    gw = start_gateway(path, args=("--backend", f"default/llm={up.url}"))
+    c = client(gw)
+    for _ in range(10):
+        r = c.get("/v1/models")
+        assert r.status_code == 200
+        assert r.headers["x-ratelimit-remaining-tokens"] == "3"
+    assert c.post("/v1/chat/completions", json=chat()).status_code == 200  # 2 of 3 spent
+    r = c.get("/v1/models")
+    assert r.status_code == 200 and r.headers["x-ratelimit-remaining-tokens"] == "1"
+    assert c.post("/v1/chat/completions", json=chat()).status_code == 200  # 4 of 3: crosses
+    assert c.get("/v1/models").status_code == 429  # the spent budget still refuses reads
+
+
 def test_upstream_errors_pass_through_and_are_not_charged(
     tmp_path, start_gateway, upstream
 ) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import re
 import socket
 import ssl
 import struct
@@ -22,6 +23,8 @@ from tests.conftest import require, unconnectable_port
 from tokengateway.proxy import upstream as upstream_module
 from tokengateway.proxy.upstream import (
     READ_HIGH,
+    BadTarget,
+    Origin,
     Timeouts,
     Upstream,
     UpstreamError,
@@ -219,13 +222,26 @@ def test_the_request_goes_out_as_given(run) -> None:
     run(scenario)
 
 
-def test_a_target_is_quoted_where_it_must_be(run) -> None:
+def test_a_target_goes_out_as_given_or_not_at_all(run) -> None:
+    """Nothing is quoted or re-read: a target that cannot go out as it is is refused."""
+
     async def scenario() -> None:
         async with Server(serving(answer())) as srv:
             up = Upstream()
-            await (await up.send("GET", srv.url("/v1/a b/é?q=1%202&p=100%"), [], b"")).read()
-            line = srv.requests[0][0].split(b"\r\n")[0]
-            assert line == b"GET /v1/a%20b/%C3%A9?q=1%202&p=100%25 HTTP/1.1"
+            good = "/v1/a%20b/%C3%A9;p=1:@!$&'()*+,=~?q=1%202&p=/?:@"
+            await (await up.send("GET", srv.url(good), [], b"")).read()
+            assert srv.requests[0][0].split(b"\r\n")[0] == f"GET {good} HTTP/1.1".encode()
+            for bad, why in [
+                ("/v1/a b", "a space"),
+                ("/v1/\u00e9", "a character a URL may not carry ('\u00e9' at 4)"),
+                ("/v1/x?p=100%", "'%' that does not start an escape"),
+                ("/v1/x#frag", "a fragment"),
+                ("/v1/x\r\nX: 1", "control character"),
+                ("/v1/[x]", "a character a URL may not carry ('[' at 4)"),
+            ]:
+                with pytest.raises(BadTarget, match=re.escape(why)):
+                    await up.send("GET", srv.url(bad), [], b"")
+            assert len(srv.requests) == 1 and srv.connections == 1
             await up.close()
 
     run(scenario)
@@ -256,8 +272,30 @@ def test_a_line_break_in_a_header_is_refused(run) -> None:
     ],
 )
 def test_an_origin_gives_the_address_and_the_host_header(url, host, port, header) -> None:
-    origin = upstream_module._Origin(url, None)
+    origin = Origin(url)
     assert (origin.host, origin.port, origin.host_header) == (host, port, header)
+    assert origin.base_path == "" and origin.auth is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.com",
+        "http://",
+        "http://exa mple.com",
+        "http://example.com:99999",
+        "http://example.com:0",
+        "http://example.com:8x",
+        "http://example.com/v1?x=1",
+        "http://example.com/v1#x",
+        "http://exa%2fmple.com",
+        "http://example.com/a b",
+        "http://example.com/\u00e9",
+    ],
+)
+def test_an_origin_that_is_not_one_is_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        Origin(url)
 
 
 def test_credentials_in_the_url_become_basic_auth(run) -> None:
@@ -453,9 +491,10 @@ def test_a_pooled_connection_the_server_closed_is_dropped(run) -> None:
     run(scenario)
 
 
-def test_a_reused_connection_found_closed_is_retried_once(run) -> None:
+def test_a_reused_connection_found_closed_is_retried_once_if_idempotent(run) -> None:
     """The keep-alive race: the server closes the idle connection just as a request goes
-    out on it. Nothing was answered: the request goes again, on a new connection."""
+    out on it. Nothing was answered: a GET goes again, on a new connection; a POST does not
+    (the server may have read it: a completion run twice costs twice)."""
 
     async def scenario() -> None:
         async def script(srv: Server, reader: Any, w: asyncio.StreamWriter) -> None:
@@ -463,7 +502,7 @@ def test_a_reused_connection_found_closed_is_retried_once(run) -> None:
             w.write(answer(b"first"))
             await w.drain()
             await srv.read_request(reader)  # read, never answered
-            if srv.connections == 1:
+            if srv.connections in (1, 3):
                 reset(w)
             else:
                 w.write(answer(b"again"))
@@ -471,10 +510,21 @@ def test_a_reused_connection_found_closed_is_retried_once(run) -> None:
 
         async with Server(script) as srv:
             up = Upstream()
-            assert await (await up.send("POST", srv.url(), [], b"1")).read() == b"first"
-            assert await (await up.send("POST", srv.url(), [], b"2")).read() == b"first"
+            assert await (await up.send("GET", srv.url("/1"), [], b"")).read() == b"first"
+            assert await (await up.send("GET", srv.url("/2"), [], b"")).read() == b"first"
             assert srv.connections == 2
-            assert [body for _, body in srv.requests] == [b"1", b"2", b"2"]
+            assert [h.split(b" ")[1] for h, _ in srv.requests] == [b"/1", b"/2", b"/2"]
+            await up.close()
+
+        async with Server(script) as srv:
+            srv.connections = 2  # this server's first connection is the third: it resets
+            up = Upstream()
+            assert await (await up.send("POST", srv.url(), [], b"1")).read() == b"first"
+            error = await failure(up.send("POST", srv.url(), [], b"2"))
+            assert error.kind == "broken"
+            assert "the POST request is not sent again" in str(error)
+            assert srv.connections == 3  # no new connection for it
+            assert [body for _, body in srv.requests] == [b"1", b"2"]
             await up.close()
 
     run(scenario)

@@ -192,9 +192,13 @@ class ScriptedUpstream:
         self.loop.close()
 
 
-def test_a_keep_alive_connection_closed_under_a_request_is_retried(tmp_path, start_gateway) -> None:
-    """The upstream closes an idle connection just as the gateway sends on it (its keep-alive
-    timeout): nothing was answered, so the request goes again on a new connection."""
+def test_a_post_on_a_keep_alive_connection_closed_under_it_is_not_resent(
+    tmp_path, start_gateway
+) -> None:
+    """The upstream closes a kept-alive connection after reading a POST, without a word (its
+    keep-alive timeout racing the request, or a crash): the upstream may have started the
+    completion, so the gateway does not run it a second time. The client gets a 502 saying
+    so, and is charged nothing; the next request goes on a new connection."""
     answer = completion(USAGE)
     ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(
         answer
@@ -214,13 +218,13 @@ def test_a_keep_alive_connection_closed_under_a_request_is_retried(tmp_path, sta
         text = GATEWAY + TOKEN_LIMIT.replace("LIMIT", "1000")
         gw = start_gateway(write(tmp_path, text), args=("--backend", f"default/llm={up.url}"))
         c = client(gw)
-        assert [c.post("/v1/chat/completions", json=chat()).status_code for _ in range(3)] == [
-            200,
-            200,
-            200,
-        ]
-        assert len(up.requests) == 4 and up.connections == 2
-        assert remaining(gw) == 1000 - 3 * USAGE["total_tokens"]
+        responses = [c.post("/v1/chat/completions", json=chat()) for _ in range(3)]
+        assert [r.status_code for r in responses] == [200, 502, 200]
+        error = responses[1].json()["error"]
+        assert error["code"] == "upstream_failed" and error["type"] == "upstream_error"
+        assert "the POST request is not sent again" in error["message"]
+        assert len(up.requests) == 3 and up.connections == 2  # sent once each
+        assert remaining(gw) == 1000 - 2 * USAGE["total_tokens"]
     finally:
         up.stop()
 

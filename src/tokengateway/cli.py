@@ -185,6 +185,32 @@ _backend = click.option(
     help="Largest request line and headers together (431 beyond).",
 )
 @click.option(
+    "--upstream-max-connections",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Open connections per backend (scheme, host, port) and process; a request that "
+    "finds them all busy waits for one within the connect timeout, else 503.",
+)
+@click.option(
+    "--upstream-keepalive",
+    type=click.FloatRange(min=0),
+    default=4.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time an idle upstream connection is kept; keep it below the upstream's own "
+    "(uvicorn and vLLM: 5 s).",
+)
+@click.option(
+    "--upstream-max-response-bytes",
+    type=_SIZE,
+    default="64MiB",
+    show_default=True,
+    metavar="BYTES",
+    help="Largest non-streamed answer the gateway reads from a backend (502 beyond); "
+    "streams are relayed, not capped.",
+)
+@click.option(
     "--max-reservation-fraction",
     type=click.FloatRange(min=0, max=1, min_open=True),
     default=0.5,
@@ -218,6 +244,9 @@ def serve(
     max_connections: int,
     max_body_size: int,
     max_header_size: int,
+    upstream_max_connections: int,
+    upstream_keepalive: float,
+    upstream_max_response_bytes: int,
     max_reservation_fraction: float,
     max_reservation_ttl: float,
     fd: int | None,
@@ -228,6 +257,7 @@ def serve(
     from tokengateway.gateway.config import ConfigError
     from tokengateway.gateway.connections import ConnectionLimits
     from tokengateway.gateway.server import ServeOptions, parse_listen, serve_gateway
+    from tokengateway.proxy.upstream import UpstreamLimits
     from tokengateway.storage import StorageURIError, open_store
 
     try:
@@ -265,6 +295,11 @@ def serve(
             body_timeout=body_timeout,
             max_connections=max_connections,
             max_header_bytes=max_header_size,
+        ),
+        upstream=UpstreamLimits(
+            max_connections=upstream_max_connections,
+            keepalive=upstream_keepalive,
+            max_response_bytes=upstream_max_response_bytes,
         ),
     )
 

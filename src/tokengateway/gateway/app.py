@@ -3,6 +3,10 @@
     route -> read body -> authenticate/authorize -> check (or reserve) limits -> forward
           -> read usage -> report (or commit) tokens -> rate-limit headers, metrics, log
 
+(authenticate/authorize come before the body when the AuthPolicy reads no part of it.) The
+path is the HTTP server's normalised, percent-encoded one (`gateway/target.py`), the same
+for routing, policies, the access log and the request sent upstream.
+
 Each stage is a call into its own module (routing, auth, limits, proxy); this file only
 translates between HTTP (ASGI) and those libraries, and owns the order of the stages.
 """
@@ -14,6 +18,7 @@ import functools
 import logging
 import random
 import time
+import zlib
 from typing import Any
 
 import msgspec
@@ -29,7 +34,15 @@ from tokengateway.gateway.ratelimit_headers import limited_headers, success_head
 from tokengateway.gateway.types import Receive, RequestAborted, Scope, Send, read_body
 from tokengateway.limits import Applicable, Limiter, StorageUnavailable
 from tokengateway.limits.limiter import MAX_RESERVATION_FRACTION, MAX_RESERVATION_TTL
-from tokengateway.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
+from tokengateway.proxy.upstream import (
+    HOP_BY_HOP,
+    BadTarget,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+    content_decoder,
+    decode_content,
+)
 from tokengateway.proxy.usage import SSEStream, ask_for_usage, completion_text_of, usage_from_json
 from tokengateway.storage import CheckResult, CounterStore
 from tokengateway.tokens import Usage, estimate_usage
@@ -163,23 +176,16 @@ class GatewayApp:
         entry.route = target.route
         entry.host = host
 
-        # 2. body (needed to forward, for requestBodyJSON and for estimates)
-        try:
-            body = await read_body(receive, self.max_body_bytes)
-        except RequestAborted as exc:
-            # the connection layer answers a timeout with 408; a client that left gets
-            # nothing (499, as nginx logs it)
-            entry.status = 408 if "timeout" in str(exc) else 499
-            raise
-        if body is None:
-            await send_error(
-                send,
-                413,
-                f"request body larger than {self.max_body_bytes} bytes",
-                "invalid_request_error",
-                "request_too_large",
-            )
-            return
+        # 2. body (needed to forward, for requestBodyJSON and for estimates), read after
+        # authentication when the AuthPolicy does not read it: a client without a valid key
+        # then makes the gateway buffer nothing (and gets no 100 Continue)
+        auth_first = target.auth is not None and not target.auth.reads_body
+        body = b""
+        if not auth_first:
+            found = await self._read_body(receive, send, entry)
+            if found is None:
+                return
+            body = found
 
         needs_attributes = target.auth is not None or bool(target.limits)
         well_known = (
@@ -215,6 +221,12 @@ class GatewayApp:
                 return
             auth_binding = decision.auth
             entry.user = _user_of(auth_binding)
+        if auth_first:
+            found = await self._read_body(receive, send, entry)
+            if found is None:
+                return
+            body = found
+            well_known["request"]["size"] = len(body)
 
         # 3b. a model request's body must be JSON the gateway can read (nothing is charged)
         doc, problem = read_json_body(method, path, headers.get("content-type", ""), body)
@@ -293,6 +305,25 @@ class GatewayApp:
                     self.metrics.hits(target.route, applicable.token_limits, deltas)
         entry.usage = usage
 
+    async def _read_body(self, receive: Receive, send: Send, entry: Entry) -> bytes | None:
+        """The whole request body, or None once a 413 is sent."""
+        try:
+            body = await read_body(receive, self.max_body_bytes)
+        except RequestAborted as exc:
+            # the connection layer answers a timeout with 408; a client that left gets
+            # nothing (499, as nginx logs it)
+            entry.status = 408 if "timeout" in str(exc) else 499
+            raise
+        if body is None:
+            await send_error(
+                send,
+                413,
+                f"request body larger than {self.max_body_bytes} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+        return body
+
     async def _forward(
         self,
         scope: Scope,
@@ -334,23 +365,41 @@ class GatewayApp:
             if decision.credential is not None and not backend.forward_credentials:
                 headers = dict(headers)  # the gateway's own API key is not the upstream's
                 query = decision.credential.strip(headers, query)
-        url = backend.url + path + (f"?{query}" if query else "")
+        # where it goes is the backend's origin and base path (parsed with the config), and
+        # the path routing saw: nothing a client wrote can name another host or port
+        request_target = f"{path}?{query}" if query else path
         out_headers = _upstream_headers(scope, headers, request_id, extra)
         if backend.authorization is not None:
             out_headers = [h for h in out_headers if h[0] != "authorization"]
             out_headers.append(("authorization", backend.authorization))
         entry.forwarded = time.perf_counter()
         try:
-            resp = await self.upstream.send(
-                method, url, out_headers, upstream_body, target.timeout, backend.timeouts
+            resp = await self.upstream.send_to(
+                method,
+                backend.origin,
+                request_target,
+                out_headers,
+                upstream_body,
+                target.timeout,
+                backend.timeouts,
             )
         except UpstreamError as exc:
             entry.upstream_done = time.perf_counter()
             await _send_upstream_error(send, exc)
             return None
+        except BadTarget as exc:  # nothing was sent
+            entry.upstream_done = time.perf_counter()
+            await send_error(send, 400, str(exc), "invalid_request_error", "invalid_target")
+            return None
 
         # 6. relay the answer, reading its usage; a response without usage is charged an
         # estimate. Rate-limit headers replace the upstream's own.
+        if resp.content_type == "text/event-stream" and resp.content_encoding is not None:
+            reader = await self._relay_encoded(resp, receive, send, entry)
+            usage = reader.usage
+            if applicable.tokens and usage is None and 200 <= resp.status < 300:
+                usage = self._estimate(method, body, doc, reader.text)
+            return usage
         if resp.content_type == "text/event-stream":
             stream = SSEStream(hide_usage)
             if checked is not None:
@@ -361,7 +410,7 @@ class GatewayApp:
             entry.upstream_done = time.perf_counter()
             usage = stream.usage
             if applicable.tokens and usage is None and 200 <= resp.status < 300:
-                usage = self._estimate(body, doc, stream.text)
+                usage = self._estimate(method, body, doc, stream.text)
             return usage
         try:
             payload = await resp.read()
@@ -370,20 +419,33 @@ class GatewayApp:
             await _send_upstream_error(send, exc)
             return None
         entry.upstream_done = time.perf_counter()
-        usage = usage_from_json(payload)
+        readable = payload
+        if resp.content_encoding is not None:  # passed on as it came; decoded to read usage
+            limit = self.upstream.max_response_bytes
+            readable = decode_content(resp.content_encoding, payload, limit) or b""
+        usage = usage_from_json(readable)
         if applicable.tokens and usage is None and 200 <= resp.status < 300:
-            usage = self._estimate(body, doc, completion_text_of(payload))
+            usage = self._estimate(method, body, doc, completion_text_of(readable))
         if checked is not None:
             limit_headers = success_headers(
                 checked, len(applicable.tokens), applicable.countings, usage
             )
             _with_limits(resp.headers, limit_headers)
-        resp.headers.append((b"content-length", str(len(payload)).encode()))
+        if resp.status >= 200 and resp.status != 204 and resp.status != 304:
+            resp.headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
         await send({"type": "http.response.body", "body": payload})
         return usage
 
-    def _estimate(self, body: bytes, doc: dict[str, Any] | None, answer: str) -> Usage:
+    def _estimate(
+        self, method: str, body: bytes, doc: dict[str, Any] | None, answer: str
+    ) -> Usage | None:
+        """What a successful answer without usage is charged: an estimate for a request
+        that can generate (any method with a body: POST, PUT, PATCH), nothing for one that
+        only reads or deletes (`GET /v1/models`), as Kuadrant charges an answer without
+        usage (docs/counting.md)."""
+        if method in _READS:
+            return None
         self.estimated_usage += 1
         return estimate_usage(doc if doc is not None else _json_or_none(body), answer)
 
@@ -432,6 +494,56 @@ class GatewayApp:
             tail += _stream_error(path, failure)
         await send({"type": "http.response.body", "body": tail})
 
+    async def _relay_encoded(
+        self, resp: UpstreamResponse, receive: Receive, send: Send, entry: Entry
+    ) -> SSEStream:
+        """A stream in a content coding (the upstream ignored `Accept-Encoding: identity`):
+        passed on byte for byte with its Content-Encoding, nothing hidden in it nor added to
+        it (an error event would not be in its coding: a broken stream just ends, and the
+        client's decoder sees it cut). Its usage is read from a decoded copy (gzip, deflate);
+        in another coding it is estimated."""
+        await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+        assert resp.content_encoding is not None
+        decoder = content_decoder(resp.content_encoding)
+        reader = SSEStream(False)
+        gone = asyncio.ensure_future(receive())
+
+        def client_left(_: object) -> None:
+            resp.close()
+
+        gone.add_done_callback(client_left)
+        try:
+            async for chunk in resp.chunks():
+                if entry.first_chunk is None:
+                    entry.first_chunk = time.perf_counter()
+                if decoder is not None:
+                    try:
+                        reader.feed(decoder.decompress(chunk, _DECODED_CHUNK))
+                        if decoder.unconsumed_tail:
+                            decoder = None
+                    except zlib.error:
+                        decoder = None  # not what it says it is: estimated
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if gone.done():
+                    break
+        except UpstreamError as exc:
+            if not gone.done():
+                log.warning("%s: %s", entry.route, exc)
+        finally:
+            gone.remove_done_callback(client_left)
+            gone.cancel()
+        entry.upstream_done = time.perf_counter()
+        if gone.done() and not gone.cancelled():
+            resp.close()
+        else:
+            await send({"type": "http.response.body", "body": b""})
+        reader.close()
+        return reader
+
+
+#: the most of a content-coded stream's chunk decoded to read its usage
+_DECODED_CHUNK = 16 * 1024 * 1024
+
 
 def _upstream_headers(
     scope: Scope,
@@ -444,6 +556,8 @@ def _upstream_headers(
     if listed:  # headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1)
         dropped = dropped | {h.strip().lower() for h in listed.split(",")}
     out = [(k, v) for k, v in headers.items() if k not in dropped]
+    if any("_" in k for k, _ in out):
+        out = _without_lookalikes(out, dropped, extra)
     out.append(("x-forwarded-host", headers.get("host", "")))
     out.append(("x-forwarded-proto", scope.get("scheme", "http")))
     client = scope.get("client")
@@ -457,6 +571,24 @@ def _upstream_headers(
     return out
 
 
+#: methods whose answers are never charged an estimate: they generate nothing
+_READS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+def _without_lookalikes(
+    out: list[tuple[str, str]], dropped: frozenset[str], extra: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """Without a client's header whose name, `_` read as `-`, is one the gateway drops or
+    writes itself (`Transfer_Encoding`, `Content_Length`, `X_Forwarded_For`, `X_Request_Id`,
+    a policy's identity header): CGI, WSGI and many frameworks read both spellings as one
+    name (`HTTP_X_FORWARDED_FOR`), so such a header could pass for the gateway's."""
+    owned = dropped | _GATEWAY_OWN | {name.lower() for name, _ in extra}
+    return [(k, v) for k, v in out if "_" not in k or k.replace("_", "-") not in owned]
+
+
+#: written upstream by the gateway (with HOP_BY_HOP and _FORWARDED, and a policy's headers)
+_GATEWAY_OWN = frozenset({"x-request-id"})
+
 #: set by the gateway itself (x-forwarded-for extends the client's chain): a client's own
 #: host and proto would be read first by some upstreams
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"})
@@ -465,7 +597,7 @@ _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwarded-prot
 def _json_or_none(body: bytes) -> Any:
     try:
         return msgspec.json.decode(body) if body else None
-    except (ValueError, RecursionError):  # msgspec.DecodeError, or UnicodeDecodeError on bad UTF-8
+    except (msgspec.MsgspecError, ValueError, RecursionError):  # not JSON, bad UTF-8, too deep
         return None
 
 
@@ -610,14 +742,16 @@ def _window_text(seconds: float) -> str:
     return f"{int(seconds * 1000)}ms"
 
 
+#: UpstreamError.kind -> the status and the error code the client gets
+_UPSTREAM_ERRORS = {
+    "timeout": (504, "upstream_timeout"),
+    "unreachable": (502, "upstream_unreachable"),
+    "busy": (503, "upstream_busy"),
+    "invalid": (502, "upstream_invalid_response"),
+    "too_large": (502, "upstream_response_too_large"),
+}
+
+
 async def _send_upstream_error(send: Send, exc: UpstreamError) -> None:
-    if exc.kind == "timeout":
-        await send_error(send, 504, str(exc), "upstream_error", "upstream_timeout")
-    else:
-        await send_error(
-            send,
-            502,
-            str(exc),
-            "upstream_error",
-            "upstream_unreachable" if exc.kind == "unreachable" else "upstream_failed",
-        )
+    status, code = _UPSTREAM_ERRORS.get(exc.kind, (502, "upstream_failed"))
+    await send_error(send, status, str(exc), "upstream_error", code)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+
+from tokengateway.proxy.upstream import Origin
 
 __all__ = [
     "BACKEND_ANNOTATION",
@@ -44,9 +45,14 @@ class BackendPlan:
 
 
 def check_url(url: str, where: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BackendError(f"{where}: {url!r} is not an http:// or https:// URL with a host")
+    """`url` without a final `/`, if requests can go to it: http or https, a host, maybe a
+    port, a base path and credentials, and no query or fragment (`Origin` parses it)."""
+    try:
+        Origin(url)
+    except ValueError as exc:
+        raise BackendError(
+            f"{where}: {url!r} is not an http:// or https:// URL with a host ({exc})"
+        ) from None
     return url.rstrip("/")
 
 

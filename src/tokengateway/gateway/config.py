@@ -55,7 +55,7 @@ from tokengateway.gateway.routing import (
     intersect_hostnames,
 )
 from tokengateway.limits import Limit, LimitCompileError, compile_limits, parse_window
-from tokengateway.proxy.upstream import DEFAULT_TIMEOUTS, Timeouts
+from tokengateway.proxy.upstream import DEFAULT_TIMEOUTS, Origin, Timeouts
 
 __all__ = [
     "AUTH_WHEN",
@@ -117,6 +117,11 @@ class Backend:
     #: the Authorization value for the backend's own key (never shown in a repr)
     authorization: str | None = field(default=None, repr=False)
     forward_credentials: bool = False
+    #: `url` parsed once, for every request sent to it (ValueError for a URL it cannot be)
+    origin: Origin = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "origin", Origin(self.url))
 
 
 @dataclass(frozen=True, slots=True)
@@ -920,15 +925,20 @@ def _backends(
         if weight > 0:
             service = build.services.get(key)
             annotations = (service.metadata.annotations or {}) if service is not None else {}
-            out.append(
-                Backend(
+            try:
+                backend = Backend(
                     url,
                     weight,
                     _timeouts(key, service, problems),
                     _upstream_key(key, annotations, build.secret_data, problems),
                     str(annotations.get(FORWARD_CREDENTIALS_ANNOTATION, "")).lower() == "true",
                 )
-            )
+            except ValueError as exc:  # an address no request can go to
+                message = f"backend Service {key}: {exc}"
+                facts.unresolved = ("BackendNotFound", message)
+                problems.append(f"HTTPRoute {_key(route)}: {message}")
+                continue
+            out.append(backend)
     return out
 
 

@@ -26,6 +26,7 @@ from tokengateway.gateway.connections import ConnectionLimits, Server, raise_ope
 from tokengateway.gateway.control import ControlPlane
 from tokengateway.gateway.metrics import Snapshot, merge, process_snapshot
 from tokengateway.limits import counter_scope
+from tokengateway.proxy.upstream import DEFAULT_LIMITS, Upstream, UpstreamLimits
 from tokengateway.resources import load_paths, parse_resources
 from tokengateway.storage import CounterStore, open_store
 
@@ -218,6 +219,8 @@ class ServeOptions:
     reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS
     #: timeouts and caps at the connection level (connections.py)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: what the upstream client holds: connections per backend, keep-alive, answer size
+    upstream: UpstreamLimits = DEFAULT_LIMITS
 
 
 class _Dispatch:
@@ -243,12 +246,14 @@ def gateway_app(
     on_storage_error: str,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
+    upstream: UpstreamLimits = DEFAULT_LIMITS,
 ) -> GatewayApp:
     """The data path, as every gateway process builds it (the leader and `--workers`
     followers)."""
     return GatewayApp(
         config,
         store,
+        upstream=Upstream(**dataclasses.asdict(upstream)),
         max_body_bytes=max_body_bytes,
         access_log=AccessLog() if access_log else None,
         on_storage_error=on_storage_error,
@@ -312,6 +317,7 @@ def serve_gateway(
             "max_body_bytes": options.max_body_size,
             "reservation_clamps": options.reservation_clamps,
             "connections": dataclasses.asdict(options.connections),
+            "upstream": dataclasses.asdict(options.upstream),
         }
         pool = WorkerPool(options.workers - 1, settings)
 
@@ -350,6 +356,7 @@ def serve_gateway(
             options.on_storage_error,
             options.max_body_size,
             options.reservation_clamps,
+            options.upstream,
         )
         holder["app"] = app
         admin_port = admin_sock.getsockname()[1]

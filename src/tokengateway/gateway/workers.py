@@ -75,6 +75,7 @@ from tokengateway.gateway.server import (
     gateway_app,
     make_server,
 )
+from tokengateway.proxy.upstream import UpstreamLimits
 from tokengateway.resources import Document, parse_resources
 from tokengateway.storage import SCHEMES, open_store
 
@@ -449,6 +450,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
             settings["on_storage_error"],
             settings.get("max_body_bytes", DEFAULT_MAX_BODY),
             tuple(settings.get("reservation_clamps", RESERVATION_CLAMPS)),
+            UpstreamLimits(**settings.get("upstream", {})),
         )
         limits = ConnectionLimits(**settings.get("connections", {}))
         server = make_server(app, limits)
