@@ -128,6 +128,31 @@ def test_reads_without_usage_are_not_charged(tmp_path, start_gateway, upstream) 
     assert c.get("/v1/models").status_code == 429  # the spent budget still refuses reads
 
 
+def test_head_and_no_content_answers_carry_no_made_up_length(
+    tmp_path, start_gateway, upstream
+) -> None:
+    """RFC 9110 8.6: a HEAD answer's Content-Length, if sent, is the GET's (which the
+    gateway does not know: it sends none); a 204 or 304 has none at all."""
+    models = b'{"object": "list", "data": []}'
+
+    def answer(path, body):
+        if path == "/v1/gone":
+            return 204, {}, b""
+        return 200, {"content-type": "application/json"}, models
+
+    up = upstream(answer)
+    gw = start_gateway(write(tmp_path, GATEWAY), args=("--backend", f"default/llm={up.url}"))
+    c = client(gw)
+    head = c.head("/v1/models")
+    assert head.status_code == 200
+    assert "content-length" not in head.headers and "transfer-encoding" not in head.headers
+    gone = c.delete("/v1/gone")
+    assert gone.status_code == 204 and gone.content == b""
+    assert "content-length" not in gone.headers and "transfer-encoding" not in gone.headers
+    get = c.get("/v1/models")  # the connection still works, framed as before
+    assert get.headers["content-length"] == str(len(models)) and get.content == models
+
+
 def test_upstream_errors_pass_through_and_are_not_charged(
     tmp_path, start_gateway, upstream
 ) -> None:

@@ -431,7 +431,9 @@ class GatewayApp:
                 checked, len(applicable.tokens), applicable.countings, usage
             )
             _with_limits(resp.headers, limit_headers)
-        if resp.status >= 200 and resp.status != 204 and resp.status != 304:
+        # none on 204/304, and none on HEAD: its length would have to be the GET's (RFC 9110
+        # 8.6), which the gateway does not know
+        if resp.status >= 200 and resp.status != 204 and resp.status != 304 and method != "HEAD":
             resp.headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
         await send({"type": "http.response.body", "body": payload})
