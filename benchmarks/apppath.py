@@ -55,7 +55,7 @@ class InstantUpstream:
     async def close(self) -> None:
         pass
 
-    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+    async def send_to(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
         headers = [(b"content-type", b"application/json"), (b"server", b"bench")]
         return UpstreamResponse(200, headers, "application/json", ANSWER)
 
