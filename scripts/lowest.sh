@@ -22,4 +22,5 @@ exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_bad_input.py tests/test_cel.py tests/test_auth.py tests/test_resources.py \
   tests/test_usage.py tests/test_limits.py tests/test_storage.py tests/test_storage_redis.py \
   tests/test_http_server.py tests/test_upstream_client.py tests/test_gateway.py \
-  tests/test_openai_sdk.py tests/test_tutorial.py tests/test_simulator.py "$@"
+  tests/test_openai_sdk.py tests/test_tutorial.py tests/test_simulator.py \
+  tests/test_http_edge.py tests/test_upstream_hostile.py "$@"
