@@ -1072,7 +1072,7 @@ def test_cel_survives_any_import_order_of_our_modules(first: str) -> None:
     evaluate one."""
     script = (
         f"import {first}\n"
-        "from tokengateway import cel\n"
+        "from tokengateway.expr import cel\n"
         "act = cel.Activation({'request': {'method': 'GET'}})\n"
         "print(cel.compile_predicate('request.nope == 1').test(act),\n"
         "      cel.compile_predicate(\"request.method == 'GET'\").test(act))\n"

@@ -34,10 +34,10 @@ from hypothesis import strategies as st
 from tests.conftest import HOST, TUTORIAL, Gateway, free_socket
 from tests.test_http_server import Client
 from tokengateway.auth import compile_auth
-from tokengateway.gateway.connections import ConnectionLimits, Server
-from tokengateway.gateway.server import bind_socket
-from tokengateway.gateway.target import TargetError, normalize_path, split_target, valid_host
-from tokengateway.gateway.types import read_body
+from tokengateway.http.asgi import read_body
+from tokengateway.http.server import ConnectionLimits, Server
+from tokengateway.http.target import TargetError, normalize_path, split_target, valid_host
+from tokengateway.runtime.serve import bind_socket
 
 KEY = "iamafreeuser"
 COMPLETION = json.dumps(

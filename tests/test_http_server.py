@@ -1,4 +1,4 @@
-"""The gateway's own HTTP/1.1 server (gateway/connections.py) with small ASGI apps, over real
+"""The gateway's own HTTP/1.1 server (http/server.py) with small ASGI apps, over real
 sockets on loopback: what the apps are given (scope, receive, send), how answers are framed,
 keep-alive and pipelining, flow control, errors, timeouts, the connection cap, the lifespan,
 graceful stops and signals. The defences against hostile clients are also checked end to end
@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 import uvloop
 
-from tokengateway.gateway import connections
-from tokengateway.gateway.connections import ConnectionLimits, Server
-from tokengateway.gateway.server import bind_socket
-from tokengateway.gateway.types import RequestAborted, read_body
+from tokengateway.http import server as connections
+from tokengateway.http.asgi import RequestAborted, read_body
+from tokengateway.http.server import ConnectionLimits, Server
+from tokengateway.runtime.serve import bind_socket
 
 # --- a server in a thread -------------------------------------------------------------------
 
@@ -260,7 +260,7 @@ def test_the_scope_describes_the_request_and_the_connection(serve) -> None:
     assert first["method"] == "GET"
     assert first["scheme"] == "http"
     # normalised, and still percent-encoded (unlike ASGI's decoded path): "%2F" stays a
-    # character of its segment for routing and upstream alike (gateway/target.py)
+    # character of its segment for routing and upstream alike (http/target.py)
     assert first["path"] == "/a%20b/c%2Fd"
     assert first["raw_path"] == b"/a%20b/c%2Fd"
     assert first["query_string"] == b"x=1&y=%20"
@@ -941,8 +941,8 @@ def test_an_app_whose_startup_fails_is_not_served() -> None:
 SIGNALLED = textwrap.dedent(
     """
     import asyncio, signal, sys, uvloop
-    from tokengateway.gateway.connections import Server
-    from tokengateway.gateway.server import bind_socket
+    from tokengateway.http.server import Server
+    from tokengateway.runtime.serve import bind_socket
 
     def before(signum, frame):
         print("previous handler", flush=True)

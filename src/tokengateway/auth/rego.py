@@ -42,7 +42,7 @@ import msgspec
 import regopy
 
 from tokengateway.auth.model import AuthConfigError
-from tokengateway.kept import keep
+from tokengateway.expr.kept import keep
 
 __all__ = ["RegoPolicy"]
 

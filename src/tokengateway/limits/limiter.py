@@ -28,11 +28,11 @@ from typing import Any
 
 import msgspec
 
-from tokengateway import cel
+from tokengateway.expr import cel
 from tokengateway.limits.counting import Counting
 from tokengateway.limits.limit import Limit
 from tokengateway.storage import CheckResult, CounterRef, CounterStore, StorageError
-from tokengateway.tokens import Usage, max_completion_tokens, prompt_tokens
+from tokengateway.wire.tokens import Usage, max_completion_tokens, prompt_tokens
 
 __all__ = ["Applicable", "Estimate", "Limiter", "StorageUnavailable"]
 

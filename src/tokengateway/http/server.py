@@ -76,15 +76,15 @@ from typing import Any, cast
 
 import httptools
 
-from tokengateway.gateway.errors import error_body
-from tokengateway.gateway.target import (
+from tokengateway.dataplane.errors import error_body
+from tokengateway.http.asgi import ASGIApp, Message, RequestAborted, Scope
+from tokengateway.http.target import (
     ALLOWED_METHODS,
     TargetError,
     normalize_path,
     split_target,
     valid_host,
 )
-from tokengateway.gateway.types import ASGIApp, Message, RequestAborted, Scope
 
 __all__ = [
     "ConnectionLimits",

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from tokengateway.gateway.types import Send
+from tokengateway.http.asgi import Send
 
 __all__ = ["error_body", "send_error", "send_json"]
 

@@ -17,21 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from tokengateway.gateway.accesslog import AccessLog
-from tokengateway.gateway.admin import AdminApp
-from tokengateway.gateway.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
-from tokengateway.gateway.backends import BackendPlan, plan_backends
-from tokengateway.gateway.config import CompiledConfig, needed_services
-from tokengateway.gateway.connections import ConnectionLimits, Server, raise_open_file_limit
-from tokengateway.gateway.control import ControlPlane
-from tokengateway.gateway.metrics import Snapshot, merge, process_snapshot
+from tokengateway.config.backends import BackendPlan, plan_backends
+from tokengateway.config.compile import CompiledConfig, needed_services
+from tokengateway.controlplane.admin import AdminApp
+from tokengateway.controlplane.control import ControlPlane
+from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
+from tokengateway.http.client import DEFAULT_LIMITS, Upstream, UpstreamLimits
+from tokengateway.http.server import ConnectionLimits, Server, raise_open_file_limit
 from tokengateway.limits import counter_scope
-from tokengateway.proxy.upstream import DEFAULT_LIMITS, Upstream, UpstreamLimits
+from tokengateway.observability.accesslog import AccessLog
+from tokengateway.observability.metrics import Snapshot, merge, process_snapshot
 from tokengateway.resources import load_paths, parse_resources
 from tokengateway.storage import CounterStore, open_store
 
 if TYPE_CHECKING:
-    from tokengateway.gateway.workers import WorkerPool
+    from tokengateway.runtime.workers import WorkerPool
 
 __all__ = [
     "LoadedConfig",
@@ -211,13 +211,13 @@ class ServeOptions:
     access_log: bool = True
     watch_interval: float = 1.0
     on_storage_error: str = "allow"
-    #: processes serving the listen socket; more than 1 needs a shared store (workers.py)
+    #: processes serving the listen socket; more than 1 needs a shared store (runtime/workers.py)
     workers: int = 1
     #: request bodies over this many bytes are answered 413
     max_body_size: int = DEFAULT_MAX_BODY
     #: the largest hold of a reservation (fraction of a counter's limit) and its longest life
     reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS
-    #: timeouts and caps at the connection level (connections.py)
+    #: timeouts and caps at the connection level (http/server.py)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: what the upstream client holds: connections per backend, keep-alive, answer size
     upstream: UpstreamLimits = DEFAULT_LIMITS
@@ -285,7 +285,7 @@ def metrics_source(app: GatewayApp, pool: WorkerPool | None) -> Callable[[], Awa
 
 def make_server(app: Any, limits: ConnectionLimits | None = None) -> Server:
     """How every gateway process serves (the leader and `--workers` followers): our HTTP
-    server (connections.py), which bounds what each client holds. Also raises the process's
+    server (http/server.py), which bounds what each client holds. Also raises the process's
     open-file limit to fit `limits.max_connections`."""
     limits = limits or ConnectionLimits()
     raise_open_file_limit(limits.max_connections)
@@ -302,13 +302,13 @@ def serve_gateway(
 
     With `options.workers` > 1 this process is the leader of `workers.WorkerPool`: all of
     the above, plus followers that serve the same socket with every configuration it
-    publishes (see workers.py)."""
+    publishes (see runtime/workers.py)."""
     sims = Simulators()
     store = open_store(options.storage)
     holder: dict[str, Any] = {}
     pool = None
     if options.workers > 1:
-        from tokengateway.gateway.workers import WorkerPool
+        from tokengateway.runtime.workers import WorkerPool
 
         settings = {
             "storage": options.storage,

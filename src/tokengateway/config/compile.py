@@ -44,18 +44,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokengateway import auth as authlib
-from tokengateway import cel
-from tokengateway.gateway import status as st
-from tokengateway.gateway.backends import BackendPlan
-from tokengateway.gateway.routing import (
+from tokengateway.config import status as st
+from tokengateway.config.backends import BackendPlan
+from tokengateway.config.routing import (
     HeaderMatch,
     PathMatch,
     RouteMatch,
     Router,
     intersect_hostnames,
 )
+from tokengateway.expr import cel
+from tokengateway.http.client import DEFAULT_TIMEOUTS, Origin, Timeouts
 from tokengateway.limits import Limit, LimitCompileError, compile_limits, parse_window
-from tokengateway.proxy.upstream import DEFAULT_TIMEOUTS, Origin, Timeouts
 
 __all__ = [
     "AUTH_WHEN",
