@@ -43,7 +43,7 @@ APP = textwrap.dedent(
     sock = bind_socket("127.0.0.1", int(sys.argv[1]))
     if sys.argv[2] == "ours":
         import uvloop
-        from tokengateway.runtime.serve import make_server
+        from tokengateway.runtime.process import make_server
 
         uvloop.run(make_server(app).serve([sock]))
     else:

@@ -173,7 +173,8 @@ def main() -> None:
     if args.stack == "tokengateway":
         import uvloop
 
-        from tokengateway.runtime.serve import bind_socket, make_server
+        from tokengateway.runtime.process import make_server
+        from tokengateway.runtime.serve import bind_socket
 
         sock = bind_socket(args.host, args.port)
         uvloop.run(make_server(OwnPassthrough(args.upstream)).serve([sock]))

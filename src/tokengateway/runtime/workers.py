@@ -69,13 +69,13 @@ from tokengateway.http.client import UpstreamLimits
 from tokengateway.http.server import ConnectionLimits
 from tokengateway.observability.metrics import Snapshot, process_snapshot
 from tokengateway.resources import Document, parse_resources
-from tokengateway.runtime.serve import (
-    _die_with_parent,
-    _raise_stop,
-    _run_loop,
-    _Stop,
+from tokengateway.runtime.process import (
+    Stop,
+    die_with_parent,
     gateway_app,
     make_server,
+    raise_stop,
+    run_loop,
 )
 from tokengateway.storage import SCHEMES, open_store
 
@@ -294,7 +294,7 @@ class WorkerPool:
                 cmd,
                 pass_fds=(listen_fd, theirs.fileno()),
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except BaseException:
             ours.close()
@@ -433,7 +433,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
     """Serve gateway traffic on the inherited socket with the configurations the leader
     sends, until SIGTERM/SIGINT or the leader's end; the exit code."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _raise_stop)
+        signal.signal(sig, raise_stop)
     channel = socket.socket(fileno=channel_fd)
     failed: list[str] = []
     try:
@@ -522,8 +522,8 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
                 replayer.cancel()
                 outbox.put(None)
 
-        _run_loop(main())
-    except _Stop:
+        run_loop(main())
+    except Stop:
         pass
     except Exception as exc:
         print(f"error: worker {name}: {exc}", file=sys.stderr, flush=True)
