@@ -12,6 +12,7 @@ from typing import Any
 
 from tokengateway.config.compile import CompiledConfig
 from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
+from tokengateway.dataplane.errors import http_error_body
 from tokengateway.http.client import DEFAULT_LIMITS, Upstream, UpstreamLimits
 from tokengateway.http.server import ConnectionLimits, Server, raise_open_file_limit
 from tokengateway.observability.accesslog import AccessLog
@@ -78,8 +79,9 @@ def gateway_app(
 
 def make_server(app: Any, limits: ConnectionLimits | None = None) -> Server:
     """How every gateway process serves (the leader and `--workers` followers): our HTTP
-    server (http/server.py), which bounds what each client holds. Also raises the process's
-    open-file limit to fit `limits.max_connections`."""
+    server (http/server.py), which bounds what each client holds, its own answers in OpenAI's
+    error envelope. Also raises the process's open-file limit to fit
+    `limits.max_connections`."""
     limits = limits or ConnectionLimits()
     raise_open_file_limit(limits.max_connections)
-    return Server(app, limits)
+    return Server(app, limits, error_body=http_error_body)
