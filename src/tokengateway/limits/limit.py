@@ -10,9 +10,9 @@ from dataclasses import field as dataclass_field
 from typing import Any
 
 from tokengateway.expr import cel
+from tokengateway.expr.duration import parse_window as _parse_duration
 from tokengateway.expr.kept import keep
 from tokengateway.limits.counting import TOTAL, Counting, parse_counting
-from tokengateway.resources import parse_window as _parse_duration
 from tokengateway.storage import CounterRef
 from tokengateway.wire.tokens import Usage
 
