@@ -408,7 +408,7 @@ def benchmarks(redis_url: str | None, repeats: int) -> list[dict[str, Any]]:
         assert usage_from_json(body) is not None
         record(
             f"usage: usage_from_json, {len(body):,} B body",
-            "proxy.usage.usage_from_json on a chat completion, usage at the end",
+            "wire.usage.usage_from_json on a chat completion, usage at the end",
             time_sync(lambda body=body: usage_from_json(body), repeats),
         )
 
