@@ -20,6 +20,7 @@ from tokengateway.cli.top import register as register_top_command
 
 if TYPE_CHECKING:  # imported lazily at run time: the commands start faster
     from tokengateway.config.compile import CompiledConfig
+    from tokengateway.limits import OnError
     from tokengateway.runtime.serve import LoadedConfig
 
 TUTORIAL_DIR = Path(__file__).parent.parent / "tutorial"
@@ -235,7 +236,7 @@ def serve(
     admin_token: str | None,
     state_dir: Path | None,
     storage: str,
-    on_storage_error: str,
+    on_storage_error: OnError,  # click.Choice: allow or deny
     backends: tuple[str, ...],
     access_log: bool,
     workers: int,

@@ -39,7 +39,7 @@ from tokengateway.http.client import (
     content_decoder,
     decode_content,
 )
-from tokengateway.limits import Applicable, Limiter, StorageUnavailable
+from tokengateway.limits import Applicable, Limiter, OnError, StorageUnavailable
 from tokengateway.limits.limiter import MAX_RESERVATION_FRACTION, MAX_RESERVATION_TTL
 from tokengateway.observability.accesslog import AccessLog, Entry, utc_now_text
 from tokengateway.observability.metrics import Metrics
@@ -67,7 +67,7 @@ class GatewayApp:
         upstream: Upstream | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         access_log: AccessLog | None = None,
-        on_storage_error: str = "allow",
+        on_storage_error: OnError = "allow",
         reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
     ) -> None:
         self.config = config

@@ -15,6 +15,7 @@ from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, Gat
 from tokengateway.dataplane.errors import http_error_body
 from tokengateway.http.client import DEFAULT_LIMITS, Upstream, UpstreamLimits
 from tokengateway.http.server import ConnectionLimits, Server, raise_open_file_limit
+from tokengateway.limits import OnError
 from tokengateway.observability.accesslog import AccessLog
 from tokengateway.storage import CounterStore
 
@@ -59,7 +60,7 @@ def gateway_app(
     config: CompiledConfig,
     store: CounterStore,
     access_log: bool,
-    on_storage_error: str,
+    on_storage_error: OnError,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
     upstream: UpstreamLimits = DEFAULT_LIMITS,

@@ -23,7 +23,7 @@ from tokengateway.controlplane.control import ControlPlane
 from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
 from tokengateway.http.client import DEFAULT_LIMITS, UpstreamLimits
 from tokengateway.http.server import ConnectionLimits
-from tokengateway.limits import counter_scope
+from tokengateway.limits import OnError, counter_scope
 from tokengateway.observability.metrics import Snapshot, merge, process_snapshot
 from tokengateway.resources import load_paths, parse_resources
 from tokengateway.runtime.process import (
@@ -186,7 +186,7 @@ class ServeOptions:
     state_dir: Path | None = None
     access_log: bool = True
     watch_interval: float = 1.0
-    on_storage_error: str = "allow"
+    on_storage_error: OnError = "allow"
     #: processes serving the listen socket; more than 1 needs a shared store (runtime/workers.py)
     workers: int = 1
     #: request bodies over this many bytes are answered 413
