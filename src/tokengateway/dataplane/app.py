@@ -312,7 +312,7 @@ class GatewayApp:
         except RequestAborted as exc:
             # the connection layer answers a timeout with 408; a client that left gets
             # nothing (499, as nginx logs it)
-            entry.status = 408 if "timeout" in str(exc) else 499
+            entry.status = 408 if exc.timed_out else 499
             raise
         if body is None:
             await send_error(

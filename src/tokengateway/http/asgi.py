@@ -18,7 +18,12 @@ class RequestAborted(BaseException):
 
     A BaseException, like asyncio's CancelledError: an app's `except Exception` last line of
     defence must not turn it into a 500 (nobody is there to read it), and no half-received
-    body may go further. The server (server.py) catches it."""
+    body may go further. The server (server.py) catches it. `timed_out` tells the two
+    cases apart: the server answered 408, or the client left."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 async def read_body(receive: Receive, limit: int) -> bytes | None:

@@ -289,7 +289,7 @@ class _Cycle:
         while True:
             if self.disconnected or self.complete:
                 if self.timed_out:
-                    raise RequestAborted("request body timeout")
+                    raise RequestAborted("request body timeout", timed_out=True)
                 return {"type": "http.disconnect"}
             chunks = self.chunks
             if chunks is not None:
