@@ -24,11 +24,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from micro import CHAT_BODY, HEADERS, TUTORIAL, completion_body
 
-from tokengateway.gateway.app import GatewayApp
-from tokengateway.gateway.backends import parse_backend_overrides
-from tokengateway.gateway.config import CompiledConfig, compile_config
-from tokengateway.gateway.server import load
-from tokengateway.proxy.upstream import UpstreamResponse
+from tokengateway.config.backends import parse_backend_overrides
+from tokengateway.config.compile import CompiledConfig, compile_config
+from tokengateway.dataplane.app import GatewayApp
+from tokengateway.http.client import UpstreamResponse
+from tokengateway.runtime.serve import load
 from tokengateway.storage import MemoryStore
 
 ANSWER = completion_body(600)

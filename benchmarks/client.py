@@ -7,7 +7,7 @@ in its own process, then drives requests through two clients in this one, on uvl
 
 - `aiohttp`: the client the gateway had (an aiohttp ClientSession), kept here verbatim for
   the comparison;
-- `ours`: `tokengateway.proxy.upstream`, HTTP/1.1 on an asyncio protocol with httptools.
+- `ours`: `tokengateway.http.client`, HTTP/1.1 on an asyncio protocol with httptools.
 
 Three cases each: requests one after another, `--concurrency` in flight at once (each of
 that many workers sends its share one after another), and streamed requests (`"stream":
@@ -39,7 +39,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, HOST, MODEL, Proc, free_port, stop_all, wait_http
 
-from tokengateway.proxy.upstream import DEFAULT_TIMEOUTS, Timeouts, Upstream, UpstreamError
+from tokengateway.http.client import DEFAULT_TIMEOUTS, Timeouts, Upstream, UpstreamError
 
 EVENTS = 14  # SSE events in the fixed upstream's stream (usage and [DONE] included)
 

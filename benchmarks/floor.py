@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/floor.py [--seconds 6]
 
-The gateway's HTTP server (connections.py on uvloop, as `serve` configures it: every
+The gateway's HTTP server (http/server.py on uvloop, as `serve` configures it: every
 connection-level defence on) in front of an ASGI app that answers every request with a
 fixed 429 in OpenAI's envelope and does nothing else. Its CPU per request is what any
 refusal costs before a single line of policy runs: the part of the 429 target that this
@@ -26,7 +26,7 @@ from common import BENCH, HOST, Proc, free_port, stop_all, wait_http
 APP = textwrap.dedent(
     """
     import sys
-    from tokengateway.gateway.server import bind_socket
+    from tokengateway.runtime.serve import bind_socket
 
     BODY = (b'{"error": {"message": "rate limit exceeded", "type": "rate_limit_exceeded", '
             b'"param": null, "code": "rate_limit_exceeded"}}')
@@ -43,7 +43,7 @@ APP = textwrap.dedent(
     sock = bind_socket("127.0.0.1", int(sys.argv[1]))
     if sys.argv[2] == "ours":
         import uvloop
-        from tokengateway.gateway.server import make_server
+        from tokengateway.runtime.process import make_server
 
         uvloop.run(make_server(app).serve([sock]))
     else:
@@ -56,7 +56,7 @@ APP = textwrap.dedent(
 )
 
 SERVERS = {
-    "ours": "tokengateway's server (connections.py) + uvloop + httptools",
+    "ours": "tokengateway's server (http/server.py) + uvloop + httptools",
     "uvicorn": "uvicorn + uvloop + httptools, no defences",
 }
 

@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CHAT_BODY, MODEL, ROOT, Redis, stop_all
 
 from tokengateway import auth as authlib
-from tokengateway import cel
-from tokengateway.gateway.backends import parse_backend_overrides
-from tokengateway.gateway.config import compile_config
-from tokengateway.gateway.server import load
+from tokengateway.config.backends import parse_backend_overrides
+from tokengateway.config.compile import compile_config
+from tokengateway.expr import cel
 from tokengateway.limits import Limiter
-from tokengateway.proxy.usage import SSEStream, usage_from_json
+from tokengateway.runtime.serve import load
 from tokengateway.storage import open_store
-from tokengateway.tokens import Usage
+from tokengateway.wire.tokens import Usage
+from tokengateway.wire.usage import SSEStream, usage_from_json
 
 TUTORIAL = ROOT / "src" / "tokengateway" / "tutorial"
 HOST = "trlp-tutorial.example.com"
@@ -74,7 +74,7 @@ HEADERS = {
 
 
 def well_known() -> dict[str, Any]:
-    """The attributes the gateway builds per request (gateway/app.py's `_well_known`)."""
+    """The attributes the gateway builds per request (dataplane/app.py's `_well_known`)."""
     path = "/v1/chat/completions"
     return {
         "request": {
@@ -408,7 +408,7 @@ def benchmarks(redis_url: str | None, repeats: int) -> list[dict[str, Any]]:
         assert usage_from_json(body) is not None
         record(
             f"usage: usage_from_json, {len(body):,} B body",
-            "proxy.usage.usage_from_json on a chat completion, usage at the end",
+            "wire.usage.usage_from_json on a chat completion, usage at the end",
             time_sync(lambda body=body: usage_from_json(body), repeats),
         )
 

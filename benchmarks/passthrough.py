@@ -7,8 +7,8 @@ no limits and no usage parsing: what is left is the cost of the stack itself.
 * `--stack uvicorn-aiohttp`: uvicorn (uvloop, httptools) and one pooled aiohttp session.
   This is the issue's reference stack, and the gateway's own until it got its own server
   and client.
-* `--stack tokengateway`: the gateway's own HTTP server (`gateway/connections.py`, with its
-  connection limits) and upstream client (`proxy/upstream.py`): the gateway's stack today.
+* `--stack tokengateway`: the gateway's own HTTP server (`http/server.py`, with its
+  connection limits) and upstream client (`http/client.py`): the gateway's stack today.
 
     python benchmarks/passthrough.py --port 8081 --upstream http://127.0.0.1:8000 [--stack ...]
 """
@@ -20,7 +20,7 @@ import argparse
 import aiohttp
 import uvicorn
 
-from tokengateway.gateway.types import read_body
+from tokengateway.http.asgi import read_body
 
 #: request bodies larger than this are not forwarded (none in a benchmark comes close)
 MAX_BODY = 1 << 30
@@ -128,7 +128,7 @@ class OwnPassthrough(_Forwarder):
     """The same forwarding on the gateway's own server and client."""
 
     def __init__(self, upstream: str) -> None:
-        from tokengateway.proxy.upstream import Upstream
+        from tokengateway.http.client import Upstream
 
         super().__init__(upstream)
         self.client = Upstream()
@@ -140,7 +140,7 @@ class OwnPassthrough(_Forwarder):
         await self.client.close()
 
     async def forward(self, scope, body, headers, url, send):  # type: ignore[no-untyped-def]
-        from tokengateway.proxy.upstream import UpstreamError
+        from tokengateway.http.client import UpstreamError
 
         try:
             resp = await self.client.send(scope["method"], url, headers, body)
@@ -173,7 +173,8 @@ def main() -> None:
     if args.stack == "tokengateway":
         import uvloop
 
-        from tokengateway.gateway.server import bind_socket, make_server
+        from tokengateway.runtime.process import make_server
+        from tokengateway.runtime.serve import bind_socket
 
         sock = bind_socket(args.host, args.port)
         uvloop.run(make_server(OwnPassthrough(args.upstream)).serve([sock]))

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tokengateway.gateway.types import read_body
+from tokengateway.http.asgi import read_body
 
 pytest_plugins = ["tests.redis_server"]  # real redis-server processes, as fixtures
 

@@ -27,15 +27,15 @@ def _coverage() -> Any:
 
 
 with _coverage():
-    from tokengateway.gateway.body import BodyProblem, check_body
-    from tokengateway.proxy.usage import (
+    from tokengateway.dataplane.body import BodyProblem, check_body
+    from tokengateway.wire.tokens import Usage
+    from tokengateway.wire.usage import (
         MAX_COUNT,
         SSEStream,
         ask_for_usage,
         completion_text_of,
         usage_from_json,
     )
-    from tokengateway.tokens import Usage
 
 PATHS = (
     "/v1/chat/completions",

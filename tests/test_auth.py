@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -1061,3 +1063,21 @@ def test_a_kept_decision_is_found_by_a_key_in_the_query_too() -> None:
     assert first.allowed
     assert eng.known({}, "/v1/models?api_key=iamagolduser") is first
     assert eng.known({}, "/v1/models") is None
+
+
+@pytest.mark.parametrize("first", ["tokengateway.auth.rego", "tokengateway.auth"])
+def test_cel_survives_any_import_order_of_our_modules(first: str) -> None:
+    """regopy loaded before cel-expr-python makes a failing CEL evaluation abort the process
+    (see auth/rego.py): a fresh process that imports `first` before the CEL module must still
+    evaluate one."""
+    script = (
+        f"import {first}\n"
+        "from tokengateway.expr import cel\n"
+        "act = cel.Activation({'request': {'method': 'GET'}})\n"
+        "print(cel.compile_predicate('request.nope == 1').test(act),\n"
+        "      cel.compile_predicate(\"request.method == 'GET'\").test(act))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout) == (0, "False True\n"), done.stderr

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import chat
 from tests.test_gateway import GATEWAY, TOKEN_LIMIT, client, completion, write
-from tokengateway.gateway.body import check_body
+from tokengateway.dataplane.body import check_body
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
 

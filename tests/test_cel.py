@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokengateway import cel
+from tokengateway.expr import cel
 
 SOURCES = [
     "request.path",

@@ -34,10 +34,11 @@ from hypothesis import strategies as st
 from tests.conftest import HOST, TUTORIAL, Gateway, free_socket
 from tests.test_http_server import Client
 from tokengateway.auth import compile_auth
-from tokengateway.gateway.connections import ConnectionLimits, Server
-from tokengateway.gateway.server import bind_socket
-from tokengateway.gateway.target import TargetError, normalize_path, split_target, valid_host
-from tokengateway.gateway.types import read_body
+from tokengateway.dataplane.errors import http_error_body
+from tokengateway.http.asgi import read_body
+from tokengateway.http.server import ConnectionLimits, Server
+from tokengateway.http.target import TargetError, normalize_path, split_target, valid_host
+from tokengateway.runtime.serve import bind_socket
 
 KEY = "iamafreeuser"
 COMPLETION = json.dumps(
@@ -457,7 +458,7 @@ class Running:
 
 def start_server(app: Any, limits: ConnectionLimits | None = None) -> Running:
     sock = bind_socket("127.0.0.1", 0)
-    server = Server(app, limits or ConnectionLimits())
+    server = Server(app, limits or ConnectionLimits(), error_body=http_error_body)  # as served
     loop = uvloop.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve([sock]),))
     thread.daemon = True

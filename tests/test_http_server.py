@@ -1,7 +1,8 @@
-"""The gateway's own HTTP/1.1 server (gateway/connections.py) with small ASGI apps, over real
+"""The gateway's own HTTP/1.1 server (http/server.py) with small ASGI apps, over real
 sockets on loopback: what the apps are given (scope, receive, send), how answers are framed,
 keep-alive and pipelining, flow control, errors, timeouts, the connection cap, the lifespan,
-graceful stops and signals. The defences against hostile clients are also checked end to end
+graceful stops and signals. The server here is given the gateway's error envelope, as
+`make_server` gives it (OpenAI's); without one it answers plain JSON. The defences against hostile clients are also checked end to end
 through a real gateway in test_hardening_http.py."""
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from typing import Any
 import pytest
 import uvloop
 
-from tokengateway.gateway import connections
-from tokengateway.gateway.connections import ConnectionLimits, Server
-from tokengateway.gateway.server import bind_socket
-from tokengateway.gateway.types import RequestAborted, read_body
+from tokengateway.dataplane.errors import http_error_body
+from tokengateway.http import server as connections
+from tokengateway.http.asgi import RequestAborted, read_body
+from tokengateway.http.server import ConnectionLimits, Server, plain_error_body
+from tokengateway.runtime.serve import bind_socket
 
 # --- a server in a thread -------------------------------------------------------------------
 
@@ -61,12 +63,18 @@ class Running:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Running]]:
-    """Start `Server(app, limits)` on loopback sockets, in a thread with its own uvloop."""
+    """Start `Server(app, limits)` on loopback sockets, in a thread with its own uvloop, with
+    the gateway's error envelope unless `error_body` is given."""
     started: list[Running] = []
 
-    def start(app: Any, limits: ConnectionLimits | None = None, sockets: int = 1) -> Running:
+    def start(
+        app: Any,
+        limits: ConnectionLimits | None = None,
+        sockets: int = 1,
+        error_body: Any = http_error_body,
+    ) -> Running:
         socks = [bind_socket("127.0.0.1", 0) for _ in range(sockets)]
-        server = Server(app, limits or ConnectionLimits())
+        server = Server(app, limits or ConnectionLimits(), error_body=error_body)
         loop = uvloop.new_event_loop()
         running = Running(server, [s.getsockname()[1] for s in socks], loop, None)  # type: ignore[arg-type]
 
@@ -260,7 +268,7 @@ def test_the_scope_describes_the_request_and_the_connection(serve) -> None:
     assert first["method"] == "GET"
     assert first["scheme"] == "http"
     # normalised, and still percent-encoded (unlike ASGI's decoded path): "%2F" stays a
-    # character of its segment for routing and upstream alike (gateway/target.py)
+    # character of its segment for routing and upstream alike (http/target.py)
     assert first["path"] == "/a%20b/c%2Fd"
     assert first["raw_path"] == b"/a%20b/c%2Fd"
     assert first["query_string"] == b"x=1&y=%20"
@@ -397,7 +405,7 @@ def test_a_client_that_leaves_in_the_middle_of_the_body_aborts_the_request(serve
         try:
             await read_body(receive, 1 << 20)
         except RequestAborted as exc:
-            outcome.append(str(exc))
+            outcome.append(f"{exc} (timed out: {exc.timed_out})")
             raise
         outcome.append("complete")
 
@@ -409,6 +417,7 @@ def test_a_client_that_leaves_in_the_middle_of_the_body_aborts_the_request(serve
     while not outcome and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(outcome) == 1 and "disconnected" in outcome[0]
+    assert outcome[0].endswith("(timed out: False)")
 
 
 def test_expect_100_continue(serve) -> None:
@@ -635,7 +644,7 @@ def test_app_errors_are_500_or_a_close_never_a_traceback(serve, caplog) -> None:
 
 
 def test_a_body_that_stops_coming_gets_408(serve) -> None:
-    aborted: list[str] = []
+    aborted: list[RequestAborted] = []
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
@@ -643,7 +652,7 @@ def test_a_body_that_stops_coming_gets_408(serve) -> None:
         try:
             body = await read_body(receive, 1 << 20)
         except RequestAborted as exc:
-            aborted.append(str(exc))
+            aborted.append(exc)
             raise
         await answer(send, 200, body or b"")
 
@@ -657,7 +666,7 @@ def test_a_body_that_stops_coming_gets_408(serve) -> None:
         assert r.error()["code"] == "request_timeout"
         assert r.header(b"connection") == b"close"
         assert c.closed()
-    assert len(aborted) == 1 and "timeout" in aborted[0]
+    assert len(aborted) == 1 and aborted[0].timed_out  # the app tells it from a client gone
 
     # a body that keeps coming, each part in time, takes as long as it takes
     with running.connect() as c:
@@ -689,6 +698,49 @@ def test_request_errors_are_answered_in_openais_envelope(serve) -> None:
     with running.connect() as c:
         assert c.closed(within=2)
         assert c.buf == b""
+
+
+def test_without_an_envelope_the_servers_own_answers_are_plain_json(serve) -> None:
+    """The HTTP server knows nothing of OpenAI: its own answers take the envelope its owner
+    gives (`error_body`), plain `{"error": {"message", "code"}}` when none is given."""
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            raise ValueError("secret detail")
+
+    assert Server(app).error_body is plain_error_body  # the default
+    running = serve(app, error_body=plain_error_body)
+    bad_head = (
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    for payload, status, code in (
+        (bad_head, 400, "invalid_request"),
+        (request("GET", "/"), 500, "internal_error"),
+    ):
+        with running.connect() as c:
+            c.send(payload)
+            r = c.response()
+            assert r.status == status
+            assert r.header(b"content-type") == b"application/json"
+            doc = json.loads(r.body)
+            assert set(doc) == {"error"} and set(doc["error"]) == {"message", "code"}, doc
+            assert doc["error"]["code"] == code
+            assert doc["error"]["message"]
+            assert c.closed()
+
+    seen: list[tuple[int, str, str]] = []
+
+    def mine(status: int, message: str, code: str) -> bytes:
+        seen.append((status, message, code))
+        return b'{"oops": 1}'
+
+    running = serve(app, error_body=mine)
+    with running.connect() as c:
+        c.send(request("GET", "/"))
+        r = c.response()
+        assert (r.status, r.body) == (500, b'{"oops": 1}')
+        assert r.header(b"content-length") == b"11"
+    assert seen == [(500, "internal gateway error", "internal_error")]
 
 
 def test_an_upgrade_is_answered_as_plain_http_then_closed(serve) -> None:
@@ -941,8 +993,8 @@ def test_an_app_whose_startup_fails_is_not_served() -> None:
 SIGNALLED = textwrap.dedent(
     """
     import asyncio, signal, sys, uvloop
-    from tokengateway.gateway.connections import Server
-    from tokengateway.gateway.server import bind_socket
+    from tokengateway.http.server import Server
+    from tokengateway.runtime.serve import bind_socket
 
     def before(signum, frame):
         print("previous handler", flush=True)

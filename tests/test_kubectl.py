@@ -21,8 +21,8 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from tokengateway.jsonpath import JSONPathError, compile_template, find, render
-from tokengateway.kubectl import (
+from tokengateway.cli.jsonpath import JSONPathError, compile_template, find, render
+from tokengateway.cli.kubectl import (
     AdminClient,
     AdminError,
     AdminUnreachableError,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokengateway import cel
+from tokengateway.expr import cel
 from tokengateway.limits import (
     LimitCompileError,
     Limiter,
@@ -11,7 +11,7 @@ from tokengateway.limits import (
     parse_window,
 )
 from tokengateway.storage import MemoryStore
-from tokengateway.tokens import Usage
+from tokengateway.wire.tokens import Usage
 
 TUTORIAL_LIMITS = {
     "free": {
@@ -226,7 +226,7 @@ BODY = b'{"messages": [{"role": "user", "content": "What is Kubernetes?"}], "max
 def test_a_reservation_holds_the_prompt_estimate_plus_max_tokens() -> None:
     limiter = Limiter(MemoryStore())
     got = limiter.applicable(_reserving({}), "ns/r", activation("/", None, "u"), body=BODY)
-    from tokengateway.tokens import count_tokens
+    from tokengateway.wire.tokens import count_tokens
 
     assert got.amounts == [count_tokens("What is Kubernetes?") + 40]
     assert got.ttls == [60.0]  # no ttl, no route timeout: the clamp

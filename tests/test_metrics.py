@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tokengateway.gateway.metrics import (
+from tokengateway.observability.metrics import (
     FIGURES,
     LATENCY_BUCKETS,
     OVERHEAD_BUCKETS,
@@ -176,7 +176,7 @@ def test_histograms_with_different_buckets_are_refused() -> None:
 
 
 def test_retain_forgets_the_series_of_routes_no_longer_served() -> None:
-    from tokengateway.gateway.metrics import Metrics
+    from tokengateway.observability.metrics import Metrics
 
     m = Metrics()
     for route in ("ns/kept", "ns/gone"):

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import TUTORIAL, chat
 from tests.test_openai_sdk import ask, sdk
 from tests.test_policies import rlp
-from tokengateway.gateway.ratelimit_headers import go_duration
+from tokengateway.dataplane.ratelimit_headers import go_duration
 
 ROUTE = "default/trlp-tutorial-llm-sim"
 FREE = "gateway-system/trlp-tutorial-token-limits/free"
@@ -213,7 +213,7 @@ def test_metrics_after_known_traffic_and_no_key_in_logs(start_gateway) -> None:
 
 
 def test_made_request_ids_are_distinct_version_4_uuids() -> None:
-    from tokengateway.gateway.app import new_request_id
+    from tokengateway.dataplane.app import new_request_id
 
     made = [new_request_id() for _ in range(20000)]
     assert len(set(made)) == len(made)

@@ -13,14 +13,14 @@ import pytest
 from tests.conftest import chat
 from tests.test_gateway import GATEWAY
 from tokengateway import auth as authlib
-from tokengateway.gateway.config import (
+from tokengateway.config.compile import (
     LIMITS_WHEN,
     CompiledConfig,
     ConfigError,
     RuleTarget,
     compile_config,
 )
-from tokengateway.gateway.status import PolicyStatus
+from tokengateway.config.status import PolicyStatus
 from tokengateway.resources import load_paths, parse_resources
 
 BACKENDS = {"default/llm": "http://127.0.0.1:1", "default/other": "http://127.0.0.1:2"}

@@ -28,13 +28,16 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz_request import check_usage, fuzz_one
-from tokengateway import cel
 from tokengateway.auth.selector import MISSING, SelectorError, compile_selector
-from tokengateway.gateway.body import JSON_ENDPOINTS, MAX_TOKENS_BOUND, BodyProblem, check_body
+from tokengateway.dataplane.body import JSON_ENDPOINTS, MAX_TOKENS_BOUND, BodyProblem, check_body
+from tokengateway.expr import cel
 from tokengateway.limits import Limit, Rate, parse_counter_key
 from tokengateway.limits import parse_window as limit_window
-from tokengateway.proxy import usage as usage_module
-from tokengateway.proxy.usage import (
+from tokengateway.resources import parse_window
+from tokengateway.storage import CounterRef, MemoryStore
+from tokengateway.wire import usage as usage_module
+from tokengateway.wire.tokens import Usage
+from tokengateway.wire.usage import (
     MAX_COUNT,
     SSEStream,
     ask_for_usage,
@@ -42,9 +45,6 @@ from tokengateway.proxy.usage import (
     usage_from_json,
     usage_of,
 )
-from tokengateway.resources import parse_window
-from tokengateway.storage import CounterRef, MemoryStore
-from tokengateway.tokens import Usage
 
 #: multiplies every test's examples, for a longer soak: PROPERTY_SCALE=20 pytest ...
 _SCALE = max(1, int(os.environ.get("PROPERTY_SCALE", "1")))

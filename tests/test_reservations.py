@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import HOST, chat
-from tokengateway.tokens import prompt_tokens
+from tokengateway.wire.tokens import prompt_tokens
 
 LIMIT = 400
 CONCURRENT = 64

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tokengateway.gateway.routing import (
+from tokengateway.config.routing import (
     HeaderMatch,
     PathMatch,
     RouteMatch,

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import ROOT, TUTORIAL, run_cli
 from tests.test_openai_sdk import ask, sdk
-from tokengateway.gateway import ui
+from tokengateway.observability import ui
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

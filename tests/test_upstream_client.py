@@ -20,8 +20,8 @@ import pytest
 import uvloop
 
 from tests.conftest import require, unconnectable_port
-from tokengateway.proxy import upstream as upstream_module
-from tokengateway.proxy.upstream import (
+from tokengateway.http import client as upstream_module
+from tokengateway.http.client import (
     READ_HIGH,
     BadTarget,
     Origin,

@@ -26,7 +26,7 @@ from tests.conftest import Gateway, chat
 from tests.test_gateway import GATEWAY, TOKEN_LIMIT, client, completion, write
 from tests.test_upstream_client import Server, answer, failure, serving, until
 from tests.test_upstream_faults import ScriptedUpstream, annotated, remaining
-from tokengateway.proxy.upstream import (
+from tokengateway.http.client import (
     BadTarget,
     Origin,
     Timeouts,

@@ -3,14 +3,14 @@
 import msgspec
 import pytest
 
-from tokengateway.proxy.usage import (
+from tokengateway.wire.tokens import Usage, count_tokens, estimate_usage
+from tokengateway.wire.usage import (
     SSEStream,
     ask_for_usage,
     completion_text_of,
     usage_from_json,
     usage_of,
 )
-from tokengateway.tokens import Usage, count_tokens, estimate_usage
 
 # A chat stream as an upstream sends it when asked for usage (OpenAI's API shape).
 WITH_USAGE = (

@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import HOST, TUTORIAL, chat, run_cli
 from tests.test_observability import _metric
 
-FOLLOWER = "tokengateway.gateway.workers"
+FOLLOWER = "tokengateway.runtime.workers"
 COUNTERS = "/counters/default/trlp-tutorial-llm-sim"
 
 

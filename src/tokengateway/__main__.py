@@ -1,4 +1,4 @@
-from tokengateway.cli import main
+from tokengateway.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tokengateway import cel
 from tokengateway.auth.credentials import CredentialLocation, compile_credentials
 from tokengateway.auth.identity import REDACTED, ApiKeyIndex, compile_label_selector, digest
 from tokengateway.auth.model import AuthConfigError, AuthDecision, AuthRequest, SecretRecord
@@ -50,7 +49,8 @@ from tokengateway.auth.values import (
     compile_conditions,
     compile_value,
 )
-from tokengateway.kept import keep
+from tokengateway.expr import cel
+from tokengateway.expr.kept import keep
 
 __all__ = ["AuthEngine", "compile_auth"]
 

@@ -32,11 +32,17 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+# cel-expr-python's extension must be loaded before regopy's librego_shared: the other way
+# round, the first CEL evaluation that yields an error frees a pointer it does not own and
+# the process aborts ("free(): invalid pointer"; cel-expr-python 0.1.x, regopy 1.5). Named
+# here, where regopy is imported, so that no import order of our modules can break it
+# (tests/test_auth.py starts a process that imports this module first).
+import cel_expr_python.cel  # noqa: F401
 import msgspec
 import regopy
 
 from tokengateway.auth.model import AuthConfigError
-from tokengateway.kept import keep
+from tokengateway.expr.kept import keep
 
 __all__ = ["RegoPolicy"]
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from tokengateway.cel import MISSING
+from tokengateway.expr.cel import MISSING
 
 __all__ = [
     "MISSING",

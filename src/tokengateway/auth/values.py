@@ -14,7 +14,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tokengateway import cel
 from tokengateway.auth.model import AuthConfigError
 from tokengateway.auth.selector import (
     MISSING,
@@ -24,6 +23,7 @@ from tokengateway.auth.selector import (
     compile_selector,
     to_string,
 )
+from tokengateway.expr import cel
 
 __all__ = [
     "Condition",

@@ -10,7 +10,7 @@ from tokengateway.limits.limit import (
     parse_counter_key,
     parse_window,
 )
-from tokengateway.limits.limiter import Applicable, Limiter, StorageUnavailable
+from tokengateway.limits.limiter import Applicable, Limiter, OnError, StorageUnavailable
 
 __all__ = [
     "TOTAL",
@@ -19,6 +19,7 @@ __all__ = [
     "Limit",
     "LimitCompileError",
     "Limiter",
+    "OnError",
     "Rate",
     "StorageUnavailable",
     "compile_limits",

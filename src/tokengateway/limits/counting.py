@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tokengateway.tokens import Usage
+from tokengateway.wire.tokens import Usage
 
 __all__ = ["TOTAL", "Counting", "parse_counting"]
 

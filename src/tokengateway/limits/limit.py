@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
 
-from tokengateway import cel
-from tokengateway.kept import keep
+from tokengateway.expr import cel
+from tokengateway.expr.duration import parse_window as _parse_duration
+from tokengateway.expr.kept import keep
 from tokengateway.limits.counting import TOTAL, Counting, parse_counting
-from tokengateway.resources import parse_window as _parse_duration
 from tokengateway.storage import CounterRef
-from tokengateway.tokens import Usage
+from tokengateway.wire.tokens import Usage
 
 __all__ = [
     "Limit",

@@ -24,21 +24,23 @@ import logging
 import os
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
-from tokengateway import cel
+from tokengateway.expr import cel
 from tokengateway.limits.counting import Counting
 from tokengateway.limits.limit import Limit
 from tokengateway.storage import CheckResult, CounterRef, CounterStore, StorageError
-from tokengateway.tokens import Usage, max_completion_tokens, prompt_tokens
+from tokengateway.wire.tokens import Usage, max_completion_tokens, prompt_tokens
 
-__all__ = ["Applicable", "Estimate", "Limiter", "StorageUnavailable"]
+__all__ = ["Applicable", "Estimate", "Limiter", "OnError", "StorageUnavailable"]
 
 log = logging.getLogger("tokengateway.limits")
 
 MAX_PENDING_REPORTS = 100_000
+#: what a failing store means for a request: let it through, or refuse it (503)
+OnError = Literal["allow", "deny"]
 #: Limitador's defaults for its `--max-reservation-fraction` / `--max-reservation-ttl`
 MAX_RESERVATION_FRACTION = 0.5
 MAX_RESERVATION_TTL = 60.0
@@ -117,7 +119,7 @@ class Limiter:
     def __init__(
         self,
         store: CounterStore,
-        on_error: str = "allow",
+        on_error: OnError = "allow",
         max_pending: int = MAX_PENDING_REPORTS,
         max_reservation_fraction: float = MAX_RESERVATION_FRACTION,
         max_reservation_ttl: float = MAX_RESERVATION_TTL,

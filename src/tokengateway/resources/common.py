@@ -22,6 +22,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from tokengateway.expr.duration import WINDOW_PATTERN, parse_window
+
 __all__ = [
     "DURATION_PATTERN",
     "WINDOW_PATTERN",
@@ -38,26 +40,10 @@ __all__ = [
 ]
 
 # Kuadrant's Rate.window and Gateway API's Duration share this pattern (GEP-2257).
-WINDOW_PATTERN = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"
 DURATION_PATTERN = WINDOW_PATTERN
-_WINDOW_RE = re.compile(WINDOW_PATTERN)
-_WINDOW_PART_RE = re.compile(r"([0-9]{1,5})(ms|h|m|s)")
-_UNIT_MS = {"h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
 
 CUSTOM_ERROR = "manifest"
 """pydantic error type of every problem raised by our own rules (as opposed to pydantic's)."""
-
-
-def parse_window(s: str) -> float:
-    """Seconds in a Kuadrant window / Gateway API duration (`"1h30m"` -> 5400.0).
-
-    Parts add up like Go's `time.ParseDuration`, which Kuadrant uses; the sum is done in whole
-    milliseconds so `"500ms"` is exactly 0.5.
-    """
-    if not isinstance(s, str) or not _WINDOW_RE.fullmatch(s):
-        raise ValueError(f"{s!r} does not match {WINDOW_PATTERN}")
-    total_ms = sum(int(n) * _UNIT_MS[unit] for n, unit in _WINDOW_PART_RE.findall(s))
-    return total_ms / 1000
 
 
 Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN)]

@@ -70,6 +70,7 @@ __all__ = [
 ]
 
 Strategy = Literal["atomic", "merge"]
+Mode = Literal["defaults", "overrides"]
 
 
 class TokenRateLimiting(StrictModel):
@@ -298,7 +299,7 @@ class RateLimitPolicySpec(StrictModel):
         return merge_issues("spec", data, handler, _limits_spec_rules)
 
     @property
-    def mode(self) -> Literal["defaults", "overrides"]:
+    def mode(self) -> Mode:
         """Whether the limits are defaults (explicit or implicit) or overrides."""
         return "overrides" if self.overrides is not None else "defaults"
 
@@ -618,7 +619,7 @@ class AuthPolicySpec(StrictModel):
         return merge_issues("spec", data, handler, _auth_spec_rules)
 
     @property
-    def mode(self) -> Literal["defaults", "overrides"]:
+    def mode(self) -> Mode:
         """Whether the rules are defaults (explicit or implicit) or overrides."""
         return "overrides" if self.overrides is not None else "defaults"
 

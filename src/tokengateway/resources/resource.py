@@ -64,12 +64,6 @@ class Resource(K8sModel):
         """(kind, namespace, name); namespace is "" for cluster-scoped kinds."""
         return (self.kind, self.metadata.namespace or "", self.metadata.name)
 
-    @property
-    def display_name(self) -> str:
-        """`namespace/name`, or `name` for cluster-scoped kinds."""
-        ns = self.metadata.namespace
-        return f"{ns}/{self.metadata.name}" if ns else self.metadata.name
-
 
 def api_version_problem(cls: type[Resource], api_version: str) -> str | None:
     """Why `api_version` is not served for `cls`'s kind, or None if it is."""

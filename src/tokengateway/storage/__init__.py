@@ -4,7 +4,6 @@ their TLS `rediss+` forms (shared by many replicas)."""
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlsplit
 
 from tokengateway.storage.base import (
@@ -16,6 +15,7 @@ from tokengateway.storage.base import (
     StorageError,
 )
 from tokengateway.storage.memory import MemoryStore
+from tokengateway.storage.uri import StorageURIError, hide_password
 
 __all__ = [
     "CheckResult",
@@ -30,30 +30,6 @@ __all__ = [
 ]
 
 SCHEMES = ("memory", "sqlite", *REDIS_SCHEMES)
-
-
-class StorageURIError(ValueError):
-    """A `--storage` URI this build cannot use."""
-
-
-def hide_password(uri: str) -> str:
-    """The URI with any password replaced by `***` (safe for logs and error messages).
-
-    The credentials end at the last `@`, as the Redis URI parser reads them, so a password
-    holding `/`, `?`, `#` or `@` is still hidden whole."""
-    scheme, sep, rest = uri.partition("://")
-    at = rest.rfind("@")
-    if not sep or at == -1:
-        return _hide_options(uri)
-    user, colon, _password = rest[:at].partition(":")
-    # `redis://secret@host` (no colon) is how redis-py spells a bare password: hidden too
-    hidden = f"{user}:***" if colon else "***"
-    return _hide_options(f"{scheme}://{hidden}{rest[at:]}")
-
-
-def _hide_options(uri: str) -> str:
-    """Secrets given as options (`?sentinel_password=...`) hidden too."""
-    return re.sub(r"([?&]sentinel_password=)[^&#]*", r"\1***", uri)
 
 
 def open_store(uri: str) -> CounterStore:

@@ -79,12 +79,6 @@ class CheckResult:
             return 0.0
         return self.states[self.limiting].expires_in
 
-    def most_restrictive(self) -> CounterState | None:
-        """The counter with the least remaining (ties: the one reopening last)."""
-        if not self.states:
-            return None
-        return min(self.states, key=lambda s: (s.remaining, -s.expires_in))
-
 
 class CounterStore(ABC):
     """Counters with fixed windows that open at the first hit and expire `window` later."""

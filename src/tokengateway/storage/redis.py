@@ -38,7 +38,6 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
-from tokengateway.storage import StorageURIError, hide_password
 from tokengateway.storage.base import (
     REDIS_SCHEMES,
     CheckResult,
@@ -47,6 +46,7 @@ from tokengateway.storage.base import (
     CounterStore,
     StorageError,
 )
+from tokengateway.storage.uri import StorageURIError, hide_password
 
 __all__ = ["REDIS_SCHEMES", "RedisStore", "RedisURI", "hide_password", "parse_redis_uri"]
 

@@ -34,9 +34,9 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from tokengateway.storage import StorageURIError
 from tokengateway.storage.base import CheckResult, CounterRef, StorageError
 from tokengateway.storage.memory import MemoryStore
+from tokengateway.storage.uri import StorageURIError
 
 __all__ = ["FLUSH_INTERVAL", "SqliteStore", "parse_sqlite_uri"]
 

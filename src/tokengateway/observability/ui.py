@@ -17,7 +17,7 @@ __all__ = ["page"]
 
 @cache
 def _template() -> str:
-    files = resources.files("tokengateway.gateway")
+    files = resources.files("tokengateway.observability")
     return files.joinpath("static", "usage.html").read_text(encoding="utf-8")
 
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from tokengateway.gateway.backends import plan_backends
-from tokengateway.gateway.config import CompiledConfig, compile_config, needed_services
+from tokengateway.config.backends import plan_backends
+from tokengateway.config.compile import CompiledConfig, compile_config, needed_services
 from tokengateway.resources import Document, load_paths, parse_resources
 from tokengateway.resources.kinds import CLUSTER_SCOPED
 from tokengateway.resources.loader import MANIFEST_EXTENSIONS

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from tokengateway.limits import Counting
 from tokengateway.storage import CheckResult, CounterState
-from tokengateway.tokens import Usage
+from tokengateway.wire.tokens import Usage
 
 __all__ = [
     "LONG_QUOTA",

@@ -11,9 +11,9 @@ from collections.abc import Iterable
 
 import msgspec
 
-from tokengateway.gateway.types import Send
+from tokengateway.http.asgi import Send
 
-__all__ = ["error_body", "send_error", "send_json"]
+__all__ = ["error_body", "http_error_body", "send_error", "send_json"]
 
 _encode = msgspec.json.encode
 
@@ -22,6 +22,13 @@ def error_body(
     message: str, type_: str, code: str | None = None, param: str | None = None
 ) -> bytes:
     return _encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def http_error_body(status: int, message: str, code: str) -> bytes:
+    """The HTTP server's own answers (http/server.py: a bad request, a timeout, too many
+    connections, an app that failed) in the same envelope: `server_error` for its 500,
+    `invalid_request_error` for the others. `make_server` hands it to every server."""
+    return error_body(message, "server_error" if status == 500 else "invalid_request_error", code)
 
 
 async def send_error(

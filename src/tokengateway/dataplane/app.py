@@ -4,7 +4,7 @@
           -> read usage -> report (or commit) tokens -> rate-limit headers, metrics, log
 
 (authenticate/authorize come before the body when the AuthPolicy reads no part of it.) The
-path is the HTTP server's normalised, percent-encoded one (`gateway/target.py`), the same
+path is the HTTP server's normalised, percent-encoded one (`http/target.py`), the same
 for routing, policies, the access log and the request sent upstream.
 
 Each stage is a call into its own module (routing, auth, limits, proxy); this file only
@@ -24,17 +24,13 @@ from typing import Any
 import msgspec
 
 from tokengateway import auth as authlib
-from tokengateway import cel
-from tokengateway.gateway.accesslog import AccessLog, Entry, utc_now_text
-from tokengateway.gateway.body import read_json_body
-from tokengateway.gateway.config import CompiledConfig, RuleTarget
-from tokengateway.gateway.errors import error_body, send_error, send_json
-from tokengateway.gateway.metrics import Metrics
-from tokengateway.gateway.ratelimit_headers import limited_headers, success_headers
-from tokengateway.gateway.types import Receive, RequestAborted, Scope, Send, read_body
-from tokengateway.limits import Applicable, Limiter, StorageUnavailable
-from tokengateway.limits.limiter import MAX_RESERVATION_FRACTION, MAX_RESERVATION_TTL
-from tokengateway.proxy.upstream import (
+from tokengateway.config.compile import CompiledConfig, RuleTarget
+from tokengateway.dataplane.body import read_json_body
+from tokengateway.dataplane.errors import error_body, send_error, send_json
+from tokengateway.dataplane.ratelimit_headers import limited_headers, success_headers
+from tokengateway.expr import cel
+from tokengateway.http.asgi import Receive, RequestAborted, Scope, Send, read_body
+from tokengateway.http.client import (
     HOP_BY_HOP,
     BadTarget,
     Upstream,
@@ -43,9 +39,13 @@ from tokengateway.proxy.upstream import (
     content_decoder,
     decode_content,
 )
-from tokengateway.proxy.usage import SSEStream, ask_for_usage, completion_text_of, usage_from_json
+from tokengateway.limits import Applicable, Limiter, OnError, StorageUnavailable
+from tokengateway.limits.limiter import MAX_RESERVATION_FRACTION, MAX_RESERVATION_TTL
+from tokengateway.observability.accesslog import AccessLog, Entry, utc_now_text
+from tokengateway.observability.metrics import Metrics
 from tokengateway.storage import CheckResult, CounterStore
-from tokengateway.tokens import Usage, estimate_usage
+from tokengateway.wire.tokens import Usage, estimate_usage
+from tokengateway.wire.usage import SSEStream, ask_for_usage, completion_text_of, usage_from_json
 
 __all__ = ["GatewayApp"]
 
@@ -67,7 +67,7 @@ class GatewayApp:
         upstream: Upstream | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         access_log: AccessLog | None = None,
-        on_storage_error: str = "allow",
+        on_storage_error: OnError = "allow",
         reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
     ) -> None:
         self.config = config
@@ -312,7 +312,7 @@ class GatewayApp:
         except RequestAborted as exc:
             # the connection layer answers a timeout with 408; a client that left gets
             # nothing (499, as nginx logs it)
-            entry.status = 408 if "timeout" in str(exc) else 499
+            entry.status = 408 if exc.timed_out else 499
             raise
         if body is None:
             await send_error(

@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from tokengateway.tokens import Usage, text_of
+from tokengateway.wire.tokens import Usage, text_of
 
 __all__ = ["SSEStream", "ask_for_usage", "completion_text_of", "usage_from_json", "usage_of"]
 

@@ -15,7 +15,7 @@ the TCP peer), and it bounds everything a client controls, per connection:
 * **connection cap**: at most `max_connections` open connections per listening socket and
   process; the next one is answered 503 and closed at once, without reading anything.
 * **body timeout**: each wait of the app for the next part of the body is bounded by
-  `body_timeout`: the server answers 408 in OpenAI's envelope, closes the connection, and
+  `body_timeout`: the server answers 408, closes the connection, and
   the app's `receive` raises `RequestAborted`.
 * **early answers**: an answer that starts before the whole request body arrived (413, 404)
   closes the connection after it, instead of reading and dropping the rest of the body for
@@ -37,8 +37,8 @@ the TCP peer), and it bounds everything a client controls, per connection:
   whitespace (llhttp drops the leading); Transfer-Encoding other than `chunked` is refused.
   All are 400 (501 for an unsupported coding) naming what was wrong.
 * **clear answers**: the parser's refusals (request smuggling attempts such as both
-  Content-Length and Transfer-Encoding, bad chunk sizes, CR/LF in a header) are a 400 in
-  OpenAI's error envelope with the parser's reason, like every error this module sends.
+  Content-Length and Transfer-Encoding, bad chunk sizes, CR/LF in a header) are a 400 with
+  the parser's reason.
 * **lingering close**: a connection closed before the client's request was entirely read
   (any of the errors above, an early 413) first sends its answer and a FIN, then reads and
   drops what still comes for up to `LINGER` seconds: closing at once with unread data would
@@ -47,9 +47,14 @@ the TCP peer), and it bounds everything a client controls, per connection:
   the app (and while a pipelined request waits for the answer before it); the app's `send`
   waits while the transport's write buffer is full.
 
-An exception from the app before its answer started is a 500 in OpenAI's envelope (the
-traceback goes to the log only); after it started, the connection is closed. A
-`RequestAborted` from the app ends its request quietly: the client is gone, or has its 408.
+An exception from the app before its answer started is a 500 (the traceback goes to the log
+only); after it started, the connection is closed. A `RequestAborted` from the app ends its
+request quietly: the client is gone, or has its 408.
+
+Every answer the server gives itself (400, 408, 431, 500, 501, 503) is JSON, its body made
+by `Server.error_body` from the status, a message and a short code: `{"error": {"message",
+"code"}}` unless the app's owner gives its own envelope (the gateway gives OpenAI's, so that
+clients read one shape whoever answered). The server knows no API's vocabulary.
 
 The request path is kept lean (the server's CPU per request is part of every refusal's
 cost, see benchmarks/floor.py): one `_Cycle` per request (the app's `receive`, with `send`),
@@ -64,6 +69,7 @@ import contextlib
 import email.utils
 import functools
 import http
+import json
 import logging
 import signal
 import socket
@@ -71,25 +77,27 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import httptools
 
-from tokengateway.gateway.errors import error_body
-from tokengateway.gateway.target import (
+from tokengateway.http.asgi import ASGIApp, Message, RequestAborted, Scope
+from tokengateway.http.target import (
     ALLOWED_METHODS,
     TargetError,
     normalize_path,
     split_target,
     valid_host,
 )
-from tokengateway.gateway.types import ASGIApp, Message, RequestAborted, Scope
 
 __all__ = [
     "ConnectionLimits",
+    "ErrorBody",
     "HttpProtocol",
     "Server",
+    "plain_error_body",
     "raise_open_file_limit",
 ]
 
@@ -147,9 +155,19 @@ class ConnectionLimits:
     max_header_bytes: int = 32 * 1024
 
 
-def _response(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:
-    """A complete answer in OpenAI's error envelope that closes the connection."""
-    body = error_body(message, type_, code)
+#: the body of an answer the server gives itself: (status, message, code) -> JSON bytes
+ErrorBody = Callable[[int, str, str], bytes]
+
+
+def plain_error_body(status: int, message: str, code: str) -> bytes:
+    """`{"error": {"message": ..., "code": ...}}`: the server's own answers when its owner gives
+    no envelope of its own."""
+    return json.dumps({"error": {"message": message, "code": code}}).encode()
+
+
+def _response(error_body: ErrorBody, status: int, message: str, code: str) -> bytes:
+    """A complete JSON answer, its body made by `error_body`, that closes the connection."""
+    body = error_body(status, message, code)
     head = (
         f"HTTP/1.1 {status} {_reason(status)}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -271,7 +289,7 @@ class _Cycle:
         while True:
             if self.disconnected or self.complete:
                 if self.timed_out:
-                    raise RequestAborted("request body timeout")
+                    raise RequestAborted("request body timeout", timed_out=True)
                 return {"type": "http.disconnect"}
             chunks = self.chunks
             if chunks is not None:
@@ -325,6 +343,7 @@ class _Cycle:
             timeout = conn.limits.body_timeout
             conn.transport.write(  # type: ignore[union-attr]
                 _response(
+                    conn.server.error_body,
                     408,
                     f"no part of the request body arrived for {timeout:g}s",
                     "request_timeout",
@@ -595,6 +614,7 @@ class HttpProtocol(asyncio.Protocol):
         self.broken = True
         transport.write(
             _response(
+                self.server.error_body,
                 503,
                 f"too many connections to this gateway ({count}); retry later",
                 "too_many_connections",
@@ -667,7 +687,9 @@ class HttpProtocol(asyncio.Protocol):
             active.wake()
             self.active = None
         self.broken = True
-        self.transport.write(_response(status, message, code))  # type: ignore[union-attr]
+        self.transport.write(  # type: ignore[union-attr]
+            _response(self.server.error_body, status, message, code)
+        )
         self.close()
 
     def shutdown(self) -> None:
@@ -954,7 +976,7 @@ class HttpProtocol(asyncio.Protocol):
         cycle.started = cycle.complete = True
         if self.writable():
             self.transport.write(  # type: ignore[union-attr]
-                _response(500, "internal gateway error", "internal_error", "server_error")
+                _response(self.server.error_body, 500, "internal gateway error", "internal_error")
             )
         self.cycle_ended(cycle, close=True)
 
@@ -1181,9 +1203,16 @@ class Server:
     thread SIGINT and SIGTERM set `should_exit` while `serve` runs (a second one cuts the
     wait short); the previous handlers are put back when it returns."""
 
-    def __init__(self, app: ASGIApp, limits: ConnectionLimits | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: ConnectionLimits | None = None,
+        error_body: ErrorBody = plain_error_body,
+    ) -> None:
         self.app = app
         self.limits = limits or ConnectionLimits()
+        #: the body of every answer the server gives itself (see the module's docstring)
+        self.error_body = error_body
         self.started = False
         self.should_exit = False
         self.force_exit = False

@@ -13,8 +13,8 @@ from typing import IO, Any
 
 import msgspec
 
-from tokengateway.gateway.types import Message, Send
-from tokengateway.tokens import Usage
+from tokengateway.http.asgi import Message, Send
+from tokengateway.wire.tokens import Usage
 
 __all__ = ["AccessLog", "Entry", "utc_now_text"]
 

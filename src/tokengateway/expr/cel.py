@@ -20,7 +20,7 @@ import msgspec
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_strings
 
-from tokengateway.kept import keep
+from tokengateway.expr.kept import keep
 
 __all__ = [
     "MISSING",

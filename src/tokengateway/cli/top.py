@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tokengateway.kubectl import (
+from tokengateway.cli.kubectl import (
     AdminClient,
     AdminError,
     AdminUnreachableError,

@@ -18,12 +18,12 @@ from urllib.parse import parse_qs, unquote
 
 import msgspec
 
-from tokengateway.gateway import ui
-from tokengateway.gateway.config import ConfigError
-from tokengateway.gateway.control import ControlPlane, NotFoundError
-from tokengateway.gateway.metrics import Snapshot, process_snapshot, render_snapshot
-from tokengateway.gateway.types import Receive, Scope, Send, read_body
+from tokengateway.config.compile import ConfigError
+from tokengateway.controlplane.control import ControlPlane, NotFoundError
+from tokengateway.http.asgi import Receive, Scope, Send, read_body
 from tokengateway.limits import Limit, Rate, parse_counter_key
+from tokengateway.observability import ui
+from tokengateway.observability.metrics import Snapshot, process_snapshot, render_snapshot
 from tokengateway.resources import ManifestError
 from tokengateway.resources.kinds import CLUSTER_SCOPED, UnknownKindError, resolve_kind
 from tokengateway.storage import StorageError
@@ -85,13 +85,13 @@ class AdminApp:
             payload = {"error": {"message": "internal error; see the gateway's log", "details": []}}
         await _send(send, status, msgspec.json.encode(payload), b"application/json")
 
-    #: set by server.py: the metrics of every worker process, summed (metrics.merge); without
+    #: set by runtime/serve.py: the metrics of every worker process, summed (metrics.merge); without
     #: it, /metrics shows this process's own
     metrics_snapshot: Callable[[], Awaitable[Snapshot]] | None = None
 
     async def _metrics(self) -> str:
-        """Prometheus text: the data path's metrics (gateway/metrics.py) and the store's,
-        over every worker with `serve --workers N` (bounded wait: see workers.py)."""
+        """Prometheus text: the data path's metrics (observability/metrics.py) and the store's,
+        over every worker with `serve --workers N` (bounded wait: see runtime/workers.py)."""
         if self.metrics_snapshot is not None:
             snapshot = await self.metrics_snapshot()
         else:

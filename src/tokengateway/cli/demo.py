@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tokengateway.gateway.server import bind_socket, parse_listen
+from tokengateway.runtime.serve import bind_socket, parse_listen
 
 HOST = "trlp-tutorial.example.com"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

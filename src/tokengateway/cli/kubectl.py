@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import click
 import yaml
 
-from tokengateway.jsonpath import JSONPathError, Template, compile_template
+from tokengateway.cli.jsonpath import JSONPathError, Template, compile_template
 from tokengateway.resources import ManifestError, load_paths
 from tokengateway.resources.kinds import CLUSTER_SCOPED, UnknownKindError, resolve_kind
 

@@ -2,7 +2,7 @@
 
 The process `serve` starts, the *leader*, is the single-process gateway unchanged: control
 plane, watched files, admin API, simulators, and it serves gateway traffic too. It starts
-N-1 *followers* (`python -m tokengateway.gateway.workers`) and hands each, by file
+N-1 *followers* (`python -m tokengateway.runtime.workers`) and hands each, by file
 descriptor:
 
 * the bound listen socket: every process accepts on it and the kernel gives each new
@@ -28,10 +28,10 @@ write to it. Each message is a dict with a `type`:
 A reply names what it answers (a generation, a request id), so a publish and a scrape in
 flight at once cannot take each other's answers, and an answer that comes too late is
 dropped. `/metrics` on the leader (`WorkerPool.snapshots`) asks every serving follower for
-a snapshot of its metrics (metrics.py); the follower takes it on its event loop (a copy of
-a few dicts) and its writer thread sends it, so its requests never wait. The leader waits
-`METRICS_TIMEOUT` at most and sums what came; the followers that did not answer are
-counted in `tokengateway_workers_unreported`.
+a snapshot of its metrics (observability/metrics.py); the follower takes it on its event
+loop (a copy of a few dicts) and its writer thread sends it, so its requests never wait. The
+leader waits `METRICS_TIMEOUT` at most and sums what came; the followers that did not answer
+are counted in `tokengateway_workers_unreported`.
 
 Followers have no control plane, admin API, file watcher nor simulators; they run the
 limiter's replay loop. Their counters are shared through the store, so only stores that
@@ -63,20 +63,20 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tokengateway.gateway.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS
-from tokengateway.gateway.config import CompiledConfig, compile_config
-from tokengateway.gateway.connections import ConnectionLimits
-from tokengateway.gateway.metrics import Snapshot, process_snapshot
-from tokengateway.gateway.server import (
-    _die_with_parent,
-    _raise_stop,
-    _run_loop,
-    _Stop,
+from tokengateway.config.compile import CompiledConfig, compile_config
+from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS
+from tokengateway.http.client import UpstreamLimits
+from tokengateway.http.server import ConnectionLimits
+from tokengateway.observability.metrics import Snapshot, process_snapshot
+from tokengateway.resources import Document, parse_resources
+from tokengateway.runtime.process import (
+    Stop,
+    die_with_parent,
     gateway_app,
     make_server,
+    raise_stop,
+    run_loop,
 )
-from tokengateway.proxy.upstream import UpstreamLimits
-from tokengateway.resources import Document, parse_resources
 from tokengateway.storage import SCHEMES, open_store
 
 __all__ = ["SHARED_SCHEMES", "WorkerPool", "storage_problem"]
@@ -287,14 +287,14 @@ class WorkerPool:
         assert self._sock is not None
         ours, theirs = socket.socketpair()
         listen_fd = self._sock.fileno()
-        cmd = [sys.executable, "-m", "tokengateway.gateway.workers"]
+        cmd = [sys.executable, "-m", "tokengateway.runtime.workers"]
         cmd += [str(listen_fd), str(theirs.fileno()), f"{number}/{self.followers + 1}"]
         try:
             proc = subprocess.Popen(
                 cmd,
                 pass_fds=(listen_fd, theirs.fileno()),
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except BaseException:
             ours.close()
@@ -433,7 +433,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
     """Serve gateway traffic on the inherited socket with the configurations the leader
     sends, until SIGTERM/SIGINT or the leader's end; the exit code."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _raise_stop)
+        signal.signal(sig, raise_stop)
     channel = socket.socket(fileno=channel_fd)
     failed: list[str] = []
     try:
@@ -522,8 +522,8 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
                 replayer.cancel()
                 outbox.put(None)
 
-        _run_loop(main())
-    except _Stop:
+        run_loop(main())
+    except Stop:
         pass
     except Exception as exc:
         print(f"error: worker {name}: {exc}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokengateway.proxy.upstream import Origin
+from tokengateway.http.client import Origin
 
 __all__ = [
     "BACKEND_ANNOTATION",

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tokengateway import __version__
-from tokengateway.kubectl import register as register_resource_commands
-from tokengateway.top import register as register_top_command
+from tokengateway.cli.kubectl import register as register_resource_commands
+from tokengateway.cli.top import register as register_top_command
 
 if TYPE_CHECKING:  # imported lazily at run time: the commands start faster
-    from tokengateway.gateway.config import CompiledConfig
-    from tokengateway.gateway.server import LoadedConfig
+    from tokengateway.config.compile import CompiledConfig
+    from tokengateway.limits import OnError
+    from tokengateway.runtime.serve import LoadedConfig
 
-TUTORIAL_DIR = Path(__file__).parent / "tutorial"
+TUTORIAL_DIR = Path(__file__).parent.parent / "tutorial"
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN = "127.0.0.1:9090"
 
@@ -40,8 +41,8 @@ def main() -> None:
 
 
 def _load(paths: Sequence[str], backends: Sequence[str]) -> LoadedConfig:
-    from tokengateway.gateway.backends import parse_backend_overrides
-    from tokengateway.gateway.server import load
+    from tokengateway.config.backends import parse_backend_overrides
+    from tokengateway.runtime.serve import load
 
     try:
         overrides = parse_backend_overrides(backends)
@@ -235,7 +236,7 @@ def serve(
     admin_token: str | None,
     state_dir: Path | None,
     storage: str,
-    on_storage_error: str,
+    on_storage_error: OnError,  # click.Choice: allow or deny
     backends: tuple[str, ...],
     access_log: bool,
     workers: int,
@@ -253,11 +254,11 @@ def serve(
     admin_fd: int | None,
 ) -> None:
     """Serve the gateway described by the manifests (and by what `apply` adds later)."""
-    from tokengateway.gateway.backends import parse_backend_overrides
-    from tokengateway.gateway.config import ConfigError
-    from tokengateway.gateway.connections import ConnectionLimits
-    from tokengateway.gateway.server import ServeOptions, parse_listen, serve_gateway
-    from tokengateway.proxy.upstream import UpstreamLimits
+    from tokengateway.config.backends import parse_backend_overrides
+    from tokengateway.config.compile import ConfigError
+    from tokengateway.http.client import UpstreamLimits
+    from tokengateway.http.server import ConnectionLimits
+    from tokengateway.runtime.serve import ServeOptions, parse_listen, serve_gateway
     from tokengateway.storage import StorageURIError, open_store
 
     try:
@@ -268,7 +269,7 @@ def serve(
     except (ValueError, StorageURIError) as exc:
         _fail(str(exc))
     if workers > 1:
-        from tokengateway.gateway.workers import storage_problem
+        from tokengateway.runtime.workers import storage_problem
 
         problem = storage_problem(storage, workers)
         if problem is not None:
@@ -359,7 +360,7 @@ def _banner(config: CompiledConfig, host: str, port: int) -> str:
 @_backend
 def validate(paths: tuple[str, ...], backends: tuple[str, ...]) -> None:
     """Check manifests the way `serve` would, without serving; exit 1 with the errors."""
-    from tokengateway.gateway.config import ConfigError, compile_config
+    from tokengateway.config.compile import ConfigError, compile_config
 
     loaded = _load(paths, backends)
     placeholder = {k: p.url or "http://127.0.0.1:1" for k, p in loaded.plans.items()}
@@ -414,7 +415,7 @@ def sim(ctx: click.Context, fd: int | None) -> None:
 )
 def demo(listen: str) -> None:
     """Replay the tutorial's Step 7 against a gateway started on the tutorial's manifests."""
-    from tokengateway.demo import run_demo
+    from tokengateway.cli.demo import run_demo
 
     sys.exit(run_demo(str(TUTORIAL_DIR), listen))
 

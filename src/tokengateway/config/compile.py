@@ -44,18 +44,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokengateway import auth as authlib
-from tokengateway import cel
-from tokengateway.gateway import status as st
-from tokengateway.gateway.backends import BackendPlan
-from tokengateway.gateway.routing import (
+from tokengateway.config import status as st
+from tokengateway.config.backends import BackendPlan
+from tokengateway.config.routing import (
     HeaderMatch,
     PathMatch,
     RouteMatch,
     Router,
     intersect_hostnames,
 )
+from tokengateway.expr import cel
+from tokengateway.http.client import DEFAULT_TIMEOUTS, Origin, Timeouts
 from tokengateway.limits import Limit, LimitCompileError, compile_limits, parse_window
-from tokengateway.proxy.upstream import DEFAULT_TIMEOUTS, Origin, Timeouts
+from tokengateway.resources.kuadrant import Mode, Strategy
 
 __all__ = [
     "AUTH_WHEN",
@@ -257,20 +258,24 @@ class _Policy:
     res: Any
     kind: str
     key: str  # "namespace/name"
-    mode: str  # defaults | overrides
-    strategy: str  # atomic | merge
+    mode: Mode
+    strategy: Strategy
     rules: dict[str, PolicyRule]
     target: tuple[str, str, str | None]  # (kind, "namespace/name", sectionName)
     facts: st.PolicyFacts
 
 
-def _proper(spec: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
+_MODES: tuple[Mode, ...] = ("defaults", "overrides")
+
+
+def _proper(spec: Mapping[str, Any]) -> tuple[Mode, Strategy, dict[str, Any]]:
     """(mode, strategy, body) as Kuadrant's `Proper()`: explicit defaults or overrides, or
-    the spec itself (implicit, atomic defaults)."""
-    for mode in ("defaults", "overrides"):
+    the spec itself (implicit, atomic defaults). The models allow only atomic and merge."""
+    for mode in _MODES:
         if spec.get(mode) is not None:
             body = dict(spec[mode] or {})
-            return mode, str(body.get("strategy") or "atomic"), body
+            strategy: Strategy = "merge" if body.get("strategy") == "merge" else "atomic"
+            return mode, strategy, body
     return "defaults", "atomic", dict(spec)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import signal
 import socket
@@ -15,23 +14,28 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-from tokengateway.gateway.accesslog import AccessLog
-from tokengateway.gateway.admin import AdminApp
-from tokengateway.gateway.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
-from tokengateway.gateway.backends import BackendPlan, plan_backends
-from tokengateway.gateway.config import CompiledConfig, needed_services
-from tokengateway.gateway.connections import ConnectionLimits, Server, raise_open_file_limit
-from tokengateway.gateway.control import ControlPlane
-from tokengateway.gateway.metrics import Snapshot, merge, process_snapshot
-from tokengateway.limits import counter_scope
-from tokengateway.proxy.upstream import DEFAULT_LIMITS, Upstream, UpstreamLimits
+from tokengateway.config.backends import BackendPlan, plan_backends
+from tokengateway.config.compile import CompiledConfig, needed_services
+from tokengateway.controlplane.admin import AdminApp
+from tokengateway.controlplane.control import ControlPlane
+from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
+from tokengateway.http.client import DEFAULT_LIMITS, UpstreamLimits
+from tokengateway.http.server import ConnectionLimits
+from tokengateway.limits import OnError, counter_scope
+from tokengateway.observability.metrics import Snapshot, merge, process_snapshot
 from tokengateway.resources import load_paths, parse_resources
-from tokengateway.storage import CounterStore, open_store
-
-if TYPE_CHECKING:
-    from tokengateway.gateway.workers import WorkerPool
+from tokengateway.runtime.process import (
+    Stop,
+    die_with_parent,
+    gateway_app,
+    make_server,
+    raise_stop,
+    run_loop,
+)
+from tokengateway.runtime.workers import WorkerPool
+from tokengateway.storage import open_store
 
 __all__ = [
     "LoadedConfig",
@@ -39,7 +43,6 @@ __all__ = [
     "Simulators",
     "bind_socket",
     "load",
-    "make_server",
     "metrics_source",
     "parse_listen",
     "serve_gateway",
@@ -131,7 +134,7 @@ class Simulators:
             *plan.sim_args,
         ]
         proc = subprocess.Popen(
-            cmd, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            cmd, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
         sock.close()
         return proc, f"http://127.0.0.1:{port}"
@@ -172,33 +175,6 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, deadline: float) -> str
         time.sleep(0.05)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the gateway dies, even by SIGKILL (Linux only)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class _Stop(Exception):
-    """Raised by our signal handlers so that `finally` blocks (simulators) run."""
-
-
-def _raise_stop(signum: int, frame: Any) -> None:
-    raise _Stop(signum)
-
-
-def _run_loop(coro: Any) -> None:
-    """uvloop when present: on the default loop every response waited ~40 ms for a delayed
-    ACK (measured: 44 ms vs 0.3 ms per request on loopback)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
-
-
 @dataclass
 class ServeOptions:
     paths: list[str]
@@ -210,14 +186,14 @@ class ServeOptions:
     state_dir: Path | None = None
     access_log: bool = True
     watch_interval: float = 1.0
-    on_storage_error: str = "allow"
-    #: processes serving the listen socket; more than 1 needs a shared store (workers.py)
+    on_storage_error: OnError = "allow"
+    #: processes serving the listen socket; more than 1 needs a shared store (runtime/workers.py)
     workers: int = 1
     #: request bodies over this many bytes are answered 413
     max_body_size: int = DEFAULT_MAX_BODY
     #: the largest hold of a reservation (fraction of a counter's limit) and its longest life
     reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS
-    #: timeouts and caps at the connection level (connections.py)
+    #: timeouts and caps at the connection level (http/server.py)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: what the upstream client holds: connections per backend, keep-alive, answer size
     upstream: UpstreamLimits = DEFAULT_LIMITS
@@ -237,28 +213,6 @@ class _Dispatch:
         if scope["type"] == "http" and server is not None and server[1] == self.admin_port:
             return self.admin(scope, receive, send)
         return self.gateway(scope, receive, send)
-
-
-def gateway_app(
-    config: CompiledConfig,
-    store: CounterStore,
-    access_log: bool,
-    on_storage_error: str,
-    max_body_bytes: int = DEFAULT_MAX_BODY,
-    reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
-    upstream: UpstreamLimits = DEFAULT_LIMITS,
-) -> GatewayApp:
-    """The data path, as every gateway process builds it (the leader and `--workers`
-    followers)."""
-    return GatewayApp(
-        config,
-        store,
-        upstream=Upstream(**dataclasses.asdict(upstream)),
-        max_body_bytes=max_body_bytes,
-        access_log=AccessLog() if access_log else None,
-        on_storage_error=on_storage_error,
-        reservation_clamps=reservation_clamps,
-    )
 
 
 def metrics_source(app: GatewayApp, pool: WorkerPool | None) -> Callable[[], Awaitable[Snapshot]]:
@@ -283,15 +237,6 @@ def metrics_source(app: GatewayApp, pool: WorkerPool | None) -> Callable[[], Awa
     return every
 
 
-def make_server(app: Any, limits: ConnectionLimits | None = None) -> Server:
-    """How every gateway process serves (the leader and `--workers` followers): our HTTP
-    server (connections.py), which bounds what each client holds. Also raises the process's
-    open-file limit to fit `limits.max_connections`."""
-    limits = limits or ConnectionLimits()
-    raise_open_file_limit(limits.max_connections)
-    return Server(app, limits)
-
-
 def serve_gateway(
     options: ServeOptions,
     stdin: TextIO | None = None,
@@ -302,14 +247,12 @@ def serve_gateway(
 
     With `options.workers` > 1 this process is the leader of `workers.WorkerPool`: all of
     the above, plus followers that serve the same socket with every configuration it
-    publishes (see workers.py)."""
+    publishes (see runtime/workers.py)."""
     sims = Simulators()
     store = open_store(options.storage)
     holder: dict[str, Any] = {}
     pool = None
     if options.workers > 1:
-        from tokengateway.gateway.workers import WorkerPool
-
         settings = {
             "storage": options.storage,
             "on_storage_error": options.on_storage_error,
@@ -396,12 +339,12 @@ def serve_gateway(
 
         # While it serves, the server turns SIGINT/SIGTERM into a graceful stop, and puts
         # these handlers back when it returns. Before and after (loading, stopping), a signal
-        # raises _Stop here, so that the `finally` below still stops the simulators and
+        # raises Stop here, so that the `finally` below still stops the simulators and
         # workers: the default handlers would kill us first.
-        previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            _run_loop(main())
-        except _Stop:
+            run_loop(main())
+        except Stop:
             pass
         finally:
             for sig, handler in previous.items():

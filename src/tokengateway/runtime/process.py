@@ -1,0 +1,88 @@
+"""What every gateway process does the same way, the leader (`serve.py`) and its `--workers`
+followers (`workers.py`): build the data path, serve it, run the event loop, stop on a
+signal, die with its parent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+from typing import Any
+
+from tokengateway.config.compile import CompiledConfig
+from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
+from tokengateway.dataplane.errors import http_error_body
+from tokengateway.http.client import DEFAULT_LIMITS, Upstream, UpstreamLimits
+from tokengateway.http.server import ConnectionLimits, Server, raise_open_file_limit
+from tokengateway.limits import OnError
+from tokengateway.observability.accesslog import AccessLog
+from tokengateway.storage import CounterStore
+
+__all__ = [
+    "Stop",
+    "die_with_parent",
+    "gateway_app",
+    "make_server",
+    "raise_stop",
+    "run_loop",
+]
+
+
+def die_with_parent() -> None:
+    """In the child: get SIGTERM when the gateway dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Stop(Exception):
+    """Raised by our signal handlers so that `finally` blocks (simulators) run."""
+
+
+def raise_stop(signum: int, frame: Any) -> None:
+    raise Stop(signum)
+
+
+def run_loop(coro: Any) -> None:
+    """uvloop when present: on the default loop every response waited ~40 ms for a delayed
+    ACK (measured: 44 ms vs 0.3 ms per request on loopback)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def gateway_app(
+    config: CompiledConfig,
+    store: CounterStore,
+    access_log: bool,
+    on_storage_error: OnError,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
+    upstream: UpstreamLimits = DEFAULT_LIMITS,
+) -> GatewayApp:
+    """The data path, as every gateway process builds it (the leader and `--workers`
+    followers)."""
+    return GatewayApp(
+        config,
+        store,
+        upstream=Upstream(**dataclasses.asdict(upstream)),
+        max_body_bytes=max_body_bytes,
+        access_log=AccessLog() if access_log else None,
+        on_storage_error=on_storage_error,
+        reservation_clamps=reservation_clamps,
+    )
+
+
+def make_server(app: Any, limits: ConnectionLimits | None = None) -> Server:
+    """How every gateway process serves (the leader and `--workers` followers): our HTTP
+    server (http/server.py), which bounds what each client holds, its own answers in OpenAI's
+    error envelope. Also raises the process's open-file limit to fit
+    `limits.max_connections`."""
+    limits = limits or ConnectionLimits()
+    raise_open_file_limit(limits.max_connections)
+    return Server(app, limits, error_body=http_error_body)
