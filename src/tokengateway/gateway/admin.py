@@ -23,6 +23,7 @@ from tokengateway.gateway.config import ConfigError
 from tokengateway.gateway.control import ControlPlane, NotFoundError
 from tokengateway.gateway.metrics import Snapshot, process_snapshot, render_snapshot
 from tokengateway.gateway.types import Receive, Scope, Send, read_body
+from tokengateway.kubeapi import KubeAPI, claims
 from tokengateway.limits import Limit, Rate, parse_counter_key
 from tokengateway.resources import ManifestError
 from tokengateway.resources.kinds import CLUSTER_SCOPED, UnknownKindError, resolve_kind
@@ -61,12 +62,16 @@ class AdminApp:
         self.control = control
         self.gateway = gateway  # the GatewayApp: its live config and counter store
         self.token = token
+        self.kube = KubeAPI(control)  # the Kubernetes API paths: kubeapi/
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         try:
             self._authorize(scope)
+            if claims(scope["path"]):
+                await self.kube(scope, receive, send)
+                return
             if scope["path"] == "/metrics" and scope["method"] == "GET":
                 text = await self._metrics()
                 await _send(send, 200, text.encode(), b"text/plain; version=0.0.4")
