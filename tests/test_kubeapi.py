@@ -200,46 +200,46 @@ def test_apply_secrets_with_strategic_patches(start_gateway, kubectl, tmp_path) 
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": "another-free-user",
+            "name": "another-user",
             "namespace": "kuadrant-system",
             "labels": {"app": "my-llm"},
             "annotations": {
-                "kuadrant.io/groups": "free",
+                "kuadrant.io/groups": "gold",  # 200 tokens a minute: room for two requests
                 "secret.kuadrant.io/user-id": "user-3",
             },
         },
-        "stringData": {"api_key": "another-free-key"},
+        "stringData": {"api_key": "another-key"},
         "type": "Opaque",
     }
-    assert spend(gw, "another-free-key", 1) == [401]
+    assert spend(gw, "another-key", 1) == [401]
     out = ok(k("apply", "-f", "-", stdin=yaml.safe_dump(secret)))
-    assert out == "secret/another-free-user created\n"
-    assert spend(gw, "another-free-key", 1) == [200]
+    assert out == "secret/another-user created\n"
+    assert spend(gw, "another-key", 1) == [200]
     listed = ok(k("get", "secrets", "-n", "kuadrant-system", "-l", "app=my-llm", "-o", "name"))
     assert listed.split() == [
-        "secret/another-free-user",
+        "secret/another-user",
         "secret/trlp-tutorial-api-key-free-user-1",
         "secret/trlp-tutorial-api-key-gold-user-1",
     ]
     secret["stringData"] = {"api_key": "a-new-key"}  # a rotated key: a strategic merge patch
     assert ok(k("apply", "-f", "-", stdin=yaml.safe_dump(secret))) == (
-        "secret/another-free-user configured\n"
+        "secret/another-user configured\n"
     )
-    assert spend(gw, "another-free-key", 1) == [401]
+    assert spend(gw, "another-key", 1) == [401]
     assert spend(gw, "a-new-key", 1) == [200]
     del secret["metadata"]["labels"]  # no longer selected by the AuthPolicy
     assert ok(k("apply", "-f", "-", stdin=yaml.safe_dump(secret))) == (
-        "secret/another-free-user configured\n"
+        "secret/another-user configured\n"
     )
     shown = json.loads(
-        ok(k("get", "secret", "another-free-user", "-n", "kuadrant-system", "-o", "json"))
+        ok(k("get", "secret", "another-user", "-n", "kuadrant-system", "-o", "json"))
     )
     assert "labels" not in shown["metadata"]  # removed from the file, so from the object
     assert spend(gw, "a-new-key", 1) == [401]
-    assert ok(k("delete", "secret", "-n", "kuadrant-system", "another-free-user")) == (
-        'secret "another-free-user" deleted\n'
+    assert ok(k("delete", "secret", "-n", "kuadrant-system", "another-user")) == (
+        'secret "another-user" deleted\n'
     )
-    gone = k("get", "secret", "another-free-user", "-n", "kuadrant-system")
+    gone = k("get", "secret", "another-user", "-n", "kuadrant-system")
     assert gone.returncode == 1 and "(NotFound)" in gone.stderr
 
 
