@@ -154,6 +154,11 @@ def test_get_tables_yaml_json_and_jsonpath(start_gateway, kubectl) -> None:
         "127.0.0.1"
     )
 
+    met = k("wait", "--for=condition=Enforced", f"trlp/{POLICY}", "-n", "gateway-system")
+    assert ok(met) == f"tokenratelimitpolicy.kuadrant.io/{POLICY} condition met\n"
+    watched = k("get", "trlp", "-A", "-w")  # not served yet: said so, never a hang
+    assert watched.returncode == 1 and "watch is not served by tokengateway yet" in watched.stderr
+
     missing = k("get", "trlp", "nope", "-n", "gateway-system")
     assert missing.returncode == 1
     assert missing.stderr.strip() == (

@@ -164,6 +164,12 @@ class KubeAPI:
 
     async def _resource(self, request: Request, t: _Target) -> tuple[int, Any]:
         method = request.method
+        if request.query.get("watch") in ("true", "1"):
+            raise KubeError(
+                405,
+                "watch is not served by tokengateway yet (kubectl get -w, and kubectl wait "
+                "for a condition that is not met already)",
+            )
         if method == "GET" and not t.name:
             return 200, self._list(request, t)
         if not t.name and method != "POST":
