@@ -266,6 +266,29 @@ def test_invalid_apply_is_refused_and_nothing_changes(start_gateway, kubectl, tm
     assert spend(gw)[-1] == 429  # the tutorial's limit is still enforced
 
 
+def test_create_namespace_sent_as_protobuf(start_gateway, kubectl) -> None:
+    k = kubectl(start_gateway(TUTORIAL))
+    assert ok(k("create", "ns", "team-a")) == "namespace/team-a created\n"
+    again = k("create", "ns", "team-a")
+    assert (
+        again.stderr.strip()
+        == 'Error from server (AlreadyExists): namespaces "team-a" already exists'
+    )
+    shown = yaml.safe_load(ok(k("get", "ns", "team-a", "-o", "yaml")))
+    assert shown["metadata"]["name"] == "team-a" and "namespace" not in shown["metadata"]
+    assert [line.split()[0] for line in ok(k("get", "ns")).splitlines()] == [
+        "NAME",
+        "gateway-system",
+        "team-a",
+    ]
+    dry = k("create", "ns", "team-b", "--dry-run=server")
+    assert dry.returncode == 1 and "dry runs are not served" in dry.stderr
+    refused = k("create", "secret", "generic", "s", "-n", "team-a", "--from-literal=a=b")
+    assert refused.returncode == 1 and "send JSON" in refused.stderr  # only metadata is read
+    assert ok(k("delete", "ns", "team-a")) == 'namespace "team-a" deleted\n'
+    assert "team-a" not in ok(k("get", "ns"))
+
+
 def test_old_admin_routes_and_kubernetes_paths_side_by_side(start_gateway) -> None:
     gw = start_gateway(TUTORIAL)
     with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:

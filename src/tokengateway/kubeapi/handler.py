@@ -21,7 +21,7 @@ from tokengateway.gateway.control import ControlPlane, NotFoundError
 from tokengateway.gateway.types import Receive, Scope, Send, read_body
 from tokengateway.resources import ManifestError
 
-from . import discovery, openapi
+from . import discovery, openapi, protobuf
 from .discovery import KubeKind
 from .objects import ResourceVersions, writable
 from .patch import PatchError, merge_patch, strategic_merge_patch
@@ -170,6 +170,8 @@ class KubeAPI:
                 "watch is not served by tokengateway yet (kubectl get -w, and kubectl wait "
                 "for a condition that is not met already)",
             )
+        if request.query.get("dryRun") and method != "GET":
+            raise KubeError(400, "dry runs are not served by tokengateway yet; nothing was changed")
         if method == "GET" and not t.name:
             return 200, self._list(request, t)
         if not t.name and method != "POST":
@@ -233,10 +235,13 @@ class KubeAPI:
     # --- writes ----------------------------------------------------------------------------
 
     def _body_object(self, request: Request, t: _Target) -> dict[str, Any]:
-        if "protobuf" in request.content_type:
-            raise KubeError(415, "protobuf bodies are not supported; send JSON")
         try:
-            obj = json.loads(request.body or b"null")
+            if "protobuf" in request.content_type:
+                obj = protobuf.decode(request.body)
+            else:
+                obj = json.loads(request.body or b"null")
+        except protobuf.ProtobufError as exc:
+            raise KubeError(415, f"this protobuf body cannot be read ({exc}); send JSON") from None
         except ValueError as exc:
             raise KubeError(400, f"the body is not JSON: {exc}") from None
         if not isinstance(obj, dict):
@@ -260,6 +265,8 @@ class KubeAPI:
                     "on the request",
                 )
             meta["namespace"] = t.namespace
+        else:
+            meta.pop("namespace", None)
         if t.name and meta.get("name", t.name) != t.name:
             raise KubeError(400, "the name of the object does not match the name on the URL")
         if t.name:
