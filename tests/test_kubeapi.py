@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,16 @@ def kubectl(tmp_path: Path) -> Callable[[Gateway], Kubectl]:
                 check=False,
             )
 
+        def popen(*args: str) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                [KUBECTL, "--cache-dir", str(tmp_path / "kube-cache"), *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+
+        run.popen = popen  # type: ignore[attr-defined]
         return run
 
     return bind
@@ -156,8 +167,6 @@ def test_get_tables_yaml_json_and_jsonpath(start_gateway, kubectl) -> None:
 
     met = k("wait", "--for=condition=Enforced", f"trlp/{POLICY}", "-n", "gateway-system")
     assert ok(met) == f"tokenratelimitpolicy.kuadrant.io/{POLICY} condition met\n"
-    watched = k("get", "trlp", "-A", "-w")  # not served yet: said so, never a hang
-    assert watched.returncode == 1 and "watch is not served by tokengateway yet" in watched.stderr
 
     missing = k("get", "trlp", "nope", "-n", "gateway-system")
     assert missing.returncode == 1
@@ -264,6 +273,68 @@ def test_invalid_apply_is_refused_and_nothing_changes(start_gateway, kubectl, tm
     shown = yaml.safe_load(ok(k("get", "trlp", POLICY, "-n", "gateway-system", "-o", "yaml")))
     assert shown["metadata"]["generation"] == 1
     assert spend(gw)[-1] == 429  # the tutorial's limit is still enforced
+
+
+def test_watch_and_wait_follow_changes(start_gateway, kubectl, tmp_path) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    watch = k.popen("get", "trlp", "-A", "-w", "--output-watch-events")
+    waiting = k.popen(
+        "wait", "--for=condition=Accepted=false", f"trlp/{POLICY}", "-n", "gateway-system"
+    )
+    try:
+        assert watch.stdout.readline().split()[:3] == ["EVENT", "NAMESPACE", "NAME"]
+        assert watch.stdout.readline().split()[:5] == [
+            "ADDED",
+            "gateway-system",
+            POLICY,
+            "True",
+            "True",
+        ]
+        lowered = tmp_path / "lowered.yaml"
+        lowered.write_text(policy_with(("limit: 50 ", "limit: 1 ")))
+        ok(k("apply", "-f", str(lowered)))
+        assert watch.stdout.readline().split()[:3] == ["MODIFIED", "gateway-system", POLICY]
+        # its target gone, the policy is no longer accepted: the status changes, and so
+        # does what the watch and the wait see
+        ok(k("delete", "gtw", "trlp-tutorial-gateway", "-n", "gateway-system"))
+        assert watch.stdout.readline().split()[:5] == [
+            "MODIFIED",
+            "gateway-system",
+            POLICY,
+            "False",
+            "<none>",  # as Kuadrant: no Enforced condition on a policy not accepted
+        ]
+        out, err = waiting.communicate(timeout=30)
+        assert out == f"tokenratelimitpolicy.kuadrant.io/{POLICY} condition met\n", err
+        assert spend(gw, n=3) == [404] * 3  # no Gateway, no route
+        ok(k("delete", "trlp", POLICY, "-n", "gateway-system"))
+        assert watch.stdout.readline().split()[:3] == ["DELETED", "gateway-system", POLICY]
+    finally:
+        for proc in (watch, waiting):
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_watch_ends_at_its_timeout(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    path = "/apis/kuadrant.io/v1alpha1/namespaces/gateway-system/tokenratelimitpolicies"
+    started = time.monotonic()
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        listed = admin.get(path).json()
+        answer = admin.get(path, params={"watch": "true", "timeoutSeconds": "1"})
+        events = [json.loads(line) for line in answer.text.splitlines()]
+        assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", POLICY)]
+        since = admin.get(
+            path,
+            params={
+                "watch": "true",
+                "timeoutSeconds": "1",
+                "resourceVersion": listed["metadata"]["resourceVersion"],
+            },
+        )
+        assert since.status_code == 200 and since.text == ""  # nothing changed since the list
+    assert 2 <= time.monotonic() - started < 10
 
 
 def test_create_namespace_sent_as_protobuf(start_gateway, kubectl) -> None:

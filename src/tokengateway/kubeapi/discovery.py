@@ -27,7 +27,7 @@ __all__ = [
 #: the minor the Google Cloud SDK's kubectl dispatcher reads to pick `kubectl.1.<minor>`
 SERVER_MINOR = "32"
 
-VERBS = ["create", "delete", "get", "list", "patch", "update"]
+VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 #: plural and short names, as Kubernetes, Gateway API and Kuadrant's CRDs declare them
 _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -10,6 +10,7 @@ is sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .objects import ResourceVersions, writable
 from .patch import PatchError, merge_patch, strategic_merge_patch
 from .status import KubeError, success
 from .tables import table
+from .watch import POLL_SECONDS, Snapshots
 
 __all__ = ["KubeAPI", "Request", "claims"]
 
@@ -83,6 +85,10 @@ class KubeAPI:
                 headers.get("content-type", ""),
                 body,
             )
+            if request.query.get("watch") in ("true", "1"):
+                request, target = self.watch_target(request)
+                await self._stream(request, target, receive, send)
+                return
             status, payload = await self.handle(request)
         except KubeError as exc:
             status, payload = exc.code, exc.status()
@@ -102,6 +108,62 @@ class KubeAPI:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    def watch_target(self, request: Request) -> tuple[Request, _Target]:
+        parts = request.path.strip("/").split("/")
+        if parts[0] == "api" and len(parts) >= 3 and parts[1] == "v1":
+            target = self._target("", "v1", parts[2:])
+        elif parts[0] == "apis" and len(parts) >= 4:
+            target = self._target(parts[1], parts[2], parts[3:])
+        else:
+            raise KubeError(404, f"nothing to watch at {request.path}")
+        if request.method != "GET":
+            raise KubeError(405, "a watch is a GET")
+        if target.name:  # /.../NAME?watch=true: the old form of fieldSelector=metadata.name
+            query = dict(request.query, fieldSelector=f"metadata.name={target.name}")
+            request = dataclasses.replace(request, query=query)
+            target = _Target(target.kind, target.namespace, "")
+        return request, target
+
+    async def _stream(self, request: Request, t: _Target, receive: Receive, send: Send) -> None:
+        """Newline-delimited watch events until `timeoutSeconds` (30 minutes at most) or
+        the client leaves."""
+        after = request.query.get("resourceVersion", "")
+        snapshots = Snapshots(self._watched(request, t), int(after) if after.strip("0") else None)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        timeout = min(float(request.query.get("timeoutSeconds") or 1800), 1800)
+        gone = asyncio.ensure_future(receive())  # completes when the client disconnects
+        deadline = asyncio.get_running_loop().time() + timeout
+        events = snapshots.first
+        try:
+            while True:
+                for kind, obj in events:
+                    if "as=Table" in request.accept:
+                        shown: dict[str, Any] = table(t.kind.kind, [obj], self.versions.current)
+                    else:
+                        shown = obj
+                    line = json.dumps({"type": kind, "object": shown}).encode() + b"\n"
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                await asyncio.wait({gone}, timeout=min(POLL_SECONDS, left))
+                if gone.done():
+                    return
+                events = snapshots.since(self._watched(request, t))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+
+    def _watched(self, request: Request, t: _Target) -> list[dict[str, Any]]:
+        objects = self.control.objects(t.kind.kind, t.namespace or None)
+        return [self._shown(o, t) for o in objects if _selected(o, request.query)]
 
     async def handle(self, request: Request) -> tuple[int, Any]:
         path = request.path.rstrip("/") or "/"
@@ -164,12 +226,6 @@ class KubeAPI:
 
     async def _resource(self, request: Request, t: _Target) -> tuple[int, Any]:
         method = request.method
-        if request.query.get("watch") in ("true", "1"):
-            raise KubeError(
-                405,
-                "watch is not served by tokengateway yet (kubectl get -w, and kubectl wait "
-                "for a condition that is not met already)",
-            )
         if request.query.get("dryRun") and method != "GET":
             raise KubeError(400, "dry runs are not served by tokengateway yet; nothing was changed")
         if method == "GET" and not t.name:
