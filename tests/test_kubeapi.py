@@ -334,6 +334,8 @@ def test_a_watch_ends_at_its_timeout(start_gateway) -> None:
             },
         )
         assert since.status_code == 200 and since.text == ""  # nothing changed since the list
+        bad = admin.get(path, params={"watch": "true", "resourceVersion": "yesterday"})
+        assert bad.status_code == 400 and bad.json()["reason"] == "BadRequest"
     assert 2 <= time.monotonic() - started < 10
 
 

@@ -10,6 +10,7 @@ is sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -129,7 +130,12 @@ class KubeAPI:
         """Newline-delimited watch events until `timeoutSeconds` (30 minutes at most) or
         the client leaves."""
         after = request.query.get("resourceVersion", "")
-        snapshots = Snapshots(self._watched(request, t), int(after) if after.strip("0") else None)
+        try:
+            since = int(after) if after.strip("0") else None
+            timeout = min(float(request.query.get("timeoutSeconds") or 1800), 1800)
+        except ValueError:
+            raise KubeError(400, "resourceVersion and timeoutSeconds must be numbers") from None
+        snapshots = Snapshots(self._watched(request, t), since)
         await send(
             {
                 "type": "http.response.start",
@@ -137,7 +143,6 @@ class KubeAPI:
                 "headers": [(b"content-type", b"application/json")],
             }
         )
-        timeout = min(float(request.query.get("timeoutSeconds") or 1800), 1800)
         gone = asyncio.ensure_future(receive())  # completes when the client disconnects
         deadline = asyncio.get_running_loop().time() + timeout
         events = snapshots.first
@@ -157,9 +162,12 @@ class KubeAPI:
                 if gone.done():
                     return
                 events = snapshots.since(self._watched(request, t))
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception:  # the answer has started: it can only end, as Kubernetes ends a watch
+            log.exception("watch ended by an error")
         finally:
             gone.cancel()
+        with contextlib.suppress(Exception):  # the client may be gone already
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _watched(self, request: Request, t: _Target) -> list[dict[str, Any]]:
         objects = self.control.objects(t.kind.kind, t.namespace or None)
