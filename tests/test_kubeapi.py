@@ -275,6 +275,31 @@ def test_invalid_apply_is_refused_and_nothing_changes(start_gateway, kubectl, tm
     assert spend(gw)[-1] == 429  # the tutorial's limit is still enforced
 
 
+def test_replace_with_a_stale_resource_version_is_a_conflict(start_gateway, kubectl, tmp_path):
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(ok(k("get", "trlp", POLICY, "-n", "gateway-system", "-o", "yaml")))
+    lowered = tmp_path / "lowered.yaml"
+    lowered.write_text(policy_with(("limit: 50 ", "limit: 1 ")))
+    ok(k("apply", "-f", str(lowered)))  # someone else's change since the save
+    stale = k("replace", "-f", str(saved))
+    assert stale.returncode == 1
+    assert stale.stderr.strip() == (
+        f'Error from server (Conflict): error when replacing "{saved}": Operation cannot be '
+        f'fulfilled on tokenratelimitpolicies.kuadrant.io "{POLICY}": the object has been '
+        "modified; please apply your changes to the latest version and try again"
+    )
+    assert spend(gw) == [200, 429]  # the lowered limit stands
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(ok(k("get", "trlp", POLICY, "-n", "gateway-system", "-o", "yaml")))
+    fresh.write_text(fresh.read_text().replace("limit: 1\n", "limit: 100000\n"))
+    assert ok(k("replace", "-f", str(fresh))) == (
+        f"tokenratelimitpolicy.kuadrant.io/{POLICY} replaced\n"
+    )
+    assert spend(gw, n=3) == [200] * 3  # the raised limit is live
+
+
 def test_watch_and_wait_follow_changes(start_gateway, kubectl, tmp_path) -> None:
     gw = start_gateway(TUTORIAL)
     k = kubectl(gw)

@@ -250,8 +250,10 @@ class KubeAPI:
         if method == "POST":
             return 201, await self._create(request, t)
         if method == "PUT":
-            self._get(t)
-            return 200, await self._store(self._body_object(request, t), t)
+            current = self._get(t)
+            obj = self._body_object(request, t)
+            _check_version(obj, current, t)
+            return 200, await self._store(obj, t)
         if method == "PATCH":
             return 200, await self._patch(request, t)
         if method == "DELETE":
@@ -375,6 +377,7 @@ class KubeAPI:
             raise KubeError(400, str(exc)) from None
         if not isinstance(patched, dict):
             raise KubeError(400, "the patch does not leave an object")
+        _check_version(patched, self._get(t), t)
         return await self._store(self._placed(patched, t), t)
 
     async def _store(self, obj: dict[str, Any], t: _Target) -> dict[str, Any]:
@@ -394,6 +397,20 @@ class KubeAPI:
             raise KubeError(404, str(exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise KubeError(400, f"{exc}; nothing was changed") from None
+
+
+def _check_version(obj: dict[str, Any], current: dict[str, Any], t: _Target) -> None:
+    """Optimistic concurrency: a write that names a resourceVersion must name the current
+    one (a write without one always goes through, as on Kubernetes for PATCH)."""
+    sent = (obj.get("metadata") or {}).get("resourceVersion")
+    if sent and str(sent) != current["metadata"]["resourceVersion"]:
+        raise KubeError(
+            409,
+            f'Operation cannot be fulfilled on {t.kind.qualified} "{t.name}": the object has '
+            "been modified; please apply your changes to the latest version and try again",
+            reason="Conflict",
+            details={"name": t.name, "group": t.kind.group, "kind": t.kind.plural},
+        )
 
 
 def _invalid(kind: str, name: str, causes: list[tuple[str, str]]) -> KubeError:
