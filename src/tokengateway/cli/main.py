@@ -420,5 +420,27 @@ def demo(listen: str) -> None:
     sys.exit(run_demo(str(TUTORIAL_DIR), listen))
 
 
+@main.command()
+@click.option(
+    "--admin",
+    envvar="TOKENGATEWAY_ADMIN",
+    default=DEFAULT_ADMIN,
+    show_default=True,
+    help="HOST:PORT (or http://HOST:PORT) of the gateway's admin API.",
+)
+@click.option("-n", "--namespace", default="default", show_default=True)
+def kubeconfig(admin: str, namespace: str) -> None:
+    """Print a kubeconfig that points kubectl at the admin API:
+    `tokengateway kubeconfig > ~/.kube/tokengateway.yaml; export KUBECONFIG=...`."""
+    from tokengateway.controlplane.kubeapi.kubeconfig import kubeconfig as build
+    from tokengateway.runtime.serve import parse_listen
+
+    try:
+        host, port = parse_listen(admin.removeprefix("http://").rstrip("/"))
+        click.echo(build(host, port, namespace), nl=False)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 register_resource_commands(main)
 register_top_command(main)

@@ -20,6 +20,7 @@ import msgspec
 
 from tokengateway.config.compile import ConfigError
 from tokengateway.controlplane.control import ControlPlane, NotFoundError
+from tokengateway.controlplane.kubeapi import KubeAPI, claims
 from tokengateway.http.asgi import Receive, Scope, Send, read_body
 from tokengateway.limits import Limit, Rate, parse_counter_key
 from tokengateway.observability import ui
@@ -61,12 +62,16 @@ class AdminApp:
         self.control = control
         self.gateway = gateway  # the GatewayApp: its live config and counter store
         self.token = token
+        self.kube = KubeAPI(control)  # the Kubernetes API paths: kubeapi/
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         try:
             self._authorize(scope)
+            if claims(scope["path"]):
+                await self.kube(scope, receive, send)
+                return
             if scope["path"] == "/metrics" and scope["method"] == "GET":
                 text = await self._metrics()
                 await _send(send, 200, text.encode(), b"text/plain; version=0.0.4")

@@ -1,0 +1,150 @@
+"""What kubectl asks before anything else: the server's version and which kinds it serves.
+
+Built from the manifest models (`resources.parse.MODEL_BY_KIND`): a kind is served at each
+apiVersion its model accepts, under the plural and short names kubectl users type. Only the
+legacy discovery documents are served (`/api`, `/apis`, `/api/v1`, `/apis/G/V`); kubectl
+asks for the aggregated form first and falls back when the answer is plain JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tokengateway.resources.kinds import CLUSTER_SCOPED
+from tokengateway.resources.parse import MODEL_BY_KIND
+
+__all__ = [
+    "KINDS",
+    "KubeKind",
+    "api_group_list",
+    "api_versions",
+    "find",
+    "resource_list",
+    "version_info",
+]
+
+#: the minor the Google Cloud SDK's kubectl dispatcher reads to pick `kubectl.1.<minor>`
+SERVER_MINOR = "32"
+
+VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+
+#: plural and short names, as Kubernetes, Gateway API and Kuadrant's CRDs declare them
+_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Namespace": ("namespaces", ("ns",)),
+    "Service": ("services", ("svc",)),
+    "Secret": ("secrets", ()),
+    "Deployment": ("deployments", ("deploy",)),
+    "Gateway": ("gateways", ("gtw",)),
+    "HTTPRoute": ("httproutes", ()),
+    "Kuadrant": ("kuadrants", ()),
+    "AuthPolicy": ("authpolicies", ()),
+    "RateLimitPolicy": ("ratelimitpolicies", ("rlp",)),
+    "TokenRateLimitPolicy": ("tokenratelimitpolicies", ("trlp",)),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KubeKind:
+    kind: str
+    group: str  # "" for the core group
+    version: str
+    plural: str
+    short_names: tuple[str, ...]
+    namespaced: bool
+
+    @property
+    def group_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def qualified(self) -> str:
+        """`tokenratelimitpolicies.kuadrant.io`, as Kubernetes names a resource in errors."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    def as_api_resource(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.plural,
+            "singularName": self.kind.lower(),
+            "namespaced": self.namespaced,
+            "kind": self.kind,
+            "verbs": VERBS,
+        }
+        if self.short_names:
+            out["shortNames"] = list(self.short_names)
+        return out
+
+
+def _kinds() -> tuple[KubeKind, ...]:
+    out = []
+    for kind, model in MODEL_BY_KIND.items():
+        plural, short = _NAMES.get(kind, (kind.lower() + "s", ()))
+        for api_version in model.API_VERSIONS:
+            group, _, version = api_version.rpartition("/")
+            out.append(KubeKind(kind, group, version, plural, short, kind not in CLUSTER_SCOPED))
+    return tuple(out)
+
+
+KINDS = _kinds()
+
+
+def find(group: str, version: str, plural: str) -> KubeKind | None:
+    for k in KINDS:
+        if (k.group, k.version, k.plural) == (group, version, plural):
+            return k
+    return None
+
+
+def version_info() -> dict[str, str]:
+    from tokengateway import __version__
+
+    return {
+        "major": "1",
+        "minor": SERVER_MINOR,
+        "gitVersion": f"v1.{SERVER_MINOR}.0+tokengateway.{__version__}",
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "1970-01-01T00:00:00Z",
+        "goVersion": "python",
+        "compiler": "tokengateway",
+        "platform": "linux/amd64",
+    }
+
+
+def api_versions() -> dict[str, Any]:
+    return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+
+
+def _groups() -> dict[str, list[str]]:
+    """Each named group's versions, the preferred (first listed by any model) first."""
+    groups: dict[str, list[str]] = {}
+    for k in KINDS:
+        if k.group and k.version not in groups.setdefault(k.group, []):
+            groups[k.group].append(k.version)
+    # kuadrant.io: v1 is what Kuadrant prefers, whichever model was listed first
+    for versions in groups.values():
+        if "v1" in versions:
+            versions.remove("v1")
+            versions.insert(0, "v1")
+    return groups
+
+
+def api_group_list() -> dict[str, Any]:
+    groups = []
+    for group, versions in _groups().items():
+        listed = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
+        groups.append({"name": group, "versions": listed, "preferredVersion": listed[0]})
+    return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+
+
+def resource_list(group: str, version: str) -> dict[str, Any] | None:
+    """The `APIResourceList` of one group/version; None when it is not served."""
+    found = [k for k in KINDS if (k.group, k.version) == (group, version)]
+    if not found:
+        return None
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": found[0].group_version,
+        "resources": [k.as_api_resource() for k in found],
+    }

@@ -1,0 +1,454 @@
+"""The Kubernetes API paths of the admin app: discovery, then get/list/create/update/patch/
+delete of the control plane's objects, errors as `Status`.
+
+`KubeAPI.handle` takes a parsed `Request` and returns `(status, payload)`; only
+`__call__` speaks ASGI. Writes go through `ControlPlane.apply`/`delete` in a worker thread,
+exactly as `tokengateway apply` does, so a change is live on the data path when the answer
+is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from tokengateway.config.compile import ConfigError
+from tokengateway.controlplane.control import ControlPlane, NotFoundError
+from tokengateway.http.asgi import Receive, Scope, Send, read_body
+from tokengateway.resources import ManifestError
+
+from . import discovery, openapi, protobuf
+from .discovery import KubeKind
+from .objects import ResourceVersions, writable
+from .patch import PatchError, merge_patch, strategic_merge_patch
+from .status import KubeError, success
+from .tables import table
+from .watch import POLL_SECONDS, Snapshots
+
+__all__ = ["KubeAPI", "Request", "claims"]
+
+log = logging.getLogger("tokengateway.kubeapi")
+
+MAX_BODY = 4 * 1024 * 1024
+#: the admin API's own routes under /apis/ (see admin.py); no Kubernetes group has these names
+ADMIN_ROUTES = frozenset({"/apis/apply", "/apis/delete", "/apis/resources"})
+
+
+def claims(path: str) -> bool:
+    """Whether `path` is a Kubernetes API path rather than one of the admin API's own."""
+    if path in ADMIN_ROUTES:
+        return False
+    return path in ("/version", "/api", "/apis") or path.startswith(
+        ("/api/", "/apis/", "/openapi/")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    accept: str = ""
+    content_type: str = ""
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    kind: KubeKind
+    namespace: str  # "" when cluster-scoped or listing every namespace
+    name: str
+
+
+class KubeAPI:
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+        self.versions = ResourceVersions()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        try:
+            body = await read_body(receive, MAX_BODY)
+            if body is None:
+                raise KubeError(413, f"request body over {MAX_BODY} bytes")
+            request = Request(
+                scope["method"],
+                unquote(scope["path"]),
+                {k: v[-1] for k, v in query.items()},
+                headers.get("accept", ""),
+                headers.get("content-type", ""),
+                body,
+            )
+            if request.query.get("watch") in ("true", "1"):
+                request, target = self.watch_target(request)
+                await self._stream(request, target, receive, send)
+                return
+            status, payload = await self.handle(request)
+        except KubeError as exc:
+            status, payload = exc.code, exc.status()
+        except Exception:  # never a stack trace to a client
+            log.exception("Kubernetes API error")
+            error = KubeError(500, "internal error; see the gateway's log")
+            status, payload = error.code, error.status()
+        body = json.dumps(payload).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def watch_target(self, request: Request) -> tuple[Request, _Target]:
+        parts = request.path.strip("/").split("/")
+        if parts[0] == "api" and len(parts) >= 3 and parts[1] == "v1":
+            target = self._target("", "v1", parts[2:])
+        elif parts[0] == "apis" and len(parts) >= 4:
+            target = self._target(parts[1], parts[2], parts[3:])
+        else:
+            raise KubeError(404, f"nothing to watch at {request.path}")
+        if request.method != "GET":
+            raise KubeError(405, "a watch is a GET")
+        if target.name:  # /.../NAME?watch=true: the old form of fieldSelector=metadata.name
+            query = dict(request.query, fieldSelector=f"metadata.name={target.name}")
+            request = dataclasses.replace(request, query=query)
+            target = _Target(target.kind, target.namespace, "")
+        return request, target
+
+    async def _stream(self, request: Request, t: _Target, receive: Receive, send: Send) -> None:
+        """Newline-delimited watch events until `timeoutSeconds` (30 minutes at most) or
+        the client leaves."""
+        after = request.query.get("resourceVersion", "")
+        try:
+            since = int(after) if after.strip("0") else None
+            timeout = min(float(request.query.get("timeoutSeconds") or 1800), 1800)
+        except ValueError:
+            raise KubeError(400, "resourceVersion and timeoutSeconds must be numbers") from None
+        snapshots = Snapshots(self._watched(request, t), since)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        gone = asyncio.ensure_future(receive())  # completes when the client disconnects
+        deadline = asyncio.get_running_loop().time() + timeout
+        events = snapshots.first
+        try:
+            while True:
+                for kind, obj in events:
+                    if "as=Table" in request.accept:
+                        shown: dict[str, Any] = table(t.kind.kind, [obj], self.versions.current)
+                    else:
+                        shown = obj
+                    line = json.dumps({"type": kind, "object": shown}).encode() + b"\n"
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                await asyncio.wait({gone}, timeout=min(POLL_SECONDS, left))
+                if gone.done():
+                    return
+                events = snapshots.since(self._watched(request, t))
+        except Exception:  # the answer has started: it can only end, as Kubernetes ends a watch
+            log.exception("watch ended by an error")
+        finally:
+            gone.cancel()
+        with contextlib.suppress(Exception):  # the client may be gone already
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _watched(self, request: Request, t: _Target) -> list[dict[str, Any]]:
+        objects = self.control.objects(t.kind.kind, t.namespace or None)
+        return [self._shown(o, t) for o in objects if _selected(o, request.query)]
+
+    async def handle(self, request: Request) -> tuple[int, Any]:
+        path = request.path.rstrip("/") or "/"
+        if request.method == "GET":
+            found = self._discovery(path)
+            if found is not None:
+                return 200, found
+        parts = path.strip("/").split("/")
+        if parts[0] == "api" and len(parts) >= 3 and parts[1] == "v1":
+            group, version, rest = "", "v1", parts[2:]
+        elif parts[0] == "apis" and len(parts) >= 4:
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            raise KubeError(404, f"the server could not find the requested resource ({path})")
+        target = self._target(group, version, rest)
+        return await self._resource(request, target)
+
+    def _discovery(self, path: str) -> Any:
+        if path == "/version":
+            return discovery.version_info()
+        if path == "/api":
+            return discovery.api_versions()
+        if path == "/apis":
+            return discovery.api_group_list()
+        if path == "/api/v1":
+            return discovery.resource_list("", "v1")
+        if path.startswith("/openapi/"):
+            found = openapi.document(path)
+            if found is None:
+                raise KubeError(404, f"no OpenAPI document at {path}")
+            return found
+        parts = path.strip("/").split("/")
+        if parts[0] == "apis" and len(parts) == 2:
+            for group in discovery.api_group_list()["groups"]:
+                if group["name"] == parts[1]:
+                    return {"kind": "APIGroup", "apiVersion": "v1", **group}
+        if parts[0] == "apis" and len(parts) == 3:
+            return discovery.resource_list(parts[1], parts[2])
+        return None
+
+    @staticmethod
+    def _target(group: str, version: str, rest: list[str]) -> _Target:
+        namespace = ""
+        if rest[0] == "namespaces" and len(rest) >= 3:
+            namespace, rest = rest[1], rest[2:]
+        if len(rest) > 2:
+            raise KubeError(404, f"subresource {'/'.join(rest[2:])} is not served")
+        kind = discovery.find(group, version, rest[0])
+        if kind is None:
+            gv = f"{group}/{version}" if group else version
+            raise KubeError(
+                404, f"the server could not find the requested resource ({gv} {rest[0]})"
+            )
+        name = rest[1] if len(rest) == 2 else ""
+        if not kind.namespaced:
+            namespace = ""
+        return _Target(kind, namespace, name)
+
+    # --- one resource type --------------------------------------------------------------
+
+    async def _resource(self, request: Request, t: _Target) -> tuple[int, Any]:
+        method = request.method
+        if request.query.get("dryRun") and method != "GET":
+            raise KubeError(400, "dry runs are not served by tokengateway yet; nothing was changed")
+        if method == "GET" and not t.name:
+            return 200, self._list(request, t)
+        if not t.name and method != "POST":
+            raise KubeError(405, f"{method} needs a name")
+        if t.kind.namespaced and not t.namespace:
+            raise KubeError(400, "a namespaced resource needs a namespace in the path")
+        if method == "GET":
+            obj = self._get(t)
+            if "as=Table" in request.accept:
+                return 200, table(t.kind.kind, [obj], obj["metadata"]["resourceVersion"])
+            return 200, obj
+        if method == "POST":
+            return 201, await self._create(request, t)
+        if method == "PUT":
+            current = self._get(t)
+            obj = self._body_object(request, t)
+            _check_version(obj, current, t)
+            return 200, await self._store(obj, t)
+        if method == "PATCH":
+            return 200, await self._patch(request, t)
+        if method == "DELETE":
+            uid = self._get(t)["metadata"].get("uid")
+            await self._write(self.control.delete, [(t.kind.kind, t.namespace, t.name)])
+            return 200, success(t.name, t.kind.group, t.kind.plural, uid)
+        raise KubeError(405, f"{method} is not allowed here")
+
+    def _shown(self, obj: dict[str, Any], t: _Target) -> dict[str, Any]:
+        obj["apiVersion"] = t.kind.group_version
+        meta = obj["metadata"]
+        key = (t.kind.kind, meta.get("namespace", ""), meta.get("name", ""))
+        self.versions.stamp(key, obj)
+        return obj
+
+    def _get(self, t: _Target) -> dict[str, Any]:
+        try:
+            found = self.control.objects(t.kind.kind, t.namespace, t.name)
+        except NotFoundError:
+            found = []
+        if not found:
+            raise self._not_found(t)
+        return self._shown(found[0], t)
+
+    @staticmethod
+    def _not_found(t: _Target) -> KubeError:
+        return KubeError(
+            404,
+            f'{t.kind.qualified} "{t.name}" not found',
+            details={"name": t.name, "group": t.kind.group, "kind": t.kind.plural},
+        )
+
+    def _list(self, request: Request, t: _Target) -> dict[str, Any]:
+        objects = self.control.objects(t.kind.kind, t.namespace or None)
+        objects = [self._shown(o, t) for o in objects if _selected(o, request.query)]
+        if "as=Table" in request.accept:
+            return table(t.kind.kind, objects, self.versions.current)
+        return {
+            "kind": f"{t.kind.kind}List",
+            "apiVersion": t.kind.group_version,
+            "metadata": {"resourceVersion": self.versions.current},
+            "items": objects,
+        }
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def _body_object(self, request: Request, t: _Target) -> dict[str, Any]:
+        try:
+            if "protobuf" in request.content_type:
+                obj = protobuf.decode(request.body)
+            else:
+                obj = json.loads(request.body or b"null")
+        except protobuf.ProtobufError as exc:
+            raise KubeError(415, f"this protobuf body cannot be read ({exc}); send JSON") from None
+        except ValueError as exc:
+            raise KubeError(400, f"the body is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise KubeError(400, "the body must be a JSON object")
+        return self._placed(obj, t)
+
+    def _placed(self, obj: dict[str, Any], t: _Target) -> dict[str, Any]:
+        """`obj` checked against the path it was sent to: kind, namespace, name."""
+        if obj.get("kind", t.kind.kind) != t.kind.kind:
+            raise KubeError(400, f"the body is a {obj.get('kind')}, the path is {t.kind.plural}")
+        obj["kind"] = t.kind.kind
+        obj.setdefault("apiVersion", t.kind.group_version)
+        meta = obj.get("metadata")
+        if not isinstance(meta, dict):
+            meta = obj["metadata"] = {}
+        if t.kind.namespaced:
+            if meta.get("namespace", t.namespace) != t.namespace:
+                raise KubeError(
+                    400,
+                    "the namespace of the provided object does not match the namespace sent "
+                    "on the request",
+                )
+            meta["namespace"] = t.namespace
+        else:
+            meta.pop("namespace", None)
+        if t.name and meta.get("name", t.name) != t.name:
+            raise KubeError(400, "the name of the object does not match the name on the URL")
+        if t.name:
+            meta["name"] = t.name
+        return obj
+
+    async def _create(self, request: Request, t: _Target) -> dict[str, Any]:
+        obj = self._body_object(request, t)
+        name = str(obj["metadata"].get("name") or "")
+        if not name:
+            raise KubeError(422, f"{t.kind.kind} is invalid: metadata.name: Required value")
+        t = _Target(t.kind, t.namespace, name)
+        try:
+            self._get(t)
+        except KubeError:
+            return await self._store(obj, t)
+        raise KubeError(
+            409,
+            f'{t.kind.qualified} "{name}" already exists',
+            details={"name": name, "group": t.kind.group, "kind": t.kind.plural},
+        )
+
+    async def _patch(self, request: Request, t: _Target) -> dict[str, Any]:
+        current = writable(self._get(t))
+        content_type = request.content_type.split(";")[0].strip()
+        try:
+            patch = json.loads(request.body or b"null")
+        except ValueError as exc:
+            raise KubeError(400, f"the patch is not JSON: {exc}") from None
+        try:
+            if content_type == "application/merge-patch+json":
+                patched = merge_patch(current, patch)
+            elif content_type == "application/strategic-merge-patch+json":
+                patched = strategic_merge_patch(current, patch)
+            else:
+                raise KubeError(
+                    415,
+                    f"patch type {content_type or '(none)'} is not supported yet; use "
+                    "application/merge-patch+json or application/strategic-merge-patch+json",
+                )
+        except PatchError as exc:
+            raise KubeError(400, str(exc)) from None
+        if not isinstance(patched, dict):
+            raise KubeError(400, "the patch does not leave an object")
+        _check_version(patched, self._get(t), t)
+        return await self._store(self._placed(patched, t), t)
+
+    async def _store(self, obj: dict[str, Any], t: _Target) -> dict[str, Any]:
+        name = str(obj["metadata"].get("name") or t.name)
+        await self._write(self.control.apply, json.dumps(writable(obj)), t.kind.kind, name)
+        return self._get(_Target(t.kind, t.namespace, name))
+
+    async def _write(self, change: Any, arg: Any, kind: str = "", name: str = "") -> Any:
+        try:
+            return await asyncio.to_thread(change, arg)
+        except ManifestError as exc:
+            causes = [(e.field, e.reason) for e in exc.errors] or [("", str(exc))]
+            raise _invalid(kind, name, causes) from None
+        except ConfigError as exc:
+            raise _invalid(kind, name, [("", p) for p in exc.problems]) from None
+        except NotFoundError as exc:
+            raise KubeError(404, str(exc)) from None
+        except (ValueError, RuntimeError) as exc:
+            raise KubeError(400, f"{exc}; nothing was changed") from None
+
+
+def _check_version(obj: dict[str, Any], current: dict[str, Any], t: _Target) -> None:
+    """Optimistic concurrency: a write that names a resourceVersion must name the current
+    one (a write without one always goes through, as on Kubernetes for PATCH)."""
+    sent = (obj.get("metadata") or {}).get("resourceVersion")
+    if sent and str(sent) != current["metadata"]["resourceVersion"]:
+        raise KubeError(
+            409,
+            f'Operation cannot be fulfilled on {t.kind.qualified} "{t.name}": the object has '
+            "been modified; please apply your changes to the latest version and try again",
+            reason="Conflict",
+            details={"name": t.name, "group": t.kind.group, "kind": t.kind.plural},
+        )
+
+
+def _invalid(kind: str, name: str, causes: list[tuple[str, str]]) -> KubeError:
+    """422 Invalid: kubectl prints `The KIND "NAME" is invalid:` and one line per cause."""
+    text = "; ".join(f"{field}: {reason}" if field else reason for field, reason in causes)
+    return KubeError(
+        422,
+        f'{kind} "{name}" is invalid; nothing was changed: {text}',
+        details={
+            "name": name,
+            "kind": kind,
+            "causes": [
+                {"reason": "FieldValueInvalid", "message": reason, "field": field}
+                for field, reason in causes
+            ],
+        },
+    )
+
+
+def _selected(obj: dict[str, Any], query: dict[str, str]) -> bool:
+    """`fieldSelector=metadata.name=X` (or `metadata.namespace`) and equality label
+    selectors (`a=b,c`); other selectors select everything, for now."""
+    meta = obj.get("metadata") or {}
+    for term in filter(None, query.get("fieldSelector", "").split(",")):
+        field, _, value = term.partition("=")
+        field = field.rstrip("=")
+        value = value.lstrip("=")
+        if (
+            field in ("metadata.name", "metadata.namespace")
+            and str(meta.get(field.split(".")[1], "")) != value
+        ):
+            return False
+    labels = meta.get("labels") or {}
+    for term in filter(None, query.get("labelSelector", "").split(",")):
+        if "!=" in term or " " in term.strip():
+            continue
+        key, sep, value = term.partition("=")
+        key, value = key.strip(), value.lstrip("=").strip()
+        if key not in labels or (sep and str(labels[key]) != value):
+            return False
+    return True
