@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import functools
 import http.client
-import ipaddress
 import json
 import re
 import sys
@@ -29,6 +28,7 @@ import click
 import yaml
 
 from tokengateway.cli.jsonpath import JSONPathError, Template, compile_template
+from tokengateway.http.target import is_loopback
 from tokengateway.resources import ManifestError, load_paths
 from tokengateway.resources.kinds import CLUSTER_SCOPED, UnknownKindError, resolve_kind
 
@@ -129,7 +129,7 @@ class AdminClient:
         except ValueError:
             host = ""  # reported by the first request, where the user sees it
         # a loopback admin API must not go through an HTTP proxy taken from the environment
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
+        handlers = [urllib.request.ProxyHandler({})] if is_loopback(host) else []
         self._opener = urllib.request.build_opener(*handlers)
 
     def request(
@@ -243,15 +243,6 @@ def normalize_admin_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     return url.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _path_segment(namespace: str) -> str:

@@ -17,6 +17,7 @@ import click
 from tokengateway import __version__
 from tokengateway.cli.kubectl import register as register_resource_commands
 from tokengateway.cli.top import register as register_top_command
+from tokengateway.http.target import is_loopback
 
 if TYPE_CHECKING:  # imported lazily at run time: the commands start faster
     from tokengateway.config.compile import CompiledConfig
@@ -274,7 +275,7 @@ def serve(
         problem = storage_problem(storage, workers)
         if problem is not None:
             _fail(problem)
-    if admin_token is None and not _loopback(admin_address[0]) and admin_fd is None:
+    if admin_token is None and not is_loopback(admin_address[0]) and admin_fd is None:
         _fail(
             f"--admin {admin} is not on loopback: set --admin-token (or TOKENGATEWAY_ADMIN_TOKEN)"
         )
@@ -323,10 +324,6 @@ def serve(
         _fail(str(exc))
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(str(exc))
-
-
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _default_state_dir(admin: tuple[str, int]) -> Path:

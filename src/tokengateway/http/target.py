@@ -29,6 +29,7 @@ import re
 __all__ = [
     "ALLOWED_METHODS",
     "TargetError",
+    "is_loopback",
     "normalize_path",
     "split_target",
     "valid_host",
@@ -179,3 +180,14 @@ def valid_host(value: bytes) -> bool:
         _good_hosts.clear()
     _good_hosts.add(value)
     return True
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, without brackets or port) is this machine's
+    loopback: what the admin API and its clients may reach without TLS or a token."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

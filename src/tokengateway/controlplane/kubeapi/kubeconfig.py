@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import yaml
+
+from tokengateway.http.target import is_loopback
 
 __all__ = ["kubeconfig"]
 
 NAME = "tokengateway"
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def kubeconfig(host: str, port: int, namespace: str = "default") -> str:
     """Plain http, no credentials: kubectl never sends a bearer token over plain http, so
     this only serves an admin API on loopback (TLS beyond loopback is not built yet)."""
-    if not _loopback(host):
+    if not is_loopback(host):
         raise ValueError(
             f"the admin API at {host}:{port} is not on loopback; kubectl needs TLS to send a "
             "token there, which tokengateway does not serve yet"
