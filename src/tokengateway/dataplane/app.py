@@ -19,6 +19,7 @@ import logging
 import random
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -394,14 +395,9 @@ class GatewayApp:
 
         # 6. relay the answer, reading its usage; a response without usage is charged an
         # estimate. Rate-limit headers replace the upstream's own.
-        if resp.content_type == "text/event-stream" and resp.content_encoding is not None:
-            reader = await self._relay_encoded(resp, receive, send, entry)
-            usage = reader.usage
-            if applicable.tokens and usage is None and 200 <= resp.status < 300:
-                usage = self._estimate(method, body, doc, reader.text)
-            return usage
         if resp.content_type == "text/event-stream":
-            stream = SSEStream(hide_usage)
+            # a stream in a content coding passes as it came: nothing can be hidden in it
+            stream = SSEStream(hide_usage and resp.content_encoding is None)
             if checked is not None:
                 n = len(applicable.tokens)
                 _with_limits(resp.headers, success_headers(checked, n, applicable.countings, None))
@@ -461,8 +457,15 @@ class GatewayApp:
         entry: Entry,
     ) -> None:
         """Pass events on as they arrive. A client that goes away stops the upstream (its
-        tokens so far are still charged); an upstream that breaks gets an error event."""
+        tokens so far are still charged); an upstream that breaks gets an error event.
+
+        A stream in a content coding (the upstream ignored `Accept-Encoding: identity`) is
+        passed on byte for byte, nothing hidden in it nor added to it (an error event would
+        not be in its coding: a broken one just ends, and the client's decoder sees it cut);
+        its usage is read from a decoded copy (gzip, deflate), else estimated."""
         await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+        coding = resp.content_encoding
+        feed = stream.feed if coding is None else _copy_reader(stream, coding)
         # A client that disconnects completes `gone`, which closes the upstream response:
         # the read in progress ends at once (no task per chunk is needed to notice).
         gone = asyncio.ensure_future(receive())
@@ -476,7 +479,7 @@ class GatewayApp:
             async for chunk in resp.chunks():
                 if entry.first_chunk is None:
                     entry.first_chunk = time.perf_counter()
-                out = stream.feed(chunk)
+                out = feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if gone.done():
@@ -492,59 +495,34 @@ class GatewayApp:
             resp.close()  # the client left: stop the upstream (what came is charged)
             return
         tail = stream.close(complete=failure is None)
-        if failure is not None:
+        if coding is not None:
+            tail = b""  # what the decoded copy's close would add is not in the coding
+        elif failure is not None:
             tail += _stream_error(path, failure)
         await send({"type": "http.response.body", "body": tail})
-
-    async def _relay_encoded(
-        self, resp: UpstreamResponse, receive: Receive, send: Send, entry: Entry
-    ) -> SSEStream:
-        """A stream in a content coding (the upstream ignored `Accept-Encoding: identity`):
-        passed on byte for byte with its Content-Encoding, nothing hidden in it nor added to
-        it (an error event would not be in its coding: a broken stream just ends, and the
-        client's decoder sees it cut). Its usage is read from a decoded copy (gzip, deflate);
-        in another coding it is estimated."""
-        await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
-        assert resp.content_encoding is not None
-        decoder = content_decoder(resp.content_encoding)
-        reader = SSEStream(False)
-        gone = asyncio.ensure_future(receive())
-
-        def client_left(_: object) -> None:
-            resp.close()
-
-        gone.add_done_callback(client_left)
-        try:
-            async for chunk in resp.chunks():
-                if entry.first_chunk is None:
-                    entry.first_chunk = time.perf_counter()
-                if decoder is not None:
-                    try:
-                        reader.feed(decoder.decompress(chunk, _DECODED_CHUNK))
-                        if decoder.unconsumed_tail:
-                            decoder = None
-                    except zlib.error:
-                        decoder = None  # not what it says it is: estimated
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if gone.done():
-                    break
-        except UpstreamError as exc:
-            if not gone.done():
-                log.warning("%s: %s", entry.route, exc)
-        finally:
-            gone.remove_done_callback(client_left)
-            gone.cancel()
-        entry.upstream_done = time.perf_counter()
-        if gone.done() and not gone.cancelled():
-            resp.close()
-        else:
-            await send({"type": "http.response.body", "body": b""})
-        reader.close()
-        return reader
 
 
 #: the most of a content-coded stream's chunk decoded to read its usage
 _DECODED_CHUNK = 16 * 1024 * 1024
+
+
+def _copy_reader(stream: SSEStream, coding: str) -> Callable[[bytes], bytes]:
+    """A feed for a coded stream: each chunk goes on as it came, and a decoded copy to
+    `stream` for its usage, until the copy cannot be decoded (then the usage is estimated)."""
+    decoder = content_decoder(coding)
+
+    def feed(chunk: bytes) -> bytes:
+        nonlocal decoder
+        if decoder is not None:
+            try:
+                stream.feed(decoder.decompress(chunk, _DECODED_CHUNK))
+                if decoder.unconsumed_tail:
+                    decoder = None
+            except zlib.error:
+                decoder = None  # not what it says it is: estimated
+        return chunk
+
+    return feed
 
 
 def _upstream_headers(
@@ -553,7 +531,7 @@ def _upstream_headers(
     request_id: str,
     extra: list[tuple[str, str]],
 ) -> list[tuple[str, str]]:
-    dropped = HOP_BY_HOP | _FORWARDED
+    dropped = _NOT_FORWARDED
     listed = headers.get("connection")
     if listed:  # headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1)
         dropped = dropped | {h.strip().lower() for h in listed.split(",")}
@@ -594,6 +572,8 @@ _GATEWAY_OWN = frozenset({"x-request-id"})
 #: set by the gateway itself (x-forwarded-for extends the client's chain): a client's own
 #: host and proto would be read first by some upstreams
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"})
+#: a client's headers never sent upstream as they came
+_NOT_FORWARDED = HOP_BY_HOP | _FORWARDED
 
 
 def _json_or_none(body: bytes) -> Any:
