@@ -364,6 +364,95 @@ def test_a_watch_ends_at_its_timeout(start_gateway) -> None:
     assert 2 <= time.monotonic() - started < 10
 
 
+TRLPS = "/apis/kuadrant.io/v1alpha1/namespaces/gateway-system/tokenratelimitpolicies"
+
+
+def watch_lines(admin: httpx.Client, path: str, **params: str) -> list[dict]:
+    answer = admin.get(path, params={"watch": "true", **params})
+    assert answer.status_code == 200, answer.text
+    return [json.loads(line) for line in answer.text.splitlines()]
+
+
+def test_a_watch_replays_the_history_then_expires_when_it_is_gone(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    merge = {"content-type": "application/merge-patch+json"}
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        listed = admin.get(TRLPS).json()["metadata"]["resourceVersion"]
+        labelled = admin.patch(
+            f"{TRLPS}/{POLICY}", content='{"metadata":{"labels":{"tier":"x"}}}', headers=merge
+        ).json()
+        assert int(labelled["metadata"]["resourceVersion"]) > int(listed)
+        assert admin.delete(f"{TRLPS}/{POLICY}").status_code == 200
+        # what happened since the list, deletion included, each at its own version
+        events = watch_lines(admin, TRLPS, resourceVersion=listed, timeoutSeconds="1")
+        assert [e["type"] for e in events] == ["MODIFIED", "DELETED"]
+        versions = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
+        assert versions[0] == int(labelled["metadata"]["resourceVersion"]) < versions[1]
+        assert events[1]["object"]["metadata"]["name"] == POLICY
+        assert all(e["object"]["apiVersion"] == "kuadrant.io/v1alpha1" for e in events)
+        # from before the history begins: one ERROR event, 410 Expired, as the API server
+        [gone] = watch_lines(admin, TRLPS, resourceVersion="1", timeoutSeconds="5")
+        assert gone["type"] == "ERROR"
+        assert gone["object"]["kind"] == "Status"
+        assert (gone["object"]["code"], gone["object"]["reason"]) == (410, "Expired")
+
+
+def test_bookmarks_and_live_events_without_polling(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    merge = {"content-type": "application/merge-patch+json"}
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        listed = admin.get(TRLPS).json()["metadata"]["resourceVersion"]
+        # a bookmark comes shortly before timeoutSeconds is up, with only the version
+        events = watch_lines(
+            admin, TRLPS, resourceVersion=listed, timeoutSeconds="3", allowWatchBookmarks="true"
+        )
+        assert events == [
+            {
+                "type": "BOOKMARK",
+                "object": {
+                    "kind": "TokenRateLimitPolicy",
+                    "apiVersion": "kuadrant.io/v1alpha1",
+                    "metadata": {"resourceVersion": listed},
+                },
+            }
+        ]
+        # a change made while a watch waits arrives at once, not at the next look
+        with (
+            httpx.Client(base_url=gw.admin_url, timeout=30) as other,
+            admin.stream(
+                "GET",
+                TRLPS,
+                params={"watch": "true", "resourceVersion": listed, "timeoutSeconds": "20"},
+            ) as stream,
+        ):
+            lines = stream.iter_lines()
+            time.sleep(0.3)
+            started = time.monotonic()
+            other.patch(
+                f"{TRLPS}/{POLICY}", content='{"metadata":{"labels":{"a":"b"}}}', headers=merge
+            )
+            event = json.loads(next(lines))
+            assert event["type"] == "MODIFIED"
+            assert event["object"]["metadata"]["labels"] == {"a": "b"}
+            assert time.monotonic() - started < 2
+
+
+def test_resource_versions_keep_growing_across_a_restart(start_gateway, tmp_path) -> None:
+    state = tmp_path / "kept"
+    gw = start_gateway(TUTORIAL, state_dir=state)
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        before = int(admin.get(TRLPS).json()["metadata"]["resourceVersion"])
+    gw.stop()
+    assert int((state / "resourceversion").read_text()) == before
+    (state / "resourceversion").write_text(f"{before + 10**12}\n")  # as if the clock went back
+    again = start_gateway(TUTORIAL, state_dir=state)
+    with httpx.Client(base_url=again.admin_url, timeout=30) as admin:
+        listed = admin.get(TRLPS).json()
+        after = int(listed["metadata"]["resourceVersion"])
+        assert after > before + 10**12
+        assert int(listed["items"][0]["metadata"]["resourceVersion"]) > before + 10**12
+
+
 def test_create_namespace_sent_as_protobuf(start_gateway, kubectl) -> None:
     k = kubectl(start_gateway(TUTORIAL))
     assert ok(k("create", "ns", "team-a")) == "namespace/team-a created\n"

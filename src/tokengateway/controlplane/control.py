@@ -5,6 +5,10 @@ admin API (kept in the state directory, so they survive a restart). Every change
 whole new configuration and swaps it in one assignment: a request keeps the configuration
 it started with, so none is dropped or fails during a reload. A change that cannot be built
 is refused and nothing changes.
+
+Each change is also recorded in `history` (history.py): the objects as clients see them,
+status included, each with its resourceVersion, and the events a watch follows. The last
+resourceVersion is kept in the state directory, so versions keep growing across restarts.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import yaml
 
 from tokengateway.config.backends import plan_backends
 from tokengateway.config.compile import CompiledConfig, compile_config, needed_services
+from tokengateway.controlplane.history import History
 from tokengateway.resources import Document, load_paths, parse_resources
 from tokengateway.resources.kinds import CLUSTER_SCOPED
 from tokengateway.resources.loader import MANIFEST_EXTENSIONS
@@ -38,6 +43,8 @@ log = logging.getLogger("tokengateway.control")
 
 ResourceKey = tuple[str, str, str]  # (kind, namespace, name); namespace "" when cluster-scoped
 STATE_FILE = "applied.yaml"
+#: the last resourceVersion given, so that versions only grow across restarts
+VERSION_FILE = "resourceversion"
 
 
 class NotFoundError(LookupError):
@@ -108,8 +115,20 @@ class ControlPlane:
         self.config: CompiledConfig | None = None
         self._mtimes: dict[str, float] = {}
         #: where the gateway listens and each Service's address, for `get` to show
-        self.listen_address: tuple[str, int] | None = None
+        self._listen_address: tuple[str, int] | None = None
         self.backend_urls: dict[str, str] = {}
+        self.history = History(self._read_version())
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        return self._listen_address
+
+    @listen_address.setter
+    def listen_address(self, address: tuple[str, int] | None) -> None:
+        """Where the gateway listens: shown in each Gateway's status, so a change is one."""
+        with self._lock:
+            self._listen_address = address
+            self._record()
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -254,7 +273,16 @@ class ControlPlane:
         self.backend_urls = dict(urls)
         self._publish(config)
         self._write_state()
+        self._record()
         return config
+
+    def _record(self) -> None:
+        """Hand the objects as now shown to `history`, which makes events of what changed.
+        Called with `_lock` held, after each change."""
+        statuses = getattr(self.config, "statuses", {}) or {}
+        shown = {key: self._show(key, stored, statuses) for key, stored in self._stored.items()}
+        if self.history.record(shown):
+            self._write_version()
 
     @staticmethod
     def _with_meta(stored: _Stored) -> dict[str, Any]:
@@ -270,35 +298,47 @@ class ControlPlane:
     def objects(
         self, kind: str, namespace: str | None = None, name: str | None = None
     ) -> list[dict[str, Any]]:
-        """The stored objects of a kind, as `get` shows them (with status)."""
-        statuses = getattr(self.config, "statuses", {}) or {}
+        """The stored objects of a kind, as `get` shows them (with status and
+        resourceVersion), each a copy the caller may change."""
+        return self.listing(kind, namespace, name)[1]
+
+    def listing(
+        self, kind: str, namespace: str | None = None, name: str | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """`objects` and the resourceVersion they are as of (a list's), taken together."""
+        version, current = self.history.snapshot()
         out = []
-        for (k, ns, n), stored in sorted(self._stored.items()):
+        for (k, ns, n), obj in sorted(current.items()):
             if k != kind or (namespace is not None and ns != namespace and k not in CLUSTER_SCOPED):
                 continue
             if name is not None and n != name:
                 continue
-            obj = self._with_meta(stored)
-            if ns:
-                obj["metadata"]["namespace"] = ns
-            status = statuses.get((k, ns, n))
-            if status is not None:
-                obj["status"] = dict(status.as_dict() if hasattr(status, "as_dict") else status)
-            self._decorate(obj)
-            out.append(obj)
+            out.append(copy.deepcopy(obj))
         if name is not None and not out:
             where = f"{namespace}/{name}" if namespace else name
             raise NotFoundError(f"{kind} {where} not found")
-        return out
+        return version, out
+
+    def _show(
+        self, key: ResourceKey, stored: _Stored, statuses: Mapping[Any, Any]
+    ) -> dict[str, Any]:
+        obj = self._with_meta(stored)
+        if key[1]:
+            obj["metadata"]["namespace"] = key[1]
+        status = statuses.get(key)
+        if status is not None:
+            obj["status"] = dict(status.as_dict() if hasattr(status, "as_dict") else status)
+        self._decorate(obj)
+        return obj
 
     def _decorate(self, obj: dict[str, Any]) -> None:
         """What a cluster would show that a manifest does not say: where a Gateway listens,
         where a Service is reached, a Secret's stringData folded into base64 data."""
         kind = obj.get("kind")
-        if kind == "Gateway" and self.listen_address is not None:
+        if kind == "Gateway" and self._listen_address is not None:
             status = obj.setdefault("status", {})
-            status["addresses"] = [{"type": "IPAddress", "value": self.listen_address[0]}]
-            host, port = self.listen_address
+            status["addresses"] = [{"type": "IPAddress", "value": self._listen_address[0]}]
+            host, port = self._listen_address
             status.setdefault("tokengateway", {})["listen"] = f"{host}:{port}"
         elif kind == "Service":
             key = f"{obj['metadata'].get('namespace')}/{obj['metadata'].get('name')}"
@@ -321,6 +361,23 @@ class ControlPlane:
         if not path.exists():
             return []
         return [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+
+    def _read_version(self) -> int | None:
+        if self.state_dir is None:
+            return None
+        try:
+            return int((self.state_dir / VERSION_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _write_version(self) -> None:
+        if self.state_dir is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        target = self.state_dir / VERSION_FILE
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(f"{self.history.last}\n")
+        partial.replace(target)
 
     def _write_state(self) -> None:
         if self.state_dir is None:
