@@ -453,6 +453,61 @@ def test_resource_versions_keep_growing_across_a_restart(start_gateway, tmp_path
         assert int(listed["items"][0]["metadata"]["resourceVersion"]) > before + 10**12
 
 
+def test_generation_observed_generation_and_the_status_subresource(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    merge = {"content-type": "application/merge-patch+json"}
+    policy = f"{TRLPS}/{POLICY}"
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        first = admin.get(policy).json()
+        assert first["metadata"]["generation"] == 1
+        # metadata is not spec: no new generation
+        labelled = admin.patch(policy, content='{"metadata":{"labels":{"a":"b"}}}', headers=merge)
+        assert labelled.json()["metadata"]["generation"] == 1
+        # a write to the object ignores its status; a spec change is a new generation, and
+        # every condition says it observed it
+        body = {"spec": {"limits": {"free": {"rates": [{"limit": 7, "window": "1m"}]}}}}
+        body["status"] = {"conditions": []}
+        changed = admin.patch(policy, content=json.dumps(body), headers=merge).json()
+        assert changed["metadata"]["generation"] == 2
+        assert changed["status"]["conditions"], changed["status"]
+        assert {c["observedGeneration"] for c in changed["status"]["conditions"]} == {2}
+        assert changed["status"]["observedGeneration"] == 2
+        # a write to /status changes only the status: not the spec, not the generation;
+        # what the gateway computes (the conditions) stays
+        status = admin.patch(
+            f"{policy}/status",
+            content=json.dumps({"spec": {"targetRef": {"name": "x"}}, "status": {"note": "hi"}}),
+            headers=merge,
+        )
+        assert status.status_code == 200, status.text
+        shown = admin.get(f"{policy}/status").json()
+        assert shown["status"]["note"] == "hi"
+        assert shown["status"]["conditions"] == changed["status"]["conditions"]
+        assert shown["spec"] == changed["spec"]
+        assert shown["metadata"]["generation"] == 2
+        assert int(shown["metadata"]["resourceVersion"]) > int(
+            changed["metadata"]["resourceVersion"]
+        )
+        # PUT /status with a stale resourceVersion: 409 Conflict
+        stale = dict(shown, metadata=dict(shown["metadata"], resourceVersion="1"))
+        conflict = admin.put(f"{policy}/status", json=stale)
+        assert conflict.status_code == 409 and conflict.json()["reason"] == "Conflict"
+        # a kind no gateway computes the status of keeps what is written
+        deploy = "/apis/apps/v1/namespaces/default/deployments/trlp-tutorial-llm-sim"
+        current = admin.get(deploy).json()
+        current["status"] = {"replicas": 1, "readyReplicas": 1}
+        assert admin.put(f"{deploy}/status", json=current).status_code == 200
+        assert admin.get(deploy).json()["status"] == {"replicas": 1, "readyReplicas": 1}
+        assert admin.get(deploy).json()["metadata"]["generation"] == 1
+        # secrets have no status subresource
+        assert admin.get("/api/v1/namespaces/x/secrets/y/status").status_code == 404
+        resources = admin.get("/apis/kuadrant.io/v1alpha1").json()["resources"]
+        assert {"tokenratelimitpolicies", "tokenratelimitpolicies/status"} <= {
+            r["name"] for r in resources
+        }
+    assert spend(gw, n=3)[-1] == 429  # the limit of 7 applied through the API is live
+
+
 def test_create_namespace_sent_as_protobuf(start_gateway, kubectl) -> None:
     k = kubectl(start_gateway(TUTORIAL))
     assert ok(k("create", "ns", "team-a")) == "namespace/team-a created\n"

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import dataclasses
 import datetime
 import io
 import logging
@@ -76,6 +77,8 @@ class _Stored:
     generation: int
     created: str
     uid: str
+    #: what clients wrote to the `status` subresource; what the gateway computes wins over it
+    status: dict[str, Any] | None = None
 
 
 def _now() -> str:
@@ -152,6 +155,7 @@ class ControlPlane:
                     int(extra.get("generation", 1)),
                     str(extra.get("created") or _now()),
                     str(extra.get("uid") or uuid.uuid4()),
+                    extra.get("status") or None,
                 )
             # Not strict: what was applied before a restart was accepted then, and a broken
             # policy is reported in its status while the rest is served (validate is strict).
@@ -179,7 +183,7 @@ class ControlPlane:
         generation = previous.generation
         if _spec_of(previous.doc) != _spec_of(doc):
             generation += 1
-        return _Stored(doc, origin, generation, previous.created, previous.uid)
+        return _Stored(doc, origin, generation, previous.created, previous.uid, previous.status)
 
     # --- changes ----------------------------------------------------------------------------
 
@@ -224,6 +228,23 @@ class ControlPlane:
                 results.append(ApplyResult(str(gone.doc.get("apiVersion", "")), *key, "deleted"))
             self._commit(stored)
             return results
+
+    def set_status(self, key: ResourceKey, status: Mapping[str, Any]) -> None:
+        """A write to the `status` subresource: the status changes, nothing else does (no
+        new generation, no new configuration). What the gateway computes (conditions,
+        addresses) stays what it is, as its controller would set it again at once."""
+        with self._lock:
+            previous = self._stored.get(key)
+            if previous is None:
+                kind, namespace, name = key
+                raise NotFoundError(
+                    f"{kind} {namespace + '/' if namespace else ''}{name} not found"
+                )
+            stored = dict(self._stored)
+            stored[key] = dataclasses.replace(previous, status=copy.deepcopy(dict(status)) or None)
+            self._stored = stored
+            self._write_state()
+            self._record()
 
     def delete_documents(self, text: str) -> list[ApplyResult]:
         docs = load_paths(["-"], stdin=io.StringIO(text))
@@ -325,9 +346,12 @@ class ControlPlane:
         obj = self._with_meta(stored)
         if key[1]:
             obj["metadata"]["namespace"] = key[1]
+        if stored.status:
+            obj["status"] = copy.deepcopy(stored.status)
         status = statuses.get(key)
         if status is not None:
-            obj["status"] = dict(status.as_dict() if hasattr(status, "as_dict") else status)
+            computed = status.as_dict() if hasattr(status, "as_dict") else status
+            obj["status"] = {**obj.get("status", {}), **computed}
         self._decorate(obj)
         return obj
 
@@ -387,11 +411,14 @@ class ControlPlane:
             if stored.origin != "api":
                 continue
             doc = copy.deepcopy(stored.doc)
-            doc.setdefault("metadata", {})["tokengateway.io/stored"] = {
+            extra: dict[str, Any] = {
                 "generation": stored.generation,
                 "created": stored.created,
                 "uid": stored.uid,
             }
+            if stored.status:
+                extra["status"] = stored.status
+            doc.setdefault("metadata", {})["tokengateway.io/stored"] = extra
             docs.append(doc)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         target = self.state_dir / STATE_FILE

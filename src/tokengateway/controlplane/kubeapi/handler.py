@@ -65,6 +65,7 @@ class _Target:
     kind: KubeKind
     namespace: str  # "" when cluster-scoped or listing every namespace
     name: str
+    subresource: str = ""  # "status", or "" for the object itself
 
 
 class KubeAPI:
@@ -120,6 +121,8 @@ class KubeAPI:
             raise KubeError(404, f"nothing to watch at {request.path}")
         if request.method != "GET":
             raise KubeError(405, "a watch is a GET")
+        if target.subresource:
+            raise KubeError(405, f"a {target.subresource} subresource cannot be watched")
         if target.name:  # /.../NAME?watch=true: the old form of fieldSelector=metadata.name
             query = dict(request.query, fieldSelector=f"metadata.name={target.name}")
             request = dataclasses.replace(request, query=query)
@@ -263,18 +266,19 @@ class KubeAPI:
         namespace = ""
         if rest[0] == "namespaces" and len(rest) >= 3:
             namespace, rest = rest[1], rest[2:]
-        if len(rest) > 2:
-            raise KubeError(404, f"subresource {'/'.join(rest[2:])} is not served")
         kind = discovery.find(group, version, rest[0])
         if kind is None:
             gv = f"{group}/{version}" if group else version
             raise KubeError(
                 404, f"the server could not find the requested resource ({gv} {rest[0]})"
             )
-        name = rest[1] if len(rest) == 2 else ""
+        subresource = "/".join(rest[2:])
+        if subresource and (subresource != "status" or not kind.has_status):
+            raise KubeError(404, f"subresource {subresource} of {kind.plural} is not served")
+        name = rest[1] if len(rest) >= 2 else ""
         if not kind.namespaced:
             namespace = ""
-        return _Target(kind, namespace, name)
+        return _Target(kind, namespace, name, subresource)
 
     # --- one resource type --------------------------------------------------------------
 
@@ -293,6 +297,8 @@ class KubeAPI:
             if "as=Table" in request.accept:
                 return 200, table(t.kind.kind, [obj], obj["metadata"]["resourceVersion"])
             return 200, obj
+        if t.subresource:
+            return 200, await self._write_status(request, t)
         if method == "POST":
             return 201, await self._create(request, t)
         if method == "PUT":
@@ -399,8 +405,25 @@ class KubeAPI:
             details={"name": name, "group": t.kind.group, "kind": t.kind.plural},
         )
 
-    async def _patch(self, request: Request, t: _Target) -> dict[str, Any]:
-        current = writable(self._get(t))
+    async def _write_status(self, request: Request, t: _Target) -> dict[str, Any]:
+        """PUT or PATCH of `.../NAME/status`: only the status changes; what the body says
+        of anything else is ignored, as the API server ignores it."""
+        current = self._get(t)
+        if request.method == "PUT":
+            obj = self._body_object(request, t)
+        elif request.method == "PATCH":
+            obj = self._patched(request, current)
+        else:
+            raise KubeError(405, f"{request.method} is not allowed on a status")
+        _check_version(obj, current, t)
+        status = obj.get("status") or {}
+        if not isinstance(status, dict):
+            raise KubeError(422, f'{t.kind.kind} "{t.name}" is invalid: status: must be an object')
+        await self._write(self.control.set_status, (t.kind.kind, t.namespace, t.name), status)
+        return self._get(t)
+
+    def _patched(self, request: Request, current: dict[str, Any]) -> dict[str, Any]:
+        """`current` with the request's merge or strategic merge patch applied."""
         content_type = request.content_type.split(";")[0].strip()
         try:
             patch = json.loads(request.body or b"null")
@@ -421,17 +444,23 @@ class KubeAPI:
             raise KubeError(400, str(exc)) from None
         if not isinstance(patched, dict):
             raise KubeError(400, "the patch does not leave an object")
+        return patched
+
+    async def _patch(self, request: Request, t: _Target) -> dict[str, Any]:
+        patched = self._patched(request, writable(self._get(t)))
         _check_version(patched, self._get(t), t)
         return await self._store(self._placed(patched, t), t)
 
     async def _store(self, obj: dict[str, Any], t: _Target) -> dict[str, Any]:
         name = str(obj["metadata"].get("name") or t.name)
-        await self._write(self.control.apply, json.dumps(writable(obj)), t.kind.kind, name)
+        await self._write(
+            self.control.apply, json.dumps(writable(obj)), kind=t.kind.kind, name=name
+        )
         return self._get(_Target(t.kind, t.namespace, name))
 
-    async def _write(self, change: Any, arg: Any, kind: str = "", name: str = "") -> Any:
+    async def _write(self, change: Any, *args: Any, kind: str = "", name: str = "") -> Any:
         try:
-            return await asyncio.to_thread(change, arg)
+            return await asyncio.to_thread(change, *args)
         except ManifestError as exc:
             causes = [(e.field, e.reason) for e in exc.errors] or [("", str(exc))]
             raise _invalid(kind, name, causes) from None
