@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -335,6 +337,51 @@ def test_watch_and_wait_follow_changes(start_gateway, kubectl, tmp_path) -> None
         assert spend(gw, n=3) == [404] * 3  # no Gateway, no route
         ok(k("delete", "trlp", POLICY, "-n", "gateway-system"))
         assert watch.stdout.readline().split()[:3] == ["DELETED", "gateway-system", POLICY]
+    finally:
+        for proc in (watch, waiting):
+            proc.kill()
+            proc.communicate()
+
+
+def lines_of(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+    """A process's output lines as they come, to be read with a timeout."""
+    out: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return out
+
+
+def test_wait_returns_as_soon_as_enforced_and_watch_shows_it(start_gateway, kubectl) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    ok(k("delete", "gtw", "trlp-tutorial-gateway", "-n", "gateway-system"))
+    watch = k.popen("get", "trlp", "-A", "-w")
+    waiting = k.popen(
+        "wait",
+        "--for=condition=Enforced",
+        f"trlp/{POLICY}",
+        "-n",
+        "gateway-system",
+        "--timeout=30s",
+    )
+    try:
+        seen = lines_of(watch)
+        assert seen.get(timeout=20).split()[:2] == ["NAMESPACE", "NAME"]
+        assert seen.get(timeout=20).split()[:4] == ["gateway-system", POLICY, "False", "<none>"]
+        time.sleep(1)
+        assert waiting.poll() is None  # not enforced: its Gateway is gone
+        started = time.monotonic()
+        ok(k("apply", "-f", str(TUTORIAL / "02-gateway.yaml")))
+        out, err = waiting.communicate(timeout=30)
+        assert out == f"tokenratelimitpolicy.kuadrant.io/{POLICY} condition met\n", err
+        assert time.monotonic() - started < 5  # at once, not at a timeout
+        assert seen.get(timeout=10).split()[:4] == ["gateway-system", POLICY, "True", "True"]
+        assert watch.poll() is None  # a watch goes on
     finally:
         for proc in (watch, waiting):
             proc.kill()
