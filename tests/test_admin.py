@@ -200,6 +200,20 @@ def test_admin_token(tmp_path, manifests, start_gateway) -> None:
     assert result.returncode == 1 and "--admin-token" in result.stderr
     gw = start_gateway(TUTORIAL, args=("--admin-token", "s3cret"))
     assert admin(gw).get("/apis/resources", params={"kind": "gtw"}).status_code == 401
+    # on the Kubernetes paths, a refusal is a Status, as kubectl and client libraries read it
+    for path in ("/version", "/api/v1/namespaces", "/apis/kuadrant.io/v1alpha1"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = admin(gw).get(path, headers=headers)
+            assert refused.status_code == 401
+            assert refused.json() == {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": "missing or wrong admin token (Authorization: Bearer TOKEN)",
+                "reason": "Unauthorized",
+                "code": 401,
+            }
     ok = admin(gw).get(
         "/apis/resources",
         params={"kind": "gtw", "namespace": "gateway-system"},

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -341,6 +343,51 @@ def test_watch_and_wait_follow_changes(start_gateway, kubectl, tmp_path) -> None
             proc.communicate()
 
 
+def lines_of(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+    """A process's output lines as they come, to be read with a timeout."""
+    out: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return out
+
+
+def test_wait_returns_as_soon_as_enforced_and_watch_shows_it(start_gateway, kubectl) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    ok(k("delete", "gtw", "trlp-tutorial-gateway", "-n", "gateway-system"))
+    watch = k.popen("get", "trlp", "-A", "-w")
+    waiting = k.popen(
+        "wait",
+        "--for=condition=Enforced",
+        f"trlp/{POLICY}",
+        "-n",
+        "gateway-system",
+        "--timeout=30s",
+    )
+    try:
+        seen = lines_of(watch)
+        assert seen.get(timeout=20).split()[:2] == ["NAMESPACE", "NAME"]
+        assert seen.get(timeout=20).split()[:4] == ["gateway-system", POLICY, "False", "<none>"]
+        time.sleep(1)
+        assert waiting.poll() is None  # not enforced: its Gateway is gone
+        started = time.monotonic()
+        ok(k("apply", "-f", str(TUTORIAL / "02-gateway.yaml")))
+        out, err = waiting.communicate(timeout=30)
+        assert out == f"tokenratelimitpolicy.kuadrant.io/{POLICY} condition met\n", err
+        assert time.monotonic() - started < 5  # at once, not at a timeout
+        assert seen.get(timeout=10).split()[:4] == ["gateway-system", POLICY, "True", "True"]
+        assert watch.poll() is None  # a watch goes on
+    finally:
+        for proc in (watch, waiting):
+            proc.kill()
+            proc.communicate()
+
+
 def test_a_watch_ends_at_its_timeout(start_gateway) -> None:
     gw = start_gateway(TUTORIAL)
     path = "/apis/kuadrant.io/v1alpha1/namespaces/gateway-system/tokenratelimitpolicies"
@@ -362,6 +409,150 @@ def test_a_watch_ends_at_its_timeout(start_gateway) -> None:
         bad = admin.get(path, params={"watch": "true", "resourceVersion": "yesterday"})
         assert bad.status_code == 400 and bad.json()["reason"] == "BadRequest"
     assert 2 <= time.monotonic() - started < 10
+
+
+TRLPS = "/apis/kuadrant.io/v1alpha1/namespaces/gateway-system/tokenratelimitpolicies"
+
+
+def watch_lines(admin: httpx.Client, path: str, **params: str) -> list[dict]:
+    answer = admin.get(path, params={"watch": "true", **params})
+    assert answer.status_code == 200, answer.text
+    return [json.loads(line) for line in answer.text.splitlines()]
+
+
+def test_a_watch_replays_the_history_then_expires_when_it_is_gone(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    merge = {"content-type": "application/merge-patch+json"}
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        listed = admin.get(TRLPS).json()["metadata"]["resourceVersion"]
+        labelled = admin.patch(
+            f"{TRLPS}/{POLICY}", content='{"metadata":{"labels":{"tier":"x"}}}', headers=merge
+        ).json()
+        assert int(labelled["metadata"]["resourceVersion"]) > int(listed)
+        assert admin.delete(f"{TRLPS}/{POLICY}").status_code == 200
+        # what happened since the list, deletion included, each at its own version
+        events = watch_lines(admin, TRLPS, resourceVersion=listed, timeoutSeconds="1")
+        assert [e["type"] for e in events] == ["MODIFIED", "DELETED"]
+        versions = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
+        assert versions[0] == int(labelled["metadata"]["resourceVersion"]) < versions[1]
+        assert events[1]["object"]["metadata"]["name"] == POLICY
+        assert all(e["object"]["apiVersion"] == "kuadrant.io/v1alpha1" for e in events)
+        # from before the history begins: one ERROR event, 410 Expired, as the API server
+        [gone] = watch_lines(admin, TRLPS, resourceVersion="1", timeoutSeconds="5")
+        assert gone["type"] == "ERROR"
+        assert gone["object"]["kind"] == "Status"
+        assert (gone["object"]["code"], gone["object"]["reason"]) == (410, "Expired")
+
+
+def test_bookmarks_and_live_events_without_polling(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    merge = {"content-type": "application/merge-patch+json"}
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        listed = admin.get(TRLPS).json()["metadata"]["resourceVersion"]
+        # a bookmark comes shortly before timeoutSeconds is up, with only the version
+        events = watch_lines(
+            admin, TRLPS, resourceVersion=listed, timeoutSeconds="3", allowWatchBookmarks="true"
+        )
+        assert events == [
+            {
+                "type": "BOOKMARK",
+                "object": {
+                    "kind": "TokenRateLimitPolicy",
+                    "apiVersion": "kuadrant.io/v1alpha1",
+                    "metadata": {"resourceVersion": listed},
+                },
+            }
+        ]
+        # a change made while a watch waits arrives at once, not at the next look
+        with (
+            httpx.Client(base_url=gw.admin_url, timeout=30) as other,
+            admin.stream(
+                "GET",
+                TRLPS,
+                params={"watch": "true", "resourceVersion": listed, "timeoutSeconds": "20"},
+            ) as stream,
+        ):
+            lines = stream.iter_lines()
+            time.sleep(0.3)
+            started = time.monotonic()
+            other.patch(
+                f"{TRLPS}/{POLICY}", content='{"metadata":{"labels":{"a":"b"}}}', headers=merge
+            )
+            event = json.loads(next(lines))
+            assert event["type"] == "MODIFIED"
+            assert event["object"]["metadata"]["labels"] == {"a": "b"}
+            assert time.monotonic() - started < 2
+
+
+def test_resource_versions_keep_growing_across_a_restart(start_gateway, tmp_path) -> None:
+    state = tmp_path / "kept"
+    gw = start_gateway(TUTORIAL, state_dir=state)
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        before = int(admin.get(TRLPS).json()["metadata"]["resourceVersion"])
+    gw.stop()
+    assert int((state / "resourceversion").read_text()) == before
+    (state / "resourceversion").write_text(f"{before + 10**12}\n")  # as if the clock went back
+    again = start_gateway(TUTORIAL, state_dir=state)
+    with httpx.Client(base_url=again.admin_url, timeout=30) as admin:
+        listed = admin.get(TRLPS).json()
+        after = int(listed["metadata"]["resourceVersion"])
+        assert after > before + 10**12
+        assert int(listed["items"][0]["metadata"]["resourceVersion"]) > before + 10**12
+
+
+def test_generation_observed_generation_and_the_status_subresource(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    merge = {"content-type": "application/merge-patch+json"}
+    policy = f"{TRLPS}/{POLICY}"
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        first = admin.get(policy).json()
+        assert first["metadata"]["generation"] == 1
+        # metadata is not spec: no new generation
+        labelled = admin.patch(policy, content='{"metadata":{"labels":{"a":"b"}}}', headers=merge)
+        assert labelled.json()["metadata"]["generation"] == 1
+        # a write to the object ignores its status; a spec change is a new generation, and
+        # every condition says it observed it
+        body = {"spec": {"limits": {"free": {"rates": [{"limit": 7, "window": "1m"}]}}}}
+        body["status"] = {"conditions": []}
+        changed = admin.patch(policy, content=json.dumps(body), headers=merge).json()
+        assert changed["metadata"]["generation"] == 2
+        assert changed["status"]["conditions"], changed["status"]
+        assert {c["observedGeneration"] for c in changed["status"]["conditions"]} == {2}
+        assert changed["status"]["observedGeneration"] == 2
+        # a write to /status changes only the status: not the spec, not the generation;
+        # what the gateway computes (the conditions) stays
+        status = admin.patch(
+            f"{policy}/status",
+            content=json.dumps({"spec": {"targetRef": {"name": "x"}}, "status": {"note": "hi"}}),
+            headers=merge,
+        )
+        assert status.status_code == 200, status.text
+        shown = admin.get(f"{policy}/status").json()
+        assert shown["status"]["note"] == "hi"
+        assert shown["status"]["conditions"] == changed["status"]["conditions"]
+        assert shown["spec"] == changed["spec"]
+        assert shown["metadata"]["generation"] == 2
+        assert int(shown["metadata"]["resourceVersion"]) > int(
+            changed["metadata"]["resourceVersion"]
+        )
+        # PUT /status with a stale resourceVersion: 409 Conflict
+        stale = dict(shown, metadata=dict(shown["metadata"], resourceVersion="1"))
+        conflict = admin.put(f"{policy}/status", json=stale)
+        assert conflict.status_code == 409 and conflict.json()["reason"] == "Conflict"
+        # a kind no gateway computes the status of keeps what is written
+        deploy = "/apis/apps/v1/namespaces/default/deployments/trlp-tutorial-llm-sim"
+        current = admin.get(deploy).json()
+        current["status"] = {"replicas": 1, "readyReplicas": 1}
+        assert admin.put(f"{deploy}/status", json=current).status_code == 200
+        assert admin.get(deploy).json()["status"] == {"replicas": 1, "readyReplicas": 1}
+        assert admin.get(deploy).json()["metadata"]["generation"] == 1
+        # secrets have no status subresource
+        assert admin.get("/api/v1/namespaces/x/secrets/y/status").status_code == 404
+        resources = admin.get("/apis/kuadrant.io/v1alpha1").json()["resources"]
+        assert {"tokenratelimitpolicies", "tokenratelimitpolicies/status"} <= {
+            r["name"] for r in resources
+        }
+    assert spend(gw, n=3)[-1] == 429  # the limit of 7 applied through the API is live
 
 
 def test_create_namespace_sent_as_protobuf(start_gateway, kubectl) -> None:

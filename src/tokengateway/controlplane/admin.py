@@ -21,6 +21,7 @@ import msgspec
 from tokengateway.config.compile import ConfigError
 from tokengateway.controlplane.control import ControlPlane, NotFoundError
 from tokengateway.controlplane.kubeapi import KubeAPI, claims
+from tokengateway.controlplane.kubeapi.status import KubeError
 from tokengateway.http.asgi import Receive, Scope, Send, read_body
 from tokengateway.limits import Limit, Rate, parse_counter_key
 from tokengateway.observability import ui
@@ -84,10 +85,15 @@ class AdminApp:
         except _HTTPError as exc:
             status = exc.status
             payload = {"error": {"message": str(exc), "details": exc.details}}
+            if claims(scope["path"]):  # kubectl and client libraries read a Status
+                payload = KubeError(status, str(exc)).status()
         except Exception:  # never a stack trace to a client
             log.exception("admin API error")
             status = 500
-            payload = {"error": {"message": "internal error; see the gateway's log", "details": []}}
+            message = "internal error; see the gateway's log"
+            payload = {"error": {"message": message, "details": []}}
+            if claims(scope["path"]):
+                payload = KubeError(status, message).status()
         await _send(send, status, msgspec.json.encode(payload), b"application/json")
 
     #: set by runtime/serve.py: the metrics of every worker process, summed (metrics.merge); without

@@ -5,6 +5,10 @@ admin API (kept in the state directory, so they survive a restart). Every change
 whole new configuration and swaps it in one assignment: a request keeps the configuration
 it started with, so none is dropped or fails during a reload. A change that cannot be built
 is refused and nothing changes.
+
+Each change is also recorded in `history` (history.py): the objects as clients see them,
+status included, each with its resourceVersion, and the events a watch follows. The last
+resourceVersion is kept in the state directory, so versions keep growing across restarts.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import dataclasses
 import datetime
 import io
 import logging
@@ -28,6 +33,7 @@ import yaml
 
 from tokengateway.config.backends import plan_backends
 from tokengateway.config.compile import CompiledConfig, compile_config, needed_services
+from tokengateway.controlplane.history import History
 from tokengateway.resources import Document, load_paths, parse_resources
 from tokengateway.resources.kinds import CLUSTER_SCOPED
 from tokengateway.resources.loader import MANIFEST_EXTENSIONS
@@ -38,6 +44,8 @@ log = logging.getLogger("tokengateway.control")
 
 ResourceKey = tuple[str, str, str]  # (kind, namespace, name); namespace "" when cluster-scoped
 STATE_FILE = "applied.yaml"
+#: the last resourceVersion given, so that versions only grow across restarts
+VERSION_FILE = "resourceversion"
 
 
 class NotFoundError(LookupError):
@@ -69,6 +77,8 @@ class _Stored:
     generation: int
     created: str
     uid: str
+    #: what clients wrote to the `status` subresource; what the gateway computes wins over it
+    status: dict[str, Any] | None = None
 
 
 def _now() -> str:
@@ -108,8 +118,20 @@ class ControlPlane:
         self.config: CompiledConfig | None = None
         self._mtimes: dict[str, float] = {}
         #: where the gateway listens and each Service's address, for `get` to show
-        self.listen_address: tuple[str, int] | None = None
+        self._listen_address: tuple[str, int] | None = None
         self.backend_urls: dict[str, str] = {}
+        self.history = History(self._read_version())
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        return self._listen_address
+
+    @listen_address.setter
+    def listen_address(self, address: tuple[str, int] | None) -> None:
+        """Where the gateway listens: shown in each Gateway's status, so a change is one."""
+        with self._lock:
+            self._listen_address = address
+            self._record()
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -133,6 +155,7 @@ class ControlPlane:
                     int(extra.get("generation", 1)),
                     str(extra.get("created") or _now()),
                     str(extra.get("uid") or uuid.uuid4()),
+                    extra.get("status") or None,
                 )
             # Not strict: what was applied before a restart was accepted then, and a broken
             # policy is reported in its status while the rest is served (validate is strict).
@@ -160,7 +183,7 @@ class ControlPlane:
         generation = previous.generation
         if _spec_of(previous.doc) != _spec_of(doc):
             generation += 1
-        return _Stored(doc, origin, generation, previous.created, previous.uid)
+        return _Stored(doc, origin, generation, previous.created, previous.uid, previous.status)
 
     # --- changes ----------------------------------------------------------------------------
 
@@ -205,6 +228,23 @@ class ControlPlane:
                 results.append(ApplyResult(str(gone.doc.get("apiVersion", "")), *key, "deleted"))
             self._commit(stored)
             return results
+
+    def set_status(self, key: ResourceKey, status: Mapping[str, Any]) -> None:
+        """A write to the `status` subresource: the status changes, nothing else does (no
+        new generation, no new configuration). What the gateway computes (conditions,
+        addresses) stays what it is, as its controller would set it again at once."""
+        with self._lock:
+            previous = self._stored.get(key)
+            if previous is None:
+                kind, namespace, name = key
+                raise NotFoundError(
+                    f"{kind} {namespace + '/' if namespace else ''}{name} not found"
+                )
+            stored = dict(self._stored)
+            stored[key] = dataclasses.replace(previous, status=copy.deepcopy(dict(status)) or None)
+            self._stored = stored
+            self._write_state()
+            self._record()
 
     def delete_documents(self, text: str) -> list[ApplyResult]:
         docs = load_paths(["-"], stdin=io.StringIO(text))
@@ -254,7 +294,16 @@ class ControlPlane:
         self.backend_urls = dict(urls)
         self._publish(config)
         self._write_state()
+        self._record()
         return config
+
+    def _record(self) -> None:
+        """Hand the objects as now shown to `history`, which makes events of what changed.
+        Called with `_lock` held, after each change."""
+        statuses = getattr(self.config, "statuses", {}) or {}
+        shown = {key: self._show(key, stored, statuses) for key, stored in self._stored.items()}
+        if self.history.record(shown):
+            self._write_version()
 
     @staticmethod
     def _with_meta(stored: _Stored) -> dict[str, Any]:
@@ -270,35 +319,50 @@ class ControlPlane:
     def objects(
         self, kind: str, namespace: str | None = None, name: str | None = None
     ) -> list[dict[str, Any]]:
-        """The stored objects of a kind, as `get` shows them (with status)."""
-        statuses = getattr(self.config, "statuses", {}) or {}
+        """The stored objects of a kind, as `get` shows them (with status and
+        resourceVersion), each a copy the caller may change."""
+        return self.listing(kind, namespace, name)[1]
+
+    def listing(
+        self, kind: str, namespace: str | None = None, name: str | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """`objects` and the resourceVersion they are as of (a list's), taken together."""
+        version, current = self.history.snapshot()
         out = []
-        for (k, ns, n), stored in sorted(self._stored.items()):
+        for (k, ns, n), obj in sorted(current.items()):
             if k != kind or (namespace is not None and ns != namespace and k not in CLUSTER_SCOPED):
                 continue
             if name is not None and n != name:
                 continue
-            obj = self._with_meta(stored)
-            if ns:
-                obj["metadata"]["namespace"] = ns
-            status = statuses.get((k, ns, n))
-            if status is not None:
-                obj["status"] = dict(status.as_dict() if hasattr(status, "as_dict") else status)
-            self._decorate(obj)
-            out.append(obj)
+            out.append(copy.deepcopy(obj))
         if name is not None and not out:
             where = f"{namespace}/{name}" if namespace else name
             raise NotFoundError(f"{kind} {where} not found")
-        return out
+        return version, out
+
+    def _show(
+        self, key: ResourceKey, stored: _Stored, statuses: Mapping[Any, Any]
+    ) -> dict[str, Any]:
+        obj = self._with_meta(stored)
+        if key[1]:
+            obj["metadata"]["namespace"] = key[1]
+        if stored.status:
+            obj["status"] = copy.deepcopy(stored.status)
+        status = statuses.get(key)
+        if status is not None:
+            computed = status.as_dict() if hasattr(status, "as_dict") else status
+            obj["status"] = {**obj.get("status", {}), **computed}
+        self._decorate(obj)
+        return obj
 
     def _decorate(self, obj: dict[str, Any]) -> None:
         """What a cluster would show that a manifest does not say: where a Gateway listens,
         where a Service is reached, a Secret's stringData folded into base64 data."""
         kind = obj.get("kind")
-        if kind == "Gateway" and self.listen_address is not None:
+        if kind == "Gateway" and self._listen_address is not None:
             status = obj.setdefault("status", {})
-            status["addresses"] = [{"type": "IPAddress", "value": self.listen_address[0]}]
-            host, port = self.listen_address
+            status["addresses"] = [{"type": "IPAddress", "value": self._listen_address[0]}]
+            host, port = self._listen_address
             status.setdefault("tokengateway", {})["listen"] = f"{host}:{port}"
         elif kind == "Service":
             key = f"{obj['metadata'].get('namespace')}/{obj['metadata'].get('name')}"
@@ -322,6 +386,23 @@ class ControlPlane:
             return []
         return [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
 
+    def _read_version(self) -> int | None:
+        if self.state_dir is None:
+            return None
+        try:
+            return int((self.state_dir / VERSION_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _write_version(self) -> None:
+        if self.state_dir is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        target = self.state_dir / VERSION_FILE
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(f"{self.history.last}\n")
+        partial.replace(target)
+
     def _write_state(self) -> None:
         if self.state_dir is None:
             return
@@ -330,11 +411,14 @@ class ControlPlane:
             if stored.origin != "api":
                 continue
             doc = copy.deepcopy(stored.doc)
-            doc.setdefault("metadata", {})["tokengateway.io/stored"] = {
+            extra: dict[str, Any] = {
                 "generation": stored.generation,
                 "created": stored.created,
                 "uid": stored.uid,
             }
+            if stored.status:
+                extra["status"] = stored.status
+            doc.setdefault("metadata", {})["tokengateway.io/stored"] = extra
             docs.append(doc)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         target = self.state_dir / STATE_FILE

@@ -44,6 +44,10 @@ _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+#: kinds with no status, so no `/status` subresource
+NO_STATUS = frozenset({"Secret", "ConfigMap"})
+
+
 @dataclass(frozen=True, slots=True)
 class KubeKind:
     kind: str
@@ -61,6 +65,11 @@ class KubeKind:
     def qualified(self) -> str:
         """`tokenratelimitpolicies.kuadrant.io`, as Kubernetes names a resource in errors."""
         return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    @property
+    def has_status(self) -> bool:
+        """Whether `.../NAME/status` is served (a subresource, as on a cluster)."""
+        return self.kind not in NO_STATUS
 
     def as_api_resource(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -146,5 +155,20 @@ def resource_list(group: str, version: str) -> dict[str, Any] | None:
         "kind": "APIResourceList",
         "apiVersion": "v1",
         "groupVersion": found[0].group_version,
-        "resources": [k.as_api_resource() for k in found],
+        "resources": [r for k in found for r in _resources(k)],
     }
+
+
+def _resources(k: KubeKind) -> list[dict[str, Any]]:
+    out = [k.as_api_resource()]
+    if k.has_status:
+        out.append(
+            {
+                "name": f"{k.plural}/status",
+                "singularName": "",
+                "namespaced": k.namespaced,
+                "kind": k.kind,
+                "verbs": ["get", "patch", "update"],
+            }
+        )
+    return out

@@ -20,16 +20,17 @@ from urllib.parse import parse_qs, unquote
 
 from tokengateway.config.compile import ConfigError
 from tokengateway.controlplane.control import ControlPlane, NotFoundError
+from tokengateway.controlplane.history import Expired
 from tokengateway.http.asgi import Receive, Scope, Send, read_body
 from tokengateway.resources import ManifestError
 
 from . import discovery, openapi, protobuf
 from .discovery import KubeKind
-from .objects import ResourceVersions, writable
+from .objects import writable
 from .patch import PatchError, merge_patch, strategic_merge_patch
 from .status import KubeError, success
 from .tables import table
-from .watch import POLL_SECONDS, Snapshots
+from .watch import bookmark, expired, next_bookmark
 
 __all__ = ["KubeAPI", "Request", "claims"]
 
@@ -64,12 +65,12 @@ class _Target:
     kind: KubeKind
     namespace: str  # "" when cluster-scoped or listing every namespace
     name: str
+    subresource: str = ""  # "status", or "" for the object itself
 
 
 class KubeAPI:
     def __init__(self, control: ControlPlane) -> None:
         self.control = control
-        self.versions = ResourceVersions()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -120,6 +121,8 @@ class KubeAPI:
             raise KubeError(404, f"nothing to watch at {request.path}")
         if request.method != "GET":
             raise KubeError(405, "a watch is a GET")
+        if target.subresource:
+            raise KubeError(405, f"a {target.subresource} subresource cannot be watched")
         if target.name:  # /.../NAME?watch=true: the old form of fieldSelector=metadata.name
             query = dict(request.query, fieldSelector=f"metadata.name={target.name}")
             request = dataclasses.replace(request, query=query)
@@ -128,14 +131,17 @@ class KubeAPI:
 
     async def _stream(self, request: Request, t: _Target, receive: Receive, send: Send) -> None:
         """Newline-delimited watch events until `timeoutSeconds` (30 minutes at most) or
-        the client leaves."""
+        the client leaves: the history's events after `resourceVersion` (or every current
+        object as ADDED, without one), then each change as it is recorded."""
         after = request.query.get("resourceVersion", "")
         try:
             since = int(after) if after.strip("0") else None
             timeout = min(float(request.query.get("timeoutSeconds") or 1800), 1800)
         except ValueError:
             raise KubeError(400, "resourceVersion and timeoutSeconds must be numbers") from None
-        snapshots = Snapshots(self._watched(request, t), since)
+        bookmarks = request.query.get("allowWatchBookmarks") in ("true", "1")
+        history = self.control.history
+        loop = asyncio.get_running_loop()
         await send(
             {
                 "type": "http.response.start",
@@ -143,25 +149,52 @@ class KubeAPI:
                 "headers": [(b"content-type", b"application/json")],
             }
         )
+
+        async def emit(kind: str, obj: dict[str, Any]) -> None:
+            line = json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+
         gone = asyncio.ensure_future(receive())  # completes when the client disconnects
-        deadline = asyncio.get_running_loop().time() + timeout
-        events = snapshots.first
+        deadline = loop.time() + timeout
+        marked = next_bookmark(loop.time(), deadline)
         try:
-            while True:
-                for kind, obj in events:
-                    if "as=Table" in request.accept:
-                        shown: dict[str, Any] = table(t.kind.kind, [obj], self.versions.current)
-                    else:
-                        shown = obj
-                    line = json.dumps({"type": kind, "object": shown}).encode() + b"\n"
-                    await send({"type": "http.response.body", "body": line, "more_body": True})
-                left = deadline - asyncio.get_running_loop().time()
-                if left <= 0:
-                    break
-                await asyncio.wait({gone}, timeout=min(POLL_SECONDS, left))
-                if gone.done():
-                    return
-                events = snapshots.since(self._watched(request, t))
+            with history.waiter() as waiter:
+                if since is None:  # "any version": the objects as they are, then what follows
+                    cursor, current = history.snapshot()
+                    for key, obj in sorted(current.items()):
+                        if self._follows(request, t, key, obj):
+                            await emit("ADDED", self._event_object(request, t, obj, cursor))
+                else:
+                    cursor = since
+                while True:
+                    waiter.event.clear()  # before reading: a change after it wakes the wait
+                    try:
+                        cursor, events = history.since(cursor)
+                    except Expired as exc:
+                        await emit("ERROR", expired(exc))
+                        break
+                    for event in events:
+                        if self._follows(request, t, event.key, event.object):
+                            obj = self._event_object(request, t, event.object, event.version)
+                            await emit(event.type, obj)
+                    now = loop.time()
+                    if now >= deadline:
+                        break
+                    if bookmarks and now >= marked:
+                        await emit("BOOKMARK", bookmark(t.kind.kind, t.kind.group_version, cursor))
+                        marked = next_bookmark(now, deadline)
+                    until = min(deadline, marked) if bookmarks else deadline
+                    woken = asyncio.ensure_future(waiter.event.wait())
+                    try:
+                        await asyncio.wait(
+                            {gone, woken},
+                            timeout=max(until - now, 0),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        woken.cancel()
+                    if gone.done():
+                        return
         except Exception:  # the answer has started: it can only end, as Kubernetes ends a watch
             log.exception("watch ended by an error")
         finally:
@@ -169,9 +202,25 @@ class KubeAPI:
         with contextlib.suppress(Exception):  # the client may be gone already
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _watched(self, request: Request, t: _Target) -> list[dict[str, Any]]:
-        objects = self.control.objects(t.kind.kind, t.namespace or None)
-        return [self._shown(o, t) for o in objects if _selected(o, request.query)]
+    @staticmethod
+    def _follows(
+        request: Request, t: _Target, key: tuple[str, str, str], obj: dict[str, Any]
+    ) -> bool:
+        """Whether a watch of `t` reports this object's events."""
+        if key[0] != t.kind.kind:
+            return False
+        if t.namespace and t.kind.namespaced and key[1] != t.namespace:
+            return False
+        return _selected(obj, request.query)
+
+    @staticmethod
+    def _event_object(
+        request: Request, t: _Target, obj: dict[str, Any], version: int
+    ) -> dict[str, Any]:
+        shown = {**obj, "apiVersion": t.kind.group_version}  # history's objects stay as they are
+        if "as=Table" in request.accept:
+            return table(t.kind.kind, [shown], str(version))
+        return shown
 
     async def handle(self, request: Request) -> tuple[int, Any]:
         path = request.path.rstrip("/") or "/"
@@ -217,18 +266,19 @@ class KubeAPI:
         namespace = ""
         if rest[0] == "namespaces" and len(rest) >= 3:
             namespace, rest = rest[1], rest[2:]
-        if len(rest) > 2:
-            raise KubeError(404, f"subresource {'/'.join(rest[2:])} is not served")
         kind = discovery.find(group, version, rest[0])
         if kind is None:
             gv = f"{group}/{version}" if group else version
             raise KubeError(
                 404, f"the server could not find the requested resource ({gv} {rest[0]})"
             )
-        name = rest[1] if len(rest) == 2 else ""
+        subresource = "/".join(rest[2:])
+        if subresource and (subresource != "status" or not kind.has_status):
+            raise KubeError(404, f"subresource {subresource} of {kind.plural} is not served")
+        name = rest[1] if len(rest) >= 2 else ""
         if not kind.namespaced:
             namespace = ""
-        return _Target(kind, namespace, name)
+        return _Target(kind, namespace, name, subresource)
 
     # --- one resource type --------------------------------------------------------------
 
@@ -247,6 +297,8 @@ class KubeAPI:
             if "as=Table" in request.accept:
                 return 200, table(t.kind.kind, [obj], obj["metadata"]["resourceVersion"])
             return 200, obj
+        if t.subresource:
+            return 200, await self._write_status(request, t)
         if method == "POST":
             return 201, await self._create(request, t)
         if method == "PUT":
@@ -262,11 +314,9 @@ class KubeAPI:
             return 200, success(t.name, t.kind.group, t.kind.plural, uid)
         raise KubeError(405, f"{method} is not allowed here")
 
-    def _shown(self, obj: dict[str, Any], t: _Target) -> dict[str, Any]:
+    @staticmethod
+    def _shown(obj: dict[str, Any], t: _Target) -> dict[str, Any]:
         obj["apiVersion"] = t.kind.group_version
-        meta = obj["metadata"]
-        key = (t.kind.kind, meta.get("namespace", ""), meta.get("name", ""))
-        self.versions.stamp(key, obj)
         return obj
 
     def _get(self, t: _Target) -> dict[str, Any]:
@@ -287,14 +337,14 @@ class KubeAPI:
         )
 
     def _list(self, request: Request, t: _Target) -> dict[str, Any]:
-        objects = self.control.objects(t.kind.kind, t.namespace or None)
+        version, objects = self.control.listing(t.kind.kind, t.namespace or None)
         objects = [self._shown(o, t) for o in objects if _selected(o, request.query)]
         if "as=Table" in request.accept:
-            return table(t.kind.kind, objects, self.versions.current)
+            return table(t.kind.kind, objects, str(version))
         return {
             "kind": f"{t.kind.kind}List",
             "apiVersion": t.kind.group_version,
-            "metadata": {"resourceVersion": self.versions.current},
+            "metadata": {"resourceVersion": str(version)},
             "items": objects,
         }
 
@@ -355,8 +405,25 @@ class KubeAPI:
             details={"name": name, "group": t.kind.group, "kind": t.kind.plural},
         )
 
-    async def _patch(self, request: Request, t: _Target) -> dict[str, Any]:
-        current = writable(self._get(t))
+    async def _write_status(self, request: Request, t: _Target) -> dict[str, Any]:
+        """PUT or PATCH of `.../NAME/status`: only the status changes; what the body says
+        of anything else is ignored, as the API server ignores it."""
+        current = self._get(t)
+        if request.method == "PUT":
+            obj = self._body_object(request, t)
+        elif request.method == "PATCH":
+            obj = self._patched(request, current)
+        else:
+            raise KubeError(405, f"{request.method} is not allowed on a status")
+        _check_version(obj, current, t)
+        status = obj.get("status") or {}
+        if not isinstance(status, dict):
+            raise KubeError(422, f'{t.kind.kind} "{t.name}" is invalid: status: must be an object')
+        await self._write(self.control.set_status, (t.kind.kind, t.namespace, t.name), status)
+        return self._get(t)
+
+    def _patched(self, request: Request, current: dict[str, Any]) -> dict[str, Any]:
+        """`current` with the request's merge or strategic merge patch applied."""
         content_type = request.content_type.split(";")[0].strip()
         try:
             patch = json.loads(request.body or b"null")
@@ -377,17 +444,23 @@ class KubeAPI:
             raise KubeError(400, str(exc)) from None
         if not isinstance(patched, dict):
             raise KubeError(400, "the patch does not leave an object")
+        return patched
+
+    async def _patch(self, request: Request, t: _Target) -> dict[str, Any]:
+        patched = self._patched(request, writable(self._get(t)))
         _check_version(patched, self._get(t), t)
         return await self._store(self._placed(patched, t), t)
 
     async def _store(self, obj: dict[str, Any], t: _Target) -> dict[str, Any]:
         name = str(obj["metadata"].get("name") or t.name)
-        await self._write(self.control.apply, json.dumps(writable(obj)), t.kind.kind, name)
+        await self._write(
+            self.control.apply, json.dumps(writable(obj)), kind=t.kind.kind, name=name
+        )
         return self._get(_Target(t.kind, t.namespace, name))
 
-    async def _write(self, change: Any, arg: Any, kind: str = "", name: str = "") -> Any:
+    async def _write(self, change: Any, *args: Any, kind: str = "", name: str = "") -> Any:
         try:
-            return await asyncio.to_thread(change, arg)
+            return await asyncio.to_thread(change, *args)
         except ManifestError as exc:
             causes = [(e.field, e.reason) for e in exc.errors] or [("", str(exc))]
             raise _invalid(kind, name, causes) from None

@@ -1,58 +1,41 @@
-"""Watch events from snapshots: what changed between two looks at a kind's objects.
+"""What a watch sends besides the objects' events: BOOKMARK and the ERROR of an expired
+resourceVersion, as the API server sends them.
 
-The control plane does not publish events, so a watch looks at the objects every few
-hundred milliseconds (`POLL_SECONDS`) and turns the difference into ADDED, MODIFIED and
-DELETED events, as Kubernetes would have sent them. Two changes between two looks come out
-as one MODIFIED: a client sees the latest state, which is what `kubectl get -w` and
-`kubectl wait` need.
+The events themselves come from the control plane's history (controlplane/history.py); the
+handler replays those after the client's resourceVersion and then follows new ones as they
+are recorded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["POLL_SECONDS", "Snapshots"]
+from tokengateway.controlplane.history import Expired
 
-POLL_SECONDS = 0.25
+from .status import KubeError
 
-Key = tuple[str, str]  # (namespace, name)
+__all__ = ["BOOKMARK_SECONDS", "bookmark", "expired", "next_bookmark"]
 
-
-def _key(obj: dict[str, Any]) -> Key:
-    meta = obj.get("metadata") or {}
-    return (str(meta.get("namespace", "")), str(meta.get("name", "")))
-
-
-def _version(obj: dict[str, Any]) -> int:
-    return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+#: how often a watch with `allowWatchBookmarks=true` gets a BOOKMARK (the API server's
+#: watch cache sends one about every minute, and one shortly before the watch times out)
+BOOKMARK_SECONDS = 60.0
+#: the bookmark before the end comes this long before `timeoutSeconds` is up
+BEFORE_TIMEOUT = 2.0
 
 
-class Snapshots:
-    """Remembers the last look; `since` says how the next differs from it."""
+def next_bookmark(now: float, deadline: float) -> float:
+    """When the next BOOKMARK is due: a minute from now, or just before the deadline."""
+    before_end = deadline - BEFORE_TIMEOUT
+    if before_end <= now:
+        return deadline + 1  # too close to the end: none
+    return min(now + BOOKMARK_SECONDS, before_end)
 
-    def __init__(self, objects: Iterable[dict[str, Any]], after: int | None) -> None:
-        """`after`: the resourceVersion a client has seen (from its list); objects newer
-        than it are reported at once. None: everything is new (ADDED), as for
-        `resourceVersion=0` or none."""
-        self._last: dict[Key, dict[str, Any]] = {}
-        self.first: list[tuple[str, dict[str, Any]]] = []
-        for obj in objects:
-            self._last[_key(obj)] = obj
-            if after is None:
-                self.first.append(("ADDED", obj))
-            elif _version(obj) > after:
-                self.first.append(("MODIFIED", obj))
 
-    def since(self, objects: Iterable[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-        now = {_key(o): o for o in objects}
-        events = []
-        for key, obj in now.items():
-            before = self._last.get(key)
-            if before is None:
-                events.append(("ADDED", obj))
-            elif _version(before) != _version(obj):
-                events.append(("MODIFIED", obj))
-        events += [("DELETED", obj) for key, obj in self._last.items() if key not in now]
-        self._last = now
-        return events
+def bookmark(kind: str, api_version: str, version: int) -> dict[str, Any]:
+    """A BOOKMARK's object: only kind, apiVersion and the resourceVersion reached."""
+    return {"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": str(version)}}
+
+
+def expired(exc: Expired) -> dict[str, Any]:
+    """The Status of an ERROR event: 410 Expired, so the client lists again."""
+    return KubeError(410, str(exc), reason="Expired").status()
