@@ -152,6 +152,7 @@ class PolicyRule:
     """One named rule of a policy: a limit, an auth rule, a top-level `when`, a pattern."""
 
     key: str
+    #: the rule as written in the policy (a document: see `_policy_document` for why)
     spec: Any
     source: str  # the policy it comes from, "namespace/name"
 
@@ -215,7 +216,7 @@ class RuleTarget:
 @dataclass
 class CompiledConfig:
     router: Router
-    resources: list[Any]
+    resources: list[Resource]
     warnings: list[str] = field(default_factory=list)
     rules: list[RuleTarget] = field(default_factory=list)
     system_namespace: str = DEFAULT_SYSTEM_NAMESPACE
@@ -315,7 +316,6 @@ def _policy_document(res: _PolicyResource) -> dict[str, Any]:
 
 @dataclass
 class _Policy:
-    res: Any
     kind: str
     key: str  # "namespace/name"
     mode: Mode
@@ -593,7 +593,7 @@ def _deny_all(culprits: Sequence[str], system_ns: str) -> authlib.AuthEngine:
 
 
 def compile_config(
-    resources: Sequence[Any],
+    resources: Sequence[Resource],
     backends: Mapping[str, BackendPlan | str],
     *,
     strict: bool = False,
@@ -706,7 +706,7 @@ class _Build:
         facts = st.PolicyFacts(kind, _namespace(res), res.metadata.name, _generation(res))
         key = _key(res)
         rules = _rules_of(kind, _policy_document(res), key)
-        policy = _Policy(res, kind, key, mode, strategy, rules, (*target, section), facts)
+        policy = _Policy(kind, key, mode, strategy, rules, (*target, section), facts)
         self.policies[f"{kind} {key}"] = policy
         facts.target_problem = self._target_problem(kind, *target, section)
         if facts.target_problem is not None:
@@ -896,8 +896,8 @@ class _Build:
         when = st.now()
         out: dict[StatusKey, st.Status] = {}
         for policy in self.policies.values():
-            meta = policy.res.metadata
-            out[(policy.kind, meta.namespace, meta.name)] = st.policy_status(policy.facts, when)
+            facts = policy.facts
+            out[(policy.kind, facts.namespace, facts.name)] = st.policy_status(facts, when)
         for key, gf in self.gateway_facts.items():
             gf.affected_by = self._affected([("Gateway", key, None)])
             for lf in gf.listeners:
