@@ -77,6 +77,7 @@ from tokengateway.resources import (
     Service,
     TokenRateLimitPolicy,
 )
+from tokengateway.resources.common import K8sModel
 from tokengateway.resources.kuadrant import Mode, Strategy
 
 __all__ = [
@@ -152,7 +153,7 @@ class PolicyRule:
     """One named rule of a policy: a limit, an auth rule, a top-level `when`, a pattern."""
 
     key: str
-    #: the rule as written in the policy (a document: see `_policy_document` for why)
+    #: the rule as a document, as the limit and auth compilers take it (see `_document`)
     spec: Any
     source: str  # the policy it comes from, "namespace/name"
 
@@ -294,23 +295,6 @@ def _written_parent_refs(route: HTTPRoute) -> list[dict[str, Any]]:
     return [dict(ref) for ref in route.raw["spec"].get("parentRefs") or ()]
 
 
-def _policy_document(res: _PolicyResource) -> dict[str, Any]:
-    """The part of a policy's spec whose rules apply (Kuadrant's `Proper()`), as written.
-
-    Which part that is comes from the model (`spec.defaults`, `spec.overrides`, else the spec
-    itself). The rules inside are handed on as the manifest's documents on purpose: the limit
-    and auth compilers sit beside `resources` in the layer below and take documents, and
-    AuthPolicy evaluators the gateway does not model (jwt, metadata, callbacks, ...) exist only
-    there; their error messages quote the rules as written.
-    """
-    spec: dict[str, Any] = res.raw["spec"]
-    if res.spec.defaults is not None:
-        return dict(spec["defaults"])
-    if res.spec.overrides is not None:
-        return dict(spec["overrides"])
-    return dict(spec)
-
-
 # --- policies as named rules --------------------------------------------------------------------
 
 
@@ -325,34 +309,63 @@ class _Policy:
     facts: st.PolicyFacts
 
 
-def _rules_of(kind: str, body: Mapping[str, Any], source: str) -> dict[str, PolicyRule]:
+def _document(rule: K8sModel | Mapping[str, Any]) -> dict[str, Any]:
+    """A validated rule as the document the limit and auth compilers take.
+
+    Those compilers sit beside `resources` in the layer below and may not import it, so they
+    take manifest-shaped documents. The document holds what the manifest set (no defaults
+    added, null values left out as "not set"), in the model's normal forms: `counting:
+    prompt` becomes `{prompt: 1}`, `counting: total` (the default) goes. Evaluators the
+    gateway does not model (jwt, metadata, callbacks, ...) are plain mappings already and pass
+    through untouched, nulls inside them included.
+    """
+    if isinstance(rule, K8sModel):
+        return rule.model_dump(by_alias=True, exclude_unset=True, exclude_none=True)
+    return dict(rule)
+
+
+def _rules_of(res: _PolicyResource) -> dict[str, PolicyRule]:
+    """A policy's rules in force (Kuadrant's `Proper()`: its `defaults`, its `overrides`, or
+    its spec itself), each under its name."""
+    source = _key(res)
     rules: dict[str, PolicyRule] = {}
 
     def add(key: str, spec: Any) -> None:
         rules[key] = PolicyRule(key, spec, source)
 
-    if kind != "AuthPolicy":
-        if body.get("when"):
-            add(LIMITS_WHEN, list(body["when"]))
-        for name, spec in (body.get("limits") or {}).items():
-            add(str(name), spec)
+    if not isinstance(res, AuthPolicy):
+        limits = res.spec.proper()
+        if limits.when:
+            add(LIMITS_WHEN, [_document(p) for p in limits.when])
+        for name, limit in limits.limits.items():
+            add(name, _document(limit))
         return rules
-    for name, spec in (body.get("patterns") or {}).items():
-        add(f"patterns#{name}", spec)
-    if body.get("when"):
-        add(AUTH_WHEN, list(body["when"]))
-    scheme = body.get("rules") or {}
+    proper = res.spec.proper()
+    for name, pattern in proper.patterns.items():
+        add(f"patterns#{name}", _document(pattern))
+    if proper.when:
+        add(AUTH_WHEN, [_document(p) for p in proper.when])
+    scheme = proper.rules
+    sections: dict[str, Mapping[str, K8sModel | Mapping[str, Any]]] = {
+        "authentication": scheme.authentication,
+        "metadata": scheme.metadata,
+        "authorization": scheme.authorization,
+        "callbacks": scheme.callbacks,
+    }
     for section in _AUTH_SECTIONS:
-        for name, spec in (scheme.get(section) or {}).items():
-            add(f"{section}#{name}", spec)
-    response = scheme.get("response") or {}
-    for deny in ("unauthenticated", "unauthorized"):
-        if response.get(deny) is not None:
-            add(f"response.{deny}#", response[deny])
-    success = response.get("success") or {}
-    for section in ("headers", "filters"):
-        for name, spec in (success.get(section) or {}).items():
-            add(f"response.success.{section}#{name}", spec)
+        for name, spec in sections[section].items():
+            add(f"{section}#{name}", _document(spec))
+    response = scheme.response
+    for deny, denial in (
+        ("unauthenticated", response.unauthenticated),
+        ("unauthorized", response.unauthorized),
+    ):
+        if denial is not None:
+            add(f"response.{deny}#", _document(denial))
+    success = response.success
+    for section, entries in (("headers", success.headers), ("filters", success.filters)):
+        for name, item in entries.items():
+            add(f"response.success.{section}#{name}", _document(item))
     return rules
 
 
@@ -705,7 +718,7 @@ class _Build:
         section = ref.sectionName
         facts = st.PolicyFacts(kind, _namespace(res), res.metadata.name, _generation(res))
         key = _key(res)
-        rules = _rules_of(kind, _policy_document(res), key)
+        rules = _rules_of(res)
         policy = _Policy(kind, key, mode, strategy, rules, (*target, section), facts)
         self.policies[f"{kind} {key}"] = policy
         facts.target_problem = self._target_problem(kind, *target, section)
