@@ -682,6 +682,25 @@ def test_route_not_allowed_by_the_listeners() -> None:
     assert (accepted["status"], accepted["reason"]) == ("False", "NotAllowedByListeners")
 
 
+def test_listener_selector_honours_match_expressions() -> None:
+    namespace = """
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {tier: free}}
+"""
+    expressions = "{from: Selector, selector: {matchExpressions: [{key: tier, operator: %s, values: [gold]}]}}"
+    gold_only = BASE.replace("{from: All}", expressions % "In") + namespace
+    assert compile_text(gold_only).rules == []  # "default" is labelled tier=free
+    not_gold = BASE.replace("{from: All}", expressions % "NotIn") + namespace
+    assert len(compile_text(not_gold).rules) == 4  # two rules through two listeners
+    by_name = BASE.replace(
+        "{from: All}",
+        "{from: Selector, selector: {matchLabels: {kubernetes.io/metadata.name: default}}}",
+    )
+    assert len(compile_text(by_name).rules) == 4
+
+
 # --- strict -------------------------------------------------------------------------------------
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from tokengateway.http.client import Origin
+from tokengateway.resources import Deployment, Resource, Service
 
 __all__ = [
     "BACKEND_ANNOTATION",
@@ -70,20 +70,21 @@ def parse_backend_overrides(items: Iterable[str]) -> dict[str, str]:
 
 
 def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """A Service's selector: an empty one selects no pod (Kubernetes: no endpoints)."""
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
 def plan_backends(
-    resources: Sequence[Any],
+    resources: Sequence[Resource],
     needed: Iterable[str],
     overrides: Mapping[str, str] | None = None,
 ) -> dict[str, BackendPlan]:
     """Plan an address for each needed Service ("namespace/name"); all errors at once."""
     overrides = dict(overrides or {})
     services = {
-        f"{r.metadata.namespace}/{r.metadata.name}": r for r in resources if r.kind == "Service"
+        f"{r.metadata.namespace}/{r.metadata.name}": r for r in resources if isinstance(r, Service)
     }
-    deployments = [r for r in resources if r.kind == "Deployment"]
+    deployments = [r for r in resources if isinstance(r, Deployment)]
     errors: list[str] = []
     for key in overrides:
         if key not in services and not any(s.split("/", 1)[1] == key for s in services):
@@ -100,7 +101,10 @@ def plan_backends(
 
 
 def _plan(
-    key: str, service: Any, deployments: Sequence[Any], overrides: Mapping[str, str]
+    key: str,
+    service: Service | None,
+    deployments: Sequence[Deployment],
+    overrides: Mapping[str, str],
 ) -> BackendPlan:
     namespace, name = key.split("/", 1)
     url = overrides.get(key) or overrides.get(name)
@@ -112,36 +116,32 @@ def _plan(
     )
     if service is None:
         raise BackendError(f"Service {key} is referenced by an HTTPRoute but not defined; {hint}")
-    annotated = (service.metadata.annotations or {}).get(BACKEND_ANNOTATION)
+    annotated = service.metadata.annotations.get(BACKEND_ANNOTATION)
     if annotated:
         return BackendPlan(
             key, check_url(annotated, f"Service {key} annotation"), origin="annotation"
         )
-    spec = service.raw.get("spec") or {}
-    if spec.get("type") == "ExternalName" and spec.get("externalName"):
-        port = next((p.get("port") for p in spec.get("ports") or ()), 80)
+    spec = service.spec
+    if spec.type == "ExternalName" and spec.externalName:
+        port = spec.ports[0].port if spec.ports else 80
         scheme = "https" if port == 443 else "http"
-        return BackendPlan(key, f"{scheme}://{spec['externalName']}:{port}", origin="ExternalName")
-    selector = spec.get("selector") or {}
+        return BackendPlan(key, f"{scheme}://{spec.externalName}:{port}", origin="ExternalName")
     for dep in deployments:
         if dep.metadata.namespace != namespace:
             continue
-        template = (dep.raw.get("spec") or {}).get("template") or {}
-        labels = (template.get("metadata") or {}).get("labels") or {}
-        if not _selects(selector, labels):
+        template = dep.spec.template
+        if not _selects(spec.selector, template.metadata.labels):
             continue
-        containers = (template.get("spec") or {}).get("containers") or []
+        containers = template.spec.containers
         for container in containers:
-            image = str(container.get("image", ""))
-            if SIMULATOR_IMAGE in image:
-                args = tuple(str(a) for a in (container.get("args") or ()))
+            if SIMULATOR_IMAGE in container.image:
                 return BackendPlan(
                     key,
                     None,
-                    args,
+                    tuple(container.args),
                     origin=f"simulator for Deployment {namespace}/{dep.metadata.name}",
                 )
-        images = ", ".join(str(c.get("image")) for c in containers) or "no containers"
+        images = ", ".join(c.image for c in containers) or "no containers"
         raise BackendError(
             f"Service {key} selects Deployment {namespace}/{dep.metadata.name} ({images}), "
             f"which tokengateway cannot run (only {SIMULATOR_IMAGE} is built in); {hint}"

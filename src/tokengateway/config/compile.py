@@ -41,7 +41,7 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tokengateway import auth as authlib
 from tokengateway.config import status as st
@@ -56,6 +56,28 @@ from tokengateway.config.routing import (
 from tokengateway.expr import cel
 from tokengateway.http.client import DEFAULT_TIMEOUTS, Origin, Timeouts
 from tokengateway.limits import Limit, LimitCompileError, compile_limits, parse_window
+from tokengateway.resources import (
+    GATEWAY_API_GROUP,
+    AuthPolicy,
+    BackendRef,
+    Gateway,
+    HTTPHeaderMatch,
+    HTTPQueryParamMatch,
+    HTTPRoute,
+    HTTPRouteMatch,
+    HTTPRouteRule,
+    Kuadrant,
+    LabelSelector,
+    Listener,
+    Namespace,
+    ParentReference,
+    RateLimitPolicy,
+    Resource,
+    Secret,
+    Service,
+    TokenRateLimitPolicy,
+)
+from tokengateway.resources.common import K8sModel
 from tokengateway.resources.kuadrant import Mode, Strategy
 
 __all__ = [
@@ -71,9 +93,10 @@ __all__ = [
     "needed_services",
 ]
 
-GATEWAY_GROUP = "gateway.networking.k8s.io"
 DEFAULT_SYSTEM_NAMESPACE = "kuadrant-system"
 POLICY_KINDS = ("AuthPolicy", "TokenRateLimitPolicy", "RateLimitPolicy")
+_PolicyResource = AuthPolicy | TokenRateLimitPolicy | RateLimitPolicy
+_R = TypeVar("_R", bound=Resource)
 
 #: The rule name of a (Token)RateLimitPolicy's top-level `when` (Kuadrant's own key).
 LIMITS_WHEN = "###_TOP_LEVEL_PREDICATES_###"
@@ -130,6 +153,7 @@ class PolicyRule:
     """One named rule of a policy: a limit, an auth rule, a top-level `when`, a pattern."""
 
     key: str
+    #: the rule as a document, as the limit and auth compilers take it (see `_document`)
     spec: Any
     source: str  # the policy it comes from, "namespace/name"
 
@@ -193,7 +217,7 @@ class RuleTarget:
 @dataclass
 class CompiledConfig:
     router: Router
-    resources: list[Any]
+    resources: list[Resource]
     warnings: list[str] = field(default_factory=list)
     rules: list[RuleTarget] = field(default_factory=list)
     system_namespace: str = DEFAULT_SYSTEM_NAMESPACE
@@ -204,34 +228,49 @@ class CompiledConfig:
     reservations: bool = True
 
 
-def _key(res: Any) -> str:
+def _key(res: Resource) -> str:
     return f"{res.metadata.namespace}/{res.metadata.name}"
 
 
-def _spec(res: Any) -> dict[str, Any]:
-    return dict(res.raw.get("spec") or {})
-
-
-def _age(res: Any) -> tuple[str, str]:
+def _age(res: Resource) -> tuple[str, str]:
     """Kuadrant's (and Gateway API's) precedence: oldest first, then `namespace/name`."""
     return (str(res.metadata.creationTimestamp or ""), _key(res))
 
 
-def _generation(res: Any) -> int:
+def _namespace(res: Resource) -> str:
+    """The namespace of a namespaced object (never None once validated: default "default")."""
+    return res.metadata.namespace or ""
+
+
+def _of(resources: Sequence[Resource], cls: type[_R]) -> list[_R]:
+    """The resources of one kind, in the given order."""
+    return [res for res in resources if isinstance(res, cls)]
+
+
+def _generation(res: Resource) -> int:
     return int(res.metadata.generation or 1)
 
 
-def needed_services(resources: Sequence[Any]) -> set[str]:
+def _is_service(ref: BackendRef) -> bool:
+    """Whether a backendRef names a core Service (group "" or "core"), the only kind served."""
+    return ref.kind == "Service" and ref.group in ("", "core")
+
+
+def _backend_key(route: HTTPRoute, ref: BackendRef) -> str:
+    """The Service a backendRef names, "namespace/name" (the route's namespace by default)."""
+    return f"{ref.namespace or route.metadata.namespace}/{ref.name}"
+
+
+def needed_services(resources: Sequence[Resource]) -> set[str]:
     """Services named by HTTPRoute backendRefs, as "namespace/name"."""
-    out = set()
-    for route in resources:
-        if route.kind != "HTTPRoute":
-            continue
-        for rule in _spec(route).get("rules") or ():
-            for ref in rule.get("backendRefs") or ():
-                if ref.get("kind", "Service") == "Service" and ref.get("group", "") in ("", "core"):
-                    out.add(f"{ref.get('namespace') or route.metadata.namespace}/{ref['name']}")
-    return out
+    return {
+        _backend_key(route, ref)
+        for route in resources
+        if isinstance(route, HTTPRoute)
+        for rule in route.spec.rules
+        for ref in rule.backendRefs
+        if _is_service(ref)
+    }
 
 
 def _duration(text: str | None) -> float | None:
@@ -242,12 +281,18 @@ def _duration(text: str | None) -> float | None:
     return seconds or None
 
 
-def _section_names(route: Any) -> list[str]:
+def _section_names(route: HTTPRoute) -> list[str]:
     """The sectionName of each rule: its `name`, else `rule-N` (policy-machinery's)."""
-    return [
-        str(rule.get("name") or f"rule-{i + 1}")
-        for i, rule in enumerate(_spec(route).get("rules") or [{}])
-    ]
+    return [rule.name or f"rule-{i + 1}" for i, rule in enumerate(route.spec.rules)]
+
+
+def _written_parent_refs(route: HTTPRoute) -> list[dict[str, Any]]:
+    """The route's parentRefs exactly as written, one per `route.spec.parentRefs` entry.
+
+    Only for status: a route's `status.parents[].parentRef` repeats the spec's parentRef as
+    the user wrote it (the model fills in the namespace, which the status must not show).
+    """
+    return [dict(ref) for ref in route.raw["spec"].get("parentRefs") or ()]
 
 
 # --- policies as named rules --------------------------------------------------------------------
@@ -255,7 +300,6 @@ def _section_names(route: Any) -> list[str]:
 
 @dataclass
 class _Policy:
-    res: Any
     kind: str
     key: str  # "namespace/name"
     mode: Mode
@@ -265,48 +309,63 @@ class _Policy:
     facts: st.PolicyFacts
 
 
-_MODES: tuple[Mode, ...] = ("defaults", "overrides")
+def _document(rule: K8sModel | Mapping[str, Any]) -> dict[str, Any]:
+    """A validated rule as the document the limit and auth compilers take.
+
+    Those compilers sit beside `resources` in the layer below and may not import it, so they
+    take manifest-shaped documents. The document holds what the manifest set (no defaults
+    added, null values left out as "not set"), in the model's normal forms: `counting:
+    prompt` becomes `{prompt: 1}`, `counting: total` (the default) goes. Evaluators the
+    gateway does not model (jwt, metadata, callbacks, ...) are plain mappings already and pass
+    through untouched, nulls inside them included.
+    """
+    if isinstance(rule, K8sModel):
+        return rule.model_dump(by_alias=True, exclude_unset=True, exclude_none=True)
+    return dict(rule)
 
 
-def _proper(spec: Mapping[str, Any]) -> tuple[Mode, Strategy, dict[str, Any]]:
-    """(mode, strategy, body) as Kuadrant's `Proper()`: explicit defaults or overrides, or
-    the spec itself (implicit, atomic defaults). The models allow only atomic and merge."""
-    for mode in _MODES:
-        if spec.get(mode) is not None:
-            body = dict(spec[mode] or {})
-            strategy: Strategy = "merge" if body.get("strategy") == "merge" else "atomic"
-            return mode, strategy, body
-    return "defaults", "atomic", dict(spec)
-
-
-def _rules_of(kind: str, body: Mapping[str, Any], source: str) -> dict[str, PolicyRule]:
+def _rules_of(res: _PolicyResource) -> dict[str, PolicyRule]:
+    """A policy's rules in force (Kuadrant's `Proper()`: its `defaults`, its `overrides`, or
+    its spec itself), each under its name."""
+    source = _key(res)
     rules: dict[str, PolicyRule] = {}
 
     def add(key: str, spec: Any) -> None:
         rules[key] = PolicyRule(key, spec, source)
 
-    if kind != "AuthPolicy":
-        if body.get("when"):
-            add(LIMITS_WHEN, list(body["when"]))
-        for name, spec in (body.get("limits") or {}).items():
-            add(str(name), spec)
+    if not isinstance(res, AuthPolicy):
+        limits = res.spec.proper()
+        if limits.when:
+            add(LIMITS_WHEN, [_document(p) for p in limits.when])
+        for name, limit in limits.limits.items():
+            add(name, _document(limit))
         return rules
-    for name, spec in (body.get("patterns") or {}).items():
-        add(f"patterns#{name}", spec)
-    if body.get("when"):
-        add(AUTH_WHEN, list(body["when"]))
-    scheme = body.get("rules") or {}
+    proper = res.spec.proper()
+    for name, pattern in proper.patterns.items():
+        add(f"patterns#{name}", _document(pattern))
+    if proper.when:
+        add(AUTH_WHEN, [_document(p) for p in proper.when])
+    scheme = proper.rules
+    sections: dict[str, Mapping[str, K8sModel | Mapping[str, Any]]] = {
+        "authentication": scheme.authentication,
+        "metadata": scheme.metadata,
+        "authorization": scheme.authorization,
+        "callbacks": scheme.callbacks,
+    }
     for section in _AUTH_SECTIONS:
-        for name, spec in (scheme.get(section) or {}).items():
-            add(f"{section}#{name}", spec)
-    response = scheme.get("response") or {}
-    for deny in ("unauthenticated", "unauthorized"):
-        if response.get(deny) is not None:
-            add(f"response.{deny}#", response[deny])
-    success = response.get("success") or {}
-    for section in ("headers", "filters"):
-        for name, spec in (success.get(section) or {}).items():
-            add(f"response.success.{section}#{name}", spec)
+        for name, spec in sections[section].items():
+            add(f"{section}#{name}", _document(spec))
+    response = scheme.response
+    for deny, denial in (
+        ("unauthenticated", response.unauthenticated),
+        ("unauthorized", response.unauthorized),
+    ):
+        if denial is not None:
+            add(f"response.{deny}#", _document(denial))
+    success = response.success
+    for section, entries in (("headers", success.headers), ("filters", success.filters)):
+        for name, item in entries.items():
+            add(f"response.success.{section}#{name}", _document(item))
     return rules
 
 
@@ -547,7 +606,7 @@ def _deny_all(culprits: Sequence[str], system_ns: str) -> authlib.AuthEngine:
 
 
 def compile_config(
-    resources: Sequence[Any],
+    resources: Sequence[Resource],
     backends: Mapping[str, BackendPlan | str],
     *,
     strict: bool = False,
@@ -596,7 +655,10 @@ class _Build:
     """The state of one compile_config call, filled route by route."""
 
     def __init__(
-        self, resources: Sequence[Any], backends: Mapping[str, BackendPlan | str], strict: bool
+        self,
+        resources: Sequence[Resource],
+        backends: Mapping[str, BackendPlan | str],
+        strict: bool,
     ) -> None:
         self.backends = backends
         self.strict = strict
@@ -604,11 +666,8 @@ class _Build:
         self.warnings: list[str] = []
         self.matches: list[RouteMatch] = []
         self.targets: list[RuleTarget] = []
-        by_kind: dict[str, list[Any]] = {}
-        for res in resources:
-            by_kind.setdefault(res.kind, []).append(res)
-        kuadrants = sorted(by_kind.get("Kuadrant", []), key=_age)
-        self.system_ns = kuadrants[0].metadata.namespace if kuadrants else DEFAULT_SYSTEM_NAMESPACE
+        kuadrants = sorted(_of(resources, Kuadrant), key=_age)
+        self.system_ns = _namespace(kuadrants[0]) if kuadrants else DEFAULT_SYSTEM_NAMESPACE
         trl = kuadrants[0].spec.tokenRateLimiting if kuadrants else None
         self.reservations = trl is None or trl.mode == "Reservation"
         if len(kuadrants) > 1:  # Kuadrant itself uses the oldest one
@@ -616,54 +675,51 @@ class _Build:
                 f"{len(kuadrants)} Kuadrant resources: the oldest, {_key(kuadrants[0])}, is "
                 f"used (API key Secrets are looked up in namespace {self.system_ns})"
             )
-        self.namespaces = {
-            n.metadata.name: dict(n.metadata.labels or {}) for n in by_kind.get("Namespace", [])
-        }
+        self.namespaces = {n.metadata.name: n.metadata.labels for n in _of(resources, Namespace)}
         secrets = [
             authlib.SecretRecord(
-                namespace=s.metadata.namespace,
+                namespace=_namespace(s),
                 name=s.metadata.name,
-                labels=dict(s.metadata.labels or {}),
-                annotations=dict(s.metadata.annotations or {}),
-                data=dict(s.decoded_data()),
-                type=str(s.raw.get("type") or "Opaque"),
+                labels=dict(s.metadata.labels),
+                annotations=dict(s.metadata.annotations),
+                data=s.decoded_data(),
+                type=s.type or "Opaque",
             )
-            for s in by_kind.get("Secret", [])
+            for s in _of(resources, Secret)
         ]
-        self.gateways = {_key(g): g for g in by_kind.get("Gateway", [])}
-        self.services = {_key(s): s for s in by_kind.get("Service", [])}
-        self.secret_data = {_key(s): dict(s.decoded_data()) for s in by_kind.get("Secret", [])}
-        self.routes = sorted(by_kind.get("HTTPRoute", []), key=_age)
+        self.gateways = {_key(g): g for g in _of(resources, Gateway)}
+        self.services = {_key(s): s for s in _of(resources, Service)}
+        self.secret_data = {_key(s): s.decoded_data() for s in _of(resources, Secret)}
+        self.routes = sorted(_of(resources, HTTPRoute), key=_age)
         self.routes_by_key = {_key(r): r for r in self.routes}
         self.gateway_facts = {
             key: st.GatewayFacts(
-                gw.metadata.namespace,
+                _namespace(gw),
                 gw.metadata.name,
                 _generation(gw),
-                [st.ListenerFacts(str(x.get("name"))) for x in _spec(gw).get("listeners") or ()],
+                [st.ListenerFacts(x.name) for x in gw.spec.listeners],
             )
             for key, gw in self.gateways.items()
         }
         self.route_facts: dict[str, st.RouteFacts] = {}
         self.policies: dict[str, _Policy] = {}  # "Kind ns/name" -> policy
         self.targeted: dict[tuple[str, str, str | None], list[_Policy]] = {}
+        policies = [res for res in resources if isinstance(res, _PolicyResource)]
         for kind in POLICY_KINDS:
-            for res in sorted(by_kind.get(kind, []), key=_age):
+            for res in sorted((p for p in policies if p.kind == kind), key=_age):
                 self._policy(kind, res)
         self.compiler = _Compiler(self.policies, secrets, self.system_ns)
 
-    def _policy(self, kind: str, res: Any) -> None:
+    def _policy(self, kind: str, res: _PolicyResource) -> None:
         """Register a policy; it is accepted (and attached) when its target exists."""
-        spec = _spec(res)
-        ref = spec.get("targetRef") or {}
-        mode, strategy, body = _proper(spec)
-        target = (str(ref.get("kind", "")), f"{res.metadata.namespace}/{ref.get('name', '')}")
-        section = ref.get("sectionName")
-        facts = st.PolicyFacts(kind, res.metadata.namespace, res.metadata.name, _generation(res))
+        ref = res.spec.targetRef
+        mode, strategy = res.spec.mode, res.spec.proper().strategy
+        target = (ref.kind, f"{res.metadata.namespace}/{ref.name}")
+        section = ref.sectionName
+        facts = st.PolicyFacts(kind, _namespace(res), res.metadata.name, _generation(res))
         key = _key(res)
-        policy = _Policy(
-            res, kind, key, mode, strategy, _rules_of(kind, body, key), (*target, section), facts
-        )
+        rules = _rules_of(res)
+        policy = _Policy(kind, key, mode, strategy, rules, (*target, section), facts)
         self.policies[f"{kind} {key}"] = policy
         facts.target_problem = self._target_problem(kind, *target, section)
         if facts.target_problem is not None:
@@ -681,8 +737,7 @@ class _Build:
             gateway = self.gateways.get(target_key)
             if gateway is None:
                 return st.target_not_found(kind, name, section)
-            listeners = [str(x.get("name")) for x in _spec(gateway).get("listeners") or ()]
-            if section is not None and section not in listeners:
+            if section is not None and gateway.spec.listener(section) is None:
                 return st.target_not_found(kind, name, section)
             return None
         if target_kind == "HTTPRoute":
@@ -696,23 +751,21 @@ class _Build:
 
     # routes
 
-    def route(self, route: Any) -> None:
-        spec = _spec(route)
+    def route(self, route: HTTPRoute) -> None:
         key = _key(route)
         facts = self.route_facts[key] = st.RouteFacts(
-            route.metadata.namespace, route.metadata.name, _generation(route)
+            _namespace(route), route.metadata.name, _generation(route)
         )
         problems: list[str] = []
-        rules = spec.get("rules") or [{}]
+        rules = route.spec.rules
         backends = [tuple(_backends(route, r, self.backends, self, problems, facts)) for r in rules]
         matches = [_rule_matches(route, i, r, problems, facts) for i, r in enumerate(rules)]
         attached = False
-        for parent in spec.get("parentRefs") or ():
-            if (
-                parent.get("kind", "Gateway") == "Gateway"
-                and parent.get("group", GATEWAY_GROUP) == GATEWAY_GROUP
-            ):
-                attached |= self._parent(route, parent, facts, backends, matches)
+        for parent, written in zip(route.spec.parentRefs, _written_parent_refs(route), strict=True):
+            if parent.kind == "Gateway" and parent.group == GATEWAY_API_GROUP:
+                parent_facts = st.ParentFacts(written)
+                facts.parents.append(parent_facts)
+                attached |= self._parent(route, parent, parent_facts, backends, matches)
         if not attached:
             self.warnings.append(f"HTTPRoute {key}: not attached to any Gateway listener")
         self.problems.extend(problems)
@@ -721,17 +774,15 @@ class _Build:
 
     def _parent(
         self,
-        route: Any,
-        parent: Mapping[str, Any],
-        facts: st.RouteFacts,
+        route: HTTPRoute,
+        parent: ParentReference,
+        parent_facts: st.ParentFacts,
         backends: Sequence[tuple[Backend, ...]],
         matches: Sequence[list[tuple[int, _MatchPieces]]],
     ) -> bool:
         """Attach the route through one parentRef; whether some listener took it."""
-        spec, key = _spec(route), _key(route)
-        parent_facts = st.ParentFacts(dict(parent))
-        facts.parents.append(parent_facts)
-        gw_key = f"{parent.get('namespace') or route.metadata.namespace}/{parent.get('name')}"
+        key = _key(route)
+        gw_key = f"{parent.namespace or route.metadata.namespace}/{parent.name}"
         gateway = self.gateways.get(gw_key)
         if gateway is None:
             message = f"parent Gateway {gw_key} not found"
@@ -740,9 +791,8 @@ class _Build:
             return False
         candidates = [
             listener
-            for listener in _spec(gateway).get("listeners") or ()
-            if parent.get("sectionName") in (None, listener.get("name"))
-            and parent.get("port") in (None, listener.get("port"))
+            for listener in gateway.spec.listeners
+            if parent.sectionName in (None, listener.name) and parent.port in (None, listener.port)
         ]
         allowed = []
         for listener in candidates:
@@ -751,25 +801,25 @@ class _Build:
             else:
                 self.warnings.append(
                     f"HTTPRoute {key}: not allowed by Gateway {gw_key} listener "
-                    f"{listener.get('name')!r} (allowedRoutes.namespaces)"
+                    f"{listener.name!r} (allowedRoutes.namespaces)"
                 )
         sections = _section_names(route)
         served = 0
         for listener in allowed:
-            hostnames = intersect_hostnames(listener.get("hostname"), spec.get("hostnames") or [])
+            hostnames = intersect_hostnames(listener.hostname, route.spec.hostnames)
             if not hostnames:
                 continue
             served += 1
-            name = str(listener.get("name"))
+            name = listener.name
             for lf in self.gateway_facts[gw_key].listeners:
                 if lf.name == name:
                     lf.attached_routes += 1
-            for index, rule in enumerate(spec.get("rules") or [{}]):
+            for index, rule in enumerate(route.spec.rules):
                 target = RuleTarget(
                     route=key,
                     rule=sections[index],
                     backends=backends[index],
-                    timeout=_duration((rule.get("timeouts") or {}).get("request")),
+                    timeout=_duration(rule.timeouts.request if rule.timeouts else None),
                     gateway=gw_key,
                     listener=name,
                 )
@@ -799,7 +849,7 @@ class _Build:
         else:
             parent_facts.affected_by = self._affected(
                 [("HTTPRoute", key, None)]
-                + [("Gateway", gw_key, str(x.get("name"))) for x in allowed]
+                + [("Gateway", gw_key, x.name) for x in allowed]
                 + [("Gateway", gw_key, None)]
             )
         return served > 0
@@ -859,8 +909,8 @@ class _Build:
         when = st.now()
         out: dict[StatusKey, st.Status] = {}
         for policy in self.policies.values():
-            meta = policy.res.metadata
-            out[(policy.kind, meta.namespace, meta.name)] = st.policy_status(policy.facts, when)
+            facts = policy.facts
+            out[(policy.kind, facts.namespace, facts.name)] = st.policy_status(facts, when)
         for key, gf in self.gateway_facts.items():
             gf.affected_by = self._affected([("Gateway", key, None)])
             for lf in gf.listeners:
@@ -887,49 +937,54 @@ def _note_effect(path: Sequence[_Policy], effective: Mapping[str, PolicyRule]) -
 
 
 def _namespace_allowed(
-    listener: Mapping[str, Any],
-    gateway: Any,
-    route: Any,
+    listener: Listener,
+    gateway: Gateway,
+    route: HTTPRoute,
     namespaces: Mapping[str, Mapping[str, str]],
 ) -> bool:
-    allowed = (listener.get("allowedRoutes") or {}).get("namespaces") or {}
-    source = allowed.get("from", "Same")
-    if source == "All":
+    """Whether the listener's `allowedRoutes.namespaces` admits the route's namespace.
+
+    `Selector` selects by the namespace's labels, which always include
+    `kubernetes.io/metadata.name` (Kubernetes sets it); without a selector it admits every
+    namespace.
+    """
+    allowed = listener.allowedRoutes.namespaces
+    if allowed.from_ == "All":
         return True
-    if source == "Same":
+    if allowed.from_ == "Same":
         return route.metadata.namespace == gateway.metadata.namespace
-    selector = (allowed.get("selector") or {}).get("matchLabels") or {}
-    labels = dict(namespaces.get(route.metadata.namespace, {}))
-    labels.setdefault("kubernetes.io/metadata.name", route.metadata.namespace)
-    return all(labels.get(k) == v for k, v in selector.items())
+    namespace = _namespace(route)
+    labels = dict(namespaces.get(namespace, {}))
+    labels.setdefault("kubernetes.io/metadata.name", namespace)
+    return (allowed.selector or LabelSelector()).matches(labels)
 
 
 def _backends(
-    route: Any,
-    rule: Mapping[str, Any],
+    route: HTTPRoute,
+    rule: HTTPRouteRule,
     plans: Mapping[str, BackendPlan | str],
     build: _Build,
     problems: list[str],
     facts: st.RouteFacts,
 ) -> list[Backend]:
     out = []
-    for ref in rule.get("backendRefs") or ():
-        if ref.get("kind", "Service") != "Service" or ref.get("group", "") not in ("", "core"):
-            message = f"backendRef {ref.get('kind')} {ref.get('name')} is not a Service"
+    for ref in rule.backendRefs:
+        if not _is_service(ref):
+            message = f"backendRef {ref.kind} {ref.name} is not a Service"
             facts.unresolved = ("InvalidKind", message)
             problems.append(f"HTTPRoute {_key(route)}: {message}")
             continue
-        key = f"{ref.get('namespace') or route.metadata.namespace}/{ref['name']}"
+        key = _backend_key(route, ref)
         plan = plans.get(key)
         url = plan if isinstance(plan, str) else (plan.url if plan is not None else None)
         if url is None:
             facts.unresolved = ("BackendNotFound", f"backend Service {key} has no address")
             problems.append(f"HTTPRoute {_key(route)}: backend Service {key} has no address")
             continue
-        weight = int(ref.get("weight", 1))
+        weight = ref.weight
         if weight > 0:
             service = build.services.get(key)
-            annotations = (service.metadata.annotations or {}) if service is not None else {}
+            annotations = service.metadata.annotations if service is not None else {}
             try:
                 backend = Backend(
                     url,
@@ -966,10 +1021,10 @@ def _upstream_key(
     return f"Bearer {value}"
 
 
-def _timeouts(key: str, service: Any, problems: list[str]) -> Timeouts:
+def _timeouts(key: str, service: Service | None, problems: list[str]) -> Timeouts:
     """A backend's upstream timeouts from its Service's annotations; a bad value is reported
     and the default kept."""
-    annotations = (service.metadata.annotations or {}) if service is not None else {}
+    annotations = service.metadata.annotations if service is not None else {}
     if not any(a in annotations for a in TIMEOUT_ANNOTATIONS.values()):
         return DEFAULT_TIMEOUTS
     values: dict[str, float | None] = {}
@@ -989,10 +1044,10 @@ def _as_dict(timeouts: Timeouts) -> dict[str, float | None]:
 
 
 def _rule_matches(
-    route: Any, index: int, rule: Mapping[str, Any], problems: list[str], facts: st.RouteFacts
+    route: HTTPRoute, index: int, rule: HTTPRouteRule, problems: list[str], facts: st.RouteFacts
 ) -> list[tuple[int, _MatchPieces]]:
     out = []
-    for m_index, match in enumerate(rule.get("matches") or [{}]):
+    for m_index, match in enumerate(rule.matches):
         try:
             out.append((m_index, _match(match)))
         except (re.error, ValueError) as exc:
@@ -1002,20 +1057,14 @@ def _rule_matches(
     return out
 
 
-def _match(match: Mapping[str, Any]) -> _MatchPieces:
-    path = match.get("path") or {}
-    ptype = path.get("type", "PathPrefix")
-    value = path.get("value", "/")
-    regex = re.compile(value) if ptype == "RegularExpression" else None
-    headers = tuple(_value_match(h, lower=True) for h in match.get("headers") or ())
-    query = tuple(_value_match(q, lower=False) for q in match.get("queryParams") or ())
-    method = match.get("method")
-    return PathMatch(ptype, value, regex), method, headers, query
+def _match(match: HTTPRouteMatch) -> _MatchPieces:
+    path = match.path
+    regex = re.compile(path.value) if path.type == "RegularExpression" else None
+    headers = tuple(_value_match(h, lower=True) for h in match.headers)
+    query = tuple(_value_match(q, lower=False) for q in match.queryParams)
+    return PathMatch(path.type, path.value, regex), match.method, headers, query
 
 
-def _value_match(item: Mapping[str, Any], lower: bool) -> HeaderMatch:
-    kind = item.get("type", "Exact")
-    name = str(item["name"])
-    value = str(item.get("value", ""))
-    regex = re.compile(value) if kind == "RegularExpression" else None
-    return HeaderMatch(name.lower() if lower else name, kind, value, regex)
+def _value_match(item: HTTPHeaderMatch | HTTPQueryParamMatch, lower: bool) -> HeaderMatch:
+    regex = re.compile(item.value) if item.type == "RegularExpression" else None
+    return HeaderMatch(item.name.lower() if lower else item.name, item.type, item.value, regex)
