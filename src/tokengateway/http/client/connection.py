@@ -21,7 +21,6 @@ import socket
 import ssl
 import zlib
 from collections import deque
-from collections.abc import Callable
 
 import httptools
 
@@ -424,8 +423,9 @@ class Pool:
     used first), how many are open or opening (`open`, busy or idle, at most
     `max_connections`), every open one (`conns`), and who waits for one (`waiters`).
 
-    `cap` is the most a body read whole may take (the client's `max_response_bytes`);
-    `on_idle(now)` is called when a connection goes idle (the client sweeps idle ones).
+    `cap` is the most a body read whole may take (the client's `max_response_bytes`). A
+    connection idle for `keepalive` seconds is closed (by `sweep`, a timer of the pool's
+    while it has idle connections).
     """
 
     __slots__ = (
@@ -433,13 +433,14 @@ class Pool:
         "conns",
         "host",
         "idle",
+        "keepalive",
         "label",
         "loop",
         "max_connections",
-        "on_idle",
         "open",
         "port",
         "ssl",
+        "sweeper",
         "waiters",
     )
 
@@ -450,7 +451,7 @@ class Pool:
         loop: asyncio.AbstractEventLoop,
         max_connections: int,
         cap: int,
-        on_idle: Callable[[float], None],
+        keepalive: float,
     ) -> None:
         self.host = origin.host
         self.port = origin.port
@@ -459,7 +460,8 @@ class Pool:
         self.loop = loop
         self.max_connections = max_connections
         self.cap = cap
-        self.on_idle = on_idle
+        self.keepalive = keepalive
+        self.sweeper: asyncio.TimerHandle | None = None
         self.idle: list[Connection] = []
         self.open = 0
         self.conns: set[Connection] = set()
@@ -578,7 +580,8 @@ class Pool:
         self.idle.append(conn)
         if self.waiters:
             self.wake()
-        self.on_idle(now)
+        if self.sweeper is None:
+            self.sweeper = self.loop.call_at(now + self.keepalive, self.sweep)
 
     def unpool(self, conn: Connection) -> None:
         """`conn`, idle, closed: it is no longer offered."""
@@ -603,18 +606,25 @@ class Pool:
                 waiter.set_result(None)
                 return
 
-    def sweep(self, now: float, keepalive: float) -> float:
-        """Close the connections idle for `keepalive` seconds; when the next one will be."""
+    def sweep(self) -> None:
+        """Close the connections idle for `keepalive` seconds; come back for the next."""
+        self.sweeper = None
+        keepalive = self.keepalive
+        now = self.loop.time()
         idle = self.idle
         while idle and now - idle[0].idle_since >= keepalive:
             conn = idle.pop(0)
             conn.pooled = False
             conn.closed = True
             conn.transport.close()  # type: ignore[union-attr]
-        return idle[0].idle_since + keepalive if idle else _INF
+        if idle:
+            self.sweeper = self.loop.call_at(idle[0].idle_since + keepalive, self.sweep)
 
     def close(self) -> None:
         """Close every connection: the idle ones, and those of exchanges in progress."""
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
         self.idle.clear()
         for conn in list(self.conns):
             conn.pooled = False

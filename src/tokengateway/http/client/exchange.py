@@ -319,7 +319,11 @@ class Exchange(UpstreamResponse):
             timer.cancel()
             self._timer = None
             self._timer_at = _INF
-        self.wake()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def fail(self, error: UpstreamError, retryable: bool = False) -> None:
         """End the exchange with `error` (unless it is over): its connection is aborted,

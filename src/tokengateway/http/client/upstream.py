@@ -38,8 +38,8 @@ _HEAD = Stage.HEAD
 
 class Upstream:
     """The client: `send_to` (or `send`) a request, get an `UpstreamResponse` once its head
-    has come. It keeps a `Pool` per origin, and sweeps the connections idle for `keepalive`
-    seconds."""
+    has come. It keeps a `Pool` per origin, whose connections idle for `keepalive` seconds
+    are closed."""
 
     def __init__(
         self,
@@ -61,7 +61,6 @@ class Upstream:
         self._origins: dict[str, Origin] = {}  # for `send`: scheme://authority -> Origin
         self._urls: dict[str, tuple[Origin, str]] = {}  # for `send`: url -> origin, target
         self._targets: set[str] = set()  # targets checked lately
-        self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -69,14 +68,10 @@ class Upstream:
         if self._loop is not loop:
             if self._loop is not None:  # connections of another loop are of no use here
                 self._pools.clear()
-                self._sweeper = None
             self._loop = loop
 
     async def close(self) -> None:
         """Close every connection: the idle ones, and those of exchanges in progress."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
         for pool in self._pools.values():
             pool.close()
         await asyncio.sleep(0)  # let the transports close
@@ -234,24 +229,6 @@ class Upstream:
                 self._ssl_context = ssl.create_default_context()
             context = self._ssl_context
         pool = self._pools[origin.key] = Pool(
-            origin, context, loop, self.max_connections, self.max_response_bytes, self._idle_at
+            origin, context, loop, self.max_connections, self.max_response_bytes, self.keepalive
         )
         return pool
-
-    def _idle_at(self, now: float) -> None:
-        """A connection went idle at `now`: have the sweeper come by."""
-        if self._sweeper is None:
-            self._sweeper = self._loop.call_at(now + self.keepalive, self._sweep)  # type: ignore[union-attr]
-
-    def _sweep(self) -> None:
-        """Close the connections idle for `keepalive` seconds; come back for the next."""
-        self._sweeper = None
-        loop = self._loop
-        assert loop is not None
-        now = loop.time()
-        keepalive = self.keepalive
-        next_at = _INF
-        for pool in self._pools.values():
-            next_at = min(next_at, pool.sweep(now, keepalive))
-        if next_at != _INF:
-            self._sweeper = loop.call_at(next_at, self._sweep)
