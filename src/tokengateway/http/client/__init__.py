@@ -34,11 +34,11 @@ or whose transport is closing, is dropped, never written to.
 
 A request sent on a *reused* connection that fails before any byte of the answer arrived
 (the server's keep-alive timeout raced our request) is sent once more, on a new connection,
-only when its method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE). A POST is never
-sent twice: the server may have read it before closing, and a completion run twice costs
-twice; it fails (502) saying so. (Keeping idle connections for less time than the upstream
-does makes that race rare.) A failure on a new connection, or after any byte of the
-answer, is never retried.
+only when its method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE), as a fresh
+exchange under the same deadlines. A POST is never sent twice: the server may have read it
+before closing, and a completion run twice costs twice; it fails (502) saying so. (Keeping
+idle connections for less time than the upstream does makes that race rare.) A failure on
+a new connection, or after any byte of the answer, is never retried.
 
 What an answer may be: 1xx answers (100, 102, 103) are read past, to the final one; a 101
 is refused (the client never asks for an upgrade) and its connection closed; a status
@@ -60,6 +60,7 @@ it a silence); header text goes out as Latin-1, the client's own bytes (aiohttp 
 them UTF-8), and only text beyond Latin-1 as UTF-8; a target is refused rather than
 quoted. As with aiohttp: no User-Agent, Accept, Accept-Encoding or Content-Type of our own,
 no redirects, no content decompression, no cookies.
+
 The parts, one module each:
 
 * `request`: `Origin`, `check_target`, `Timeouts`, `UpstreamLimits`, the request head;
