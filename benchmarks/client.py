@@ -39,7 +39,15 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, HOST, MODEL, Proc, free_port, stop_all, wait_http
 
-from tokengateway.http.client import DEFAULT_TIMEOUTS, Timeouts, Upstream, UpstreamError
+from tokengateway.http.client import (
+    DEFAULT_TIMEOUTS,
+    Timeouts,
+    Upstream,
+    UpstreamBroken,
+    UpstreamClosed,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 EVENTS = 14  # SSE events in the fixed upstream's stream (usage and [DONE] included)
 
@@ -104,11 +112,11 @@ class AiohttpResponse:
                     silence.reschedule(None)
                     yield chunk
         except TimeoutError:
-            raise UpstreamError("timeout", f"upstream sent nothing for {self.idle:g}s") from None
+            raise UpstreamTimeout(f"upstream sent nothing for {self.idle:g}s") from None
         except aiohttp.ClientPayloadError:
-            raise UpstreamError("broken", _INCOMPLETE) from None
+            raise UpstreamClosed(_INCOMPLETE) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError("broken", f"upstream answer broken: {exc}") from None
+            raise UpstreamBroken(f"upstream answer broken: {exc}") from None
         finally:
             self._resp.release()
 
@@ -186,13 +194,13 @@ class AiohttpUpstream:
                     allow_redirects=False,
                 )
         except aiohttp.ConnectionTimeoutError:
-            raise UpstreamError("timeout", "no connection") from None
+            raise UpstreamTimeout("no connection") from None
         except TimeoutError:
-            raise UpstreamError("timeout", "timed out") from None
+            raise UpstreamTimeout("timed out") from None
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("unreachable", str(exc)) from None
+            raise UpstreamUnreachable(str(exc)) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError("broken", str(exc)) from None
+            raise UpstreamBroken(str(exc)) from None
         out_headers = [
             (k.lower(), v)
             for k, v in resp.raw_headers

@@ -8,7 +8,7 @@ no limits and no usage parsing: what is left is the cost of the stack itself.
   This is the issue's reference stack, and the gateway's own until it got its own server
   and client.
 * `--stack tokengateway`: the gateway's own HTTP server (`http/server.py`, with its
-  connection limits) and upstream client (`http/client.py`): the gateway's stack today.
+  connection limits) and upstream client (`http/client/`): the gateway's stack today.
 
     python benchmarks/passthrough.py --port 8081 --upstream http://127.0.0.1:8000 [--stack ...]
 """

@@ -941,7 +941,7 @@ def test_a_reader_that_lags_pauses_the_upstream(run) -> None:
             up = Upstream()
             resp = await up.send("GET", srv.url(), [], b"")
             await asyncio.sleep(0.3)  # nobody reads
-            assert READ_HIGH < resp._size < 4 * READ_HIGH  # buffered: no more than this
+            assert READ_HIGH < resp.buffered < 4 * READ_HIGH  # buffered: no more than this
             assert srv.writers[0].transport.get_write_buffer_size() > 0  # the server waits
             got = []
             async for chunk in resp.chunks():
@@ -956,13 +956,13 @@ def test_a_reader_that_lags_pauses_the_upstream(run) -> None:
 def test_a_large_request_body_is_written_as_the_server_takes_it(run, monkeypatch) -> None:
     body = hashlib.sha256(b"body").digest() * (24 * 1024 * 1024 // 32)  # 24 MiB
     pauses = []
-    pause = upstream_module._Conn.pause_writing
+    pause = upstream_module.Connection.pause_writing
 
     def counted(self: Any) -> None:
         pauses.append(1)
         pause(self)
 
-    monkeypatch.setattr(upstream_module._Conn, "pause_writing", counted)
+    monkeypatch.setattr(upstream_module.Connection, "pause_writing", counted)
 
     async def scenario() -> None:
         async def slow(srv: Server, reader: Any, w: asyncio.StreamWriter) -> None:
