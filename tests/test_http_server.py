@@ -1063,3 +1063,35 @@ def test_a_signal_stops_the_server_gracefully(tmp_path, sig) -> None:
     assert "lifespan shutdown" in out
     assert "handlers restored True" in out
     assert "Traceback" not in err
+
+
+def test_read_body_refuses_a_declared_oversize_body_before_reading_it() -> None:
+    """The server's receive is an `asgi.SizedReceive`: `read_body` reads its declared
+    Content-Length by type and answers None (413) without asking for a byte. Any other
+    receive is read and counted."""
+    from tokengateway.http.asgi import SizedReceive, declared_length, read_body
+
+    class Declared(SizedReceive):
+        __slots__ = ("calls", "content_length")
+
+        def __init__(self, content_length: int | None) -> None:
+            self.content_length = content_length
+            self.calls = 0
+
+        async def __call__(self) -> dict[str, Any]:
+            self.calls += 1
+            return {"type": "http.request", "body": b"x" * 10, "more_body": False}
+
+    big = Declared(1_000_000)
+    assert declared_length(big) == 1_000_000
+    assert asyncio.run(read_body(big, 100)) is None
+    assert big.calls == 0
+    chunked = Declared(None)
+    assert asyncio.run(read_body(chunked, 100)) == b"x" * 10 and chunked.calls == 1
+
+    async def plain() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"y" * 200, "more_body": False}
+
+    assert declared_length(plain) is None
+    assert asyncio.run(read_body(plain, 100)) is None  # counted as it came
+    assert issubclass(connections._Cycle, SizedReceive)

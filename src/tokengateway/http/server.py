@@ -19,8 +19,9 @@ the TCP peer), and it bounds everything a client controls, per connection:
   the app's `receive` raises `RequestAborted`.
 * **early answers**: an answer that starts before the whole request body arrived (413, 404)
   closes the connection after it, instead of reading and dropping the rest of the body for
-  as long as it comes; `receive.content_length` is the declared Content-Length, so that
-  `read_body` answers 413 before reading a body that announces itself too large.
+  as long as it comes; the app's `receive` is an `asgi.SizedReceive` that knows the
+  declared Content-Length, so that `read_body` answers 413 before reading a body that
+  announces itself too large.
 * **slow readers**: a client that takes none of its answer for `body_timeout` while data
   waits for it is cut off (`abort`: a close would wait forever for the data to drain, and
   the answer would stay in memory). A client that reads, however slowly, is not.
@@ -83,7 +84,7 @@ from typing import Any, cast
 
 import httptools
 
-from tokengateway.http.asgi import ASGIApp, Message, RequestAborted, Scope
+from tokengateway.http.asgi import ASGIApp, Message, RequestAborted, Scope, SizedReceive
 from tokengateway.http.target import (
     ALLOWED_METHODS,
     TargetError,
@@ -217,7 +218,7 @@ class _BadHead(Exception):
 # --- one request ---------------------------------------------------------------------------
 
 
-class _Cycle:
+class _Cycle(SizedReceive):
     """One request and its answer: the app's `receive` (the instance is called) and `send`.
 
     `content_length` is the declared Content-Length (None without one, or chunked)."""
