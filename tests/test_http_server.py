@@ -977,6 +977,44 @@ def test_a_graceful_stop_is_bounded(serve, monkeypatch) -> None:
         assert c.closed()
 
 
+def test_a_request_task_is_held_until_it_ends_and_cancelled_before_the_shutdown(serve) -> None:
+    """The app's task of a request that still works after its answer is held by the server
+    (the event loop keeps only weak references: a task waiting on a future nothing else
+    holds would be collected), and a stop cancels it before the lifespan shutdown."""
+    import gc
+
+    events: list[str] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    events.append("shutdown")
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await answer(send, 200, b"ok")
+        try:  # work after the answer, on a future only this task holds
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+
+    running = serve(app)
+    with running.connect() as c:
+        c.send(request("GET", "/"))
+        assert c.response().status == 200
+        time.sleep(0.1)
+        gc.collect()
+        tasks = list(running.server.tasks)
+        assert len(tasks) == 1 and not tasks[0].done()
+        running.stop()
+    assert events == ["cancelled", "shutdown"]
+    assert not running.server.tasks
+
+
 def test_an_app_whose_startup_fails_is_not_served() -> None:
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":

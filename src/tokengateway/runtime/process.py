@@ -1,13 +1,15 @@
 """What every gateway process does the same way, the leader (`serve.py`) and its `--workers`
 followers (`workers.py`): build the data path, serve it, run the event loop, stop on a
-signal, die with its parent."""
+signal, die with its parent, run tasks beside the server."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
 from tokengateway.config.compile import CompiledConfig
@@ -21,12 +23,39 @@ from tokengateway.storage import CounterStore
 
 __all__ = [
     "Stop",
+    "background",
     "die_with_parent",
     "gateway_app",
     "make_server",
     "raise_stop",
     "run_loop",
 ]
+
+log = logging.getLogger("tokengateway.runtime")
+
+#: every task `background` started, until it ends
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def background(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    """Run `coro` beside the server, on the running loop, in a task named `name`.
+
+    The task is held until it ends (the event loop keeps only weak references to tasks: one
+    nobody holds may be collected half way), and its failure is logged as it happens, not
+    whenever someone asks for its result (perhaps never). Cancel it to stop it: a cancelled
+    task is not logged."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_ended)
+    return task
+
+
+def _ended(task: asyncio.Task[Any]) -> None:
+    _BACKGROUND.discard(task)
+    if not task.cancelled():
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s failed", task.get_name(), exc_info=exc)
 
 
 def die_with_parent() -> None:

@@ -28,6 +28,7 @@ from tokengateway.observability.metrics import Snapshot, merge, process_snapshot
 from tokengateway.resources import load_paths, parse_resources
 from tokengateway.runtime.process import (
     Stop,
+    background,
     die_with_parent,
     gateway_app,
     make_server,
@@ -273,7 +274,9 @@ def serve_gateway(
                 counter_scope(t.route, lim.identifier) for t in config.rules for lim in t.limits
             }
             if loop is not None:
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(store.retain(scopes)))
+                loop.call_soon_threadsafe(
+                    lambda: background(store.retain(scopes), "forget the counters of old limits")
+                )
         if pool is not None:
             # the control plane sets backend_urls before it publishes; followers compile the
             # same documents with the same URLs, and the store's retain is ours alone
@@ -315,15 +318,17 @@ def serve_gateway(
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)
             watcher = (
-                asyncio.create_task(control.watch(options.watch_interval))
+                background(control.watch(options.watch_interval), "watch the manifests")
                 if options.paths
                 else None
             )
-            replayer = asyncio.create_task(app.limiter.replay_loop())
+            replayer = background(app.limiter.replay_loop(), "replay the missed counts")
             supervisor = None
             if pool is not None and server.started:
                 pool.start(gateway_sock)  # here: the main thread (see WorkerPool)
-                supervisor = asyncio.create_task(pool.supervise(lambda: server.should_exit))
+                supervisor = background(
+                    pool.supervise(lambda: server.should_exit), "supervise the workers"
+                )
             if server.started and on_ready is not None:
                 on_ready(config, gateway_sock.getsockname()[:2], admin_sock.getsockname()[:2])
             try:

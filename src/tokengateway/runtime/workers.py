@@ -71,6 +71,7 @@ from tokengateway.observability.metrics import Snapshot, process_snapshot
 from tokengateway.resources import Document, parse_resources
 from tokengateway.runtime.process import (
     Stop,
+    background,
     die_with_parent,
     gateway_app,
     make_server,
@@ -508,7 +509,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
             task = asyncio.create_task(server.serve(sockets=[sock]))
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)
-            replayer = asyncio.create_task(app.limiter.replay_loop())
+            replayer = background(app.limiter.replay_loop(), "replay the missed counts")
             if server.started:
                 threading.Thread(target=write, name="leader-write", daemon=True).start()
                 outbox.put({"type": "ack", "generation": first["generation"]})
