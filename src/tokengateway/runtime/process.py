@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import signal
 from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokengateway.config.compile import CompiledConfig
@@ -23,6 +24,7 @@ from tokengateway.storage import CounterStore
 
 __all__ = [
     "Stop",
+    "WorkerSettings",
     "background",
     "die_with_parent",
     "gateway_app",
@@ -85,25 +87,42 @@ def run_loop(coro: Any) -> None:
         uvloop.run(coro)
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """How every gateway process serves: the leader (worker 1) and its `--workers`
+    followers alike. The leader makes it from its options (`ServeOptions.worker_settings`,
+    runtime/serve.py) and sends it, pickled, as the first message on each follower's channel
+    (runtime/workers.py)."""
+
+    #: the counter store's URI; with followers, one they all share (`storage_problem`)
+    storage: str = "memory://"
+    #: what a request gets while the store cannot be reached (`--on-storage-error`)
+    on_storage_error: OnError = "allow"
+    #: one JSON line per request on stdout
+    access_log: bool = True
+    #: request bodies over this many bytes are answered 413
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    #: the largest hold of a reservation (fraction of a counter's limit) and its longest life
+    reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS
+    #: timeouts and caps at the connection level (http/server.py)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: what the upstream client holds: connections per backend, keep-alive, answer size
+    upstream: UpstreamLimits = DEFAULT_LIMITS
+
+
 def gateway_app(
-    config: CompiledConfig,
-    store: CounterStore,
-    access_log: bool,
-    on_storage_error: OnError,
-    max_body_bytes: int = DEFAULT_MAX_BODY,
-    reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
-    upstream: UpstreamLimits = DEFAULT_LIMITS,
+    config: CompiledConfig, store: CounterStore, settings: WorkerSettings
 ) -> GatewayApp:
     """The data path, as every gateway process builds it (the leader and `--workers`
     followers)."""
     return GatewayApp(
         config,
         store,
-        upstream=Upstream(**dataclasses.asdict(upstream)),
-        max_body_bytes=max_body_bytes,
-        access_log=AccessLog() if access_log else None,
-        on_storage_error=on_storage_error,
-        reservation_clamps=reservation_clamps,
+        upstream=Upstream(**dataclasses.asdict(settings.upstream)),
+        max_body_bytes=settings.max_body_bytes,
+        access_log=AccessLog() if settings.access_log else None,
+        on_storage_error=settings.on_storage_error,
+        reservation_clamps=settings.reservation_clamps,
     )
 
 
