@@ -977,6 +977,44 @@ def test_a_graceful_stop_is_bounded(serve, monkeypatch) -> None:
         assert c.closed()
 
 
+def test_a_request_task_is_held_until_it_ends_and_cancelled_before_the_shutdown(serve) -> None:
+    """The app's task of a request that still works after its answer is held by the server
+    (the event loop keeps only weak references: a task waiting on a future nothing else
+    holds would be collected), and a stop cancels it before the lifespan shutdown."""
+    import gc
+
+    events: list[str] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    events.append("shutdown")
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await answer(send, 200, b"ok")
+        try:  # work after the answer, on a future only this task holds
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+
+    running = serve(app)
+    with running.connect() as c:
+        c.send(request("GET", "/"))
+        assert c.response().status == 200
+        time.sleep(0.1)
+        gc.collect()
+        tasks = list(running.server.tasks)
+        assert len(tasks) == 1 and not tasks[0].done()
+        running.stop()
+    assert events == ["cancelled", "shutdown"]
+    assert not running.server.tasks
+
+
 def test_an_app_whose_startup_fails_is_not_served() -> None:
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
@@ -1063,3 +1101,35 @@ def test_a_signal_stops_the_server_gracefully(tmp_path, sig) -> None:
     assert "lifespan shutdown" in out
     assert "handlers restored True" in out
     assert "Traceback" not in err
+
+
+def test_read_body_refuses_a_declared_oversize_body_before_reading_it() -> None:
+    """The server's receive is an `asgi.SizedReceive`: `read_body` reads its declared
+    Content-Length by type and answers None (413) without asking for a byte. Any other
+    receive is read and counted."""
+    from tokengateway.http.asgi import SizedReceive, declared_length, read_body
+
+    class Declared(SizedReceive):
+        __slots__ = ("calls", "content_length")
+
+        def __init__(self, content_length: int | None) -> None:
+            self.content_length = content_length
+            self.calls = 0
+
+        async def __call__(self) -> dict[str, Any]:
+            self.calls += 1
+            return {"type": "http.request", "body": b"x" * 10, "more_body": False}
+
+    big = Declared(1_000_000)
+    assert declared_length(big) == 1_000_000
+    assert asyncio.run(read_body(big, 100)) is None
+    assert big.calls == 0
+    chunked = Declared(None)
+    assert asyncio.run(read_body(chunked, 100)) == b"x" * 10 and chunked.calls == 1
+
+    async def plain() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"y" * 200, "more_body": False}
+
+    assert declared_length(plain) is None
+    assert asyncio.run(read_body(plain, 100)) is None  # counted as it came
+    assert issubclass(connections._Cycle, SizedReceive)

@@ -247,3 +247,78 @@ def test_counting_extension_end_to_end(
     c = client(gw)
     statuses = [c.post("/v1/chat/completions", json=chat()).status_code for _ in range(passes + 1)]
     assert statuses == [200] * passes + [429]
+
+
+class _BreakingStream:
+    """An upstream stream that sends one event, then fails with a bug (not an UpstreamError)."""
+
+    status = 200
+    content_type = "text/event-stream"
+    content_encoding = None
+
+    def __init__(self) -> None:
+        self.headers = [(b"content-type", b"text/event-stream")]
+        self.closed = False
+
+    async def chunks(self):
+        yield b'data: {"choices": []}\n\n'
+        raise RuntimeError("a bug in the middle of a stream")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _BreakingUpstream:
+    max_response_bytes = 1 << 20
+
+    async def send_to(self, *args, **kwargs) -> _BreakingStream:
+        return _BreakingStream()
+
+
+def test_a_stream_that_fails_after_its_start_gets_no_second_answer(caplog) -> None:
+    """Once a stream's head went out, an error in the gateway is logged and the answer cut
+    short: no 500 may start a second answer on top of it."""
+    from tokengateway.config.backends import parse_backend_overrides
+    from tokengateway.config.compile import compile_config
+    from tokengateway.dataplane.app import GatewayApp
+    from tokengateway.runtime.serve import load
+    from tokengateway.storage import MemoryStore
+
+    loaded = load(
+        [str(TUTORIAL)], parse_backend_overrides(["trlp-tutorial-llm-sim=http://127.0.0.1:9"])
+    )
+    urls = {k: p.url or "http://127.0.0.1:9" for k, p in loaded.plans.items()}
+    app = GatewayApp(compile_config(loaded.resources, urls), MemoryStore(), _BreakingUpstream())  # type: ignore[arg-type]
+    body = json.dumps(chat(stream=True)).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "query_string": b"",
+        "headers": [
+            (b"host", HOST.encode()),
+            (b"authorization", b"APIKEY iamafreeuser"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+    }
+    sent: list[dict] = []
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)  # the client stays
+        raise AssertionError
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [200]
+    assert "a bug in the middle of a stream" in caplog.text

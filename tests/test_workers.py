@@ -471,3 +471,85 @@ def test_followers_take_the_connection_options(start_gateway, redis_server) -> N
         if refused_by == set(pids):
             return
     raise AssertionError(f"only {refused_by} of {pids} answered")
+
+
+def test_a_background_task_is_held_and_its_failure_logged_at_once(caplog) -> None:
+    """`runtime.process.background`: the task lives while nothing else holds it, and its
+    exception is logged when it ends, not lost with the task; a cancelled one is quiet."""
+    import asyncio
+    import gc
+
+    from tokengateway.runtime.process import background
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def fails() -> None:
+            await gate.wait()
+            raise RuntimeError("the store went away")
+
+        async def waits() -> None:
+            await asyncio.get_running_loop().create_future()  # held by nothing else
+
+        background(fails(), "forget old counters")
+        quiet = background(waits(), "wait forever")
+        del quiet
+        await asyncio.sleep(0)
+        gc.collect()
+        assert {t.get_name() for t in asyncio.all_tasks()} >= {
+            "forget old counters",
+            "wait forever",
+        }
+        gate.set()
+        await asyncio.sleep(0.01)
+        (waiter,) = [t for t in asyncio.all_tasks() if t.get_name() == "wait forever"]
+        waiter.cancel()
+        await asyncio.sleep(0.01)
+
+    with caplog.at_level("ERROR", logger="tokengateway.runtime"):
+        asyncio.run(main())
+    failures = [r for r in caplog.records if r.name == "tokengateway.runtime"]
+    assert [r.getMessage() for r in failures] == ["forget old counters failed"]
+    assert "the store went away" in caplog.text
+
+
+def test_the_settings_reach_a_follower_whole_and_typed() -> None:
+    """The leader's options become one frozen `WorkerSettings`, which crosses the channel
+    (a pickle) unchanged: every follower serves with exactly the leader's settings."""
+    import dataclasses
+
+    from tokengateway.http.client import UpstreamLimits
+    from tokengateway.http.server import ConnectionLimits
+    from tokengateway.runtime.process import WorkerSettings
+    from tokengateway.runtime.serve import ServeOptions
+    from tokengateway.runtime.workers import _frame, _receive
+
+    options = ServeOptions(
+        paths=[],
+        listen=("127.0.0.1", 0),
+        admin=("127.0.0.1", 0),
+        storage="redis://127.0.0.1:6379/0",
+        access_log=False,
+        on_storage_error="deny",
+        max_body_size=1234,
+        reservation_clamps=(0.25, 60.0),
+        connections=ConnectionLimits(max_connections=77),
+        upstream=UpstreamLimits(max_connections=9),
+    )
+    settings = options.worker_settings()
+    assert settings == WorkerSettings(
+        storage="redis://127.0.0.1:6379/0",
+        on_storage_error="deny",
+        access_log=False,
+        max_body_bytes=1234,
+        reservation_clamps=(0.25, 60.0),
+        connections=ConnectionLimits(max_connections=77),
+        upstream=UpstreamLimits(max_connections=9),
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.storage = "memory://"  # type: ignore[misc]
+    leader, follower = socket.socketpair()
+    with leader, follower:
+        leader.sendall(_frame(settings))
+        received = _receive(follower)
+    assert isinstance(received, WorkerSettings) and received == settings

@@ -8,7 +8,9 @@ path is the HTTP server's normalised, percent-encoded one (`http/target.py`), th
 for routing, policies, the access log and the request sent upstream.
 
 Each stage is a call into its own module (routing, auth, limits, proxy); this file only
-translates between HTTP (ASGI) and those libraries, and owns the order of the stages.
+translates between HTTP (ASGI) and those libraries, and owns the order of the stages:
+`GatewayApp.handle` calls them in turn, each a method taking the request's
+`RequestContext`, which holds what the request carries from one stage to the next.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import random
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -55,6 +57,81 @@ log = logging.getLogger("tokengateway.gateway")
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 #: (largest hold as a fraction of a counter's limit, longest hold in seconds): Limitador's
 RESERVATION_CLAMPS = (MAX_RESERVATION_FRACTION, MAX_RESERVATION_TTL)
+
+
+#: what a stage that refuses a request returns: its answer, not sent yet (`handle` awaits it)
+Answer = Coroutine[Any, Any, None]
+
+
+class RequestContext:
+    """What one request carries through the stages of `GatewayApp.handle`: made once as it
+    arrives; each stage reads what the stages before it found and adds its own.
+
+    `config` is the configuration the request started with (a swap does not change it).
+    `send` records the answer's status in `entry` (`Entry.recording`). `started` is set once
+    an answer began that may still fail part way (a stream): from then on a failure can only
+    cut the answer short, never start a second one (a 500)."""
+
+    __slots__ = (
+        "applicable",
+        "auth",
+        "body",
+        "checked",
+        "config",
+        "decision",
+        "doc",
+        "entry",
+        "headers",
+        "host",
+        "method",
+        "path",
+        "query",
+        "receive",
+        "request_id",
+        "scope",
+        "send",
+        "started",
+        "target",
+        "well_known",
+    )
+
+    #: the route's target, set by the routing stage
+    target: RuleTarget
+    #: the counters the request counts on, set by the limits stage
+    applicable: Applicable
+
+    def __init__(
+        self, config: CompiledConfig, scope: Scope, receive: Receive, send: Send, entry: Entry
+    ) -> None:
+        self.config = config
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.entry = entry
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.query: str = scope.get("query_string", b"").decode("latin-1")
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name = raw_name.decode("latin-1")
+            value = raw_value.decode("latin-1")
+            if name in headers:  # repeated headers are one list; cookies join with "; "
+                value = f"{headers[name]}{'; ' if name == 'cookie' else ', '}{value}"
+            headers[name] = value
+        self.headers = headers
+        self.host = _hostname(headers.get("host", ""))
+        self.request_id = entry.request_id = headers.get("x-request-id") or new_request_id()
+        self.body = b""
+        #: the body decoded, for a model request whose body is JSON
+        self.doc: dict[str, Any] | None = None
+        #: Kuadrant's well-known attributes; built only when a policy may read them
+        self.well_known: dict[str, Any] = {}
+        self.decision: authlib.AuthDecision | None = None
+        #: what the AuthPolicy found (`auth.identity`, ...), for the limits' CEL
+        self.auth: dict[str, Any] = {}
+        #: the store's answer to the check, when some counter applied
+        self.checked: CheckResult | None = None
+        self.started = False
 
 
 class GatewayApp:
@@ -98,14 +175,19 @@ class GatewayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             entry = Entry(scope["method"], scope["path"])
-            send = entry.recording(send)  # the status, and x-request-id on every answer
+            # the status, and x-request-id on every answer
+            request = RequestContext(self.config, scope, receive, entry.recording(send), entry)
             try:
-                await self.handle(scope, receive, send, entry)
+                await self.handle(request)
             except Exception:  # the last line of defence: never a stack trace to a client
                 log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-                if not scope.get("tokengateway.started"):
+                if not request.started:
                     await send_error(
-                        send, 500, "internal gateway error", "server_error", "internal_error"
+                        request.send,
+                        500,
+                        "internal gateway error",
+                        "server_error",
+                        "internal_error",
                     )
             finally:  # also when the request was aborted (RequestAborted, cancellation)
                 if entry.route is not None:
@@ -146,205 +228,193 @@ class GatewayApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, entry: Entry) -> None:
-        config = self.config
-        method: str = scope["method"]
-        path: str = scope["path"]
-        query = scope.get("query_string", b"").decode("latin-1")
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in scope["headers"]:
-            name = raw_name.decode("latin-1")
-            value = raw_value.decode("latin-1")
-            if name in headers:  # repeated headers are one list; cookies join with "; "
-                value = f"{headers[name]}{'; ' if name == 'cookie' else ', '}{value}"
-            headers[name] = value
-        host = _hostname(headers.get("host", ""))
-        request_id = headers.get("x-request-id") or new_request_id()
-        entry.request_id = request_id
-
+    async def handle(self, request: RequestContext) -> None:
+        """The stages, in order. A stage that refuses the request answers it and the request
+        ends there: a synchronous stage returns its answer (awaited here), an asynchronous
+        one sends it and returns False."""
         # 1. route
-        match = config.router.match(host, method, path, headers, query)
-        if match is None:
-            await send_error(
-                send,
-                404,
-                f"no route for {host or '(no host)'}{path}",
-                "not_found_error",
-                "route_not_found",
-            )
+        answer = self._route(request)
+        if answer is not None:
+            await answer
             return
-        target: RuleTarget = match.target
-        entry.route = target.route
-        entry.host = host
+        target = request.target
 
         # 2. body (needed to forward, for requestBodyJSON and for estimates), read after
         # authentication when the AuthPolicy does not read it: a client without a valid key
         # then makes the gateway buffer nothing (and gets no 100 Continue)
         auth_first = target.auth is not None and not target.auth.reads_body
-        body = b""
-        if not auth_first:
-            found = await self._read_body(receive, send, entry)
-            if found is None:
-                return
-            body = found
-
-        needs_attributes = target.auth is not None or bool(target.limits)
-        well_known = (
-            _well_known(scope, method, path, query, host, headers, body, request_id)
-            if needs_attributes
-            else {}
-        )
+        if not auth_first and not await self._read_body(request):
+            return
+        if target.auth is not None or target.limits:
+            request.well_known = _well_known(request)
 
         # 3. authenticate and authorize
-        auth_binding: dict[str, Any] = {}
-        decision: authlib.AuthDecision | None = None
         if target.auth is not None:
-            full_path = well_known["request"]["path"]  # with the query: a key may be in it
-            decision = target.auth.decide(
-                headers,
-                full_path,
-                lambda: authlib.AuthRequest(  # built only when no kept decision answers
-                    method=method,
-                    scheme=well_known["request"]["scheme"],
-                    host=host,
-                    path=full_path,
-                    headers=headers,
-                    source_address=well_known["source"]["address"],
-                    source_port=well_known["source"]["port"],
-                    destination_address=well_known["destination"]["address"],
-                    destination_port=well_known["destination"]["port"],
-                    request_id=request_id,
-                    well_known=well_known,
-                ),
-            )
-            if not decision.allowed:
-                await _send_denied(send, decision)
+            answer = self._authorize(request, target.auth)
+            if answer is not None:
+                await answer
                 return
-            auth_binding = decision.auth
-            entry.user = _user_of(auth_binding)
         if auth_first:
-            found = await self._read_body(receive, send, entry)
-            if found is None:
+            if not await self._read_body(request):
                 return
-            body = found
-            well_known["request"]["size"] = len(body)
+            request.well_known["request"]["size"] = len(request.body)
 
         # 3b. a model request's body must be JSON the gateway can read (nothing is charged)
-        doc, problem = read_json_body(method, path, headers.get("content-type", ""), body)
-        if problem is not None:
+        answer = self._parse_body(request)
+        if answer is not None:
+            await answer
+            return
+
+        # 4. check limits
+        if not target.limits:
+            request.applicable = Applicable()
+        elif not await self._check_limits(request):
+            return
+
+        # 5-7. forward, relay, report; a reservation is committed or released whatever happens
+        usage: Usage | None = None
+        try:
+            usage = await self._forward(request)
+        finally:
+            applicable = request.applicable
+            if applicable.tokens:
+                deltas = await self.limiter.report(applicable, usage)
+                if deltas:
+                    self.metrics.hits(target.route, applicable.token_limits, deltas)
+        request.entry.usage = usage
+
+    def _route(self, request: RequestContext) -> Answer | None:
+        """1. The rule the request matches (`request.target`); else a 404."""
+        host, path = request.host, request.path
+        match = request.config.router.match(
+            host, request.method, path, request.headers, request.query
+        )
+        if match is None:
+            return send_error(
+                request.send,
+                404,
+                f"no route for {host or '(no host)'}{path}",
+                "not_found_error",
+                "route_not_found",
+            )
+        target: RuleTarget = match.target
+        request.target = target
+        request.entry.route = target.route
+        request.entry.host = host
+        return None
+
+    async def _read_body(self, request: RequestContext) -> bool:
+        """2. The whole request body (`request.body`); False once a 413 is sent."""
+        try:
+            body = await read_body(request.receive, self.max_body_bytes)
+        except RequestAborted as exc:
+            # the connection layer answers a timeout with 408; a client that left gets
+            # nothing (499, as nginx logs it)
+            request.entry.status = 408 if exc.timed_out else 499
+            raise
+        if body is None:
             await send_error(
-                send,
+                request.send,
+                413,
+                f"request body larger than {self.max_body_bytes} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+            return False
+        request.body = body
+        return True
+
+    def _authorize(self, request: RequestContext, policy: authlib.AuthEngine) -> Answer | None:
+        """3. The AuthPolicy's decision (`request.decision`, `request.auth`); a refusal is
+        the policy's deny answer."""
+        well_known = request.well_known
+        full_path = well_known["request"]["path"]  # with the query: a key may be in it
+        decision = policy.decide(
+            request.headers,
+            full_path,
+            lambda: authlib.AuthRequest(  # built only when no kept decision answers
+                method=request.method,
+                scheme=well_known["request"]["scheme"],
+                host=request.host,
+                path=full_path,
+                headers=request.headers,
+                source_address=well_known["source"]["address"],
+                source_port=well_known["source"]["port"],
+                destination_address=well_known["destination"]["address"],
+                destination_port=well_known["destination"]["port"],
+                request_id=request.request_id,
+                well_known=well_known,
+            ),
+        )
+        request.decision = decision
+        if not decision.allowed:
+            return _send_denied(request.send, decision)
+        request.auth = decision.auth
+        request.entry.user = _user_of(decision.auth)
+        return None
+
+    def _parse_body(self, request: RequestContext) -> Answer | None:
+        """3b. A model request's body, decoded (`request.doc`); a 400 when it cannot be."""
+        content_type = request.headers.get("content-type", "")
+        doc, problem = read_json_body(request.method, request.path, content_type, request.body)
+        if problem is not None:
+            return send_error(
+                request.send,
                 400,
                 problem.message,
                 "invalid_request_error",
                 problem.code,
                 param=problem.param,
             )
-            return
+        request.doc = doc
+        return None
 
-        # 4. check limits
-        applicable = Applicable()
-        checked: CheckResult | None = None
-        if target.limits:
-            cel.bind_bodies(body, request_json=doc)
-            activation = cel.Activation({**well_known, "auth": auth_binding})
-            applicable = self.limiter.applicable(
-                target.limits,
-                target.route,
-                activation,
-                body=body,
-                request=doc,
-                reservations=config.reservations,
-                default_ttl=target.timeout,
-            )
-            if applicable:
-                try:
-                    result = await self.limiter.check(applicable)
-                except StorageUnavailable as exc:
-                    await send_error(
-                        send,
-                        503,
-                        f"rate limits cannot be checked: {exc}",
-                        "service_unavailable",
-                        "counter_store_unavailable",
-                        headers=[("retry-after", "1")],
-                    )
-                    return
-                if result.limited:
-                    owners = applicable.token_limits + applicable.request_limits
-                    entry.limited_by = owners[result.limiting or 0]
-                    self.metrics.limited(target.route, entry.limited_by)
-                    await _send_limited(send, result, len(applicable.tokens))
-                    return
-                self.metrics.authorized(
-                    target.route, dict.fromkeys(applicable.token_limits + applicable.request_limits)
-                )
-                checked = result
-
-        # 5-7. forward, relay, report; a reservation is committed or released whatever happens
-        usage: Usage | None = None
+    async def _check_limits(self, request: RequestContext) -> bool:
+        """4. The counters that apply (`request.applicable`), checked or reserved on
+        (`request.checked`); False once a 429 or 503 is sent."""
+        target = request.target
+        cel.bind_bodies(request.body, request_json=request.doc)
+        activation = cel.Activation({**request.well_known, "auth": request.auth})
+        applicable = request.applicable = self.limiter.applicable(
+            target.limits,
+            target.route,
+            activation,
+            body=request.body,
+            request=request.doc,
+            reservations=request.config.reservations,
+            default_ttl=target.timeout,
+        )
+        if not applicable:
+            return True
         try:
-            usage = await self._forward(
-                scope,
-                receive,
-                send,
-                entry,
-                target,
-                headers=headers,
-                query=query,
-                body=body,
-                doc=doc,
-                request_id=request_id,
-                decision=decision,
-                applicable=applicable,
-                checked=checked,
-            )
-        finally:
-            if applicable.tokens:
-                deltas = await self.limiter.report(applicable, usage)
-                if deltas:
-                    self.metrics.hits(target.route, applicable.token_limits, deltas)
-        entry.usage = usage
-
-    async def _read_body(self, receive: Receive, send: Send, entry: Entry) -> bytes | None:
-        """The whole request body, or None once a 413 is sent."""
-        try:
-            body = await read_body(receive, self.max_body_bytes)
-        except RequestAborted as exc:
-            # the connection layer answers a timeout with 408; a client that left gets
-            # nothing (499, as nginx logs it)
-            entry.status = 408 if exc.timed_out else 499
-            raise
-        if body is None:
+            result = await self.limiter.check(applicable)
+        except StorageUnavailable as exc:
             await send_error(
-                send,
-                413,
-                f"request body larger than {self.max_body_bytes} bytes",
-                "invalid_request_error",
-                "request_too_large",
+                request.send,
+                503,
+                f"rate limits cannot be checked: {exc}",
+                "service_unavailable",
+                "counter_store_unavailable",
+                headers=[("retry-after", "1")],
             )
-        return body
+            return False
+        if result.limited:
+            owners = applicable.token_limits + applicable.request_limits
+            limited_by = request.entry.limited_by = owners[result.limiting or 0]
+            self.metrics.limited(target.route, limited_by)
+            await _send_limited(request.send, result, len(applicable.tokens))
+            return False
+        self.metrics.authorized(
+            target.route, dict.fromkeys(applicable.token_limits + applicable.request_limits)
+        )
+        request.checked = result
+        return True
 
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        entry: Entry,
-        target: RuleTarget,
-        *,
-        headers: dict[str, str],
-        query: str,
-        body: bytes,
-        doc: dict[str, Any] | None,
-        request_id: str,
-        decision: authlib.AuthDecision | None,
-        applicable: Applicable,
-        checked: CheckResult | None,
-    ) -> Usage | None:
-        """Send the request upstream and relay the answer; the usage to charge, if any."""
-        method: str = scope["method"]
-        path: str = scope["path"]
+    async def _forward(self, request: RequestContext) -> Usage | None:
+        """5-6. Send the request upstream and relay the answer; the usage to charge, if any."""
+        send, entry, target = request.send, request.entry, request.target
+        method, path, query, headers = request.method, request.path, request.query, request.headers
+        applicable, checked = request.applicable, request.checked
 
         # 5. forward
         if not target.backends:
@@ -356,11 +426,12 @@ class GatewayApp:
                 "no_backend",
             )
             return None
-        upstream_body, hide_usage = body, False
+        upstream_body, hide_usage = request.body, False
         if applicable.tokens:
-            upstream_body, hide_usage = ask_for_usage(path, body, doc)
+            upstream_body, hide_usage = ask_for_usage(path, request.body, request.doc)
         backend = target.pick_backend()
         extra: list[tuple[str, str]] = []
+        decision = request.decision
         if decision is not None:
             extra = decision.success_headers
             if decision.credential is not None and not backend.forward_credentials:
@@ -369,7 +440,7 @@ class GatewayApp:
         # where it goes is the backend's origin and base path (parsed with the config), and
         # the path routing saw: nothing a client wrote can name another host or port
         request_target = f"{path}?{query}" if query else path
-        out_headers = _upstream_headers(scope, headers, request_id, extra)
+        out_headers = _upstream_headers(request.scope, headers, request.request_id, extra)
         if backend.authorization is not None:
             out_headers = [h for h in out_headers if h[0] != "authorization"]
             out_headers.append(("authorization", backend.authorization))
@@ -401,12 +472,11 @@ class GatewayApp:
             if checked is not None:
                 n = len(applicable.tokens)
                 _with_limits(resp.headers, success_headers(checked, n, applicable.countings, None))
-            scope["tokengateway.started"] = True
-            await self._relay_stream(resp, stream, receive, send, path, entry)
+            await self._relay_stream(request, resp, stream)
             entry.upstream_done = time.perf_counter()
             usage = stream.usage
             if applicable.tokens and usage is None and 200 <= resp.status < 300:
-                usage = self._estimate(method, body, doc, stream.text)
+                usage = self._estimate(request, stream.text)
             return usage
         try:
             payload = await resp.read()
@@ -421,7 +491,7 @@ class GatewayApp:
             readable = decode_content(resp.content_encoding, payload, limit) or b""
         usage = usage_from_json(readable)
         if applicable.tokens and usage is None and 200 <= resp.status < 300:
-            usage = self._estimate(method, body, doc, completion_text_of(readable))
+            usage = self._estimate(request, completion_text_of(readable))
         if checked is not None:
             limit_headers = success_headers(
                 checked, len(applicable.tokens), applicable.countings, usage
@@ -435,26 +505,19 @@ class GatewayApp:
         await send({"type": "http.response.body", "body": payload})
         return usage
 
-    def _estimate(
-        self, method: str, body: bytes, doc: dict[str, Any] | None, answer: str
-    ) -> Usage | None:
+    def _estimate(self, request: RequestContext, answer: str) -> Usage | None:
         """What a successful answer without usage is charged: an estimate for a request
         that can generate (any method with a body: POST, PUT, PATCH), nothing for one that
         only reads or deletes (`GET /v1/models`), as Kuadrant charges an answer without
         usage (docs/counting.md)."""
-        if method in _READS:
+        if request.method in _READS:
             return None
         self.estimated_usage += 1
-        return estimate_usage(doc if doc is not None else _json_or_none(body), answer)
+        doc = request.doc
+        return estimate_usage(doc if doc is not None else _json_or_none(request.body), answer)
 
     async def _relay_stream(
-        self,
-        resp: UpstreamResponse,
-        stream: SSEStream,
-        receive: Receive,
-        send: Send,
-        path: str,
-        entry: Entry,
+        self, request: RequestContext, resp: UpstreamResponse, stream: SSEStream
     ) -> None:
         """Pass events on as they arrive. A client that goes away stops the upstream (its
         tokens so far are still charged); an upstream that breaks gets an error event.
@@ -463,12 +526,14 @@ class GatewayApp:
         passed on byte for byte, nothing hidden in it nor added to it (an error event would
         not be in its coding: a broken one just ends, and the client's decoder sees it cut);
         its usage is read from a decoded copy (gzip, deflate), else estimated."""
+        send, entry, path = request.send, request.entry, request.path
+        request.started = True  # whatever fails from here, the client has its status
         await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
         coding = resp.content_encoding
         feed = stream.feed if coding is None else _copy_reader(stream, coding)
         # A client that disconnects completes `gone`, which closes the upstream response:
         # the read in progress ends at once (no task per chunk is needed to notice).
-        gone = asyncio.ensure_future(receive())
+        gone = asyncio.ensure_future(request.receive())
 
         def client_left(_: object) -> None:
             resp.close()
@@ -611,32 +676,24 @@ def _hostname(host: str) -> str:
     return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
 
 
-def _well_known(
-    scope: Scope,
-    method: str,
-    path: str,
-    query: str,
-    host: str,
-    headers: dict[str, str],
-    body: bytes,
-    request_id: str,
-) -> dict[str, Any]:
+def _well_known(request: RequestContext) -> dict[str, Any]:
     """Kuadrant's well-known attributes (Envoy's names): `request.path` includes the query."""
+    scope, path, query, headers = request.scope, request.path, request.query, request.headers
     client = scope.get("client") or ("", 0)
     server = scope.get("server") or ("", 0)
     full_path = f"{path}?{query}" if query else path
     return {
         "request": {
-            "id": request_id,
-            "method": method,
+            "id": request.request_id,
+            "method": request.method,
             "path": full_path,
             "url_path": path,
-            "host": headers.get("host", host),
+            "host": headers.get("host", request.host),
             "scheme": scope.get("scheme", "http"),
             "query": query,
             "headers": headers,
             "time": utc_now_text(),
-            "size": len(body),
+            "size": len(request.body),
             "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
             "useragent": headers.get("user-agent", ""),
         },

@@ -19,8 +19,9 @@ the TCP peer), and it bounds everything a client controls, per connection:
   the app's `receive` raises `RequestAborted`.
 * **early answers**: an answer that starts before the whole request body arrived (413, 404)
   closes the connection after it, instead of reading and dropping the rest of the body for
-  as long as it comes; `receive.content_length` is the declared Content-Length, so that
-  `read_body` answers 413 before reading a body that announces itself too large.
+  as long as it comes; the app's `receive` is an `asgi.SizedReceive` that knows the
+  declared Content-Length, so that `read_body` answers 413 before reading a body that
+  announces itself too large.
 * **slow readers**: a client that takes none of its answer for `body_timeout` while data
   waits for it is cut off (`abort`: a close would wait forever for the data to drain, and
   the answer would stay in memory). A client that reads, however slowly, is not.
@@ -83,7 +84,7 @@ from typing import Any, cast
 
 import httptools
 
-from tokengateway.http.asgi import ASGIApp, Message, RequestAborted, Scope
+from tokengateway.http.asgi import ASGIApp, Message, RequestAborted, Scope, SizedReceive
 from tokengateway.http.target import (
     ALLOWED_METHODS,
     TargetError,
@@ -217,7 +218,7 @@ class _BadHead(Exception):
 # --- one request ---------------------------------------------------------------------------
 
 
-class _Cycle:
+class _Cycle(SizedReceive):
     """One request and its answer: the app's `receive` (the instance is called) and `send`.
 
     `content_length` is the declared Content-Length (None without one, or chunked)."""
@@ -521,6 +522,7 @@ class HttpProtocol(asyncio.Protocol):
         "read_paused",
         "reading",
         "server",
+        "tasks",
         "transport",
         "write_paused",
     )
@@ -531,6 +533,7 @@ class HttpProtocol(asyncio.Protocol):
         self.app = server.app
         self.limits = server.limits
         self.loop = server.loop
+        self.tasks = server.tasks
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
@@ -890,8 +893,7 @@ class HttpProtocol(asyncio.Protocol):
         )
         self.reading = cycle
         if self.active is None:
-            self.active = cycle
-            cycle.task = _Task(self._run_app(cycle), loop=self.loop, name=_TASK_NAME)
+            self._run(cycle)
         else:
             # pipelined: answered after the one before; read no more meanwhile
             self.pipeline.append(cycle)
@@ -936,10 +938,13 @@ class HttpProtocol(asyncio.Protocol):
     # --- answering -------------------------------------------------------------------------
 
     def _run(self, cycle: _Cycle) -> None:
+        """Start answering `cycle`: its task is held in `Server.tasks` until it ends."""
         self.active = cycle
-        cycle.task = _Task(self._run_app(cycle), loop=self.loop, name=_TASK_NAME)
+        cycle.task = task = _Task(self._run_app(cycle), loop=self.loop, name=_TASK_NAME)
+        self.tasks.add(task)
 
     async def _run_app(self, cycle: _Cycle) -> None:
+        """The app on `cycle`; nothing it raises escapes (see the module's docstring)."""
         try:
             if cycle.scope["path"] == "*":
                 await _options_asterisk(cycle.send)
@@ -965,6 +970,8 @@ class HttpProtocol(asyncio.Protocol):
                     cycle.scope["path"],
                 )
                 self._failed(cycle)
+        finally:  # the task's last step: no done callback (one more loop turn) is needed
+            self.tasks.discard(cycle.task)
 
     def _failed(self, cycle: _Cycle) -> None:
         if cycle.complete or cycle.disconnected:
@@ -1219,6 +1226,9 @@ class Server:
         #: set once `serve` stops accepting: connections close after their answer
         self.stopping = False
         self.connections: set[HttpProtocol] = set()
+        #: the app's task of every request until it ends, also after its answer (the event
+        #: loop holds only weak references to tasks): a graceful stop waits for them
+        self.tasks: set[asyncio.Task[None]] = set()
         self.date = _date_line()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._servers: list[asyncio.AbstractServer] = []
@@ -1284,16 +1294,17 @@ class Server:
         for conn in list(self.connections):
             conn.abort()
         # the apps' tasks (also those that answered and still finish their work) end before
-        # the lifespan shutdown closes what they use
-        code = HttpProtocol._run_app.__code__
-        current = asyncio.current_task()
-        tasks = [
-            task
-            for task in asyncio.all_tasks()
-            if task is not current and getattr(task.get_coro(), "cr_code", None) is code
-        ]
-        if tasks:
-            await asyncio.wait(tasks, timeout=1.0)
+        # the lifespan shutdown closes what they use: given a second, then cancelled
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1.0)
+        if self.tasks:
+            left = list(self.tasks)
+            log.warning(
+                "%d requests still running after their connection closed: cancelled", len(left)
+            )
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=1.0)
 
     def _signal(self) -> None:
         if self.should_exit:

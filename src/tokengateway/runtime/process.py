@@ -1,13 +1,16 @@
 """What every gateway process does the same way, the leader (`serve.py`) and its `--workers`
 followers (`workers.py`): build the data path, serve it, run the event loop, stop on a
-signal, die with its parent."""
+signal, die with its parent, run tasks beside the server."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import signal
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokengateway.config.compile import CompiledConfig
@@ -21,12 +24,40 @@ from tokengateway.storage import CounterStore
 
 __all__ = [
     "Stop",
+    "WorkerSettings",
+    "background",
     "die_with_parent",
     "gateway_app",
     "make_server",
     "raise_stop",
     "run_loop",
 ]
+
+log = logging.getLogger("tokengateway.runtime")
+
+#: every task `background` started, until it ends
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def background(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    """Run `coro` beside the server, on the running loop, in a task named `name`.
+
+    The task is held until it ends (the event loop keeps only weak references to tasks: one
+    nobody holds may be collected half way), and its failure is logged as it happens, not
+    whenever someone asks for its result (perhaps never). Cancel it to stop it: a cancelled
+    task is not logged."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_ended)
+    return task
+
+
+def _ended(task: asyncio.Task[Any]) -> None:
+    _BACKGROUND.discard(task)
+    if not task.cancelled():
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s failed", task.get_name(), exc_info=exc)
 
 
 def die_with_parent() -> None:
@@ -56,25 +87,42 @@ def run_loop(coro: Any) -> None:
         uvloop.run(coro)
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """How every gateway process serves: the leader (worker 1) and its `--workers`
+    followers alike. The leader makes it from its options (`ServeOptions.worker_settings`,
+    runtime/serve.py) and sends it, pickled, as the first message on each follower's channel
+    (runtime/workers.py)."""
+
+    #: the counter store's URI; with followers, one they all share (`storage_problem`)
+    storage: str = "memory://"
+    #: what a request gets while the store cannot be reached (`--on-storage-error`)
+    on_storage_error: OnError = "allow"
+    #: one JSON line per request on stdout
+    access_log: bool = True
+    #: request bodies over this many bytes are answered 413
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    #: the largest hold of a reservation (fraction of a counter's limit) and its longest life
+    reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS
+    #: timeouts and caps at the connection level (http/server.py)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: what the upstream client holds: connections per backend, keep-alive, answer size
+    upstream: UpstreamLimits = DEFAULT_LIMITS
+
+
 def gateway_app(
-    config: CompiledConfig,
-    store: CounterStore,
-    access_log: bool,
-    on_storage_error: OnError,
-    max_body_bytes: int = DEFAULT_MAX_BODY,
-    reservation_clamps: tuple[float, float] = RESERVATION_CLAMPS,
-    upstream: UpstreamLimits = DEFAULT_LIMITS,
+    config: CompiledConfig, store: CounterStore, settings: WorkerSettings
 ) -> GatewayApp:
     """The data path, as every gateway process builds it (the leader and `--workers`
     followers)."""
     return GatewayApp(
         config,
         store,
-        upstream=Upstream(**dataclasses.asdict(upstream)),
-        max_body_bytes=max_body_bytes,
-        access_log=AccessLog() if access_log else None,
-        on_storage_error=on_storage_error,
-        reservation_clamps=reservation_clamps,
+        upstream=Upstream(**dataclasses.asdict(settings.upstream)),
+        max_body_bytes=settings.max_body_bytes,
+        access_log=AccessLog() if settings.access_log else None,
+        on_storage_error=settings.on_storage_error,
+        reservation_clamps=settings.reservation_clamps,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import signal
 import socket
 import subprocess
@@ -28,6 +27,8 @@ from tokengateway.observability.metrics import Snapshot, merge, process_snapshot
 from tokengateway.resources import load_paths, parse_resources
 from tokengateway.runtime.process import (
     Stop,
+    WorkerSettings,
+    background,
     die_with_parent,
     gateway_app,
     make_server,
@@ -198,6 +199,18 @@ class ServeOptions:
     #: what the upstream client holds: connections per backend, keep-alive, answer size
     upstream: UpstreamLimits = DEFAULT_LIMITS
 
+    def worker_settings(self) -> WorkerSettings:
+        """What every worker process serves with, the leader's own included."""
+        return WorkerSettings(
+            storage=self.storage,
+            on_storage_error=self.on_storage_error,
+            access_log=self.access_log,
+            max_body_bytes=self.max_body_size,
+            reservation_clamps=self.reservation_clamps,
+            connections=self.connections,
+            upstream=self.upstream,
+        )
+
 
 class _Dispatch:
     """One server, two sockets: requests to the admin socket go to the admin API."""
@@ -249,19 +262,11 @@ def serve_gateway(
     the above, plus followers that serve the same socket with every configuration it
     publishes (see runtime/workers.py)."""
     sims = Simulators()
-    store = open_store(options.storage)
+    settings = options.worker_settings()
+    store = open_store(settings.storage)
     holder: dict[str, Any] = {}
     pool = None
     if options.workers > 1:
-        settings = {
-            "storage": options.storage,
-            "on_storage_error": options.on_storage_error,
-            "access_log": options.access_log,
-            "max_body_bytes": options.max_body_size,
-            "reservation_clamps": options.reservation_clamps,
-            "connections": dataclasses.asdict(options.connections),
-            "upstream": dataclasses.asdict(options.upstream),
-        }
         pool = WorkerPool(options.workers - 1, settings)
 
     def publish(config: CompiledConfig) -> None:
@@ -273,7 +278,9 @@ def serve_gateway(
                 counter_scope(t.route, lim.identifier) for t in config.rules for lim in t.limits
             }
             if loop is not None:
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(store.retain(scopes)))
+                loop.call_soon_threadsafe(
+                    lambda: background(store.retain(scopes), "forget the counters of old limits")
+                )
         if pool is not None:
             # the control plane sets backend_urls before it publishes; followers compile the
             # same documents with the same URLs, and the store's retain is ours alone
@@ -292,21 +299,13 @@ def serve_gateway(
         sims.prune(holder.get("plans", {}))
         gateway_sock = _socket(options.listen)
         admin_sock = _socket(options.admin)
-        app = gateway_app(
-            config,
-            store,
-            options.access_log,
-            options.on_storage_error,
-            options.max_body_size,
-            options.reservation_clamps,
-            options.upstream,
-        )
+        app = gateway_app(config, store, settings)
         holder["app"] = app
         admin_port = admin_sock.getsockname()[1]
         control.listen_address = gateway_sock.getsockname()[:2]
         admin = AdminApp(control, app, options.admin_token)
         admin.metrics_snapshot = metrics_source(app, pool)
-        server = make_server(_Dispatch(app, admin, admin_port), options.connections)
+        server = make_server(_Dispatch(app, admin, admin_port), settings.connections)
 
         async def main() -> None:
             holder["loop"] = asyncio.get_running_loop()
@@ -315,15 +314,17 @@ def serve_gateway(
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)
             watcher = (
-                asyncio.create_task(control.watch(options.watch_interval))
+                background(control.watch(options.watch_interval), "watch the manifests")
                 if options.paths
                 else None
             )
-            replayer = asyncio.create_task(app.limiter.replay_loop())
+            replayer = background(app.limiter.replay_loop(), "replay the missed counts")
             supervisor = None
             if pool is not None and server.started:
                 pool.start(gateway_sock)  # here: the main thread (see WorkerPool)
-                supervisor = asyncio.create_task(pool.supervise(lambda: server.should_exit))
+                supervisor = background(
+                    pool.supervise(lambda: server.should_exit), "supervise the workers"
+                )
             if server.started and on_ready is not None:
                 on_ready(config, gateway_sock.getsockname()[:2], admin_sock.getsockname()[:2])
             try:

@@ -7,22 +7,23 @@ descriptor:
 
 * the bound listen socket: every process accepts on it and the kernel gives each new
   connection to the one that accepts first (a busy process comes back to accept later);
-* one end of a socketpair, the *channel*. The leader first sends the settings (store URI,
-  `--on-storage-error`, `--access-log`), then, each time it publishes a configuration, the
+* one end of a socketpair, the *channel*. The leader first sends the `WorkerSettings`
+  (runtime/process.py: store URI, `--on-storage-error`, `--access-log`, body and connection
+  limits, ...) it serves with itself, then, each time it publishes a configuration, the
   documents that configuration was compiled from and the backend URLs it resolved (simulators
   run in the leader only). The follower compiles the same `CompiledConfig`, swaps it in with
   one assignment (as the leader does), and answers with the message's generation number.
   The leader's publish waits (bounded by `ACK_TIMEOUT`) until every live follower answered,
   so when `apply` returns or a file reload is logged, every worker enforces the change.
 
-Messages, both ways, are a 4-byte length and a pickle of plain data (dicts, lists, strings,
-numbers): the documents exactly as the leader's YAML loader produced them, which JSON could
-not always carry unchanged (a YAML mapping may have integer keys). The channel is a private
-socketpair between the leader and a child it started from the same code; nothing else can
-write to it. Each message is a dict with a `type`:
+Messages, both ways, are a 4-byte length and a pickle: of plain data (dicts, lists, strings,
+numbers), the documents exactly as the leader's YAML loader produced them, which JSON could
+not always carry unchanged (a YAML mapping may have integer keys); and of the settings, a
+frozen dataclass of the same code. The channel is a private socketpair between the leader and
+a child it started from the same code; nothing else can write to it. After the settings, each
+message is a dict with a `type`:
 
 * leader to follower: `config` (`generation`, `documents`, `backends`) and `metrics` (`id`);
-  the settings, first, have no type;
 * follower to leader: `ack` (`generation`) and `metrics` (the request's `id`, `snapshot`).
 
 A reply names what it answers (a generation, a request id), so a publish and a scrape in
@@ -64,13 +65,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tokengateway.config.compile import CompiledConfig, compile_config
-from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS
-from tokengateway.http.client import UpstreamLimits
-from tokengateway.http.server import ConnectionLimits
 from tokengateway.observability.metrics import Snapshot, process_snapshot
 from tokengateway.resources import Document, parse_resources
 from tokengateway.runtime.process import (
     Stop,
+    WorkerSettings,
+    background,
     die_with_parent,
     gateway_app,
     make_server,
@@ -187,9 +187,9 @@ class WorkerPool:
     Spawn and restart from the main thread only: PR_SET_PDEATHSIG fires when the *thread*
     that started the child ends, not the process."""
 
-    def __init__(self, followers: int, settings: Mapping[str, Any]) -> None:
+    def __init__(self, followers: int, settings: WorkerSettings) -> None:
         self.followers = followers
-        self._settings = _frame(dict(settings))
+        self._settings = _frame(settings)
         self._cond = threading.Condition()
         self._generation = 0
         self._latest: bytes | None = None
@@ -441,19 +441,12 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
         first = _receive(channel)
         if settings is None or first is None:
             return 0  # the leader ended before we started
+        if not isinstance(settings, WorkerSettings):
+            raise TypeError(f"the leader's first message is not WorkerSettings: {settings!r}")
         config = compile_message(first)
-        store = open_store(settings["storage"])
-        app = gateway_app(
-            config,
-            store,
-            settings["access_log"],
-            settings["on_storage_error"],
-            settings.get("max_body_bytes", DEFAULT_MAX_BODY),
-            tuple(settings.get("reservation_clamps", RESERVATION_CLAMPS)),
-            UpstreamLimits(**settings.get("upstream", {})),
-        )
-        limits = ConnectionLimits(**settings.get("connections", {}))
-        server = make_server(app, limits)
+        store = open_store(settings.storage)
+        app = gateway_app(config, store, settings)
+        server = make_server(app, settings.connections)
         sock = socket.socket(fileno=listen_fd)
 
         def stop(reason: str | None = None) -> None:
@@ -508,7 +501,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
             task = asyncio.create_task(server.serve(sockets=[sock]))
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)
-            replayer = asyncio.create_task(app.limiter.replay_loop())
+            replayer = background(app.limiter.replay_loop(), "replay the missed counts")
             if server.started:
                 threading.Thread(target=write, name="leader-write", daemon=True).start()
                 outbox.put({"type": "ack", "generation": first["generation"]})
