@@ -1,18 +1,21 @@
 """Writes beyond apply, with the real kubectl: server-side dry runs (`--dry-run=server`,
-nothing changes) and JSON patches (`kubectl patch --type json`, RFC 6902), each checked on
-the data path as well as in kubectl's answer."""
+nothing changes), JSON patches (`kubectl patch --type json`, RFC 6902) and Secrets
+created as protobuf (`kubectl create secret generic`), each checked on the data
+path as well as in kubectl's answer."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import httpx
 import pytest
 import yaml
 
-from tests.conftest import TUTORIAL
+from tests.conftest import TUTORIAL, chat
 from tests.test_kubeapi import POLICY, kubectl, ok, policy_with, spend
 from tokengateway.controlplane.kubeapi.patch import PatchError, PatchNotApplicable, json_patch
+from tokengateway.controlplane.kubeapi.protobuf import ProtobufError, decode
 
 __all__ = ["kubectl"]  # the fixture, used by name
 
@@ -150,3 +153,41 @@ def test_json_patch_follows_rfc_6902() -> None:
         with pytest.raises(PatchError) as raised:
             json_patch(doc, ops)
         assert not isinstance(raised.value, PatchNotApplicable)
+
+
+def test_secrets_created_as_protobuf_are_keys_at_once(start_gateway, kubectl) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    ns = ("-n", "kuadrant-system")
+    made = k("create", "secret", "generic", "key-9", *ns, "--from-literal=api_key=iamuser9")
+    assert ok(made) == "secret/key-9 created\n"  # kubectl sends it as protobuf
+    with gw.client("iamuser9") as c:
+        assert c.post("/v1/chat/completions", json=chat()).status_code == 401  # no label yet
+    ok(k("label", "secret", "key-9", *ns, "app=my-llm"))
+    ok(k("annotate", "secret", "key-9", *ns, "kuadrant.io/groups=gold",
+         "secret.kuadrant.io/user-id=user-9"))  # fmt: skip
+    with gw.client("iamuser9") as c:
+        answer = c.post("/v1/chat/completions", json=chat())
+    assert answer.status_code == 200, answer.text
+
+    shown = yaml.safe_load(ok(k("get", "secret", "key-9", *ns, "-o", "yaml")))
+    assert shown["type"] == "Opaque"
+    assert base64.b64decode(shown["data"]["api_key"]) == b"iamuser9"
+    assert shown["metadata"]["labels"] == {"app": "my-llm"}
+
+    tls = k("create", "secret", "tls", "t", *ns, "--cert=/nonexistent", "--key=/nonexistent")
+    assert tls.returncode == 1  # kubectl's own refusal: nothing reached the server
+    assert ok(k("create", "secret", "generic", "dry", *ns, "--from-literal=a=b",
+                "--dry-run=server")) == "secret/dry created (server dry run)\n"  # fmt: skip
+    assert "(NotFound)" in k("get", "secret", "dry", *ns).stderr
+
+
+def test_protobuf_fields_of_other_kinds_are_refused_not_half_read() -> None:
+    # envelope: type {apiVersion "v1", kind "Service"}, raw {metadata {name "s"}, spec {...}}
+    meta = b"\x0a\x01s"
+    spec = b"\x12\x02\x08\x01"
+    raw = b"\x0a" + bytes([len(meta)]) + meta + spec
+    type_meta = b"\x0a\x02v1\x12\x07Service"
+    body = b"k8s\x00\x0a" + bytes([len(type_meta)]) + type_meta + b"\x12" + bytes([len(raw)])
+    with pytest.raises(ProtobufError, match="Service: field 2 cannot be read"):
+        decode(body + raw)

@@ -401,7 +401,8 @@ class ControlPlane:
 
     def _decorate(self, obj: dict[str, Any]) -> None:
         """What a cluster would show that a manifest does not say: where a Gateway listens,
-        where a Service is reached, a Secret's stringData folded into base64 data."""
+        where a Service is reached, a Secret's stringData folded into base64 data and its
+        type defaulted to Opaque."""
         kind = obj.get("kind")
         if kind == "Gateway" and self._listen_address is not None:
             status = obj.setdefault("status", {})
@@ -414,11 +415,13 @@ class ControlPlane:
                 obj.setdefault("status", {}).setdefault("tokengateway", {})["backend"] = (
                     self.backend_urls[key]
                 )
-        elif kind == "Secret" and "stringData" in obj:
-            data = dict(obj.get("data") or {})
-            for name, value in (obj.pop("stringData") or {}).items():
-                data[name] = base64.b64encode(str(value).encode()).decode()
-            obj["data"] = data
+        elif kind == "Secret":
+            obj["type"] = obj.get("type") or "Opaque"  # the API server's default
+            if "stringData" in obj:
+                data = dict(obj.get("data") or {})
+                for name, value in (obj.pop("stringData") or {}).items():
+                    data[name] = base64.b64encode(str(value).encode()).decode()
+                obj["data"] = data
 
     # --- state directory --------------------------------------------------------------------
 
