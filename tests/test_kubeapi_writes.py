@@ -14,6 +14,7 @@ import yaml
 
 from tests.conftest import TUTORIAL, chat
 from tests.test_kubeapi import POLICY, kubectl, ok, policy_with, spend
+from tokengateway.controlplane.kubeapi.discovery import AGGREGATED
 from tokengateway.controlplane.kubeapi.patch import PatchError, PatchNotApplicable, json_patch
 from tokengateway.controlplane.kubeapi.protobuf import ProtobufError, decode
 
@@ -191,3 +192,42 @@ def test_protobuf_fields_of_other_kinds_are_refused_not_half_read() -> None:
     body = b"k8s\x00\x0a" + bytes([len(type_meta)]) + type_meta + b"\x12" + bytes([len(raw)])
     with pytest.raises(ProtobufError, match="Service: field 2 cannot be read"):
         decode(body + raw)
+
+
+def test_kubectl_discovers_everything_in_two_aggregated_answers(start_gateway, kubectl) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    traced = k("api-resources", "-v=6")
+    rows = {line.split()[0]: line.split() for line in ok(traced).splitlines()[1:]}
+    assert rows["tokenratelimitpolicies"][1:] == [
+        "trlp",
+        "kuadrant.io/v1alpha1",
+        "true",
+        "TokenRateLimitPolicy",
+    ]
+    assert rows["namespaces"][1:] == ["ns", "v1", "false", "Namespace"]
+    asked = [line.split("GET ")[1].split()[0] for line in traced.stderr.splitlines()
+             if "GET " in line]  # fmt: skip
+    paths = [url.split(gw.admin_url.rsplit(":", 1)[1], 1)[1] for url in asked]
+    assert sorted(p.split("?")[0] for p in paths) == ["/api", "/apis"]  # nothing per group
+
+    answer = httpx.get(f"{gw.admin_url}/apis", headers={"accept": AGGREGATED + ",application/json"})
+    assert answer.headers["content-type"] == AGGREGATED
+    listed = answer.json()
+    assert listed["apiVersion"] == "apidiscovery.k8s.io/v2"
+    kuadrant = next(g for g in listed["items"] if g["metadata"]["name"] == "kuadrant.io")
+    assert kuadrant["versions"][0]["version"] == "v1"  # the preferred version first
+    v1alpha1 = next(v for v in kuadrant["versions"] if v["version"] == "v1alpha1")
+    trlp = next(r for r in v1alpha1["resources"] if r["resource"] == "tokenratelimitpolicies")
+    assert trlp["responseKind"] == {
+        "group": "kuadrant.io",
+        "version": "v1alpha1",
+        "kind": "TokenRateLimitPolicy",
+    }
+    assert trlp["scope"] == "Namespaced" and trlp["shortNames"] == ["trlp"]
+    assert trlp["subresources"][0]["subresource"] == "status"
+    core = httpx.get(f"{gw.admin_url}/api", headers={"accept": AGGREGATED}).json()
+    assert core["items"][0]["metadata"] == {} and core["items"][0]["versions"][0]["version"] == "v1"
+    legacy = httpx.get(f"{gw.admin_url}/apis", headers={"accept": "application/json"})
+    assert legacy.headers["content-type"] == "application/json"
+    assert legacy.json()["kind"] == "APIGroupList"

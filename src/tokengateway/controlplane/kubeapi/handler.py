@@ -60,6 +60,9 @@ class Request:
     body: bytes = b""
 
 
+_AGGREGATED = discovery.AGGREGATED.encode()
+
+
 @dataclass(frozen=True, slots=True)
 class _Target:
     kind: KubeKind
@@ -99,12 +102,13 @@ class KubeAPI:
             error = KubeError(500, "internal error; see the gateway's log")
             status, payload = error.code, error.status()
         body = json.dumps(payload).encode()
+        aggregated = isinstance(payload, dict) and payload.get("kind") == "APIGroupDiscoveryList"
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
                 "headers": [
-                    (b"content-type", b"application/json"),
+                    (b"content-type", _AGGREGATED if aggregated else b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                 ],
             }
@@ -225,6 +229,8 @@ class KubeAPI:
     async def handle(self, request: Request) -> tuple[int, Any]:
         path = request.path.rstrip("/") or "/"
         if request.method == "GET":
+            if path in ("/api", "/apis") and discovery.AGGREGATED in request.accept:
+                return 200, discovery.aggregated(core=path == "/api")
             found = self._discovery(path)
             if found is not None:
                 return 200, found
