@@ -231,3 +231,19 @@ def test_kubectl_discovers_everything_in_two_aggregated_answers(start_gateway, k
     legacy = httpx.get(f"{gw.admin_url}/apis", headers={"accept": "application/json"})
     assert legacy.headers["content-type"] == "application/json"
     assert legacy.json()["kind"] == "APIGroupList"
+
+
+def test_kubectl_explain_reads_the_schemas_of_the_models(start_gateway, kubectl) -> None:
+    k = kubectl(start_gateway(TUTORIAL))
+    limits = ok(k("explain", "trlp.spec.limits"))
+    assert "KIND:       TokenRateLimitPolicy" in limits
+    assert "GROUP:      kuadrant.io" in limits and "VERSION:    v1alpha1" in limits
+    for field in ("rates", "counters", "when"):
+        assert f"  {field}\t" in limits, limits
+    listeners = ok(k("explain", "gateway.spec.listeners"))
+    for field in ("hostname", "port", "protocol", "allowedRoutes"):
+        assert f"  {field}\t" in listeners, listeners
+    top = ok(k("explain", "trlp"))
+    assert "  spec\t" in top and "  raw\t" not in top and "  source\t" not in top
+    missing = k("explain", "trlp.spec.nope")
+    assert missing.returncode == 1 and "nope" in missing.stderr
