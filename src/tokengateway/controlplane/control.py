@@ -34,7 +34,7 @@ import yaml
 from tokengateway.config.backends import plan_backends
 from tokengateway.config.compile import CompiledConfig, compile_config, needed_services
 from tokengateway.controlplane.history import History
-from tokengateway.resources import Document, load_paths, parse_resources
+from tokengateway.resources import Document, Resource, load_paths, parse_resources
 from tokengateway.resources.kinds import CLUSTER_SCOPED
 from tokengateway.resources.loader import MANIFEST_EXTENSIONS
 
@@ -189,28 +189,61 @@ class ControlPlane:
 
     def apply(self, text: str) -> list[ApplyResult]:
         """Validate every document, then add or replace them all in one new configuration."""
+        docs = self._documents(text)
+        with self._lock:
+            stored, results = self._merged(docs)
+            if any(r.action != "unchanged" for r in results):
+                self._commit(stored)
+            return results
+
+    def preview(self, text: str) -> list[dict[str, Any]]:
+        """A dry run of `apply`: every check `apply` makes (each document, then the whole
+        configuration compiled with it), and the objects as `apply` would leave them, but
+        nothing changes: no new configuration, no backend started, no event, no new
+        resourceVersion (an object keeps the one it has; a new one has none)."""
+        docs = self._documents(text)
+        with self._lock:
+            stored, _ = self._merged(docs)
+            statuses = self._compile_only(stored).statuses
+            current = self.history.snapshot()[1]
+            shown = []
+            for doc in docs:
+                key = _key_of(doc.obj)
+                obj = self._show(key, stored[key], statuses)
+                meta = obj["metadata"]
+                meta.pop("resourceVersion", None)  # a dry create has none yet
+                if key in current:
+                    meta["resourceVersion"] = current[key]["metadata"]["resourceVersion"]
+                shown.append(obj)
+            return shown
+
+    @staticmethod
+    def _documents(text: str) -> list[Document]:
         docs = load_paths(["-"], stdin=io.StringIO(text))
         if not docs:
             raise ValueError("no resources in the request")
         parse_resources(docs)  # raises ManifestError naming each problem; nothing changes
-        with self._lock:
-            stored = dict(self._stored)
-            results = []
-            for doc in docs:
-                key = _key_of(doc.obj)
-                previous = stored.get(key)
-                new = self._next(previous, doc.obj, "api")
-                if previous is None:
-                    action = "created"
-                elif previous.doc == new.doc:
-                    action = "unchanged"
-                else:
-                    action = "configured"
-                stored[key] = new
-                results.append(ApplyResult(str(doc.obj.get("apiVersion", "")), *key, action))
-            if any(r.action != "unchanged" for r in results):
-                self._commit(stored)
-            return results
+        return docs
+
+    def _merged(
+        self, docs: Sequence[Document]
+    ) -> tuple[dict[ResourceKey, _Stored], list[ApplyResult]]:
+        """The stored objects with `docs` added or replaced, and what each became."""
+        stored = dict(self._stored)
+        results = []
+        for doc in docs:
+            key = _key_of(doc.obj)
+            previous = stored.get(key)
+            new = self._next(previous, doc.obj, "api")
+            if previous is None:
+                action = "created"
+            elif previous.doc == new.doc:
+                action = "unchanged"
+            else:
+                action = "configured"
+            stored[key] = new
+            results.append(ApplyResult(str(doc.obj.get("apiVersion", "")), *key, action))
+        return stored, results
 
     def delete(self, keys: Sequence[ResourceKey]) -> list[ApplyResult]:
         with self._lock:
@@ -278,14 +311,17 @@ class ControlPlane:
                     found[str(f)] = f.stat().st_mtime_ns
         return found
 
-    def _commit(self, stored: dict[ResourceKey, _Stored], strict: bool = False) -> CompiledConfig:
-        """Build a configuration from `stored`; on success it becomes the live one."""
-        resources = parse_resources(
+    def _resources(self, stored: dict[ResourceKey, _Stored]) -> list[Resource]:
+        return parse_resources(
             [
                 Document(f"{s.origin}:{k[0]}/{k[1]}/{k[2]}", self._with_meta(s))
                 for k, s in stored.items()
             ]
         )
+
+    def _commit(self, stored: dict[ResourceKey, _Stored], strict: bool = False) -> CompiledConfig:
+        """Build a configuration from `stored`; on success it becomes the live one."""
+        resources = self._resources(stored)
         plans = plan_backends(resources, needed_services(resources), self.overrides)
         urls = self._start_backends(plans)
         config = compile_config(resources, urls, strict=strict, previous=self.config)
@@ -296,6 +332,14 @@ class ControlPlane:
         self._write_state()
         self._record()
         return config
+
+    def _compile_only(self, stored: dict[ResourceKey, _Stored]) -> CompiledConfig:
+        """What `_commit` checks, without its effects: a Service with no address yet gets a
+        placeholder, since a dry run starts no simulator."""
+        resources = self._resources(stored)
+        plans = plan_backends(resources, needed_services(resources), self.overrides)
+        urls = {key: self.backend_urls.get(key, "http://127.0.0.1:9") for key in plans}
+        return compile_config(resources, urls, previous=self.config)
 
     def _record(self) -> None:
         """Hand the objects as now shown to `history`, which makes events of what changed.
@@ -357,7 +401,8 @@ class ControlPlane:
 
     def _decorate(self, obj: dict[str, Any]) -> None:
         """What a cluster would show that a manifest does not say: where a Gateway listens,
-        where a Service is reached, a Secret's stringData folded into base64 data."""
+        where a Service is reached, a Secret's stringData folded into base64 data and its
+        type defaulted to Opaque."""
         kind = obj.get("kind")
         if kind == "Gateway" and self._listen_address is not None:
             status = obj.setdefault("status", {})
@@ -370,11 +415,13 @@ class ControlPlane:
                 obj.setdefault("status", {}).setdefault("tokengateway", {})["backend"] = (
                     self.backend_urls[key]
                 )
-        elif kind == "Secret" and "stringData" in obj:
-            data = dict(obj.get("data") or {})
-            for name, value in (obj.pop("stringData") or {}).items():
-                data[name] = base64.b64encode(str(value).encode()).decode()
-            obj["data"] = data
+        elif kind == "Secret":
+            obj["type"] = obj.get("type") or "Opaque"  # the API server's default
+            if "stringData" in obj:
+                data = dict(obj.get("data") or {})
+                for name, value in (obj.pop("stringData") or {}).items():
+                    data[name] = base64.b64encode(str(value).encode()).decode()
+                obj["data"] = data
 
     # --- state directory --------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """What kubectl asks before anything else: the server's version and which kinds it serves.
 
 Built from the manifest models (`resources.parse.MODEL_BY_KIND`): a kind is served at each
-apiVersion its model accepts, under the plural and short names kubectl users type. Only the
-legacy discovery documents are served (`/api`, `/apis`, `/api/v1`, `/apis/G/V`); kubectl
-asks for the aggregated form first and falls back when the answer is plain JSON.
+apiVersion its model accepts, under the plural and short names kubectl users type. Both
+forms are served: the aggregated one (`/api` and `/apis` asked with `AGGREGATED` in Accept,
+an `APIGroupDiscoveryList` of apidiscovery.k8s.io/v2: every group, version and resource in
+two answers, which kubectl and the official clients ask for first), and the legacy
+documents (`/api`, `/apis`, `/api/v1`, `/apis/G`, `/apis/G/V`) for clients that do not.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from tokengateway.resources.kinds import CLUSTER_SCOPED
 from tokengateway.resources.parse import MODEL_BY_KIND
 
 __all__ = [
+    "AGGREGATED",
     "KINDS",
     "KubeKind",
+    "aggregated",
     "api_group_list",
     "api_versions",
     "find",
@@ -28,6 +32,10 @@ __all__ = [
 SERVER_MINOR = "32"
 
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+STATUS_VERBS = ["get", "patch", "update"]
+
+#: the media type of aggregated discovery, asked for in Accept and answered as it is
+AGGREGATED = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
 
 #: plural and short names, as Kubernetes, Gateway API and Kuadrant's CRDs declare them
 _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -168,7 +176,50 @@ def _resources(k: KubeKind) -> list[dict[str, Any]]:
                 "singularName": "",
                 "namespaced": k.namespaced,
                 "kind": k.kind,
-                "verbs": ["get", "patch", "update"],
+                "verbs": STATUS_VERBS,
             }
         )
+    return out
+
+
+def aggregated(core: bool) -> dict[str, Any]:
+    """The `APIGroupDiscoveryList` of `/api` (`core`: the core group, v1) or of `/apis`
+    (every named group, its versions in preference order)."""
+    groups = {"": ["v1"]} if core else _groups()
+    items = []
+    for group, versions in groups.items():
+        listed = []
+        for version in versions:
+            kinds = [k for k in KINDS if (k.group, k.version) == (group, version)]
+            listed.append(
+                {
+                    "version": version,
+                    "resources": [_discovered(k) for k in kinds],
+                    "freshness": "Current",
+                }
+            )
+        items.append({"metadata": {"name": group} if group else {}, "versions": listed})
+    return {
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": "apidiscovery.k8s.io/v2",
+        "metadata": {},
+        "items": items,
+    }
+
+
+def _discovered(k: KubeKind) -> dict[str, Any]:
+    kind = {"group": k.group, "version": k.version, "kind": k.kind}
+    out: dict[str, Any] = {
+        "resource": k.plural,
+        "responseKind": kind,
+        "scope": "Namespaced" if k.namespaced else "Cluster",
+        "singularResource": k.kind.lower(),
+        "verbs": VERBS,
+    }
+    if k.short_names:
+        out["shortNames"] = list(k.short_names)
+    if k.has_status:
+        out["subresources"] = [
+            {"subresource": "status", "responseKind": kind, "verbs": STATUS_VERBS}
+        ]
     return out

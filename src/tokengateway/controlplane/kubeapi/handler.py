@@ -27,7 +27,7 @@ from tokengateway.resources import ManifestError
 from . import discovery, openapi, protobuf
 from .discovery import KubeKind
 from .objects import writable
-from .patch import PatchError, merge_patch, strategic_merge_patch
+from .patch import PatchError, PatchNotApplicable, json_patch, merge_patch, strategic_merge_patch
 from .status import KubeError, success
 from .tables import table
 from .watch import bookmark, expired, next_bookmark
@@ -58,6 +58,9 @@ class Request:
     accept: str = ""
     content_type: str = ""
     body: bytes = b""
+
+
+_AGGREGATED = discovery.AGGREGATED.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +102,13 @@ class KubeAPI:
             error = KubeError(500, "internal error; see the gateway's log")
             status, payload = error.code, error.status()
         body = json.dumps(payload).encode()
+        aggregated = isinstance(payload, dict) and payload.get("kind") == "APIGroupDiscoveryList"
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
                 "headers": [
-                    (b"content-type", b"application/json"),
+                    (b"content-type", _AGGREGATED if aggregated else b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                 ],
             }
@@ -225,6 +229,8 @@ class KubeAPI:
     async def handle(self, request: Request) -> tuple[int, Any]:
         path = request.path.rstrip("/") or "/"
         if request.method == "GET":
+            if path in ("/api", "/apis") and discovery.AGGREGATED in request.accept:
+                return 200, discovery.aggregated(core=path == "/api")
             found = self._discovery(path)
             if found is not None:
                 return 200, found
@@ -284,8 +290,7 @@ class KubeAPI:
 
     async def _resource(self, request: Request, t: _Target) -> tuple[int, Any]:
         method = request.method
-        if request.query.get("dryRun") and method != "GET":
-            raise KubeError(400, "dry runs are not served by tokengateway yet; nothing was changed")
+        dry = _dry_run(request)
         if method == "GET" and not t.name:
             return 200, self._list(request, t)
         if not t.name and method != "POST":
@@ -298,19 +303,20 @@ class KubeAPI:
                 return 200, table(t.kind.kind, [obj], obj["metadata"]["resourceVersion"])
             return 200, obj
         if t.subresource:
-            return 200, await self._write_status(request, t)
+            return 200, await self._write_status(request, t, dry)
         if method == "POST":
-            return 201, await self._create(request, t)
+            return 201, await self._create(request, t, dry)
         if method == "PUT":
             current = self._get(t)
             obj = self._body_object(request, t)
             _check_version(obj, current, t)
-            return 200, await self._store(obj, t)
+            return 200, await self._store(obj, t, dry)
         if method == "PATCH":
-            return 200, await self._patch(request, t)
+            return 200, await self._patch(request, t, dry)
         if method == "DELETE":
             uid = self._get(t)["metadata"].get("uid")
-            await self._write(self.control.delete, [(t.kind.kind, t.namespace, t.name)])
+            if not dry:
+                await self._write(self.control.delete, [(t.kind.kind, t.namespace, t.name)])
             return 200, success(t.name, t.kind.group, t.kind.plural, uid)
         raise KubeError(405, f"{method} is not allowed here")
 
@@ -389,7 +395,7 @@ class KubeAPI:
             meta["name"] = t.name
         return obj
 
-    async def _create(self, request: Request, t: _Target) -> dict[str, Any]:
+    async def _create(self, request: Request, t: _Target, dry: bool) -> dict[str, Any]:
         obj = self._body_object(request, t)
         name = str(obj["metadata"].get("name") or "")
         if not name:
@@ -398,14 +404,14 @@ class KubeAPI:
         try:
             self._get(t)
         except KubeError:
-            return await self._store(obj, t)
+            return await self._store(obj, t, dry)
         raise KubeError(
             409,
             f'{t.kind.qualified} "{name}" already exists',
             details={"name": name, "group": t.kind.group, "kind": t.kind.plural},
         )
 
-    async def _write_status(self, request: Request, t: _Target) -> dict[str, Any]:
+    async def _write_status(self, request: Request, t: _Target, dry: bool) -> dict[str, Any]:
         """PUT or PATCH of `.../NAME/status`: only the status changes; what the body says
         of anything else is ignored, as the API server ignores it."""
         current = self._get(t)
@@ -419,6 +425,8 @@ class KubeAPI:
         status = obj.get("status") or {}
         if not isinstance(status, dict):
             raise KubeError(422, f'{t.kind.kind} "{t.name}" is invalid: status: must be an object')
+        if dry:  # what the gateway computes would still win over what was written
+            return {**current, "status": {**status, **(current.get("status") or {})}}
         await self._write(self.control.set_status, (t.kind.kind, t.namespace, t.name), status)
         return self._get(t)
 
@@ -434,25 +442,37 @@ class KubeAPI:
                 patched = merge_patch(current, patch)
             elif content_type == "application/strategic-merge-patch+json":
                 patched = strategic_merge_patch(current, patch)
+            elif content_type == "application/json-patch+json":
+                patched = json_patch(current, patch)
             else:
                 raise KubeError(
                     415,
                     f"patch type {content_type or '(none)'} is not supported yet; use "
-                    "application/merge-patch+json or application/strategic-merge-patch+json",
+                    "application/merge-patch+json, application/strategic-merge-patch+json "
+                    "or application/json-patch+json",
                 )
+        except PatchNotApplicable as exc:
+            raise KubeError(422, str(exc)) from None
         except PatchError as exc:
             raise KubeError(400, str(exc)) from None
         if not isinstance(patched, dict):
             raise KubeError(400, "the patch does not leave an object")
         return patched
 
-    async def _patch(self, request: Request, t: _Target) -> dict[str, Any]:
+    async def _patch(self, request: Request, t: _Target, dry: bool) -> dict[str, Any]:
         patched = self._patched(request, writable(self._get(t)))
         _check_version(patched, self._get(t), t)
-        return await self._store(self._placed(patched, t), t)
+        return await self._store(self._placed(patched, t), t, dry)
 
-    async def _store(self, obj: dict[str, Any], t: _Target) -> dict[str, Any]:
+    async def _store(self, obj: dict[str, Any], t: _Target, dry: bool = False) -> dict[str, Any]:
+        """Create or replace `obj`; with `dry`, every check and the object as it would be
+        stored, and nothing changed (`dryRun=All`, kubectl's `--dry-run=server`)."""
         name = str(obj["metadata"].get("name") or t.name)
+        if dry:
+            shown = await self._write(
+                self.control.preview, json.dumps(writable(obj)), kind=t.kind.kind, name=name
+            )
+            return self._shown(shown[0], t)
         await self._write(
             self.control.apply, json.dumps(writable(obj)), kind=t.kind.kind, name=name
         )
@@ -470,6 +490,26 @@ class KubeAPI:
             raise KubeError(404, str(exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise KubeError(400, f"{exc}; nothing was changed") from None
+
+
+def _dry_run(request: Request) -> bool:
+    """`dryRun=All` (the one value Kubernetes defines) on a write: True; no dryRun: False.
+    A DELETE may say it in its body instead, a DeleteOptions with `dryRun: ["All"]` (as
+    kubectl does)."""
+    value = request.query.get("dryRun")
+    if not value and request.method == "DELETE" and request.body:
+        try:
+            options = json.loads(request.body)
+        except ValueError:
+            raise KubeError(400, "the body of a DELETE is not JSON DeleteOptions") from None
+        listed = options.get("dryRun") if isinstance(options, dict) else None
+        if isinstance(listed, list) and listed:
+            value = ",".join(str(v) for v in listed)
+    if not value:
+        return False
+    if value != "All":
+        raise KubeError(400, f'invalid dry run value "{value}": the only valid value is "All"')
+    return True
 
 
 def _check_version(obj: dict[str, Any], current: dict[str, Any], t: _Target) -> None:

@@ -1,5 +1,6 @@
-"""The two patch forms `kubectl apply` sends: JSON merge patch (RFC 7386, for custom
-resources) and strategic merge patch (for Deployment, Service, Secret, Namespace).
+"""The patch forms of the Kubernetes API: the two `kubectl apply` sends, JSON merge patch
+(RFC 7386, for custom resources) and strategic merge patch (for Deployment, Service,
+Secret, Namespace), and JSON patch (RFC 6902, `kubectl patch --type json`).
 
 The strategic form is merge patch plus: lists of objects merged by a key (containers by
 `name`, ports by `containerPort`/`port`, ...) and the directives kubectl writes
@@ -12,11 +13,16 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["PatchError", "merge_patch", "strategic_merge_patch"]
+__all__ = ["PatchError", "PatchNotApplicable", "json_patch", "merge_patch", "strategic_merge_patch"]
 
 
 class PatchError(ValueError):
-    pass
+    """The patch itself is malformed (the API server's 400 Bad Request)."""
+
+
+class PatchNotApplicable(PatchError):
+    """A well-formed JSON patch that does not apply to the object: a path that is not
+    there, a failed `test` (the API server's 422)."""
 
 
 #: list fields merged by a key, wherever they appear (field name -> key)
@@ -120,3 +126,111 @@ def _reorder(items: list[Any], order: list[Any], keys: str | tuple[str, ...] | N
         return len(order)
 
     return sorted(items, key=rank)
+
+
+# --- JSON patch (RFC 6902) ------------------------------------------------------------------
+
+_OPS = {"add": ("value",), "remove": (), "replace": ("value",), "move": ("from",)}
+_OPS |= {"copy": ("from",), "test": ("value",)}
+
+
+def json_patch(target: Any, patch: Any) -> Any:
+    """`target` with the operations of `patch` applied in order, on a copy: all of them or,
+    at the first that fails, none (RFC 6902 section 5)."""
+    if not isinstance(patch, list):
+        raise PatchError("a JSON patch is a list of operations")
+    doc = copy.deepcopy(target)
+    for i, op in enumerate(patch):
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            raise PatchError(f"operation {i}: an object with an `op` is required")
+        name = op["op"]
+        if name not in _OPS:
+            raise PatchError(f"operation {i}: unknown op {name!r}")
+        for member in ("path", *_OPS[name]):
+            if member not in op:
+                raise PatchError(f"operation {i} ({name}): `{member}` is required")
+        path = _pointer(op["path"], i)
+        try:
+            if name == "add":
+                doc = _add(doc, path, copy.deepcopy(op["value"]))
+            elif name == "remove":
+                doc = _remove(doc, path)
+            elif name == "replace":
+                doc = _add(_remove(doc, path), path, copy.deepcopy(op["value"]))
+            elif name == "test":
+                if _get(doc, path) != op["value"]:
+                    raise PatchNotApplicable(f"the value at {op['path']} is not the one tested")
+            else:  # move, copy
+                source = _pointer(op["from"], i)
+                if name == "move" and path[: len(source)] == source and path != source:
+                    raise PatchError(f"operation {i}: cannot move {op['from']} into itself")
+                value = copy.deepcopy(_get(doc, source))
+                if name == "move":
+                    doc = _remove(doc, source)
+                doc = _add(doc, path, value)
+        except PatchNotApplicable as exc:
+            raise PatchNotApplicable(f"operation {i} ({name} {op['path']}): {exc}") from None
+    return doc
+
+
+def _pointer(text: Any, i: int) -> list[str]:
+    """RFC 6901: "" is the whole document, "/a/b~1c~0" is ["a", "b/c~"]."""
+    if not isinstance(text, str) or (text and not text.startswith("/")):
+        raise PatchError(f"operation {i}: {text!r} is not a JSON pointer")
+    if not text:
+        return []
+    return [t.replace("~1", "/").replace("~0", "~") for t in text[1:].split("/")]
+
+
+def _index(container: list[Any], token: str, adding: bool) -> int:
+    if adding and token == "-":
+        return len(container)
+    if not token.isdigit() or (token != "0" and token.startswith("0")):
+        raise PatchNotApplicable(f"{token!r} is not an index of a list")
+    index = int(token)
+    if index > len(container) or (index == len(container) and not adding):
+        raise PatchNotApplicable(f"index {index} is out of range")
+    return index
+
+
+def _get(doc: Any, path: list[str]) -> Any:
+    for token in path:
+        if isinstance(doc, dict):
+            if token not in doc:
+                raise PatchNotApplicable(f"there is no {token!r}")
+            doc = doc[token]
+        elif isinstance(doc, list):
+            doc = doc[_index(doc, token, adding=False)]
+        else:
+            raise PatchNotApplicable(f"{token!r} is below a value that is not a container")
+    return doc
+
+
+def _add(doc: Any, path: list[str], value: Any) -> Any:
+    if not path:
+        return value
+    parent = _get(doc, path[:-1])
+    token = path[-1]
+    if isinstance(parent, dict):
+        parent[token] = value
+    elif isinstance(parent, list):
+        parent.insert(_index(parent, token, adding=True), value)
+    else:
+        raise PatchNotApplicable(f"{token!r} is below a value that is not a container")
+    return doc
+
+
+def _remove(doc: Any, path: list[str]) -> Any:
+    if not path:
+        return None
+    parent = _get(doc, path[:-1])
+    token = path[-1]
+    if isinstance(parent, dict):
+        if token not in parent:
+            raise PatchNotApplicable(f"there is no {token!r} to remove")
+        del parent[token]
+    elif isinstance(parent, list):
+        del parent[_index(parent, token, adding=False)]
+    else:
+        raise PatchNotApplicable(f"{token!r} is below a value that is not a container")
+    return doc

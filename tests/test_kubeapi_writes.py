@@ -1,0 +1,249 @@
+"""Writes beyond apply, with the real kubectl: server-side dry runs (`--dry-run=server`,
+nothing changes), JSON patches (`kubectl patch --type json`, RFC 6902) and Secrets
+created as protobuf (`kubectl create secret generic`), each checked on the data
+path as well as in kubectl's answer."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import TUTORIAL, chat
+from tests.test_kubeapi import POLICY, kubectl, ok, policy_with, spend
+from tokengateway.controlplane.kubeapi.discovery import AGGREGATED
+from tokengateway.controlplane.kubeapi.patch import PatchError, PatchNotApplicable, json_patch
+from tokengateway.controlplane.kubeapi.protobuf import ProtobufError, decode
+
+__all__ = ["kubectl"]  # the fixture, used by name
+
+NS = "gateway-system"
+TRLP = f"/apis/kuadrant.io/v1alpha1/namespaces/{NS}/tokenratelimitpolicies"
+
+
+def test_server_dry_run_checks_everything_and_changes_nothing(
+    start_gateway, kubectl, tmp_path
+) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    before = yaml.safe_load(ok(k("get", "trlp", POLICY, "-n", NS, "-o", "yaml")))
+    listed = httpx.get(f"{gw.admin_url}{TRLP}").json()["metadata"]["resourceVersion"]
+    lowered = tmp_path / "lowered.yaml"
+    lowered.write_text(policy_with(("limit: 50 ", "limit: 1 ")))
+
+    dry = ok(k("apply", "--dry-run=server", "-f", str(lowered), "-o", "yaml"))
+    shown = yaml.safe_load(dry)
+    assert shown["spec"]["limits"]["free"]["rates"] == [{"limit": 1, "window": "1m"}]
+    assert shown["metadata"]["generation"] == 2  # as it would be
+    assert shown["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert ok(k("apply", "--dry-run=server", "-f", str(lowered))) == (
+        f"tokenratelimitpolicy.kuadrant.io/{POLICY} configured (server dry run)\n"
+    )
+    after = yaml.safe_load(ok(k("get", "trlp", POLICY, "-n", NS, "-o", "yaml")))
+    assert after["metadata"] == before["metadata"]
+    gold = tmp_path / "gold.yaml"
+    gold.write_text(policy_with(("limit: 200 ", "limit: 1 ")))
+    ok(k("apply", "--dry-run=server", "-f", str(gold)))
+    # gold's limit of 200 is the one enforced (1 would refuse the second request)
+    assert spend(gw, "iamagolduser", n=2) == [200, 200]
+
+    # an invalid object is still refused under a dry run, with its problem named
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(policy_with(("window: 1m", "window: 1d")))
+    refused = k("apply", "--dry-run=server", "-f", str(bad))
+    assert refused.returncode == 1 and "1d" in refused.stderr
+
+    # a create and a delete, dry: nothing is made, nothing goes
+    new = tmp_path / "new.yaml"
+    new.write_text(policy_with((f"name: {POLICY}", "name: another")))
+    assert ok(k("apply", "--dry-run=server", "-f", str(new))) == (
+        "tokenratelimitpolicy.kuadrant.io/another created (server dry run)\n"
+    )
+    assert "(NotFound)" in k("get", "trlp", "another", "-n", NS).stderr
+    assert ok(k("delete", "trlp", POLICY, "-n", NS, "--dry-run=server")) == (
+        f'tokenratelimitpolicy.kuadrant.io "{POLICY}" deleted (server dry run)\n'
+    )
+    ok(k("get", "trlp", POLICY, "-n", NS))
+    # no event was recorded: the list is as of the same resourceVersion
+    assert httpx.get(f"{gw.admin_url}{TRLP}").json()["metadata"]["resourceVersion"] == listed
+
+    wrong = httpx.post(f"{gw.admin_url}{TRLP}", params={"dryRun": "Some"}, content=b"{}")
+    assert wrong.status_code == 400 and "dry run" in wrong.json()["message"]
+
+
+def test_json_patch_with_kubectl_is_live_at_once(start_gateway, kubectl) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    ops = [
+        {"op": "test", "path": "/spec/limits/free/rates/0/limit", "value": 50},
+        {"op": "replace", "path": "/spec/limits/free/rates/0/limit", "value": 1},
+    ]
+    patched = k("patch", "trlp", POLICY, "-n", NS, "--type", "json", "-p", json.dumps(ops))
+    assert ok(patched) == f"tokenratelimitpolicy.kuadrant.io/{POLICY} patched\n"
+    assert spend(gw) == [200, 429]
+
+    # a `test` that fails changes nothing: a 422, and the limit stays
+    failed = k("patch", "trlp", POLICY, "-n", NS, "--type", "json", "-p", json.dumps(ops))
+    assert failed.returncode == 1 and failed.stderr.startswith("The request is invalid: ")
+    assert "the value at /spec/limits/free/rates/0/limit is not the one tested" in failed.stderr
+    shown = yaml.safe_load(ok(k("get", "trlp", POLICY, "-n", NS, "-o", "yaml")))
+    assert shown["spec"]["limits"]["free"]["rates"][0]["limit"] == 1
+
+    # removing the free tier's limit: a free user is no longer limited
+    removed = k(
+        "patch", "trlp", POLICY, "-n", NS, "--type", "json",
+        "-p", '[{"op": "remove", "path": "/spec/limits/free"}]',
+    )  # fmt: skip
+    ok(removed)
+    assert spend(gw, n=4) == [200] * 4
+
+    merged = k("patch", "trlp", POLICY, "-n", NS, "--type", "merge", "-p", '{"metadata":'
+               '{"labels":{"team":"a"}}}')  # fmt: skip
+    assert ok(merged) == f"tokenratelimitpolicy.kuadrant.io/{POLICY} patched\n"
+    assert "team=a" in ok(k("get", "trlp", POLICY, "-n", NS, "--show-labels"))
+
+    # a malformed patch is a 400 naming what is wrong
+    bad = httpx.patch(
+        f"{gw.admin_url}{TRLP}/{POLICY}",
+        content=b'{"op": "replace"}',
+        headers={"content-type": "application/json-patch+json"},
+    )
+    assert bad.status_code == 400 and "list of operations" in bad.json()["message"]
+
+
+def test_json_patch_follows_rfc_6902() -> None:
+    doc = {"a": {"b": [1, 2, 3]}, "c~d": 1, "e/f": 2}
+    assert json_patch(doc, [{"op": "add", "path": "/a/b/-", "value": 4}])["a"]["b"] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert json_patch(doc, [{"op": "add", "path": "/a/b/0", "value": 0}])["a"]["b"][0] == 0
+    assert json_patch(doc, [{"op": "remove", "path": "/c~0d"}]) == {
+        "a": {"b": [1, 2, 3]},
+        "e/f": 2,
+    }
+    assert json_patch(doc, [{"op": "replace", "path": "/e~1f", "value": 9}])["e/f"] == 9
+    moved = json_patch(doc, [{"op": "move", "from": "/a/b", "path": "/b"}])
+    assert moved["b"] == [1, 2, 3] and moved["a"] == {}
+    copied = json_patch(doc, [{"op": "copy", "from": "/a/b/1", "path": "/x"}])
+    assert copied["x"] == 2 and copied["a"]["b"] == [1, 2, 3]
+    assert json_patch(doc, [{"op": "replace", "path": "", "value": 7}]) == 7
+    assert doc == {"a": {"b": [1, 2, 3]}, "c~d": 1, "e/f": 2}  # the target is not changed
+
+    for ops in (
+        [{"op": "remove", "path": "/nope"}],
+        [{"op": "replace", "path": "/a/b/3", "value": 1}],
+        [{"op": "test", "path": "/c~0d", "value": 2}],
+        [{"op": "add", "path": "/a/b/01", "value": 1}],
+        [{"op": "add", "path": "/a/b/0/x", "value": 1}],
+    ):
+        with pytest.raises(PatchNotApplicable):
+            json_patch(doc, ops)
+    for ops in (
+        {"op": "add"},
+        [{"op": "frob", "path": "/a"}],
+        [{"op": "add", "path": "/a"}],
+        [{"op": "add", "path": "a", "value": 1}],
+        [{"op": "move", "from": "/a", "path": "/a/b/x"}],
+    ):
+        with pytest.raises(PatchError) as raised:
+            json_patch(doc, ops)
+        assert not isinstance(raised.value, PatchNotApplicable)
+
+
+def test_secrets_created_as_protobuf_are_keys_at_once(start_gateway, kubectl) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    ns = ("-n", "kuadrant-system")
+    made = k("create", "secret", "generic", "key-9", *ns, "--from-literal=api_key=iamuser9")
+    assert ok(made) == "secret/key-9 created\n"  # kubectl sends it as protobuf
+    with gw.client("iamuser9") as c:
+        assert c.post("/v1/chat/completions", json=chat()).status_code == 401  # no label yet
+    ok(k("label", "secret", "key-9", *ns, "app=my-llm"))
+    ok(k("annotate", "secret", "key-9", *ns, "kuadrant.io/groups=gold",
+         "secret.kuadrant.io/user-id=user-9"))  # fmt: skip
+    with gw.client("iamuser9") as c:
+        answer = c.post("/v1/chat/completions", json=chat())
+    assert answer.status_code == 200, answer.text
+
+    shown = yaml.safe_load(ok(k("get", "secret", "key-9", *ns, "-o", "yaml")))
+    assert shown["type"] == "Opaque"
+    assert base64.b64decode(shown["data"]["api_key"]) == b"iamuser9"
+    assert shown["metadata"]["labels"] == {"app": "my-llm"}
+
+    tls = k("create", "secret", "tls", "t", *ns, "--cert=/nonexistent", "--key=/nonexistent")
+    assert tls.returncode == 1  # kubectl's own refusal: nothing reached the server
+    assert ok(k("create", "secret", "generic", "dry", *ns, "--from-literal=a=b",
+                "--dry-run=server")) == "secret/dry created (server dry run)\n"  # fmt: skip
+    assert "(NotFound)" in k("get", "secret", "dry", *ns).stderr
+
+
+def test_protobuf_fields_of_other_kinds_are_refused_not_half_read() -> None:
+    # envelope: type {apiVersion "v1", kind "Service"}, raw {metadata {name "s"}, spec {...}}
+    meta = b"\x0a\x01s"
+    spec = b"\x12\x02\x08\x01"
+    raw = b"\x0a" + bytes([len(meta)]) + meta + spec
+    type_meta = b"\x0a\x02v1\x12\x07Service"
+    body = b"k8s\x00\x0a" + bytes([len(type_meta)]) + type_meta + b"\x12" + bytes([len(raw)])
+    with pytest.raises(ProtobufError, match="Service: field 2 cannot be read"):
+        decode(body + raw)
+
+
+def test_kubectl_discovers_everything_in_two_aggregated_answers(start_gateway, kubectl) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    traced = k("api-resources", "-v=6")
+    rows = {line.split()[0]: line.split() for line in ok(traced).splitlines()[1:]}
+    assert rows["tokenratelimitpolicies"][1:] == [
+        "trlp",
+        "kuadrant.io/v1alpha1",
+        "true",
+        "TokenRateLimitPolicy",
+    ]
+    assert rows["namespaces"][1:] == ["ns", "v1", "false", "Namespace"]
+    asked = [line.split("GET ")[1].split()[0] for line in traced.stderr.splitlines()
+             if "GET " in line]  # fmt: skip
+    paths = [url.split(gw.admin_url.rsplit(":", 1)[1], 1)[1] for url in asked]
+    assert sorted(p.split("?")[0] for p in paths) == ["/api", "/apis"]  # nothing per group
+
+    answer = httpx.get(f"{gw.admin_url}/apis", headers={"accept": AGGREGATED + ",application/json"})
+    assert answer.headers["content-type"] == AGGREGATED
+    listed = answer.json()
+    assert listed["apiVersion"] == "apidiscovery.k8s.io/v2"
+    kuadrant = next(g for g in listed["items"] if g["metadata"]["name"] == "kuadrant.io")
+    assert kuadrant["versions"][0]["version"] == "v1"  # the preferred version first
+    v1alpha1 = next(v for v in kuadrant["versions"] if v["version"] == "v1alpha1")
+    trlp = next(r for r in v1alpha1["resources"] if r["resource"] == "tokenratelimitpolicies")
+    assert trlp["responseKind"] == {
+        "group": "kuadrant.io",
+        "version": "v1alpha1",
+        "kind": "TokenRateLimitPolicy",
+    }
+    assert trlp["scope"] == "Namespaced" and trlp["shortNames"] == ["trlp"]
+    assert trlp["subresources"][0]["subresource"] == "status"
+    core = httpx.get(f"{gw.admin_url}/api", headers={"accept": AGGREGATED}).json()
+    assert core["items"][0]["metadata"] == {} and core["items"][0]["versions"][0]["version"] == "v1"
+    legacy = httpx.get(f"{gw.admin_url}/apis", headers={"accept": "application/json"})
+    assert legacy.headers["content-type"] == "application/json"
+    assert legacy.json()["kind"] == "APIGroupList"
+
+
+def test_kubectl_explain_reads_the_schemas_of_the_models(start_gateway, kubectl) -> None:
+    k = kubectl(start_gateway(TUTORIAL))
+    limits = ok(k("explain", "trlp.spec.limits"))
+    assert "KIND:       TokenRateLimitPolicy" in limits
+    assert "GROUP:      kuadrant.io" in limits and "VERSION:    v1alpha1" in limits
+    for field in ("rates", "counters", "when"):
+        assert f"  {field}\t" in limits, limits
+    listeners = ok(k("explain", "gateway.spec.listeners"))
+    for field in ("hostname", "port", "protocol", "allowedRoutes"):
+        assert f"  {field}\t" in listeners, listeners
+    top = ok(k("explain", "trlp"))
+    assert "  spec\t" in top and "  raw\t" not in top and "  source\t" not in top
+    missing = k("explain", "trlp.spec.nope")
+    assert missing.returncode == 1 and "nope" in missing.stderr
