@@ -107,7 +107,26 @@ _backend = click.option(
     "--admin-token",
     envvar="TOKENGATEWAY_ADMIN_TOKEN",
     default=None,
-    help="Bearer token the admin API requires; needed when --admin is not on loopback.",
+    help="Bearer token the admin API requires when it serves TLS [default: made and kept "
+    "in the state dir].",
+)
+@click.option(
+    "--admin-tls",
+    is_flag=True,
+    default=False,
+    help="Serve the admin API over HTTPS with a token also on loopback (always so elsewhere).",
+)
+@click.option(
+    "--admin-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="PEM certificate (chain) of the admin API [default: one made for its address].",
+)
+@click.option(
+    "--admin-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="PEM private key of --admin-cert.",
 )
 @click.option(
     "--state-dir",
@@ -235,6 +254,9 @@ def serve(
     listen: str,
     admin: str,
     admin_token: str | None,
+    admin_tls: bool,
+    admin_cert: Path | None,
+    admin_key: Path | None,
     state_dir: Path | None,
     storage: str,
     on_storage_error: OnError,  # click.Choice: allow or deny
@@ -275,18 +297,29 @@ def serve(
         problem = storage_problem(storage, workers)
         if problem is not None:
             _fail(problem)
-    if admin_token is None and not is_loopback(admin_address[0]) and admin_fd is None:
-        _fail(
-            f"--admin {admin} is not on loopback: set --admin-token (or TOKENGATEWAY_ADMIN_TOKEN)"
-        )
+    admin_sock = socket.socket(fileno=admin_fd) if admin_fd is not None else None
+    admin_host = admin_sock.getsockname()[0] if admin_sock is not None else admin_address[0]
+    state = state_dir or _default_state_dir(admin_address)
+    tls = None
+    if admin_tls or admin_cert is not None or not is_loopback(admin_host):
+        from tokengateway.http.tls import CertificateError
+        from tokengateway.runtime.admin_tls import admin_tls as make_admin_tls
+
+        try:
+            tls = make_admin_tls(state, admin_host, admin_token, admin_cert, admin_key)
+        except (CertificateError, ValueError, OSError) as exc:
+            _fail(str(exc))
+        else:
+            admin_token = tls.token
     options = ServeOptions(
         paths=list(paths),
         listen=socket.socket(fileno=fd) if fd is not None else address,
-        admin=socket.socket(fileno=admin_fd) if admin_fd is not None else admin_address,
+        admin=admin_sock if admin_sock is not None else admin_address,
         storage=storage,
         overrides=overrides,
         admin_token=admin_token,
-        state_dir=state_dir or _default_state_dir(admin_address),
+        admin_tls=tls.context if tls is not None else None,
+        state_dir=state,
         access_log=access_log,
         on_storage_error=on_storage_error,
         workers=workers,
@@ -316,7 +349,8 @@ def serve(
                 f"{workers} worker processes on this address, counters in {hide_password(storage)}",
                 err=True,
             )
-        click.echo(f"admin API on http://{admin_where[0]}:{admin_where[1]}", err=True)
+        scheme = "https" if tls is not None else "http"
+        click.echo(f"admin API on {scheme}://{admin_where[0]}:{admin_where[1]}", err=True)
 
     try:
         serve_gateway(options, stdin=sys.stdin, on_ready=ready)
@@ -426,15 +460,60 @@ def demo(listen: str) -> None:
     help="HOST:PORT (or http://HOST:PORT) of the gateway's admin API.",
 )
 @click.option("-n", "--namespace", default="default", show_default=True)
-def kubeconfig(admin: str, namespace: str) -> None:
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The gateway's state dir, where it keeps the admin API's certificate and token "
+    "[default: as serve's, per admin address].",
+)
+@click.option(
+    "--token",
+    envvar="TOKENGATEWAY_ADMIN_TOKEN",
+    default=None,
+    help="The admin token [default: the one the gateway keeps in its state dir].",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The CA that signed --admin-cert [default: the certificate the gateway made].",
+)
+@click.option("--tls", is_flag=True, default=False, help="The admin API serves HTTPS.")
+def kubeconfig(
+    admin: str,
+    namespace: str,
+    state_dir: Path | None,
+    token: str | None,
+    ca_file: Path | None,
+    tls: bool,
+) -> None:
     """Print a kubeconfig that points kubectl at the admin API:
-    `tokengateway kubeconfig > ~/.kube/tokengateway.yaml; export KUBECONFIG=...`."""
+    `tokengateway kubeconfig > ~/.kube/tokengateway.yaml; export KUBECONFIG=...`.
+
+    On loopback: plain http, no credentials. Beyond loopback, or when the gateway made a
+    certificate for its admin API (serve --admin-tls): https, with the CA and the token."""
+    from tokengateway.controlplane.kubeapi.kubeconfig import Credentials
     from tokengateway.controlplane.kubeapi.kubeconfig import kubeconfig as build
+    from tokengateway.runtime.admin_tls import kept_ca, kept_token
     from tokengateway.runtime.serve import parse_listen
 
     try:
-        host, port = parse_listen(admin.removeprefix("http://").rstrip("/"))
-        click.echo(build(host, port, namespace), nl=False)
+        host, port = parse_listen(
+            admin.removeprefix("http://").removeprefix("https://").rstrip("/")
+        )
+        state = state_dir or _default_state_dir((host, port))
+        ca = ca_file.read_bytes() if ca_file is not None else kept_ca(state)
+        credentials = None
+        if tls or ca is not None or admin.startswith("https://") or not is_loopback(host):
+            secret = token or kept_token(state)
+            if ca is None or secret is None:
+                raise ValueError(
+                    f"the admin API at {host}:{port} serves TLS: give --ca-file and --token, "
+                    "or --state-dir of the gateway that keeps them"
+                )
+            credentials = Credentials(ca, secret)
+        click.echo(build(host, port, namespace, credentials), nl=False)
     except ValueError as exc:
         _fail(str(exc))
 

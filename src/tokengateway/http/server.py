@@ -74,11 +74,12 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -472,12 +473,14 @@ class _Cycle(SizedReceive):
 
 
 class _Listener:
-    """A listening socket's count of open connections (the cap is per socket, per process)."""
+    """A listening socket's count of open connections (the cap is per socket, per process),
+    and its scheme: "https" when it serves TLS."""
 
-    __slots__ = ("open", "warned", "where")
+    __slots__ = ("open", "scheme", "warned", "where")
 
-    def __init__(self, where: Any) -> None:
+    def __init__(self, where: Any, scheme: str = "http") -> None:
         self.where = where
+        self.scheme = scheme
         self.open = 0
         self.warned = -_WARN_EVERY
 
@@ -875,7 +878,7 @@ class HttpProtocol(asyncio.Protocol):
             "http_version": version,
             "server": self.local,
             "client": self.client,
-            "scheme": "http",
+            "scheme": self.listener.scheme,
             "method": method,
             "root_path": "",
             "path": path,
@@ -1233,7 +1236,13 @@ class Server:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._servers: list[asyncio.AbstractServer] = []
 
-    async def serve(self, sockets: list[socket.socket]) -> None:
+    async def serve(
+        self,
+        sockets: list[socket.socket],
+        tls: Mapping[socket.socket, ssl.SSLContext] | None = None,
+    ) -> None:
+        """Serve until told to stop; a socket in `tls` serves TLS with its context (the
+        handshake is asyncio's, before a byte reaches the parser), the others plain HTTP."""
         self.loop = loop = asyncio.get_running_loop()
         signals = self._catch_signals(loop)
         try:
@@ -1242,7 +1251,7 @@ class Server:
                 raise RuntimeError(f"the app's startup failed: {lifespan.failed}")
             try:
                 if not self.should_exit:
-                    await self._listen(loop, sockets)
+                    await self._listen(loop, sockets, tls or {})
                     self.started = True
                     await self._wait_for_exit()
                 await self._stop(loop)
@@ -1251,7 +1260,12 @@ class Server:
         finally:
             self._restore_signals(loop, signals)
 
-    async def _listen(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket]) -> None:
+    async def _listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sockets: list[socket.socket],
+        tls: Mapping[socket.socket, ssl.SSLContext],
+    ) -> None:
         for sock in sockets:
             try:
                 where: Any = sock.getsockname()
@@ -1259,11 +1273,15 @@ class Server:
                 where = None
             if isinstance(where, tuple):
                 where = where[:2]
-            factory = functools.partial(HttpProtocol, self, _Listener(where))
+            context = tls.get(sock)
+            listener = _Listener(where, "https" if context is not None else "http")
+            factory = functools.partial(HttpProtocol, self, listener)
             if sock.family == getattr(socket, "AF_UNIX", None):
-                server = await loop.create_unix_server(factory, sock=sock, backlog=2048)
+                server = await loop.create_unix_server(
+                    factory, sock=sock, backlog=2048, ssl=context
+                )
             else:
-                server = await loop.create_server(factory, sock=sock, backlog=2048)
+                server = await loop.create_server(factory, sock=sock, backlog=2048, ssl=context)
             self._servers.append(server)
 
     async def _wait_for_exit(self) -> None:

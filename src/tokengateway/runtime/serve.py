@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -184,6 +185,8 @@ class ServeOptions:
     storage: str = "memory://"
     overrides: dict[str, str] = field(default_factory=dict)
     admin_token: str | None = None
+    #: the admin listener serves HTTPS with this context (runtime/admin_tls.py); None: HTTP
+    admin_tls: ssl.SSLContext | None = None
     state_dir: Path | None = None
     access_log: bool = True
     watch_interval: float = 1.0
@@ -310,7 +313,8 @@ def serve_gateway(
         async def main() -> None:
             holder["loop"] = asyncio.get_running_loop()
             await store.start()  # an unreachable store stops us here, with its reason
-            task = asyncio.create_task(server.serve(sockets=[gateway_sock, admin_sock]))
+            tls = {admin_sock: options.admin_tls} if options.admin_tls is not None else None
+            task = asyncio.create_task(server.serve([gateway_sock, admin_sock], tls))
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)
             watcher = (
