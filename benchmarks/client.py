@@ -48,6 +48,7 @@ from tokengateway.http.client import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from tokengateway.http.client.request import HOP_BY_HOP
 
 EVENTS = 14  # SSE events in the fixed upstream's stream (usage and [DONE] included)
 
@@ -124,22 +125,6 @@ class AiohttpResponse:
         self._resp.close()
 
 
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "accept-encoding",
-    }
-)
 _RESPONSE_OWN = frozenset({"date"})
 
 
@@ -204,8 +189,7 @@ class AiohttpUpstream:
         out_headers = [
             (k.lower(), v)
             for k, v in resp.raw_headers
-            if (name := k.decode("latin-1").lower()) not in _HOP_BY_HOP
-            and name not in _RESPONSE_OWN
+            if (name := k.decode("latin-1").lower()) not in HOP_BY_HOP and name not in _RESPONSE_OWN
         ]
         return AiohttpResponse(resp.status, out_headers, resp.content_type or "", resp, limits.idle)
 
