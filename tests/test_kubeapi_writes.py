@@ -14,6 +14,7 @@ import yaml
 
 from tests.conftest import TUTORIAL, chat
 from tests.test_kubeapi import POLICY, kubectl, ok, policy_with, spend
+from tokengateway.controlplane.kubeapi.apply import ApplyConflict, server_side_apply
 from tokengateway.controlplane.kubeapi.discovery import AGGREGATED
 from tokengateway.controlplane.kubeapi.patch import PatchError, PatchNotApplicable, json_patch
 from tokengateway.controlplane.kubeapi.protobuf import ProtobufError, decode
@@ -247,3 +248,73 @@ def test_kubectl_explain_reads_the_schemas_of_the_models(start_gateway, kubectl)
     assert "  spec\t" in top and "  raw\t" not in top and "  source\t" not in top
     missing = k("explain", "trlp.spec.nope")
     assert missing.returncode == 1 and "nope" in missing.stderr
+
+
+def test_server_side_apply_with_kubectl(start_gateway, kubectl, tmp_path) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    lowered = tmp_path / "lowered.yaml"
+    lowered.write_text(policy_with(("limit: 50 ", "limit: 1 ")))
+    applied = k("apply", "--server-side", "-f", str(lowered))
+    assert ok(applied) == f"tokenratelimitpolicy.kuadrant.io/{POLICY} serverside-applied\n"
+    assert spend(gw) == [200, 429]  # live at once
+    shown = yaml.safe_load(ok(k("get", "trlp", POLICY, "-n", NS, "-o", "yaml",
+                                "--show-managed-fields")))  # fmt: skip
+    [entry] = shown["metadata"]["managedFields"]
+    assert (entry["manager"], entry["operation"], entry["fieldsType"]) == (
+        "kubectl",
+        "Apply",
+        "FieldsV1",
+    )
+    assert entry["fieldsV1"]["f:spec"]["f:limits"]["f:free"]["f:rates"] == {}
+    version = shown["metadata"]["resourceVersion"]
+
+    # the same file again: a no-op, the same resourceVersion
+    ok(k("apply", "--server-side", "-f", str(lowered)))
+    again = yaml.safe_load(ok(k("get", "trlp", POLICY, "-n", NS, "-o", "yaml")))
+    assert again["metadata"]["resourceVersion"] == version
+
+    # another manager changing a field kubectl applied: a conflict, nothing changes
+    other = tmp_path / "other.yaml"
+    other.write_text(policy_with(("limit: 50 ", "limit: 7 ")))
+    clash = k("apply", "--server-side", "--field-manager", "team-b", "-f", str(other))
+    assert clash.returncode == 1
+    assert 'conflict with "kubectl"' in clash.stderr and ".spec.limits.free.rates" in clash.stderr
+    assert spend(gw, n=1) == [429]
+    forced = k("apply", "--server-side", "--field-manager", "team-b", "--force-conflicts",
+               "-f", str(other))  # fmt: skip
+    ok(forced)
+    taken = yaml.safe_load(ok(k("get", "trlp", POLICY, "-n", NS, "-o", "yaml",
+                                "--show-managed-fields")))  # fmt: skip
+    assert taken["spec"]["limits"]["free"]["rates"][0]["limit"] == 7
+    managers = {e["manager"]: e["fieldsV1"] for e in taken["metadata"]["managedFields"]}
+    assert "f:rates" in managers["team-b"]["f:spec"]["f:limits"]["f:free"]
+    assert "f:rates" not in managers["kubectl"]["f:spec"]["f:limits"].get("f:free", {})
+
+    # no field manager: refused as the API server refuses it
+    bare = httpx.patch(
+        f"{gw.admin_url}{TRLP}/{POLICY}",
+        content=b"{}",
+        headers={"content-type": "application/apply-patch+yaml"},
+    )
+    assert bare.status_code == 400 and "fieldManager is required" in bare.json()["message"]
+
+
+def test_server_side_apply_removes_what_a_manager_stops_applying() -> None:
+    live = None
+    first = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s",
+             "labels": {"a": "1", "b": "2"}}, "type": "Opaque"}  # fmt: skip
+    obj, managed = server_side_apply(live, [], first, "m", force=False)
+    assert obj["metadata"]["labels"] == {"a": "1", "b": "2"}
+    second = {**first, "metadata": {"name": "s", "labels": {"a": "1"}}}
+    obj, managed = server_side_apply(obj, managed, second, "m", force=False)
+    assert obj["metadata"]["labels"] == {"a": "1"}  # b was m's alone: removed
+    # a label another manager also applied stays when one of them stops applying it
+    obj, managed = server_side_apply(obj, managed, second, "n", force=False)
+    obj, managed = server_side_apply(obj, managed, {**second, "metadata": {"name": "s"}}, "m",
+                                     force=False)  # fmt: skip
+    assert obj["metadata"]["labels"] == {"a": "1"}
+    assert {e["manager"] for e in managed} == {"m", "n"}  # m still owns type
+    with pytest.raises(ApplyConflict, match=r'conflict with "n": \.metadata\.labels\.a'):
+        server_side_apply(obj, managed, {**first, "metadata": {"name": "s",
+                          "labels": {"a": "9"}}}, "m", force=False)  # fmt: skip

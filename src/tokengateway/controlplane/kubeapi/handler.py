@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+import yaml
+
 from tokengateway.config.compile import ConfigError
 from tokengateway.controlplane.control import ControlPlane, NotFoundError
 from tokengateway.controlplane.history import Expired
@@ -25,6 +27,7 @@ from tokengateway.http.asgi import Receive, Scope, Send, read_body
 from tokengateway.resources import ManifestError
 
 from . import discovery, openapi, protobuf
+from .apply import ApplyConflict, dotted, server_side_apply
 from .discovery import KubeKind
 from .objects import writable
 from .patch import PatchError, PatchNotApplicable, json_patch, merge_patch, strategic_merge_patch
@@ -61,6 +64,8 @@ class Request:
 
 
 _AGGREGATED = discovery.AGGREGATED.encode()
+#: the media type of server-side apply's PATCH
+APPLY_PATCH = "application/apply-patch+yaml"
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +316,8 @@ class KubeAPI:
             obj = self._body_object(request, t)
             _check_version(obj, current, t)
             return 200, await self._store(obj, t, dry)
+        if method == "PATCH" and request.content_type.startswith(APPLY_PATCH):
+            return await self._apply(request, t, dry)
         if method == "PATCH":
             return 200, await self._patch(request, t, dry)
         if method == "DELETE":
@@ -464,18 +471,85 @@ class KubeAPI:
         _check_version(patched, self._get(t), t)
         return await self._store(self._placed(patched, t), t, dry)
 
-    async def _store(self, obj: dict[str, Any], t: _Target, dry: bool = False) -> dict[str, Any]:
+    async def _apply(self, request: Request, t: _Target, dry: bool) -> tuple[int, Any]:
+        """Server-side apply (apply.py): 201 when it creates the object, 200 otherwise."""
+        manager = request.query.get("fieldManager", "")
+        if not manager:
+            raise KubeError(
+                400, "PATCH is not supported: fieldManager is required for apply requests"
+            )
+        try:
+            applied = yaml.safe_load(request.body or b"")
+        except yaml.YAMLError as exc:
+            raise KubeError(400, f"the applied configuration is not YAML or JSON: {exc}") from None
+        if not isinstance(applied, dict):
+            raise KubeError(400, "the applied configuration must be an object")
+        applied = writable(self._placed(applied, t))
+        try:
+            current: dict[str, Any] | None = self._get(t)
+        except KubeError:
+            current = None
+        managed = list((current or {}).get("metadata", {}).get("managedFields") or [])
+        force = request.query.get("force") in ("true", "1")
+        try:
+            result, managed = server_side_apply(
+                writable(current) if current is not None else None,
+                managed,
+                applied,
+                manager,
+                force,
+            )
+        except ApplyConflict as exc:
+            raise KubeError(
+                409,
+                str(exc),
+                details={
+                    "name": t.name,
+                    "group": t.kind.group,
+                    "kind": t.kind.plural,
+                    "causes": [
+                        {
+                            "type": "FieldManagerConflict",
+                            "message": f'conflict with "{other}"',
+                            "field": dotted(path),
+                        }
+                        for other, path in exc.conflicts
+                    ],
+                },
+            ) from None
+        stored = await self._store(result, t, dry, managed)
+        return (201 if current is None else 200), stored
+
+    def _managed(self, t: _Target, name: str) -> list[dict[str, Any]]:
+        """The managers recorded on the object, which a write that is not an apply keeps."""
+        try:
+            current = self._get(_Target(t.kind, t.namespace, name))
+        except KubeError:
+            return []
+        return list(current["metadata"].get("managedFields") or [])
+
+    async def _store(
+        self,
+        obj: dict[str, Any],
+        t: _Target,
+        dry: bool = False,
+        managed: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Create or replace `obj`; with `dry`, every check and the object as it would be
-        stored, and nothing changed (`dryRun=All`, kubectl's `--dry-run=server`)."""
+        stored, and nothing changed (`dryRun=All`, kubectl's `--dry-run=server`).
+        `managed`: its managedFields (an apply's); None keeps the ones it has."""
         name = str(obj["metadata"].get("name") or t.name)
+        doc = writable(obj)
+        if managed is None:
+            managed = self._managed(t, name)
+        if managed:
+            doc["metadata"]["managedFields"] = managed
         if dry:
             shown = await self._write(
-                self.control.preview, json.dumps(writable(obj)), kind=t.kind.kind, name=name
+                self.control.preview, json.dumps(doc), kind=t.kind.kind, name=name
             )
             return self._shown(shown[0], t)
-        await self._write(
-            self.control.apply, json.dumps(writable(obj)), kind=t.kind.kind, name=name
-        )
+        await self._write(self.control.apply, json.dumps(doc), kind=t.kind.kind, name=name)
         return self._get(_Target(t.kind, t.namespace, name))
 
     async def _write(self, change: Any, *args: Any, kind: str = "", name: str = "") -> Any:
