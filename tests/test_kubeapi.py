@@ -596,9 +596,9 @@ def test_old_admin_routes_and_kubernetes_paths_side_by_side(start_gateway) -> No
         unsupported = admin.patch(
             f"/apis/kuadrant.io/v1alpha1/namespaces/gateway-system/tokenratelimitpolicies/{POLICY}",
             content=b"{}",
-            headers={"content-type": "application/apply-patch+yaml"},
+            headers={"content-type": "application/x-unknown-patch"},
         )
-        assert unsupported.status_code == 415
+        assert unsupported.status_code == 415 and "json-patch+json" in unsupported.json()["message"]
 
 
 def test_merge_patch_follows_rfc_7386() -> None:
