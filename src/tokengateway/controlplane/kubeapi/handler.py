@@ -475,9 +475,7 @@ class KubeAPI:
         """Server-side apply (apply.py): 201 when it creates the object, 200 otherwise."""
         manager = request.query.get("fieldManager", "")
         if not manager:
-            raise KubeError(
-                400, "PATCH is not supported: fieldManager is required for apply requests"
-            )
+            raise KubeError(400, "fieldManager is required for apply requests")
         try:
             applied = yaml.safe_load(request.body or b"")
         except yaml.YAMLError as exc:
