@@ -1,14 +1,15 @@
-"""The kubectl-like client: JSONPath, formatting, and the commands against a fake admin API.
-
-The fake server implements the admin API contract with canned data on a loopback port; the
-end-to-end tests against the real gateway live with the server.
-"""
+"""The gateway's own verbs (apply, get, delete, counters, limits): formatting, `get`
+against a served gateway (the Kubernetes API's Tables, as kubectl prints them), and the
+other commands against a stand-in admin API that answers the contract with canned data on
+a loopback port (for its failure modes: refusals, unreachable, not the admin API)."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import socket
+import subprocess
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -21,22 +22,20 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from tokengateway.cli.jsonpath import JSONPathError, compile_template, find, render
+from tests.conftest import TUTORIAL, Gateway, run_cli
+from tests.test_kubeapi import KUBECTL
 from tokengateway.cli.kubectl import (
     AdminClient,
     AdminError,
     AdminUnreachableError,
     counters_table,
-    format_age,
     format_window,
-    human_duration,
     limits_table,
     list_object,
     plural_of,
     reference,
     register,
     render_table,
-    resources_table,
     to_json,
     to_yaml,
 )
@@ -135,139 +134,7 @@ COUNTERS = [
 ]
 
 
-# --- JSONPath ------------------------------------------------------------------------------
-
-
-class TestJSONPath:
-    def test_tutorial_gateway_status(self) -> None:
-        template = (
-            '{.status.conditions[?(@.type=="Accepted")].message}{"\\n"}'
-            '{.status.conditions[?(@.type=="Programmed")].message}{"\\n"}'
-        )
-        assert render(template, GATEWAY) == (
-            "Resource accepted\nResource programmed, assigned to service(s) 127.0.0.1:8080\n"
-        )
-
-    def test_tutorial_address_and_port(self) -> None:
-        assert render("{.status.addresses[0].value}", GATEWAY) == "127.0.0.1"
-        assert render('{.spec.listeners[?(@.name=="http")].port}', GATEWAY) == "80"
-
-    def test_tutorial_policy_status_and_system_namespace(self) -> None:
-        template = '{.status.conditions[?(@.type=="Accepted")].message}'
-        assert render(template, TRLP) == "TokenRateLimitPolicy has been accepted"
-        kuadrants = list_object(
-            [{"kind": "Kuadrant", "metadata": {"name": "kuadrant", "namespace": "kuadrant-system"}}]
-        )
-        assert render("{.items[0].metadata.namespace}", kuadrants) == "kuadrant-system"
-
-    def test_filters(self) -> None:
-        assert render('{.spec.listeners[?(@.name!="http")].name}', GATEWAY) == "admin"
-        assert render("{.spec.listeners[?(@.port>100)].name}", GATEWAY) == "admin"
-        assert render("{.spec.listeners[?(@.port<=80)].name}", GATEWAY) == "http"
-        assert render("{.spec.listeners[?(@.protocol)].name}", GATEWAY) == "http admin"
-        assert render("{.spec.listeners[?(@.nothing)].name}", GATEWAY) == ""
-        assert render("{.spec.listeners[?(@.port=='80')].name}", GATEWAY) == ""  # types differ
-        assert render("{.status.conditions[?(@.observedGeneration==2)].type}", TRLP) == (
-            "Accepted Enforced"
-        )
-
-    def test_indices_slices_wildcards_unions(self) -> None:
-        data = {"a": [1, 2, 3, 4], "m": {"x": 1, "y": "two"}}
-        assert render("{.a[0]} {.a[-1]} {.a[1:3]} {.a[::2]}", data) == "1 4 2 3 1 3"
-        assert render("{.a[*]}", data) == "1 2 3 4"
-        assert render("{.a[0,2]}", data) == "1 3"
-        assert render("{.m.*}", data) == "1 two"
-        assert render("{.m['x','y']}", data) == "1 two"
-        assert render("{.a[9]}{.a[-9]}", data) == ""
-
-    def test_quoted_and_escaped_keys(self) -> None:
-        obj = {"metadata": {"annotations": {"kuadrant.io/groups": "free,gold"}}}
-        assert render("{.metadata.annotations['kuadrant.io/groups']}", obj) == "free,gold"
-        assert render('{.metadata.annotations["kuadrant.io/groups"]}', obj) == "free,gold"
-        assert render("{.metadata.annotations.kuadrant\\.io/groups}", obj) == "free,gold"
-
-    def test_literals_and_text(self) -> None:
-        assert render('name: {.metadata.name}{"\\t"}{"x\\"y"}', TRLP) == (
-            'name: trlp-tutorial-token-limits\tx"y'
-        )
-        assert render("{'single'}", {}) == "single"
-        assert render("no actions at all", {}) == "no actions at all"
-
-    def test_missing_fields_print_nothing(self) -> None:
-        assert render("[{.status.nothing.deeper}]", GATEWAY) == "[]"
-        assert render("{.spec.gatewayClassName.x}", GATEWAY) == ""
-        assert render("{.a}", {"a": None}) == ""
-
-    def test_values_print_like_kubectl(self) -> None:
-        data = {"b": True, "f": 1.5, "big": 1e6, "i": 7, "m": {"z": 1, "a": "<x>"}, "l": [1, "a"]}
-        assert render("{.b} {.f} {.big} {.i}", data) == "true 1.5 1e+06 7"
-        assert render("{.m}", data) == '{"a":"\\u003cx\\u003e","z":1}'
-        assert render("{.l}", data) == '[1,"a"]'
-
-    def test_range_and_root(self) -> None:
-        listing = list_object([GATEWAY, TRLP])
-        template = '{range .items[*]}{.kind}/{.metadata.name}{"\\n"}{end}'
-        assert render(template, listing) == (
-            "Gateway/trlp-tutorial-gateway\nTokenRateLimitPolicy/trlp-tutorial-token-limits\n"
-        )
-        assert render("{range .items[*]}{$.kind} {end}", listing) == "List List "
-        assert render("{..port}", GATEWAY) == "80 9090"
-        assert render("{@.kind}", GATEWAY) == "Gateway"
-
-    def test_expression_without_braces(self) -> None:
-        assert render(".metadata.name", GATEWAY) == "trlp-tutorial-gateway"
-        assert find(".spec.listeners[*].port", GATEWAY) == [80, 9090]
-        assert find("{.metadata.uid}", GATEWAY) == ["u-1"]
-
-    @pytest.mark.parametrize(
-        ("template", "reason"),
-        [
-            ("{.a", "unclosed action"),
-            ("{end}", "not in range"),
-            ("{range .a[*]}{.b}", "unclosed range"),
-            ("{.a b}", "unrecognized character"),
-            ("{.a[x]}", "invalid array index"),
-            ("{.a[?@.b]}", "invalid filter"),
-            ("{}", "empty"),
-        ],
-    )
-    def test_errors(self, template: str, reason: str) -> None:
-        with pytest.raises(JSONPathError, match=reason) as info:
-            compile_template(template)
-        assert str(info.value).startswith(f"error parsing jsonpath {template}, ")
-
-
-# --- formatting ----------------------------------------------------------------------------
-
-
 class TestFormatting:
-    @pytest.mark.parametrize(
-        ("seconds", "text"),
-        [
-            (-5, "<invalid>"),
-            (-1, "0s"),
-            (5, "5s"),
-            (119, "119s"),
-            (120, "2m"),
-            (200, "3m20s"),
-            (1800, "30m"),
-            (3 * 3600 + 60, "3h1m"),
-            (10 * 3600, "10h"),
-            (3 * 86400, "3d"),
-            (3 * 86400 + 3600, "3d1h"),
-            (30 * 86400, "30d"),
-            (3 * 365 * 86400, "3y"),
-            (10 * 365 * 86400, "10y"),
-        ],
-    )
-    def test_human_duration(self, seconds: int, text: str) -> None:
-        assert human_duration(seconds) == text
-
-    def test_age(self) -> None:
-        assert format_age(CREATED, NOW) == "5m"
-        assert format_age(None, NOW) == "<unknown>"
-        assert format_age("yesterday", NOW) == "<unknown>"
-
     @pytest.mark.parametrize(
         ("seconds", "text"),
         [(60, "1m"), (2, "2s"), (90, "1m30s"), (86400, "24h"), (0.5, "500ms"), (0, "0s")],
@@ -290,92 +157,6 @@ class TestFormatting:
         assert plural_of("AuthPolicy") == "authpolicies.kuadrant.io"
         assert plural_of("Gateway") == "gateways.gateway.networking.k8s.io"
         assert plural_of("Secret") == "secrets"
-
-    def test_policy_table(self) -> None:
-        assert resources_table("TokenRateLimitPolicy", [TRLP], now=NOW) == (
-            "NAME                         ACCEPTED   ENFORCED   AGE\n"
-            "trlp-tutorial-token-limits   True       False      5m"
-        )
-        wide = resources_table("TokenRateLimitPolicy", [TRLP], wide=True, now=NOW)
-        header, row = wide.splitlines()
-        assert header.split() == [
-            "NAME",
-            "ACCEPTED",
-            "ENFORCED",
-            "TARGETKIND",
-            "TARGETNAME",
-            "TARGETSECTION",
-            "AGE",
-            "REASON",
-            "MESSAGE",
-        ]
-        assert row.split()[:8] == [
-            "trlp-tutorial-token-limits",
-            "True",
-            "False",
-            "Gateway",
-            "trlp-tutorial-gateway",
-            "<none>",
-            "5m",
-            "Accepted,Overridden",
-        ]
-        assert row.endswith(
-            "TokenRateLimitPolicy has been accepted; "
-            "TokenRateLimitPolicy is overridden by [gateway-system/other]"
-        )
-
-    def test_all_namespaces_column(self) -> None:
-        table = resources_table("TokenRateLimitPolicy", [TRLP], all_namespaces=True, now=NOW)
-        assert table.splitlines()[0].split()[:2] == ["NAMESPACE", "NAME"]
-        assert table.splitlines()[1].split()[:2] == ["gateway-system", "trlp-tutorial-token-limits"]
-        namespaces = [{"kind": "Namespace", "metadata": {"name": "gateway-system"}}]
-        table = resources_table("Namespace", namespaces, all_namespaces=True, now=NOW)
-        assert table.splitlines() == [
-            "NAME             STATUS   AGE",
-            "gateway-system   Active   <unknown>",
-        ]
-
-    def test_kind_tables(self) -> None:
-        assert resources_table("Gateway", [GATEWAY], now=NOW).splitlines()[1].split() == [
-            "trlp-tutorial-gateway",
-            "istio",
-            "127.0.0.1",
-            "True",
-            "5m",
-        ]
-        route = {
-            "metadata": {"name": "r", "creationTimestamp": CREATED},
-            "spec": {"hostnames": ["a.example.com", "b"]},
-        }
-        assert resources_table("HTTPRoute", [route], now=NOW) == (
-            'NAME   HOSTNAMES               AGE\nr      ["a.example.com","b"]   5m'
-        )
-        secret = {
-            "metadata": {"name": "k"},
-            "stringData": {"api_key": "x"},
-            "data": {"other": "eA=="},
-        }
-        assert resources_table("Secret", [secret], now=NOW).splitlines()[1].split() == [
-            "k",
-            "Opaque",
-            "2",
-            "<unknown>",
-        ]
-        service = {
-            "metadata": {"name": "svc"},
-            "spec": {"ports": [{"port": 80, "targetPort": 8000}]},
-            "status": {"tokengateway": {"backend": "http://127.0.0.1:41234"}},
-        }
-        assert resources_table("Service", [service], now=NOW).splitlines() == [
-            "NAME   TYPE        ADDRESS                  PORT(S)   AGE",
-            "svc    ClusterIP   http://127.0.0.1:41234   80/TCP    <unknown>",
-        ]
-        assert resources_table(
-            "Deployment", [{"metadata": {"name": "d"}}], now=NOW
-        ).splitlines() == [
-            "NAME   AGE",
-            "d      <unknown>",
-        ]
 
     def test_yaml_like_kubectl(self) -> None:
         obj = {"spec": {"rego": "allow {\n  true\n}\n", "list": [{"b": 1, "a": 2}]}, "kind": "X"}
@@ -709,215 +490,6 @@ class TestApply:
         assert result.exit_code == 1 and "no objects" in result.stderr
 
 
-class TestGet:
-    @pytest.fixture(autouse=True)
-    def _objects(self, fake: FakeAdmin) -> None:
-        fake.put(GATEWAY)
-        fake.put(TRLP)
-        fake.put({**TRLP, "metadata": {**TRLP["metadata"], "name": "other", "namespace": "team"}})
-
-    def test_table_and_request(self, fake: FakeAdmin, admin_url: str) -> None:
-        result = run(admin_url, "get", "trlp", "-n", "gateway-system")
-        assert result.exit_code == 0, result.output
-        lines = result.stdout.splitlines()
-        assert lines[0].split() == ["NAME", "ACCEPTED", "ENFORCED", "AGE"]
-        assert lines[1].split()[:3] == ["trlp-tutorial-token-limits", "True", "False"]
-        assert fake.requests[-1]["query"] == {
-            "kind": "TokenRateLimitPolicy",
-            "namespace": "gateway-system",
-        }
-
-    def test_all_namespaces(self, fake: FakeAdmin, admin_url: str) -> None:
-        result = run(admin_url, "get", "tokenratelimitpolicies.kuadrant.io", "-A")
-        assert [line.split()[:2] for line in result.stdout.splitlines()] == [
-            ["NAMESPACE", "NAME"],
-            ["gateway-system", "trlp-tutorial-token-limits"],
-            ["team", "other"],
-        ]
-        assert fake.requests[-1]["query"] == {"kind": "TokenRateLimitPolicy"}
-
-    def test_default_namespace_and_empty(self, fake: FakeAdmin, admin_url: str) -> None:
-        result = run(admin_url, "get", "httproutes")
-        assert result.exit_code == 0
-        assert result.stdout == ""
-        assert result.stderr == "No resources found in default namespace.\n"
-        assert fake.requests[-1]["query"] == {"kind": "HTTPRoute", "namespace": "default"}
-
-    def test_cluster_scoped_kind_ignores_namespace(self, fake: FakeAdmin, admin_url: str) -> None:
-        run(admin_url, "get", "ns", "-n", "whatever")
-        assert fake.requests[-1]["query"] == {"kind": "Namespace"}
-
-    def test_yaml_single_object(self, admin_url: str) -> None:
-        result = run(admin_url, "get", "authpolicy", "-n", "gateway-system", "x", "-o", "yaml")
-        assert result.exit_code == 1  # not found
-        result = run(
-            admin_url,
-            "get",
-            "tokenratelimitpolicy",
-            "-n",
-            "gateway-system",
-            "trlp-tutorial-token-limits",
-            "-o",
-            "yaml",
-        )
-        assert result.exit_code == 0, result.output
-        assert yaml.safe_load(result.stdout) == TRLP
-        assert result.stdout.startswith(
-            "apiVersion: kuadrant.io/v1alpha1\nkind: TokenRateLimitPolicy\n"
-        )
-
-    def test_yaml_and_json_lists(self, admin_url: str) -> None:
-        listing = yaml.safe_load(
-            run(admin_url, "get", "gtw", "-n", "gateway-system", "-o", "yaml").stdout
-        )
-        assert listing == list_object([GATEWAY])
-        listing = json.loads(run(admin_url, "get", "gtw", "-n", "gateway-system", "-o=json").stdout)
-        assert listing == list_object([GATEWAY])
-        single = json.loads(
-            run(
-                admin_url,
-                "get",
-                "gateway",
-                "trlp-tutorial-gateway",
-                "-n",
-                "gateway-system",
-                "--output",
-                "json",
-            ).stdout
-        )
-        assert single == GATEWAY
-
-    def test_name(self, admin_url: str) -> None:
-        result = run(admin_url, "get", "trlp", "-A", "-o", "name")
-        assert result.stdout == (
-            "tokenratelimitpolicy.kuadrant.io/trlp-tutorial-token-limits\n"
-            "tokenratelimitpolicy.kuadrant.io/other\n"
-        )
-
-    def test_wide(self, admin_url: str) -> None:
-        result = run(admin_url, "get", "trlp", "-n", "gateway-system", "-o", "wide")
-        assert "TARGETNAME" in result.stdout and "Accepted,Overridden" in result.stdout
-
-    def test_tutorial_jsonpath_commands(self, admin_url: str) -> None:
-        template = '{.status.conditions[?(@.type=="Accepted")].message}{"\\n"}{.status.conditions[?(@.type=="Programmed")].message}{"\\n"}'
-        result = run(
-            admin_url,
-            "get",
-            "gateway",
-            "trlp-tutorial-gateway",
-            "-n",
-            "gateway-system",
-            f"-o=jsonpath={template}",
-        )
-        assert (
-            result.stdout
-            == "Resource accepted\nResource programmed, assigned to service(s) 127.0.0.1:8080\n"
-        )
-        result = run(
-            admin_url,
-            "get",
-            "gtw",
-            "trlp-tutorial-gateway",
-            "-n",
-            "gateway-system",
-            "-o",
-            "jsonpath={.status.addresses[0].value}",
-        )
-        assert result.stdout == "127.0.0.1"
-        result = run(
-            admin_url,
-            "get",
-            "gtw",
-            "trlp-tutorial-gateway",
-            "-n",
-            "gateway-system",
-            "-o",
-            'jsonpath={.spec.listeners[?(@.name=="http")].port}',
-        )
-        assert result.stdout == "80"
-
-    def test_jsonpath_on_a_list(self, admin_url: str) -> None:
-        result = run(admin_url, "get", "trlp", "-A", "-o", "jsonpath={.items[*].metadata.name}")
-        assert result.stdout == "trlp-tutorial-token-limits other"
-
-    def test_kind_slash_name(self, admin_url: str) -> None:
-        result = run(
-            admin_url,
-            "get",
-            "gtw/trlp-tutorial-gateway",
-            "trlp/trlp-tutorial-token-limits",
-            "-n",
-            "gateway-system",
-        )
-        assert result.exit_code == 0, result.output
-        tables = result.stdout.split("\n\n")
-        assert (
-            tables[0]
-            .splitlines()[1]
-            .startswith("gateway.gateway.networking.k8s.io/trlp-tutorial-gateway ")
-        )
-        assert (
-            tables[1]
-            .splitlines()[1]
-            .startswith("tokenratelimitpolicy.kuadrant.io/trlp-tutorial-token-limits ")
-        )
-
-    def test_several_kinds(self, admin_url: str) -> None:
-        result = run(admin_url, "get", "gtw,trlp", "-n", "gateway-system", "-o", "name")
-        assert result.stdout == (
-            "gateway.gateway.networking.k8s.io/trlp-tutorial-gateway\n"
-            "tokenratelimitpolicy.kuadrant.io/trlp-tutorial-token-limits\n"
-        )
-        tables = run(admin_url, "get", "gtw,trlp", "-n", "gateway-system").stdout.split("\n\n")
-        assert [t.splitlines()[0].split()[1] for t in tables] == ["CLASS", "ACCEPTED"]
-
-    def test_not_found(self, admin_url: str) -> None:
-        result = run(admin_url, "get", "trlp", "nope", "-n", "gateway-system")
-        assert result.exit_code == 1
-        assert result.stdout == ""
-        assert (
-            result.stderr
-            == 'Error from server (NotFound): tokenratelimitpolicies.kuadrant.io "nope" not found\n'
-        )
-
-    def test_some_found(self, admin_url: str) -> None:
-        result = run(
-            admin_url,
-            "get",
-            "trlp",
-            "nope",
-            "trlp-tutorial-token-limits",
-            "-n",
-            "gateway-system",
-            "-o",
-            "name",
-        )
-        assert result.exit_code == 1
-        assert result.stdout == "tokenratelimitpolicy.kuadrant.io/trlp-tutorial-token-limits\n"
-        assert "NotFound" in result.stderr
-
-    @pytest.mark.parametrize(
-        ("args", "message"),
-        [
-            (["widgets"], "unknown kind 'widgets'"),
-            (["trlp.apps"], "unknown kind 'trlp.apps'"),
-            ([], "must specify the type of resource"),
-            (["trlp", "-o", "table"], 'output format "table"'),
-            (["trlp", "-o", "jsonpath="], "no template given"),
-            (["trlp", "-o", "jsonpath={.a"], "error parsing jsonpath {.a, unclosed action"),
-            (["trlp", "x", "-A"], "across all namespaces"),
-        ],
-    )
-    def test_bad_arguments(
-        self, fake: FakeAdmin, admin_url: str, args: list[str], message: str
-    ) -> None:
-        before = len(fake.requests)
-        result = run(admin_url, "get", *args)
-        assert result.exit_code == 1
-        assert result.stderr.startswith("error: ") and message in result.stderr
-        assert len(fake.requests) == before  # refused before asking the server
-
-
 class TestDelete:
     @pytest.fixture(autouse=True)
     def _objects(self, fake: FakeAdmin) -> None:
@@ -1025,16 +597,17 @@ class TestInspection:
 class TestConnection:
     def test_token_header_sent(self, fake: FakeAdmin, admin_url: str) -> None:
         fake.token = "s3cret"
-        result = run(admin_url, "get", "trlp")
+        result = run(admin_url, "counters", "a/b")
         assert result.exit_code == 1
         assert result.stderr.startswith(
             "Error from server (Unauthorized): a bearer token is required\n"
         )
         assert "--token" in result.stderr
-        assert run(admin_url, "get", "trlp", "--token", "s3cret").exit_code == 0
+        assert run(admin_url, "counters", "a/b", "--token", "s3cret").exit_code == 0
         assert fake.requests[-1]["headers"]["Authorization"] == "Bearer s3cret"
         assert (
-            run(admin_url, "get", "trlp", env={"TOKENGATEWAY_ADMIN_TOKEN": "s3cret"}).exit_code == 0
+            run(admin_url, "counters", "a/b", env={"TOKENGATEWAY_ADMIN_TOKEN": "s3cret"}).exit_code
+            == 0
         )
 
     def test_admin_from_environment(self, fake: FakeAdmin, admin_url: str) -> None:
@@ -1065,10 +638,10 @@ class TestConnection:
     def test_client_errors_are_typed(self, fake: FakeAdmin, admin_url: str) -> None:
         client = AdminClient(admin_url)
         with pytest.raises(AdminError) as info:
-            client.resources("Widget")
+            client.request("GET", "/apis/resources", query={"kind": "Widget"})
         assert info.value.status == 400 and info.value.reason == "BadRequest"
         with pytest.raises(AdminUnreachableError):
-            AdminClient("http://127.0.0.1:1", timeout=2).resources("Gateway")
+            AdminClient("http://127.0.0.1:1", timeout=2).counters("a/b")
 
     def test_not_the_admin_api(self, fake: FakeAdmin, admin_url: str) -> None:
         fake.override = (200, b"<html>hello</html>")
@@ -1078,7 +651,7 @@ class TestConnection:
             f"error: {admin_url} answered with something that is not JSON"
         )
         fake.override = (200, b'{"object": "list", "data": []}')
-        assert "answered with no 'items' list" in run(admin_url, "get", "trlp").stderr
+        assert "answered with no Table" in run(admin_url, "get", "trlp").stderr
         fake.override = (200, b"{}")
         assert "not a list" in run(admin_url, "counters", "a/b").stderr
         # the data plane's 404 (OpenAI's envelope) is not taken for a missing object
@@ -1100,3 +673,77 @@ class TestConnection:
         group = click.Group()
         register(group)
         assert set(group.commands) == {"apply", "get", "delete", "counters", "limits"}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One served gateway for the read-only `get` tests."""
+    tmp = tmp_path_factory.mktemp("get")
+    gateway = Gateway([TUTORIAL], [], tmp / "gateway.log", tmp / "state")
+    yield gateway
+    gateway.stop()
+
+
+class TestGet:
+    """`get` against a served gateway: the Kubernetes API's Tables, laid out as kubectl
+    lays them out, and the objects as they come."""
+
+    def get(self, gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("get", *args, "--admin", gw.admin_url)
+
+    def test_the_servers_columns_as_kubectl_shows_them(self, gw: Gateway, tmp_path) -> None:
+        ours = self.get(gw, "trlp", "-n", "gateway-system")
+        assert ours.returncode == 0, ours.stderr
+        header, row = ours.stdout.splitlines()
+        assert header.split() == ["NAME", "ACCEPTED", "ENFORCED", "AGE"]
+        assert row.split()[:3] == ["trlp-tutorial-token-limits", "True", "True"]
+        # the same columns the real kubectl prints from the same Table
+        config = tmp_path / "kubeconfig.yaml"
+        config.write_text(run_cli("kubeconfig", "--admin", gw.admin_url).stdout)
+        theirs = subprocess.run(
+            [KUBECTL, "--kubeconfig", str(config), "get", "trlp", "-n", "gateway-system"],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+        )  # fmt: skip
+        assert theirs.returncode == 0, theirs.stderr
+        assert theirs.stdout.splitlines()[0].split() == header.split()
+
+    def test_all_namespaces_wide_and_several_kinds(self, gw: Gateway) -> None:
+        listed = self.get(gw, "trlp", "-A").stdout.splitlines()
+        assert listed[0].split()[:2] == ["NAMESPACE", "NAME"]
+        assert listed[1].split()[:2] == ["gateway-system", "trlp-tutorial-token-limits"]
+        wide = self.get(gw, "trlp", "-n", "gateway-system", "-o", "wide").stdout.splitlines()
+        assert wide[0].split() == [
+            "NAME", "ACCEPTED", "ENFORCED", "TARGETKIND", "TARGETNAME", "TARGETSECTION", "AGE",
+        ]  # fmt: skip
+        assert wide[1].split()[3:6] == ["Gateway", "trlp-tutorial-gateway", "<none>"]
+        both = self.get(gw, "trlp,authpolicy", "-n", "gateway-system").stdout
+        first, second = both.split("\n\n")
+        assert "tokenratelimitpolicy.kuadrant.io/trlp-tutorial-token-limits" in first
+        assert "authpolicy.kuadrant.io/trlp-tutorial-llm-api-keys" in second
+
+    def test_objects_names_and_empty(self, gw: Gateway) -> None:
+        one = self.get(gw, "trlp", "trlp-tutorial-token-limits", "-n", "gateway-system",
+                       "-o", "yaml")  # fmt: skip
+        obj = yaml.safe_load(one.stdout)
+        assert obj["kind"] == "TokenRateLimitPolicy" and obj["status"]["conditions"]
+        listing = json.loads(self.get(gw, "secrets", "-n", "kuadrant-system", "-o", "json").stdout)
+        assert listing["kind"] == "List" and len(listing["items"]) == 2
+        names = self.get(gw, "gtw", "-n", "gateway-system", "-o", "name").stdout
+        assert names == "gateway.gateway.networking.k8s.io/trlp-tutorial-gateway\n"
+        ns = self.get(gw, "ns", "-n", "ignored").stdout.splitlines()
+        assert [line.split()[0] for line in ns] == ["NAME", "gateway-system"]
+        empty = self.get(gw, "httproutes", "-n", "nowhere")
+        assert empty.returncode == 0 and empty.stdout == ""
+        assert empty.stderr == "No resources found in nowhere namespace.\n"
+
+    def test_missing_objects_and_kubectls_own_formats(self, gw: Gateway) -> None:
+        missing = self.get(gw, "trlp", "nope", "-n", "gateway-system")
+        assert missing.returncode == 1
+        assert missing.stderr == (
+            'Error from server (NotFound): tokenratelimitpolicies.kuadrant.io "nope" not found\n'
+        )
+        path = self.get(gw, "gtw", "-n", "gateway-system", "-o", "jsonpath={.items[0]}")
+        assert path.returncode == 1 and "-o jsonpath is kubectl's" in path.stderr
+        bad = self.get(gw, "gtw", "-o", "xml")
+        assert bad.returncode == 1 and "allowed formats are: json,name,wide,yaml" in bad.stderr

@@ -1,2 +1,2 @@
 """The `tokengateway` command: `main` (serve, validate, sim, demo), `kubectl` (apply, get,
-delete, counters against the admin API), `top`, `demo`, and the `jsonpath` of `get -o`."""
+delete, counters against the admin API), `top`, `demo`."""

@@ -1,17 +1,18 @@
-"""kubectl's look and feel for the gateway's own control plane: apply, get, delete, counters.
+"""`tokengateway apply`, `get`, `delete`, `counters`, `limits`: the gateway's own verbs,
+for a machine without kubectl.
 
-The gateway is its own API server: these commands talk to its admin API (`serve`'s
-`--admin` address, `http://127.0.0.1:9090` by default) so the tutorial's `kubectl` lines
-work with `tokengateway` in front of them. Output follows kubectl's (`created` /
-`configured` lines, tables, `-o yaml|json|name|jsonpath=...`, `Error from server
-(NotFound): ...`) so scripts written for kubectl keep working.
+The gateway is its own API server, and the real kubectl is its client (`tokengateway
+kubeconfig`). These commands are a thin convenience beside it: `apply` and `delete` send
+manifests to the admin API and print one kubectl-style line per object; `get` prints the
+Table the Kubernetes API serves (the same columns kubectl shows, chosen by the server) or
+the objects as yaml/json. What kubectl does on its own (JSONPath, templates, custom
+columns) is left to kubectl. `counters` and `limits` show the gateway's own listings.
 
 Only the standard library speaks HTTP here: the CLI stays light and starts fast.
 """
 
 from __future__ import annotations
 
-import datetime
 import functools
 import http.client
 import json
@@ -27,7 +28,7 @@ from typing import Any, NoReturn
 import click
 import yaml
 
-from tokengateway.cli.jsonpath import JSONPathError, Template, compile_template
+from tokengateway.controlplane.kubeapi.discovery import KINDS
 from tokengateway.http.target import is_loopback
 from tokengateway.resources import ManifestError, load_paths
 from tokengateway.resources.kinds import CLUSTER_SCOPED, UnknownKindError, resolve_kind
@@ -38,7 +39,6 @@ __all__ = [
     "AdminError",
     "AdminUnreachableError",
     "counters_table",
-    "format_age",
     "format_window",
     "group_of",
     "limits_table",
@@ -47,7 +47,6 @@ __all__ = [
     "reference",
     "register",
     "render_table",
-    "resources_table",
     "to_json",
     "to_yaml",
 ]
@@ -71,8 +70,9 @@ GROUPS: dict[str, str] = {
     "Secret": "",
     "Namespace": "",
 }
-POLICY_KINDS = frozenset({"AuthPolicy", "RateLimitPolicy", "TokenRateLimitPolicy"})
-OUTPUT_FORMATS = ("json", "jsonpath", "name", "wide", "yaml")
+OUTPUT_FORMATS = ("json", "name", "wide", "yaml")
+#: what `get` asks the Kubernetes API for: the Table kubectl prints
+TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io"
 
 _HTTP_REASONS = {
     400: "BadRequest",
@@ -140,13 +140,14 @@ class AdminClient:
         query: Mapping[str, str | None] | None = None,
         body: bytes | None = None,
         content_type: str | None = None,
+        accept: str = "application/json",
     ) -> Any:
         """Send one request; the decoded JSON answer."""
         url = self.base_url + path
         params = {k: v for k, v in (query or {}).items() if v is not None}
         if params:
             url += "?" + urllib.parse.urlencode(params)
-        headers = {"Accept": "application/json", "User-Agent": "tokengateway-cli"}
+        headers = {"Accept": accept, "User-Agent": "tokengateway-cli"}
         if content_type:
             headers["Content-Type"] = content_type
         if self.token:
@@ -215,14 +216,21 @@ class AdminClient:
         )
         return self._field(answer, "results")
 
-    def resources(
-        self, kind: str, namespace: str | None = None, name: str | None = None
-    ) -> list[dict[str, Any]]:
-        """`GET /apis/resources`: namespace None means every namespace."""
-        answer = self.request(
-            "GET", "/apis/resources", query={"kind": kind, "namespace": namespace, "name": name}
-        )
-        return self._field(answer, "items")
+    def table(self, kind: str, namespace: str | None, name: str | None) -> dict[str, Any]:
+        """The Kubernetes API's Table of `kind` (`namespace` None: every namespace), the one
+        the real kubectl prints: the server chooses the columns, the CLI only lays them out.
+        One named object is a Table of one row."""
+        found = next(k for k in KINDS if k.kind == kind)
+        path = f"/apis/{found.group}/{found.version}" if found.group else "/api/v1"
+        if found.namespaced and namespace is not None:
+            path += f"/namespaces/{urllib.parse.quote(namespace, safe='')}"
+        path += f"/{found.plural}"
+        if name is not None:
+            path += f"/{urllib.parse.quote(name, safe='')}"
+        answer = self.request("GET", path, accept=TABLE)
+        if not isinstance(answer, dict) or answer.get("kind") != "Table":
+            raise AdminUnreachableError(self._not_admin("no Table"))
+        return answer
 
     def delete(self, kind: str, namespace: str | None, name: str) -> list[dict[str, Any]]:
         answer = self.request(
@@ -263,6 +271,13 @@ def _error_from(status: int, raw: bytes) -> AdminError:
     except ValueError:
         text = raw.decode("utf-8", "replace").strip()
         return AdminError(status, text[:500] or f"HTTP {status}")
+    if isinstance(body, dict) and body.get("kind") == "Status":  # the Kubernetes API's
+        causes = (body.get("details") or {}).get("causes") or []
+        return AdminError(
+            status,
+            str(body.get("message") or f"HTTP {status}"),
+            [str(c.get("message")) for c in causes if isinstance(c, dict)],
+        )
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         details = error.get("details") or []
@@ -331,50 +346,6 @@ def render_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
         cells[-1] = row[-1]
         lines.append("".join(cells).rstrip())
     return "\n".join(lines)
-
-
-def format_age(timestamp: str | None, now: datetime.datetime | None = None) -> str:
-    """kubectl's AGE (`45s`, `3m20s`, `2h`, `4d`), from an RFC 3339 timestamp."""
-    if not timestamp:
-        return "<unknown>"
-    try:
-        then = datetime.datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))
-    except ValueError:
-        return "<unknown>"
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=datetime.UTC)
-    now = now or datetime.datetime.now(datetime.UTC)
-    return human_duration((now - then).total_seconds())
-
-
-def human_duration(seconds: float) -> str:
-    """Go's `duration.HumanDuration`, which kubectl uses for AGE."""
-    s = int(seconds)
-    if s < -1:
-        return "<invalid>"
-    if s < 0:
-        return "0s"
-    if s < 120:
-        return f"{s}s"
-    minutes = s // 60
-    if minutes < 10:
-        return f"{minutes}m{s % 60}s" if s % 60 else f"{minutes}m"
-    if minutes < 180:
-        return f"{minutes}m"
-    hours = s // 3600
-    if hours < 8:
-        return f"{hours}h{minutes % 60}m" if minutes % 60 else f"{hours}h"
-    if hours < 48:
-        return f"{hours}h"
-    days = hours // 24
-    if hours < 24 * 8:
-        return f"{days}d{hours % 24}h" if hours % 24 else f"{days}d"
-    if hours < 24 * 365 * 2:
-        return f"{days}d"
-    years, rest = divmod(days, 365)
-    if hours < 24 * 365 * 8:
-        return f"{years}y{rest}d" if rest else f"{years}y"
-    return f"{years}y"
 
 
 def format_window(seconds: float) -> str:
@@ -446,164 +417,8 @@ def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def _status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    status = obj.get("status")
-    return status if isinstance(status, dict) else {}
-
-
-def _spec(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    spec = obj.get("spec")
-    return spec if isinstance(spec, dict) else {}
-
-
-def _conditions(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """`status.conditions`, or a route's `status.parents[*].conditions`."""
-    status = _status(obj)
-    found: list[Mapping[str, Any]] = [
-        c for c in status.get("conditions") or [] if isinstance(c, dict)
-    ]
-    for parent in status.get("parents") or []:
-        if isinstance(parent, dict):
-            found += [c for c in parent.get("conditions") or [] if isinstance(c, dict)]
-    return found
-
-
-def _condition_status(obj: Mapping[str, Any], kind: str) -> str:
-    for condition in _conditions(obj):
-        if condition.get("type") == kind:
-            return str(condition.get("status") or "Unknown")
-    return NONE
-
-
 def _or_none(value: Any) -> str:
     return NONE if value is None or value == "" or value == [] else str(value)
-
-
-Column = tuple[str, Callable[[Mapping[str, Any]], str]]
-
-
-def _columns(kind: str, wide: bool, now: datetime.datetime | None) -> list[Column]:
-    def age(obj: Mapping[str, Any]) -> str:
-        return format_age(_meta(obj).get("creationTimestamp"), now)
-
-    def target(field: str) -> Callable[[Mapping[str, Any]], str]:
-        def cell(obj: Mapping[str, Any]) -> str:
-            ref = _spec(obj).get("targetRef")
-            return _or_none(ref.get(field) if isinstance(ref, dict) else None)
-
-        return cell
-
-    columns: list[Column]
-    if kind in POLICY_KINDS:
-        columns = [
-            ("ACCEPTED", lambda o: _condition_status(o, "Accepted")),
-            ("ENFORCED", lambda o: _condition_status(o, "Enforced")),
-        ]
-        if wide:
-            columns += [
-                ("TARGETKIND", target("kind")),
-                ("TARGETNAME", target("name")),
-                ("TARGETSECTION", target("sectionName")),
-            ]
-        columns.append(("AGE", age))
-    elif kind == "Gateway":
-        columns = [
-            ("CLASS", lambda o: _or_none(_spec(o).get("gatewayClassName"))),
-            ("ADDRESS", _gateway_address),
-            ("PROGRAMMED", lambda o: _condition_status(o, "Programmed")),
-            ("AGE", age),
-        ]
-    elif kind == "HTTPRoute":
-        columns = [("HOSTNAMES", _hostnames), ("AGE", age)]
-    elif kind == "Secret":
-        columns = [
-            ("TYPE", lambda o: str(o.get("type") or "Opaque")),
-            ("DATA", _secret_data_count),
-            ("AGE", age),
-        ]
-    elif kind == "Service":
-        columns = [
-            ("TYPE", lambda o: str(_spec(o).get("type") or "ClusterIP")),
-            ("ADDRESS", _service_address),
-            ("PORT(S)", _service_ports),
-            ("AGE", age),
-        ]
-    elif kind == "Namespace":
-        columns = [("STATUS", lambda o: str(_status(o).get("phase") or "Active")), ("AGE", age)]
-    else:
-        columns = [("AGE", age)]
-    if wide and (kind in POLICY_KINDS or kind in ("Gateway", "HTTPRoute")):
-        columns += [("REASON", _reasons), ("MESSAGE", _messages)]
-    return columns
-
-
-def _gateway_address(obj: Mapping[str, Any]) -> str:
-    values = [
-        str(a["value"])
-        for a in _status(obj).get("addresses") or []
-        if isinstance(a, dict) and a.get("value")
-    ]
-    return ",".join(values) or NONE
-
-
-def _hostnames(obj: Mapping[str, Any]) -> str:
-    names = _spec(obj).get("hostnames")
-    # kubectl prints this column as the JSON list (the CRD's printer column is a string)
-    return json.dumps(names, separators=(",", ":")) if names else NONE
-
-
-def _secret_data_count(obj: Mapping[str, Any]) -> str:
-    keys: set[str] = set()
-    for field in ("data", "stringData"):
-        value = obj.get(field)
-        if isinstance(value, dict):
-            keys.update(value)
-    return str(len(keys))
-
-
-def _service_address(obj: Mapping[str, Any]) -> str:
-    ours = _status(obj).get("tokengateway")
-    return _or_none(ours.get("backend") if isinstance(ours, dict) else None)
-
-
-def _service_ports(obj: Mapping[str, Any]) -> str:
-    ports = []
-    for port in _spec(obj).get("ports") or []:
-        if isinstance(port, dict) and "port" in port:
-            ports.append(f"{port['port']}/{port.get('protocol') or 'TCP'}")
-    return ",".join(ports) or NONE
-
-
-def _reasons(obj: Mapping[str, Any]) -> str:
-    return ",".join(str(c.get("reason") or "") for c in _conditions(obj)) or NONE
-
-
-def _messages(obj: Mapping[str, Any]) -> str:
-    texts = [" ".join(str(c.get("message") or "").split()) for c in _conditions(obj)]
-    return "; ".join(t for t in texts if t) or NONE
-
-
-def resources_table(
-    kind: str,
-    items: Sequence[Mapping[str, Any]],
-    *,
-    all_namespaces: bool = False,
-    wide: bool = False,
-    with_kind: bool = False,
-    now: datetime.datetime | None = None,
-) -> str:
-    """kubectl's table for `items` of one kind (NAMESPACE first with `-A`)."""
-    columns = _columns(kind, wide, now)
-    show_namespace = all_namespaces and kind not in CLUSTER_SCOPED
-    headers = (["NAMESPACE"] if show_namespace else []) + ["NAME"] + [h for h, _ in columns]
-    rows = []
-    for obj in items:
-        name = str(_meta(obj).get("name", ""))
-        if with_kind:
-            name = reference(kind, name, str(obj.get("apiVersion", "")))
-        row = [_or_none(_meta(obj).get("namespace"))] if show_namespace else []
-        rows.append([*row, name, *(cell(obj) for _, cell in columns)])
-    return render_table(headers, rows)
 
 
 def limits_table(limits: Sequence[Mapping[str, Any]]) -> str:
@@ -810,23 +625,20 @@ def _namespace_for(kind: str, namespace: str | None) -> str | None:
     return None if kind in CLUSTER_SCOPED else (namespace or DEFAULT_NAMESPACE)
 
 
-def _parse_output(value: str | None) -> tuple[str, Template | None]:
-    """`-o` as kubectl takes it: `yaml`, `-o=yaml`, `jsonpath=TEMPLATE`, `jsonpath='{..}'`."""
+def _parse_output(value: str | None) -> str:
+    """`-o` as kubectl takes it: `yaml`, `-o=yaml`. JSONPath and templates are kubectl's:
+    the real one is a client of the same API (`tokengateway kubeconfig`)."""
     text = (value or "").lstrip("=")
     if not text:
-        return "table", None
-    fmt, sep, arg = text.partition("=")
-    if fmt == "jsonpath":
-        if not arg:
-            _fail(
-                "template format specified but no template given (-o jsonpath='{.metadata.name}')"
-            )
-        try:
-            return "jsonpath", compile_template(arg)
-        except JSONPathError as exc:
-            _fail(str(exc))
-    if fmt in OUTPUT_FORMATS and not sep:
-        return fmt, None
+        return "table"
+    fmt = text.partition("=")[0]
+    if fmt in ("jsonpath", "go-template", "custom-columns", "template"):
+        _fail(
+            f"-o {fmt} is kubectl's: run kubectl against the gateway "
+            "(tokengateway kubeconfig > kubeconfig.yaml; KUBECONFIG=kubeconfig.yaml kubectl ...)"
+        )
+    if fmt in OUTPUT_FORMATS and "=" not in text:
+        return fmt
     _fail(
         f'unable to match a printer suitable for the output format "{text}", '
         f"allowed formats are: {','.join(OUTPUT_FORMATS)}"
@@ -877,7 +689,7 @@ def apply_command(
     "--output",
     default=None,
     metavar="FORMAT",
-    help="yaml | json | wide | name | jsonpath=TEMPLATE.",
+    help="yaml | json | wide | name (JSONPath and templates: use kubectl).",
 )
 @_admin_options
 def get_command(
@@ -894,61 +706,52 @@ def get_command(
     KIND takes kubectl's names: trlp, rlp, authpolicy, gtw, httproute, svc, secret, ns,
     plurals, and kind.group (tokenratelimitpolicy.kuadrant.io).
     """
-    fmt, template = _parse_output(output)
+    fmt = _parse_output(output)
     targets = _targets(args, "get")
     named = [t for t in targets if t.name is not None]
     if named and all_namespaces:
         _fail("a resource cannot be retrieved by name across all namespaces")
     client = AdminClient(admin, token, request_timeout)
-    found: list[tuple[str, dict[str, Any]]] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
     failed = False
     for target in targets:
         ns = None if all_namespaces else _namespace_for(target.kind, namespace)
         try:
-            items = _call(functools.partial(client.resources, target.kind, ns, target.name))
+            tables.append(
+                (target.kind, _call(functools.partial(client.table, target.kind, ns, target.name)))
+            )
         except AdminError as exc:
             failed = True
             if _is_not_found(exc) and target.name is not None:
                 click.echo(_not_found_line(target.kind, target.name), err=True)
             else:
                 _server_error(exc)
-            continue
-        ordered = sorted(items, key=lambda o: (str(_meta(o).get("namespace", "")), _name(o)))
-        found += [(target.kind, obj) for obj in ordered]
     single = len(targets) == 1 and targets[0].name is not None
-    _print_objects(found, fmt, template, single, targets, namespace, all_namespaces)
+    _print_tables(tables, fmt, single, targets, namespace, all_namespaces)
     if failed:
         sys.exit(1)
 
 
-def _name(obj: Mapping[str, Any]) -> str:
-    return str(_meta(obj).get("name", ""))
-
-
-def _print_objects(
-    found: Sequence[tuple[str, dict[str, Any]]],
+def _print_tables(
+    tables: Sequence[tuple[str, dict[str, Any]]],
     fmt: str,
-    template: Template | None,
     single: bool,
     targets: Sequence[_Target],
     namespace: str | None,
     all_namespaces: bool,
 ) -> None:
-    objects = [obj for _, obj in found]
-    if fmt in ("yaml", "json", "jsonpath"):
+    """The server's Tables as kubectl lays them out (NAMESPACE first with `-A`, the
+    columns of priority above 0 only with `-o wide`), or their rows' objects."""
+    found = [(kind, row) for kind, table in tables for row in table.get("rows") or []]
+    objects = [row.get("object") or {} for _, row in found]
+    if fmt in ("yaml", "json"):
         if single and not objects:
             return  # the not-found error is all kubectl prints
         data: Any = objects[0] if single else list_object(objects)
-        if fmt == "yaml":
-            click.echo(to_yaml(data), nl=False)
-        elif fmt == "json":
-            click.echo(to_json(data), nl=False)
-        else:
-            assert template is not None
-            click.echo(template.render(data), nl=False)
+        click.echo(to_yaml(data) if fmt == "yaml" else to_json(data), nl=False)
         return
     if fmt == "name":
-        for kind, obj in found:
+        for (kind, _), obj in zip(found, objects, strict=True):
             click.echo(reference(kind, _name(obj), str(obj.get("apiVersion", ""))))
         return
     if not found:
@@ -961,20 +764,37 @@ def _print_objects(
             )
             click.echo(f"No resources found{where}.", err=True)
         return
-    kinds = list(dict.fromkeys(kind for kind, _ in found))
-    tables = []
-    for kind in kinds:
-        items = [obj for k, obj in found if k == kind]
-        tables.append(
-            resources_table(
-                kind,
-                items,
-                all_namespaces=all_namespaces,
-                wide=fmt == "wide",
-                with_kind=len(kinds) > 1,
-            )
-        )
-    click.echo("\n\n".join(tables))
+    several = len({kind for kind, table in tables if table.get("rows")}) > 1
+    out = []
+    for kind, table in tables:
+        if table.get("rows"):
+            out.append(_layout(kind, table, all_namespaces, fmt == "wide", several))
+    click.echo("\n\n".join(out))
+
+
+def _layout(
+    kind: str, table: Mapping[str, Any], all_namespaces: bool, wide: bool, with_kind: bool
+) -> str:
+    columns = [
+        (i, str(c.get("name", "")).upper())
+        for i, c in enumerate(table.get("columnDefinitions") or [])
+        if wide or not c.get("priority")
+    ]
+    show_namespace = all_namespaces and kind not in CLUSTER_SCOPED
+    headers = (["NAMESPACE"] if show_namespace else []) + [name for _, name in columns]
+    rows = []
+    for row in table.get("rows") or []:
+        cells = list(row.get("cells") or [])
+        obj = row.get("object") or {}
+        shown = [_or_none(cells[i] if i < len(cells) else None) for i, _ in columns]
+        if with_kind and shown:
+            shown[0] = reference(kind, shown[0], str(obj.get("apiVersion", "")))
+        rows.append(([_or_none(_meta(obj).get("namespace"))] if show_namespace else []) + shown)
+    return render_table(headers, rows)
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str(_meta(obj).get("name", ""))
 
 
 @click.command("delete")
