@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from kubernetes import client as k8s
 
 from tests.conftest import TUTORIAL, run_cli
 from tests.test_kubeapi import KUBECTL
+from tokengateway.runtime.admin_tls import names_for
 
 POLICY = "trlp-tutorial-token-limits"
 
@@ -164,3 +166,29 @@ def test_a_given_certificate_and_token(start_gateway, tmp_path) -> None:
 
     alone = run_cli("serve", "--admin-cert", str(tmp_path / "c.pem"), "--listen", "127.0.0.1:0")
     assert alone.returncode == 1 and "--admin-cert and --admin-key go together" in alone.stderr
+
+
+def test_the_gateways_own_verbs_over_tls(start_gateway, tmp_path) -> None:
+    state = tmp_path / "state"
+    gw = start_gateway(TUTORIAL, args=("--admin-tls",), state_dir=state)
+    token = (state / "admin-token").read_text().strip()
+    env = {**os.environ, "TOKENGATEWAY_ADMIN": https(gw.admin_url)}
+    env["TOKENGATEWAY_ADMIN_TOKEN"] = token
+
+    def cli(*args: str, ca: bool = True) -> subprocess.CompletedProcess[str]:
+        extra = {"TOKENGATEWAY_ADMIN_CA": str(state / "tls" / "admin.crt")} if ca else {}
+        return subprocess.run(
+            [sys.executable, "-m", "tokengateway", *args],
+            capture_output=True, text=True, timeout=60, check=False, env={**env, **extra},
+        )  # fmt: skip
+
+    listed = cli("get", "trlp", "-n", "gateway-system")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[:3] == [POLICY, "True", "True"]
+    untrusted = cli("get", "trlp", "-n", "gateway-system", ca=False)
+    assert untrusted.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+
+
+def test_a_wildcard_address_gets_a_certificate_for_the_machine() -> None:
+    assert names_for("0.0.0.0") == [socket.gethostname(), "127.0.0.1", "::1"]
+    assert names_for("10.0.0.5") == ["10.0.0.5"]

@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import http.client
 import json
+import os
 import re
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -54,6 +56,8 @@ __all__ = [
 DEFAULT_ADMIN = "http://127.0.0.1:9090"
 ADMIN_ENV = "TOKENGATEWAY_ADMIN"
 TOKEN_ENV = "TOKENGATEWAY_ADMIN_TOKEN"
+#: the CA an https admin API's certificate is checked against (the system's when unset)
+CA_ENV = "TOKENGATEWAY_ADMIN_CA"
 DEFAULT_NAMESPACE = "default"
 NONE = "<none>"
 
@@ -129,7 +133,16 @@ class AdminClient:
         except ValueError:
             host = ""  # reported by the first request, where the user sees it
         # a loopback admin API must not go through an HTTP proxy taken from the environment
-        handlers = [urllib.request.ProxyHandler({})] if is_loopback(host) else []
+        handlers: list[urllib.request.BaseHandler] = (
+            [urllib.request.ProxyHandler({})] if is_loopback(host) else []
+        )
+        ca = os.environ.get(CA_ENV)
+        if ca:  # an admin API serving TLS with the certificate the gateway made
+            try:
+                context = ssl.create_default_context(cafile=ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise AdminUnreachableError(f"cannot read ${CA_ENV} {ca!r}: {exc}") from None
+            handlers.append(urllib.request.HTTPSHandler(context=context))
         self._opener = urllib.request.build_opener(*handlers)
 
     def request(

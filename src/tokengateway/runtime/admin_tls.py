@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokengateway.http.tls import KeyPair, self_signed, server_context
 
-__all__ = ["AdminTLS", "admin_tls", "kept_ca", "kept_token"]
+__all__ = ["AdminTLS", "admin_tls", "kept_ca", "kept_token", "names_for"]
 
 TOKEN_FILE = "admin-token"
 CERT_NAME = "admin"
@@ -51,9 +52,10 @@ def admin_tls(
     `http.tls.CertificateError` naming a certificate that cannot be loaded or made."""
     if (cert is None) != (key is None):
         raise ValueError("--admin-cert and --admin-key go together")
-    pair = (
-        KeyPair(cert, key) if cert and key else self_signed(_cert_dir(state_dir), CERT_NAME, [host])
-    )
+    if cert and key:
+        pair = KeyPair(cert, key)
+    else:
+        pair = self_signed(_cert_dir(state_dir), CERT_NAME, names_for(host))
     if token is None:
         token = kept_token(state_dir)
         if token is None:
@@ -64,6 +66,15 @@ def admin_tls(
             with os.fdopen(fd, "w") as out:
                 out.write(token + "\n")
     return AdminTLS(server_context(pair), token, pair)
+
+
+def names_for(host: str) -> list[str]:
+    """What a certificate for a listener on `host` names: the address itself, or, for a
+    wildcard (0.0.0.0, ::), the machine's name and the loopback addresses (other addresses
+    need a certificate given with --admin-cert)."""
+    if host in ("0.0.0.0", "::", ""):
+        return [socket.gethostname(), "127.0.0.1", "::1"]
+    return [host]
 
 
 def kept_token(state_dir: Path) -> str | None:
