@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import TUTORIAL, chat
-from tests.test_kubeapi import POLICY, kubectl, ok, policy_with, spend
+from tests.test_kubeapi import POLICY, kubectl, ok, policy_with, spend, watch_lines
 from tokengateway.controlplane.kubeapi.apply import ApplyConflict, server_side_apply
 from tokengateway.controlplane.kubeapi.discovery import AGGREGATED
 from tokengateway.controlplane.kubeapi.patch import PatchError, PatchNotApplicable, json_patch
@@ -318,3 +318,24 @@ def test_server_side_apply_removes_what_a_manager_stops_applying() -> None:
     with pytest.raises(ApplyConflict, match=r'conflict with "n": \.metadata\.labels\.a'):
         server_side_apply(obj, managed, {**first, "metadata": {"name": "s",
                           "labels": {"a": "9"}}}, "m", force=False)  # fmt: skip
+
+
+def test_a_watch_with_a_selector_sees_objects_enter_and_leave_it(start_gateway) -> None:
+    gw = start_gateway(TUTORIAL)
+    path = f"{TRLP}/{POLICY}"
+    merge = {"content-type": "application/merge-patch+json"}
+    with httpx.Client(base_url=gw.admin_url, timeout=30) as admin:
+        start = admin.get(TRLP).json()["metadata"]["resourceVersion"]
+        for labels in ({"team": "a"}, {"team": "b"}, {"team": "a"}):
+            patch = json.dumps({"metadata": {"labels": labels}})
+            assert admin.patch(path, content=patch, headers=merge).status_code == 200
+        lowered = {"spec": {"limits": {"free": {"rates": [{"limit": 5, "window": "1m"}]}}}}
+        assert admin.patch(path, content=json.dumps(lowered), headers=merge).status_code == 200
+        events = watch_lines(
+            admin, TRLP, resourceVersion=start, labelSelector="team=a", timeoutSeconds="1"
+        )
+        assert [e["type"] for e in events] == ["ADDED", "DELETED", "ADDED", "MODIFIED"]
+        assert events[1]["object"]["metadata"]["labels"] == {"team": "b"}
+        # without a selector, the same changes are all MODIFIED
+        plain = watch_lines(admin, TRLP, resourceVersion=start, timeoutSeconds="1")
+        assert [e["type"] for e in plain] == ["MODIFIED"] * len(plain) and len(plain) >= 4

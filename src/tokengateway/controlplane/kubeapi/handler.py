@@ -163,6 +163,24 @@ class KubeAPI:
             line = json.dumps({"type": kind, "object": obj}).encode() + b"\n"
             await send({"type": "http.response.body", "body": line, "more_body": True})
 
+        selecting = bool(request.query.get("labelSelector") or request.query.get("fieldSelector"))
+        #: with a selector, the objects this watch has shown as matching: one that stops
+        #: matching is DELETED for it, one that starts is ADDED, as the API server sends them
+        shown: set[tuple[str, str, str]] = set()
+
+        def translated(kind: str, key: tuple[str, str, str], obj: dict[str, Any]) -> str | None:
+            if not selecting:
+                return kind if self._follows(request, t, key, obj) else None
+            if not self._in_scope(t, key):
+                return None
+            matches = _selected(obj, request.query)
+            was = key in shown
+            if kind == "DELETED" or not matches:
+                shown.discard(key)
+                return "DELETED" if was or (kind == "DELETED" and matches) else None
+            shown.add(key)
+            return "MODIFIED" if was and kind != "ADDED" else "ADDED"
+
         gone = asyncio.ensure_future(receive())  # completes when the client disconnects
         deadline = loop.time() + timeout
         marked = next_bookmark(loop.time(), deadline)
@@ -171,7 +189,7 @@ class KubeAPI:
                 if since is None:  # "any version": the objects as they are, then what follows
                     cursor, current = history.snapshot()
                     for key, obj in sorted(current.items()):
-                        if self._follows(request, t, key, obj):
+                        if translated("ADDED", key, obj) is not None:
                             await emit("ADDED", self._event_object(request, t, obj, cursor))
                 else:
                     cursor = since
@@ -183,9 +201,10 @@ class KubeAPI:
                         await emit("ERROR", expired(exc))
                         break
                     for event in events:
-                        if self._follows(request, t, event.key, event.object):
+                        kind = translated(event.type, event.key, event.object)
+                        if kind is not None:
                             obj = self._event_object(request, t, event.object, event.version)
-                            await emit(event.type, obj)
+                            await emit(kind, obj)
                     now = loop.time()
                     if now >= deadline:
                         break
@@ -216,11 +235,14 @@ class KubeAPI:
         request: Request, t: _Target, key: tuple[str, str, str], obj: dict[str, Any]
     ) -> bool:
         """Whether a watch of `t` reports this object's events."""
+        return KubeAPI._in_scope(t, key) and _selected(obj, request.query)
+
+    @staticmethod
+    def _in_scope(t: _Target, key: tuple[str, str, str]) -> bool:
+        """The object is of the watched kind, in the watched namespace (if one)."""
         if key[0] != t.kind.kind:
             return False
-        if t.namespace and t.kind.namespaced and key[1] != t.namespace:
-            return False
-        return _selected(obj, request.query)
+        return not (t.namespace and t.kind.namespaced and key[1] != t.namespace)
 
     @staticmethod
     def _event_object(
