@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import TUTORIAL, chat
 from tests.test_kubeapi import POLICY, kubectl, ok, policy_with, spend, watch_lines
-from tokengateway.controlplane.kubeapi.apply import ApplyConflict, server_side_apply
+from tokengateway.controlplane.kubeapi.apply import ApplyConflict, record_update, server_side_apply
 from tokengateway.controlplane.kubeapi.discovery import AGGREGATED
 from tokengateway.controlplane.kubeapi.patch import PatchError, PatchNotApplicable, json_patch
 from tokengateway.controlplane.kubeapi.protobuf import ProtobufError, decode
@@ -339,3 +339,46 @@ def test_a_watch_with_a_selector_sees_objects_enter_and_leave_it(start_gateway) 
         # without a selector, the same changes are all MODIFIED
         plain = watch_lines(admin, TRLP, resourceVersion=start, timeoutSeconds="1")
         assert [e["type"] for e in plain] == ["MODIFIED"] * len(plain) and len(plain) >= 4
+
+
+def test_writes_that_are_not_applies_record_update_managers(
+    start_gateway, kubectl, tmp_path
+) -> None:
+    gw = start_gateway(TUTORIAL)
+    k = kubectl(gw)
+    ok(k("patch", "trlp", POLICY, "-n", NS, "--type", "json", "-p",
+         '[{"op":"replace","path":"/spec/limits/free/rates/0/limit","value":1}]'))  # fmt: skip
+    shown = yaml.safe_load(ok(k("get", "trlp", POLICY, "-n", NS, "-o", "yaml",
+                                "--show-managed-fields")))  # fmt: skip
+    entries = {e["manager"]: e for e in shown["metadata"]["managedFields"]}
+    assert entries["kubectl-patch"]["operation"] == "Update"
+    assert entries["kubectl-patch"]["fieldsV1"] == {
+        "f:spec": {"f:limits": {"f:free": {"f:rates": {}}}}
+    }
+    # an apply setting what the patch set to another value conflicts with the patch
+    other = tmp_path / "other.yaml"
+    other.write_text(policy_with(("limit: 50 ", "limit: 7 ")))
+    clash = k("apply", "--server-side", "-f", str(other))
+    assert clash.returncode == 1
+    assert 'conflict with "kubectl-patch"' in clash.stderr
+    assert spend(gw) == [200, 429]  # still the patched limit
+    ok(k("apply", "--server-side", "--force-conflicts", "-f", str(other)))
+    taken = yaml.safe_load(ok(k("get", "trlp", POLICY, "-n", NS, "-o", "yaml",
+                                "--show-managed-fields")))  # fmt: skip
+    assert "kubectl-patch" not in {e["manager"] for e in taken["metadata"]["managedFields"]}
+
+
+def test_an_update_owns_what_it_changed_and_nothing_else() -> None:
+    live = {"kind": "Secret", "metadata": {"name": "s", "labels": {"a": "1"}}, "type": "x"}
+    applied = [{"manager": "m", "operation": "Apply", "apiVersion": "v1", "time": "t",
+                "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:metadata": {"f:labels": {"f:a": {}}}, "f:type": {}}}]  # fmt: skip
+    assert record_update(live, live, applied, "u") is applied  # nothing changed
+    changed = {**live, "type": "y"}
+    assert record_update(live, changed, applied, "") is applied  # no manager named
+    after = record_update(live, changed, applied, "u")
+    owners = {(e["manager"], e["operation"]): e["fieldsV1"] for e in after}
+    assert owners == {
+        ("m", "Apply"): {"f:metadata": {"f:labels": {"f:a": {}}}},
+        ("u", "Update"): {"f:type": {}},
+    }

@@ -15,9 +15,11 @@ What is kept of Kubernetes' structured merge:
 * applying the same configuration again changes nothing (the same managedFields, the
   same resourceVersion).
 
-Writes that are not applies (create, update, merge and JSON patches) keep the recorded
-managers as they are and record none of their own: the last writer's value stays until a
-manager applies again.
+Writes that are not applies (create, update, merge and JSON patches) record an Update
+entry for their `fieldManager` (kubectl names itself, e.g. `kubectl-client-side-apply`,
+`kubectl-patch`): the fields whose values they changed become that manager's and leave
+every other entry, so a later apply that sets them to another value conflicts with it.
+A write naming no manager changes no entry.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import copy
 import datetime
 from typing import Any
 
-__all__ = ["ApplyConflict", "FieldPath", "fields_of", "server_side_apply"]
+__all__ = ["ApplyConflict", "FieldPath", "fields_of", "record_update", "server_side_apply"]
 
 FieldPath = tuple[str, ...]
 
@@ -131,17 +133,16 @@ def server_side_apply(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The object after `manager` applies `applied` to `live` (None: it does not exist
     yet), and the managedFields that go with it. Raises ApplyConflict."""
-    owned = {
-        entry.get("manager", ""): _decode(entry.get("fieldsV1"))
-        for entry in managed
-        if entry.get("operation") == "Apply"
+    owned: dict[tuple[str, str], set[FieldPath]] = {
+        _key(entry): _decode(entry.get("fieldsV1")) for entry in managed
     }
-    entries = {entry.get("manager", ""): entry for entry in managed}
+    entries = {_key(entry): entry for entry in managed}
+    me = (manager, "Apply")
     mine = fields_of(applied)
     base = live or {}
     conflicts = []
     for other, theirs in owned.items():
-        if other == manager:
+        if other == me:
             continue
         clashing = {
             q
@@ -150,34 +151,77 @@ def server_side_apply(
             if _overlaps(p, q) and _get(applied, p) != _get(base, p) and _get(base, q)[0]
         }
         if clashing and not force:
-            conflicts += [(other, q) for q in sorted(clashing)]
+            conflicts += [(other[0], q) for q in sorted(clashing)]
         owned[other] = theirs - clashing
     if conflicts:
         raise ApplyConflict(conflicts)
     result = _merge(base, applied)
-    others = set().union(*(s for m, s in owned.items() if m != manager))
-    for path in owned.get(manager, set()) - mine:
+    others = set().union(*(s for k, s in owned.items() if k != me))
+    for path in owned.get(me, set()) - mine:
         if not any(_overlaps(path, p) for p in mine | others):
             _remove(result, path)
-    owned[manager] = mine
+    owned[me] = mine
+    version = str(applied.get("apiVersion", ""))
+    return result, _entries(owned, entries, version, now)
+
+
+def record_update(
+    live: dict[str, Any] | None,
+    new: dict[str, Any],
+    managed: list[dict[str, Any]],
+    manager: str,
+    now: datetime.datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The managedFields after `manager` writes `new` over `live` with a create, update or
+    patch (operation Update): the fields whose values it changed become its own and no
+    one else's, fields it removed are no one's, and the rest stay as recorded. Nothing
+    changed, or no manager named: the same entries."""
+    old = live or {}
+    touched = fields_of(old) | fields_of(new)
+    changed = {p for p in touched if _get(old, p) != _get(new, p)}
+    if not changed or not manager:
+        return managed
+    present = fields_of(new)
+    owned: dict[tuple[str, str], set[FieldPath]] = {}
+    for entry in managed:
+        owned[_key(entry)] = {
+            q for q in _decode(entry.get("fieldsV1")) if not any(_overlaps(p, q) for p in changed)
+        }
+    me = (manager, "Update")
+    owned[me] = owned.get(me, set()) | (changed & present)
+    entries = {_key(entry): entry for entry in managed}
+    return _entries(owned, entries, str(new.get("apiVersion", "")), now)
+
+
+def _key(entry: dict[str, Any]) -> tuple[str, str]:
+    return str(entry.get("manager", "")), str(entry.get("operation", "Apply"))
+
+
+def _entries(
+    owned: dict[tuple[str, str], set[FieldPath]],
+    entries: dict[tuple[str, str], dict[str, Any]],
+    version: str,
+    now: datetime.datetime | None,
+) -> list[dict[str, Any]]:
+    """managedFields from each (manager, operation)'s fields: an entry whose fields did
+    not change is kept as it was (its time too), an entry left with none is dropped."""
     stamp = (now or datetime.datetime.now(datetime.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     out = []
-    for name, fields in owned.items():
+    for (name, operation), fields in owned.items():
         if not fields:
             continue
-        previous = entries.get(name)
+        previous = entries.get((name, operation))
         if previous is not None and _decode(previous.get("fieldsV1")) == fields:
-            out.append(previous)  # unchanged: the same entry, its time too
+            out.append(previous)
             continue
         out.append(
             {
                 "manager": name,
-                "operation": "Apply",
-                "apiVersion": str(applied.get("apiVersion", "")),
+                "operation": operation,
+                "apiVersion": version,
                 "time": stamp,
                 "fieldsType": "FieldsV1",
                 "fieldsV1": _encode(fields),
             }
         )
-    out += [e for e in managed if e.get("operation") != "Apply"]
-    return result, out
+    return out

@@ -27,7 +27,7 @@ from tokengateway.http.asgi import Receive, Scope, Send, read_body
 from tokengateway.resources import ManifestError
 
 from . import discovery, openapi, protobuf
-from .apply import ApplyConflict, dotted, server_side_apply
+from .apply import ApplyConflict, dotted, record_update, server_side_apply
 from .discovery import KubeKind
 from .objects import writable
 from .patch import PatchError, PatchNotApplicable, json_patch, merge_patch, strategic_merge_patch
@@ -66,6 +66,11 @@ class Request:
 _AGGREGATED = discovery.AGGREGATED.encode()
 #: the media type of server-side apply's PATCH
 APPLY_PATCH = "application/apply-patch+yaml"
+
+
+def _manager(request: Request) -> str:
+    """The field manager a write names (kubectl always names one); empty when none."""
+    return str(request.query.get("fieldManager", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +342,7 @@ class KubeAPI:
             current = self._get(t)
             obj = self._body_object(request, t)
             _check_version(obj, current, t)
-            return 200, await self._store(obj, t, dry)
+            return 200, await self._store(obj, t, dry, updater=_manager(request))
         if method == "PATCH" and request.content_type.startswith(APPLY_PATCH):
             return await self._apply(request, t, dry)
         if method == "PATCH":
@@ -433,7 +438,7 @@ class KubeAPI:
         try:
             self._get(t)
         except KubeError:
-            return await self._store(obj, t, dry)
+            return await self._store(obj, t, dry, updater=_manager(request))
         raise KubeError(
             409,
             f'{t.kind.qualified} "{name}" already exists',
@@ -491,7 +496,7 @@ class KubeAPI:
     async def _patch(self, request: Request, t: _Target, dry: bool) -> dict[str, Any]:
         patched = self._patched(request, writable(self._get(t)))
         _check_version(patched, self._get(t), t)
-        return await self._store(self._placed(patched, t), t, dry)
+        return await self._store(self._placed(patched, t), t, dry, updater=_manager(request))
 
     async def _apply(self, request: Request, t: _Target, dry: bool) -> tuple[int, Any]:
         """Server-side apply (apply.py): 201 when it creates the object, 200 otherwise."""
@@ -540,13 +545,12 @@ class KubeAPI:
         stored = await self._store(result, t, dry, managed)
         return (201 if current is None else 200), stored
 
-    def _managed(self, t: _Target, name: str) -> list[dict[str, Any]]:
-        """The managers recorded on the object, which a write that is not an apply keeps."""
+    def _current(self, t: _Target, name: str) -> dict[str, Any] | None:
+        """The stored object named `name`, or None."""
         try:
-            current = self._get(_Target(t.kind, t.namespace, name))
+            return self._get(_Target(t.kind, t.namespace, name))
         except KubeError:
-            return []
-        return list(current["metadata"].get("managedFields") or [])
+            return None
 
     async def _store(
         self,
@@ -554,14 +558,19 @@ class KubeAPI:
         t: _Target,
         dry: bool = False,
         managed: list[dict[str, Any]] | None = None,
+        updater: str = "",
     ) -> dict[str, Any]:
         """Create or replace `obj`; with `dry`, every check and the object as it would be
         stored, and nothing changed (`dryRun=All`, kubectl's `--dry-run=server`).
-        `managed`: its managedFields (an apply's); None keeps the ones it has."""
+        `managed`: its managedFields (an apply's); None: the ones it has, with an Update
+        entry for `updater` (the request's fieldManager) owning what this write changed."""
         name = str(obj["metadata"].get("name") or t.name)
         doc = writable(obj)
         if managed is None:
-            managed = self._managed(t, name)
+            current = self._current(t, name)
+            kept = list((current or {}).get("metadata", {}).get("managedFields") or [])
+            before = writable(current) if current is not None else None
+            managed = record_update(before, doc, kept, updater)
         if managed:
             doc["metadata"]["managedFields"] = managed
         if dry:
