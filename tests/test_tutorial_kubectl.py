@@ -128,8 +128,20 @@ def test_every_tutorial_block_runs_verbatim(start_gateway, tmp_path) -> None:
             refused = again
             break
     assert refused is not None and refused["error"]["code"] == "rate_limit_exceeded", refused
+    _, gold_request = todo[0]
     gold = json.loads(step("Test with a gold user").stdout)
     assert gold["usage"]["total_tokens"] > 0  # gold has its own counter
+
+    # Step 6's manifest again with the gold limit lowered, applied with kubectl apply:
+    # the gold user, who was served, is refused now.
+    limits = dict(blocks())["Step 6: Apply token rate limiting"]
+    lowered = limits.replace("- limit: 200 #", "- limit: 1 #")
+    assert lowered != limits
+    done = sh.run(lowered)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "tokenratelimitpolicy.kuadrant.io/trlp-tutorial-token-limits configured\n"
+    again = json.loads(sh.run(gold_request).stdout)
+    assert again.get("error", {}).get("code") == "rate_limit_exceeded", again
 
     wasm = step("Monitoring usage")
     assert wasm.returncode == 1
@@ -139,9 +151,23 @@ def test_every_tutorial_block_runs_verbatim(start_gateway, tmp_path) -> None:
     assert status.count("type: Enforced") == 2 and "kind: AuthPolicy" in status
     assert "kind: TokenRateLimitPolicy" in status
 
-    cleanup = step("Cleanup").stdout
+    # The cleanup's first line alone: deleting the TokenRateLimitPolicy lifts the limits
+    # (the free user, refused above, is served again); then the rest of the block.
+    section, cleanup_script = todo.pop(0)
+    assert section == "Cleanup"
+    first, rest = cleanup_script.split("\n", 2)[1], cleanup_script.split("\n", 2)[2]
+    assert first.startswith("kubectl delete tokenratelimitpolicy "), first
+    lifted = sh.run(first)
+    assert lifted.returncode == 0, lifted.stderr
+    assert (
+        lifted.stdout == 'tokenratelimitpolicy.kuadrant.io "trlp-tutorial-token-limits" deleted\n'
+    )
+    served = json.loads(sh.run(free).stdout)
+    assert served["usage"]["total_tokens"] > 0, served
+    done = sh.run(rest)
+    assert done.returncode == 0, done.stderr
+    cleanup = done.stdout
     assert cleanup.splitlines() == [
-        'tokenratelimitpolicy.kuadrant.io "trlp-tutorial-token-limits" deleted',
         'authpolicy.kuadrant.io "trlp-tutorial-llm-api-keys" deleted',
         'secret "trlp-tutorial-api-key-free-user-1" deleted',
         'secret "trlp-tutorial-api-key-gold-user-1" deleted',
