@@ -37,10 +37,6 @@ class KeyPair:
     cert: Path
     key: Path
 
-    def pem(self) -> bytes:
-        """The certificate, PEM: what a client given it as its CA trusts."""
-        return self.cert.read_bytes()
-
 
 def server_context(pair: KeyPair) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

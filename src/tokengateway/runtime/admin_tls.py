@@ -34,7 +34,6 @@ CERT_NAME = "admin"
 class AdminTLS:
     context: ssl.SSLContext
     token: str
-    pair: KeyPair
 
 
 def _cert_dir(state_dir: Path) -> Path:
@@ -65,7 +64,7 @@ def admin_tls(
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(token + "\n")
-    return AdminTLS(server_context(pair), token, pair)
+    return AdminTLS(server_context(pair), token)
 
 
 def names_for(host: str) -> list[str]:
