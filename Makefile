@@ -26,7 +26,10 @@ setup: $(STAMP)
 
 # `make lock` keeps every pin it can and resolves what pyproject.toml changed;
 # `make lock UPGRADE=1` moves every package to its newest allowed release.
-lock: setup
+# Not `lock: setup`: after a new dependency in pyproject.toml, setup's `pip check` fails until
+# the lock has it, so lock only needs the locked uv that an earlier setup installed.
+lock:
+	test -x $(BIN)/uv || $(MAKE) setup
 	$(BIN)/uv pip compile $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) -o requirements.lock
 	$(BIN)/uv pip compile benchmarks/litellm.in --python-version 3.11 \
 	    --python-platform x86_64-manylinux_2_28 --generate-hashes \
