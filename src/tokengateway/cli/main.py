@@ -247,6 +247,35 @@ _backend = click.option(
     metavar="SECONDS",
     help="Longest a reservation holds tokens (Limitador's --max-reservation-ttl).",
 )
+@click.option(
+    "--kubeconfig",
+    default=None,
+    metavar="PATH|in-cluster",
+    help="Take the resources from this Kubernetes API (a cluster, or another gateway's "
+    "admin API) instead of -f files: list, watch, follow (docs/cluster.md).",
+)
+@click.option(
+    "--gateway-class",
+    default=None,
+    metavar="NAME",
+    help="Serve only Gateways of this GatewayClass and what attaches to them; others are "
+    "left alone [default: every Gateway].",
+)
+@click.option(
+    "--lease-namespace",
+    default=None,
+    help="Namespace of the Lease that elects the one replica writing status [default: the "
+    "pod's namespace in a cluster, else the kubeconfig context's].",
+)
+@click.option(
+    "--lease-duration",
+    type=click.FloatRange(min=1),
+    default=15.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long the status writer's Lease lasts without renewal before another "
+    "replica takes over.",
+)
 @click.option("--fd", type=int, default=None, hidden=True)
 @click.option("--admin-fd", type=int, default=None, hidden=True)
 def serve(
@@ -273,17 +302,24 @@ def serve(
     upstream_max_response_bytes: int,
     max_reservation_fraction: float,
     max_reservation_ttl: float,
+    kubeconfig: str | None,
+    gateway_class: str | None,
+    lease_namespace: str | None,
+    lease_duration: float,
     fd: int | None,
     admin_fd: int | None,
 ) -> None:
     """Serve the gateway described by the manifests (and by what `apply` adds later)."""
     from tokengateway.config.backends import parse_backend_overrides
     from tokengateway.config.compile import ConfigError
+    from tokengateway.controlplane.follower.follow import FollowOptions
     from tokengateway.http.client import UpstreamLimits
     from tokengateway.http.server import ConnectionLimits
     from tokengateway.runtime.serve import ServeOptions, parse_listen, serve_gateway
     from tokengateway.storage import StorageURIError, open_store
 
+    if kubeconfig is not None and paths:
+        _fail("--kubeconfig and -f both say where the resources come from; give one")
     try:
         address = parse_listen(listen)
         admin_address = parse_listen(admin)
@@ -336,6 +372,14 @@ def serve(
             keepalive=upstream_keepalive,
             max_response_bytes=upstream_max_response_bytes,
         ),
+        gateway_class=gateway_class,
+        follow=FollowOptions(
+            kubeconfig,
+            lease_namespace=lease_namespace or "",
+            lease_seconds=lease_duration,
+        )
+        if kubeconfig is not None
+        else None,
     )
 
     def ready(config: CompiledConfig, where: tuple[str, int], admin_where: tuple[str, int]) -> None:

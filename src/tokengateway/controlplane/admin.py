@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 
 from tokengateway.config.compile import ConfigError
-from tokengateway.controlplane.control import ControlPlane, NotFoundError
+from tokengateway.controlplane.control import ControlPlane, NotFoundError, ReadOnlyError
 from tokengateway.controlplane.kubeapi import KubeAPI, claims
 from tokengateway.controlplane.kubeapi.status import KubeError
 from tokengateway.http.asgi import Receive, Scope, Send, read_body
@@ -96,6 +96,10 @@ class AdminApp:
                 payload = KubeError(status, message).status()
         await _send(send, status, msgspec.json.encode(payload), b"application/json")
 
+    #: set by runtime/serve.py on a follower: where its configuration comes from and how old
+    #: it is (controlplane/follower/follow.py), shown in /healthz
+    health_details: Callable[[], dict[str, Any]] | None = None
+
     #: set by runtime/serve.py: the metrics of every worker process, summed (metrics.merge); without
     #: it, /metrics shows this process's own
     metrics_snapshot: Callable[[], Awaitable[Snapshot]] | None = None
@@ -132,6 +136,8 @@ class AdminApp:
         path = unquote(scope["path"])
         query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
         if path == "/healthz":
+            if self.health_details is not None:
+                return 200, {"status": "ok", "config": self.health_details()}
             return 200, {"status": "ok"}
         if path == "/apis/apply" and method == "POST":
             text = await _text(receive)
@@ -191,6 +197,8 @@ class AdminApp:
             ) from None
         except NotFoundError as exc:
             raise _HTTPError(404, str(exc)) from None
+        except ReadOnlyError as exc:
+            raise _HTTPError(405, str(exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise _HTTPError(400, f"{exc}; nothing was changed") from None
 

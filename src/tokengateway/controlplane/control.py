@@ -33,12 +33,19 @@ import yaml
 
 from tokengateway.config.backends import plan_backends
 from tokengateway.config.compile import CompiledConfig, compile_config, needed_services
+from tokengateway.controlplane.classes import left_alone
 from tokengateway.controlplane.history import History
-from tokengateway.resources import Document, Resource, load_paths, parse_resources
+from tokengateway.resources import (
+    Document,
+    ManifestError,
+    Resource,
+    load_paths,
+    parse_resources,
+)
 from tokengateway.resources.kinds import CLUSTER_SCOPED
 from tokengateway.resources.loader import MANIFEST_EXTENSIONS
 
-__all__ = ["ApplyResult", "ControlPlane", "NotFoundError", "ResourceKey"]
+__all__ = ["ApplyResult", "ControlPlane", "NotFoundError", "ReadOnlyError", "ResourceKey"]
 
 log = logging.getLogger("tokengateway.control")
 
@@ -50,6 +57,10 @@ VERSION_FILE = "resourceversion"
 
 class NotFoundError(LookupError):
     pass
+
+
+class ReadOnlyError(PermissionError):
+    """A write to a gateway that follows a Kubernetes API: it is made there, not here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +103,15 @@ def _key_of(doc: Mapping[str, Any]) -> ResourceKey:
     return (kind, namespace, str(meta.get("name", "")))
 
 
+def _problem(obj: Mapping[str, Any]) -> str | None:
+    """Why `obj` does not validate on its own, or None."""
+    try:
+        parse_resources([Document("cluster", dict(obj))])
+    except ManifestError as exc:
+        return "; ".join(str(e) for e in exc.errors) or str(exc)
+    return None
+
+
 def _spec_of(doc: Mapping[str, Any]) -> Any:
     """What a change of generation looks at: everything but metadata and status."""
     return {k: v for k, v in doc.items() if k not in ("metadata", "status")}
@@ -107,8 +127,17 @@ class ControlPlane:
         state_dir: Path | None,
         start_backends: Callable[[Mapping[str, Any]], dict[str, str]],
         publish: Callable[[CompiledConfig], None],
+        gateway_class: str | None = None,
+        follows: str | None = None,
     ) -> None:
         self.paths = list(paths)
+        #: serve only Gateways of this class and what attaches to them (classes.py)
+        self.gateway_class = gateway_class
+        #: the API server this gateway follows (`serve --kubeconfig`): writes go there
+        self.follows = follows
+        #: objects from that server that do not validate, with why: skipped, not served
+        self.skipped: dict[ResourceKey, str] = {}
+        self._valid: dict[tuple[ResourceKey, str], str | None] = {}
         self.overrides = dict(overrides)
         self.state_dir = state_dir
         self._start_backends = start_backends
@@ -189,6 +218,7 @@ class ControlPlane:
 
     def apply(self, text: str) -> list[ApplyResult]:
         """Validate every document, then add or replace them all in one new configuration."""
+        self._writable()
         docs = self._documents(text)
         with self._lock:
             stored, results = self._merged(docs)
@@ -246,6 +276,7 @@ class ControlPlane:
         return stored, results
 
     def delete(self, keys: Sequence[ResourceKey]) -> list[ApplyResult]:
+        self._writable()
         with self._lock:
             missing = [k for k in keys if k not in self._stored]
             if missing:
@@ -266,6 +297,7 @@ class ControlPlane:
         """A write to the `status` subresource: the status changes, nothing else does (no
         new generation, no new configuration). What the gateway computes (conditions,
         addresses) stays what it is, as its controller would set it again at once."""
+        self._writable()
         with self._lock:
             previous = self._stored.get(key)
             if previous is None:
@@ -278,6 +310,61 @@ class ControlPlane:
             self._stored = stored
             self._write_state()
             self._record()
+
+    def read_only_message(self) -> str:
+        return (
+            f"this gateway follows the Kubernetes API at {self.follows}; "
+            "make changes there (kubectl --kubeconfig pointing at it)"
+        )
+
+    def _writable(self) -> None:
+        if self.follows is not None:
+            raise ReadOnlyError(self.read_only_message())
+
+    def replace_cluster(self, objects: Mapping[ResourceKey, Mapping[str, Any]]) -> bool:
+        """Serve `objects`, the whole set a Kubernetes API holds now (`serve --kubeconfig`).
+
+        Each object keeps the server's uid and generation; its status is what we compute.
+        One that does not validate is skipped and named in `skipped` (its status says why);
+        the rest is served, as a file reload serves what builds. False when nothing changed."""
+        stored: dict[ResourceKey, _Stored] = {}
+        skipped: dict[ResourceKey, str] = {}
+        valid: dict[tuple[ResourceKey, str], str | None] = {}
+        docs = {key: {k: v for k, v in o.items() if k != "status"} for key, o in objects.items()}
+        others = left_alone(docs, self.gateway_class)  # another implementation's: as they are
+        for key, obj in objects.items():
+            meta = obj.get("metadata") or {}
+            doc = copy.deepcopy(docs[key])
+            # what the server changes on every write or restart: not part of what is served
+            for field in ("resourceVersion", "managedFields"):
+                doc.get("metadata", {}).pop(field, None)
+            if key not in others:
+                version = str(meta.get("resourceVersion") or "")
+                ident = (key, version)
+                known = ident in self._valid and version
+                problem = self._valid[ident] if known else _problem(doc)
+                valid[ident] = problem
+                if problem is not None:
+                    skipped[key] = problem
+                    continue
+            stored[key] = _Stored(
+                doc,
+                "cluster",
+                int(meta.get("generation") or 1),
+                str(meta.get("creationTimestamp") or _now()),
+                str(meta.get("uid") or uuid.uuid4()),
+                None,  # what we serve is computed; a status-only change rebuilds nothing
+            )
+        with self._lock:
+            self._valid = valid
+            if skipped != self.skipped:
+                for key in skipped.keys() - self.skipped.keys():
+                    log.error("%s %s/%s skipped: %s", *key, skipped[key])
+                self.skipped = skipped
+            if stored == self._stored and self.config is not None:
+                return False
+            self._commit(stored)
+            return True
 
     def delete_documents(self, text: str) -> list[ApplyResult]:
         docs = load_paths(["-"], stdin=io.StringIO(text))
@@ -312,10 +399,13 @@ class ControlPlane:
         return found
 
     def _resources(self, stored: dict[ResourceKey, _Stored]) -> list[Resource]:
+        """What is served of `stored`: all of it, or with a GatewayClass what is ours."""
+        others = left_alone({k: s.doc for k, s in stored.items()}, self.gateway_class)
         return parse_resources(
             [
                 Document(f"{s.origin}:{k[0]}/{k[1]}/{k[2]}", self._with_meta(s))
                 for k, s in stored.items()
+                if k not in others
             ]
         )
 

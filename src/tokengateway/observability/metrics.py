@@ -65,6 +65,22 @@ FIGURES: dict[str, tuple[str, str]] = {
         "gauge",
         "Serving processes whose figures are missing from this scrape (no answer within 1s).",
     ),
+    # a follower's (serve --kubeconfig): how current its configuration is
+    "config_age_seconds": (
+        "gauge",
+        "Seconds since the configuration was last known to match the Kubernetes API "
+        "(0 while every watch is connected; -1 before the first list).",
+    ),
+    "watch_errors_total": ("counter", "Lists and watches of the Kubernetes API that failed."),
+    "watch_relists_total": ("counter", "Watches that expired (410 Gone) and listed again."),
+    "config_builds_total": ("counter", "Configurations built from the Kubernetes API."),
+    "config_build_errors_total": (
+        "counter",
+        "Sets of objects from the Kubernetes API that did not build (the last one is served).",
+    ),
+    "objects_skipped": ("gauge", "Objects from the Kubernetes API skipped as invalid."),
+    "status_writes_total": ("counter", "Status subresources written by this replica."),
+    "status_writer": ("gauge", "1 while this replica holds the Lease that elects the writer."),
 }
 
 #: seconds; upstream latency and time to first token of LLMs span milliseconds to minutes

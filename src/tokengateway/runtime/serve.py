@@ -20,6 +20,7 @@ from tokengateway.config.backends import BackendPlan, plan_backends
 from tokengateway.config.compile import CompiledConfig, needed_services
 from tokengateway.controlplane.admin import AdminApp
 from tokengateway.controlplane.control import ControlPlane
+from tokengateway.controlplane.follower.follow import Follower, FollowOptions
 from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
 from tokengateway.http.client import DEFAULT_LIMITS, UpstreamLimits
 from tokengateway.http.server import ConnectionLimits
@@ -201,6 +202,12 @@ class ServeOptions:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: what the upstream client holds: connections per backend, keep-alive, answer size
     upstream: UpstreamLimits = DEFAULT_LIMITS
+    #: serve only Gateways of this GatewayClass (controlplane/classes.py); None: all
+    gateway_class: str | None = None
+    #: take the resources from a Kubernetes API instead of `paths` (controlplane/follower/)
+    follow: FollowOptions | None = None
+    #: how long a follower waits for its first list before it serves anyway
+    first_sync_seconds: float = 30.0
 
     def worker_settings(self) -> WorkerSettings:
         """What every worker process serves with, the leader's own included."""
@@ -231,13 +238,23 @@ class _Dispatch:
         return self.gateway(scope, receive, send)
 
 
-def metrics_source(app: GatewayApp, pool: WorkerPool | None) -> Callable[[], Awaitable[Snapshot]]:
+def metrics_source(
+    app: GatewayApp,
+    pool: WorkerPool | None,
+    extra: Callable[[], Mapping[str, float]] | None = None,
+) -> Callable[[], Awaitable[Snapshot]]:
     """What the admin API's /metrics shows: this process's metrics alone, or with
     `--workers` the sum over the leader and every follower that answers in time (the others
-    are counted in `workers_unreported`, and in `workers` as they serve all the same)."""
+    are counted in `workers_unreported`, and in `workers` as they serve all the same).
+    `extra` adds figures of this process alone (a follower's, controlplane/follower/)."""
+
+    def with_extra(snap: Snapshot) -> Snapshot:
+        if extra is not None:
+            snap["figures"].update(extra())
+        return snap
 
     async def own() -> Snapshot:
-        return process_snapshot(app)
+        return with_extra(process_snapshot(app))
 
     if pool is None:
         return own
@@ -248,7 +265,7 @@ def metrics_source(app: GatewayApp, pool: WorkerPool | None) -> Callable[[], Awa
         merged = merge([mine, *theirs])
         merged["figures"]["workers"] += unreported
         merged["figures"]["workers_unreported"] = unreported
-        return merged
+        return with_extra(merged)
 
     return every
 
@@ -294,9 +311,18 @@ def serve_gateway(
         holder["plans"] = plans
         return urls
 
+    follower: Follower | None = None
     control = ControlPlane(
-        options.paths, options.overrides, options.state_dir, start_backends, publish
+        options.paths,
+        options.overrides,
+        options.state_dir if options.follow is None else None,
+        start_backends,
+        publish,
+        gateway_class=options.gateway_class,
     )
+    if options.follow is not None:
+        follower = Follower(control, options.follow)
+        control.follows = follower.server
     try:
         config = control.start(stdin=stdin)
         sims.prune(holder.get("plans", {}))
@@ -307,12 +333,20 @@ def serve_gateway(
         admin_port = admin_sock.getsockname()[1]
         control.listen_address = gateway_sock.getsockname()[:2]
         admin = AdminApp(control, app, options.admin_token)
-        admin.metrics_snapshot = metrics_source(app, pool)
+        admin.metrics_snapshot = metrics_source(
+            app, pool, follower.figures if follower is not None else None
+        )
+        if follower is not None:
+            admin.health_details = follower.health
         server = make_server(_Dispatch(app, admin, admin_port), settings.connections)
 
         async def main() -> None:
             holder["loop"] = asyncio.get_running_loop()
             await store.start()  # an unreachable store stops us here, with its reason
+            following = None
+            if follower is not None:
+                following = background(follower.run(), "follow the Kubernetes API")
+                await _first_sync(follower, options.first_sync_seconds)
             tls = {admin_sock: options.admin_tls} if options.admin_tls is not None else None
             task = asyncio.create_task(server.serve([gateway_sock, admin_sock], tls))
             while not server.started and not task.done():
@@ -334,6 +368,9 @@ def serve_gateway(
             try:
                 await task
             finally:
+                if following is not None:
+                    following.cancel()
+                    await follower.close()  # type: ignore[union-attr]
                 replayer.cancel()
                 if watcher is not None:
                     watcher.cancel()
@@ -358,6 +395,19 @@ def serve_gateway(
         if pool is not None:
             pool.stop()  # before the simulators: followers may still be answering
         sims.stop()
+
+
+async def _first_sync(follower: Follower, seconds: float) -> None:
+    """Serve once the first configuration from the API server is in, or after `seconds`
+    with what there is (nothing yet: every route answers 404), still following."""
+    try:
+        await asyncio.wait_for(follower.ready.wait(), seconds)
+    except TimeoutError:
+        print(
+            f"warning: no configuration from {follower.server} after {seconds:g}s; "
+            "serving without it and still trying",
+            file=sys.stderr,
+        )
 
 
 def _socket(where: tuple[str, int] | socket.socket) -> socket.socket:

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, unquote
 import yaml
 
 from tokengateway.config.compile import ConfigError
-from tokengateway.controlplane.control import ControlPlane, NotFoundError
+from tokengateway.controlplane.control import ControlPlane, NotFoundError, ReadOnlyError
 from tokengateway.controlplane.history import Expired
 from tokengateway.http.asgi import Receive, Scope, Send, read_body
 from tokengateway.resources import ManifestError
@@ -322,6 +322,8 @@ class KubeAPI:
 
     async def _resource(self, request: Request, t: _Target) -> tuple[int, Any]:
         method = request.method
+        if method != "GET" and self.control.follows is not None:
+            raise KubeError(405, self.control.read_only_message())
         dry = _dry_run(request)
         if method == "GET" and not t.name:
             return 200, self._list(request, t)
@@ -591,6 +593,8 @@ class KubeAPI:
             raise _invalid(kind, name, [("", p) for p in exc.problems]) from None
         except NotFoundError as exc:
             raise KubeError(404, str(exc)) from None
+        except ReadOnlyError as exc:
+            raise KubeError(405, str(exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise KubeError(400, f"{exc}; nothing was changed") from None
 

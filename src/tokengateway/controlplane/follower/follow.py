@@ -1,0 +1,310 @@
+"""A gateway that takes its resources from a Kubernetes API (`serve --kubeconfig`).
+
+One `Informer` per kind of `kinds.WATCHED` keeps a local copy (list, then watch). After a
+change, and once every kind has been listed, the whole set goes to
+`ControlPlane.replace_cluster`, which builds a new configuration and swaps it in with one
+assignment, as a file reload does. While the API server is away, the copies and the last
+configuration stay: requests never notice; `/healthz` and the metrics say how old the
+configuration is and how many watches failed.
+
+Secrets are the exception to "keep a copy of everything": only those an AuthPolicy's API key
+selector picks are held (and only as key digests once compiled); a change of the selectors
+lists the Secrets again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokengateway.auth.identity import compile_label_selector
+from tokengateway.controlplane.control import ControlPlane
+
+from .informer import Informer, ObjectKey
+from .kinds import WATCHED
+from .lease import LeaseElector
+from .status import StatusWriter, desired_statuses
+
+__all__ = ["IN_CLUSTER", "FollowOptions", "Follower", "load_client"]
+
+log = logging.getLogger("tokengateway.follower")
+
+IN_CLUSTER = "in-cluster"
+#: after a change, wait this long for more (a `kubectl apply` of many documents) before building
+SETTLE_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class FollowOptions:
+    kubeconfig: str  # a path, or "in-cluster" (the pod's service account)
+    #: who this replica is, in the Lease and in logs (the pod's name in a cluster)
+    identity: str = ""
+    #: the Lease (name, namespace) one replica holds to write status; "" namespace: the
+    #: service account's namespace in a cluster, else the kubeconfig context's or "default"
+    lease_name: str = "tokengateway-status"
+    lease_namespace: str = ""
+    lease_seconds: float = 15.0
+    #: write status back at all (a replica of a control plane that computes it may not)
+    write_status: bool = True
+
+    def who(self) -> str:
+        return self.identity or os.environ.get("TOKENGATEWAY_POD_NAME") or _host_identity()
+
+
+def _host_identity() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def load_client(kubeconfig: str) -> tuple[Any, str, str]:
+    """lightkube's client for `kubeconfig`, the server's URL and the default namespace."""
+    from lightkube import AsyncClient, KubeConfig
+
+    if kubeconfig == IN_CLUSTER:
+        config = KubeConfig.from_service_account()
+    else:
+        path = Path(kubeconfig).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--kubeconfig {kubeconfig}: no such file (or use 'in-cluster')")
+        config = KubeConfig.from_file(path)
+    single = config.get()
+    if single is None:
+        raise ValueError(f"--kubeconfig {kubeconfig}: no current context to use")
+    client = AsyncClient(config=single, field_manager="tokengateway")
+    return client, single.cluster.server, single.namespace or "default"
+
+
+class Follower:
+    """Keeps `control` serving what the API server holds."""
+
+    def __init__(self, control: ControlPlane, options: FollowOptions) -> None:
+        self.control = control
+        self.options = options
+        self.client, self.server, self.namespace = load_client(options.kubeconfig)
+        self.informers: list[Informer] = []
+        for kind in WATCHED:
+            keep = self._selected_secret if kind.kind == "Secret" else None
+            self.informers.append(Informer(self.client, kind, self._changed, keep))
+        self._change = asyncio.Event()
+        self._selectors: list[Any] = []
+        self._selector_text = ""
+        #: when the running configuration was last known to match the API server
+        self.confirmed_at: float | None = None
+        self.applied = 0
+        self.build_errors = 0
+        self.last_build_error = ""
+        self.ready = asyncio.Event()
+        self.elector: LeaseElector | None = None
+        if options.write_status:
+            self.elector = LeaseElector(
+                self.client,
+                options.lease_name,
+                options.lease_namespace or self.namespace,
+                options.who(),
+                options.lease_seconds,
+            )
+        self.writer = StatusWriter(self.client)
+        self._built = asyncio.Event()
+
+    # --- what is held ---------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._change.set()
+
+    def _selected_secret(self, obj: Mapping[str, Any]) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return any(match(labels) for match in self._selectors)
+
+    def _policies(self) -> list[dict[str, Any]]:
+        for informer in self.informers:
+            if informer.kind.kind == "AuthPolicy":
+                return list(informer.objects.values())
+        return []
+
+    def _update_selectors(self) -> bool:
+        """Compile the API key selectors of every AuthPolicy; True when they changed."""
+        found: list[Any] = []
+        for policy in self._policies():
+            _api_key_selectors(policy.get("spec"), found)
+        text = repr(sorted(repr(s) for s in found))
+        if text == self._selector_text:
+            return False
+        matchers = []
+        for selector in found:
+            try:
+                matchers.append(compile_label_selector(selector, "AuthPolicy", "apiKey.selector"))
+            except ValueError:
+                continue  # the policy's own status says what is wrong with it
+        self._selectors = matchers
+        self._selector_text = text
+        return True
+
+    def objects(self) -> dict[ObjectKey, dict[str, Any]]:
+        out: dict[ObjectKey, dict[str, Any]] = {}
+        for informer in self.informers:
+            out.update(informer.objects)
+        return out
+
+    # --- running --------------------------------------------------------------------------
+
+    @property
+    def synced(self) -> bool:
+        return all(i.synced.is_set() for i in self.informers)
+
+    @property
+    def connected(self) -> bool:
+        return all(i.connected for i in self.informers)
+
+    async def run(self) -> None:
+        tasks = []
+        secrets = next(i for i in self.informers if i.kind.kind == "Secret")
+        try:
+            # policies first: the Secrets listed next are those their selectors pick
+            for informer in self.informers:
+                if informer is secrets:
+                    continue
+                tasks.append(asyncio.create_task(informer.run(), name=informer.kind.plural))
+            while not all(i.synced.is_set() for i in self.informers if i is not secrets):
+                await self._change.wait()
+                self._change.clear()
+            self._update_selectors()
+            tasks.append(asyncio.create_task(secrets.run(), name="secrets"))
+            if self.elector is not None:
+                tasks.append(asyncio.create_task(self.elector.run(), name="lease"))
+                tasks.append(asyncio.create_task(self._write_status(), name="status"))
+            while True:
+                await self._change.wait()
+                await asyncio.sleep(SETTLE_SECONDS)
+                self._change.clear()
+                if self._update_selectors():
+                    secrets.relist()
+                if self.synced:
+                    await self._build()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.elector is not None:
+                await self.elector.release()
+
+    async def _build(self) -> None:
+        try:
+            changed = await asyncio.to_thread(self.control.replace_cluster, self.objects())
+        except Exception as exc:  # a set that does not build: keep serving the last one
+            self.build_errors += 1
+            self.last_build_error = str(exc)
+            log.error("configuration from %s refused, still serving the last: %s", self.server, exc)
+            return
+        self.last_build_error = ""
+        if changed:
+            self.applied += 1
+        self.confirmed_at = time.monotonic()
+        self.ready.set()
+        self._built.set()
+
+    async def _write_status(self) -> None:
+        """While this replica holds the Lease: after each build (and on taking the Lease
+        over), write the statuses that changed."""
+        assert self.elector is not None
+        elector = self.elector
+        while True:
+            built = asyncio.ensure_future(self._built.wait())
+            turned = asyncio.ensure_future(elector.changed.wait())
+            try:
+                await asyncio.wait([built, turned], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                built.cancel()
+                turned.cancel()
+            if elector.changed.is_set():
+                elector.changed.clear()
+                self.writer.forget()
+            self._built.clear()
+            if not elector.is_leader or self.control.config is None:
+                continue
+            objects = self.objects()
+            desired = desired_statuses(
+                self.control.config.statuses, self.control.skipped, objects, self._address()
+            )
+            try:
+                await self.writer.write(desired, objects)
+            except Exception as exc:  # the server away: the next build or turn tries again
+                log.warning("writing status to %s: %s", self.server, exc)
+
+    def _address(self) -> str | None:
+        """The address a Gateway's status shows: TOKENGATEWAY_GATEWAY_ADDRESS (e.g. the
+        Service's, set in deploy/), else where this replica listens unless on all
+        interfaces."""
+        given = os.environ.get("TOKENGATEWAY_GATEWAY_ADDRESS")
+        if given:
+            return given
+        where = self.control.listen_address
+        if where is None or where[0] in ("0.0.0.0", "::", ""):
+            return None
+        return where[0]
+
+    # --- what it says about itself --------------------------------------------------------
+
+    def config_age(self) -> float:
+        """Seconds since the configuration was last known to be the API server's: 0 while
+        every watch is connected, the time since the first failed one otherwise; inf
+        before the first list."""
+        if self.confirmed_at is None:
+            return float("inf")
+        down = [i.down_since for i in self.informers if i.down_since is not None]
+        return time.monotonic() - min(down) if down else 0.0
+
+    def health(self) -> dict[str, Any]:
+        age = self.config_age()
+        details: dict[str, Any] = {
+            "follows": self.server,
+            "synced": self.synced,
+            "connected": self.connected,
+            "config_age_seconds": None if age == float("inf") else round(age, 3),
+            "watch_errors": sum(i.errors for i in self.informers),
+        }
+        if self.elector is not None:
+            details["status_writer"] = self.elector.is_leader
+            details["lease"] = f"{self.elector.namespace}/{self.elector.name}"
+        problems = {i.kind.plural: i.last_error for i in self.informers if i.last_error}
+        if problems:
+            details["watch_problems"] = problems
+        if self.last_build_error:
+            details["build_error"] = self.last_build_error
+        if self.control.skipped:
+            details["skipped"] = {"/".join(k): why for k, why in self.control.skipped.items()}
+        return details
+
+    def figures(self) -> dict[str, float]:
+        age = self.config_age()
+        return {
+            "config_age_seconds": -1.0 if age == float("inf") else age,
+            "watch_errors_total": float(sum(i.errors for i in self.informers)),
+            "watch_relists_total": float(sum(i.relists for i in self.informers)),
+            "config_builds_total": float(self.applied),
+            "config_build_errors_total": float(self.build_errors),
+            "objects_skipped": float(len(self.control.skipped)),
+            "status_writes_total": float(self.writer.writes),
+            "status_writer": float(self.elector is not None and self.elector.is_leader),
+        }
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _api_key_selectors(node: Any, found: list[Any]) -> None:
+    """Every `apiKey.selector` anywhere in a policy's spec (rules, defaults, overrides)."""
+    if isinstance(node, Mapping):
+        api_key = node.get("apiKey")
+        if isinstance(api_key, Mapping) and isinstance(api_key.get("selector"), Mapping):
+            found.append(api_key["selector"])
+        for value in node.values():
+            _api_key_selectors(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _api_key_selectors(value, found)

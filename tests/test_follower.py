@@ -1,0 +1,396 @@
+"""Replicas that follow a Kubernetes API (`serve --kubeconfig`): a control-plane gateway and
+follower replicas on one Redis, all real processes, changed with the real kubectl.
+
+The followers use lightkube's own list and watch against the control plane's Kubernetes API:
+nothing between our processes is a protocol of our own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import HOST, TUTORIAL, chat, free_socket, require
+
+TRLP = "trlp-tutorial-token-limits"
+TRLP_PATH = "/apis/kuadrant.io/v1alpha1/namespaces/gateway-system/tokenratelimitpolicies/" + TRLP
+
+
+class Process:
+    """`tokengateway serve ...` on fixed loopback ports, so that it can be killed and started
+    again at the same address."""
+
+    def __init__(self, name: str, args: list[str], folder: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.args = args
+        self.folder = folder
+        self.env = env
+        self.port = _port()
+        self.admin_port = _port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, wait: bool = True) -> Process:
+        self.starts += 1
+        log = open(self.folder / f"{self.name}-{self.starts}.log", "wb")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "tokengateway", "serve", "--no-access-log"]
+        cmd += ["--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}"]
+        self.proc = subprocess.Popen(
+            cmd + self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **self.env},
+        )
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def output(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.folder.glob(f"{self.name}-*.log"))
+        )
+
+    def wait_ready(self, timeout: float = 40) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.output()}")
+            try:
+                if httpx.get(self.admin_url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start: {self.output()}")
+            time.sleep(0.05)
+
+    def health(self) -> dict:
+        return httpx.get(self.admin_url + "/healthz", timeout=5).json()
+
+    def figures(self) -> dict[str, float]:
+        text = httpx.get(self.admin_url + "/metrics", timeout=5).text
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("tokengateway_") and " " in line and "{" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name.removeprefix("tokengateway_")] = float(value)
+        return out
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _port() -> int:
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@pytest.fixture
+def processes(tmp_path: Path):
+    made: list[Process] = []
+
+    def make(name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+        proc = Process(name, args, tmp_path, env or {})
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.stop()
+
+
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+    result = subprocess.run(
+        [require("kubectl"), "--kubeconfig", str(kubeconfig), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def control_plane(processes, tmp_path: Path, folder: Path = TUTORIAL, *extra: str):
+    """A gateway serving the tutorial, whose admin API the followers follow, and a
+    kubeconfig for it (from `tokengateway kubeconfig`)."""
+    state = tmp_path / "cp-state"
+    cp = processes("cp", ["-f", str(folder), "--state-dir", str(state), *extra]).start()
+    config = tmp_path / "cp.yaml"
+    made = subprocess.run(
+        [sys.executable, "-m", "tokengateway", "kubeconfig", "--admin", cp.admin_url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    config.write_text(made.stdout)
+    return cp, config
+
+
+def limit_of(proc: Process, tier: str = "free") -> int | None:
+    r = httpx.get(proc.admin_url + TRLP_PATH, timeout=5)
+    if r.status_code != 200:
+        return None
+    return r.json()["spec"]["limits"][tier]["rates"][0]["limit"]
+
+
+def wait_for(check, timeout: float = 10.0, step: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {check}")
+        time.sleep(step)
+
+
+def post(client: httpx.Client) -> httpx.Response:
+    return client.post("/v1/chat/completions", json=chat(max_tokens=20))
+
+
+def clients(*procs: Process, key: str = "iamafreeuser") -> list[httpx.Client]:
+    headers = {"Host": HOST, "Authorization": f"APIKEY {key}"}
+    return [httpx.Client(base_url=p.url, headers=headers, timeout=30) for p in procs]
+
+
+def test_followers_enforce_what_kubectl_applies_to_the_control_plane(
+    processes, tmp_path, redis_server
+) -> None:
+    redis_server.cli("FLUSHALL")
+    cp, config = control_plane(processes, tmp_path)
+    storage = ["--storage", redis_server.url]
+    one = processes("one", ["--kubeconfig", str(config), *storage]).start()
+    two = processes("two", ["--kubeconfig", str(config), *storage]).start()
+    for f in (one, two):
+        health = f.health()["config"]
+        assert health["follows"] == cp.admin_url and health["synced"] and health["connected"]
+        assert limit_of(f) == 50  # the tutorial's free tier, as the control plane holds it
+
+    # a lower limit, applied with kubectl to the control plane, reaches both replicas
+    applied = time.monotonic()
+    kubectl(
+        config,
+        "patch",
+        "trlp",
+        TRLP,
+        "-n",
+        "gateway-system",
+        "--type=json",
+        "-p",
+        '[{"op":"replace","path":"/spec/limits/free/rates/0/limit","value":30}]',
+    )
+    wait_for(lambda: limit_of(one) == 30 and limit_of(two) == 30)
+    took = time.monotonic() - applied
+    assert took < 5, f"replicas took {took:.2f}s to follow"  # measured: ~0.1 s
+
+    # one shared counter: requests spread over both replicas stop at one limit
+    a, b = clients(one, two)
+    used, codes = 0, []
+    for i in range(20):
+        r = post(a if i % 2 == 0 else b)
+        codes.append(r.status_code)
+        if r.status_code == 429:
+            break
+        assert r.status_code == 200, r.text
+        used += r.json()["usage"]["total_tokens"]
+    assert codes[-1] == 429 and 30 <= used < 30 + 40, (codes, used)
+    assert 200 in codes[::2] and 200 in codes[1::2]  # both served before the limit
+    assert post(a).status_code == 429 and post(b).status_code == 429
+
+    # kubectl delete lifts the limits on both
+    kubectl(config, "delete", "trlp", TRLP, "-n", "gateway-system")
+    wait_for(lambda: limit_of(one) is None and limit_of(two) is None)
+    assert post(a).status_code == 200 and post(b).status_code == 200
+
+    # a write to a replica is refused: it names where changes are made
+    refused = subprocess.run(
+        [require("kubectl"), "-s", one.admin_url, "delete", "svc", "-n", "gateway-system", "x"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "MethodNotAllowed" in refused.stderr and cp.admin_url in refused.stderr
+    for c in (a, b):
+        c.close()
+
+
+def test_replicas_serve_through_a_control_plane_restart(processes, tmp_path, redis_server) -> None:
+    redis_server.cli("FLUSHALL")
+    cp, config = control_plane(processes, tmp_path)
+    storage = ["--storage", redis_server.url]
+    one = processes("one", ["--kubeconfig", str(config), *storage]).start()
+    two = processes("two", ["--kubeconfig", str(config), *storage]).start()
+    gold = clients(one, two, key="iamagolduser")  # 200 tokens a minute: room to keep asking
+    failures: list[str] = []
+    served = [0]
+    stop = threading.Event()
+
+    def traffic() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                r = post(gold[i % 2])
+                if r.status_code not in (200, 429):
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                served[0] += 1
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+            i += 1
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        cp.kill()  # no goodbye: the watches break
+        wait_for(lambda: not one.health()["config"]["connected"], timeout=15)
+        down = one.health()["config"]
+        assert down["watch_errors"] > 0 and down["config_age_seconds"] > 0
+        assert one.figures()["config_age_seconds"] > 0
+        time.sleep(1.0)  # replicas keep serving the last configuration
+        cp.start()  # same state dir, same address: nothing applied before is lost
+        # a change made as soon as it is back reaches both replicas
+        kubectl(
+            config,
+            "patch",
+            "trlp",
+            TRLP,
+            "-n",
+            "gateway-system",
+            "--type=json",
+            "-p",
+            '[{"op":"replace","path":"/spec/limits/gold/rates/0/limit","value":190}]',
+        )
+        wait_for(lambda: limit_of(one, "gold") == 190 and limit_of(two, "gold") == 190, 20)
+        wait_for(lambda: one.health()["config"]["connected"], timeout=15)
+        assert one.figures()["config_age_seconds"] == 0
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []
+    assert served[0] > 20
+    for c in gold:
+        c.close()
+
+
+def test_a_gateway_of_another_class_is_left_alone(processes, tmp_path, manifests) -> None:
+    folder = manifests(
+        extra="""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: theirs, namespace: gateway-system}
+spec:
+  gatewayClassName: someone-else
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: theirs, namespace: gateway-system}
+spec:
+  parentRefs: [{name: theirs}]
+  hostnames: [theirs.example.com]
+  rules: [{backendRefs: [{name: nowhere, port: 80}]}]
+""",
+    )
+    # both leave it alone: the control plane would otherwise refuse its missing Service
+    cp, config = control_plane(processes, tmp_path, folder, "--gateway-class", "istio")
+    mine = processes("mine", ["--kubeconfig", str(config), "--gateway-class", "istio"]).start()
+    (free,) = clients(mine)
+    assert post(free).status_code == 200  # the tutorial's Gateway is of class istio
+    theirs = free.post("/v1/chat/completions", json=chat(), headers={"Host": "theirs.example.com"})
+    assert theirs.status_code == 404  # not served, and no error about its missing Service
+    assert mine.health()["config"].get("skipped") is None
+    # the control plane keeps it as an API server does, with no status of ours
+    route = json.loads(
+        kubectl(config, "get", "httproute", "theirs", "-n", "gateway-system", "-o", "json")
+    )
+    assert "parents" not in route.get("status", {})
+    free.close()
+
+
+def test_status_is_written_by_one_replica_and_taken_over(processes, tmp_path, manifests) -> None:
+    folder = manifests(replace={"gatewayClassName: istio": "gatewayClassName: tokengateway"})
+    # the control plane serves another class: like a cluster's API server, it only stores the
+    # status the elected replica writes for Gateways of class tokengateway
+    cp, config = control_plane(processes, tmp_path, folder, "--gateway-class", "none")
+    args = ["--kubeconfig", str(config), "--gateway-class", "tokengateway"]
+    args += ["--lease-duration", "2"]
+    one = processes("one", args, {"TOKENGATEWAY_POD_NAME": "replica-one"}).start()
+    wait_for(lambda: one.figures().get("status_writer") == 1)
+    two = processes("two", args, {"TOKENGATEWAY_POD_NAME": "replica-two"}).start()
+
+    def trlp() -> dict:
+        return json.loads(
+            kubectl(config, "get", "trlp", TRLP, "-n", "gateway-system", "-o", "json")
+        )
+
+    def conditions(obj: dict) -> dict[str, str]:
+        return {c["type"]: c["status"] for c in obj.get("status", {}).get("conditions", [])}
+
+    wait_for(lambda: conditions(trlp()) == {"Accepted": "True", "Enforced": "True"})
+    gateway = json.loads(kubectl(config, "get", "gateway", "-n", "gateway-system", "-o", "json"))[
+        "items"
+    ][0]
+    assert conditions(gateway)["Programmed"] == "True"
+    assert gateway["status"]["addresses"] == [{"type": "IPAddress", "value": "127.0.0.1"}]
+    lease = json.loads(kubectl(config, "get", "lease", "tokengateway-status", "-o", "json"))
+    assert lease["spec"]["holderIdentity"] == "replica-one"
+
+    # written once, by the holder only
+    time.sleep(1.5)
+    assert one.figures()["status_writes_total"] >= 3  # Gateway, HTTPRoute, policies
+    assert two.figures()["status_writer"] == 0
+    assert two.figures()["status_writes_total"] == 0
+
+    # the holder dies; once its Lease runs out the other replica writes
+    one.kill()
+    wait_for(lambda: two.figures()["status_writer"] == 1, timeout=15)
+    kubectl(
+        config,
+        "patch",
+        "trlp",
+        TRLP,
+        "-n",
+        "gateway-system",
+        "--type=json",
+        "-p",
+        '[{"op":"replace","path":"/spec/limits/free/rates/0/limit","value":40}]',
+    )
+    generation = trlp()["metadata"]["generation"]
+    wait_for(
+        lambda: all(c["observedGeneration"] == generation for c in trlp()["status"]["conditions"])
+    )
+    lease = json.loads(kubectl(config, "get", "lease", "tokengateway-status", "-o", "json"))
+    assert lease["spec"]["holderIdentity"] == "replica-two"
+    assert lease["spec"]["leaseTransitions"] >= 1
+    assert two.figures()["status_writes_total"] >= 1
