@@ -323,7 +323,7 @@ spec:
 """,
     )
     # both leave it alone: the control plane would otherwise refuse its missing Service
-    cp, config = control_plane(processes, tmp_path, folder, "--gateway-class", "istio")
+    _cp, config = control_plane(processes, tmp_path, folder, "--gateway-class", "istio")
     mine = processes("mine", ["--kubeconfig", str(config), "--gateway-class", "istio"]).start()
     (free,) = clients(mine)
     assert post(free).status_code == 200  # the tutorial's Gateway is of class istio
@@ -342,7 +342,7 @@ def test_status_is_written_by_one_replica_and_taken_over(processes, tmp_path, ma
     folder = manifests(replace={"gatewayClassName: istio": "gatewayClassName: tokengateway"})
     # the control plane serves another class: like a cluster's API server, it only stores the
     # status the elected replica writes for Gateways of class tokengateway
-    cp, config = control_plane(processes, tmp_path, folder, "--gateway-class", "none")
+    _cp, config = control_plane(processes, tmp_path, folder, "--gateway-class", "none")
     args = ["--kubeconfig", str(config), "--gateway-class", "tokengateway"]
     args += ["--lease-duration", "2"]
     one = processes("one", args, {"TOKENGATEWAY_POD_NAME": "replica-one"}).start()

@@ -69,6 +69,16 @@ class AdminApp:
         if scope["type"] != "http":
             return
         try:
+            if scope["path"] == "/readyz" and scope["method"] == "GET":
+                # no token: what a kubelet's probe asks, and it says nothing but yes or no
+                ready = self.ready is None or self.ready()
+                await _send(
+                    send,
+                    200 if ready else 503,
+                    b"ok\n" if ready else b"not ready: no configuration yet\n",
+                    b"text/plain",
+                )
+                return
             self._authorize(scope)
             if claims(scope["path"]):
                 await self.kube(scope, receive, send)
@@ -95,6 +105,10 @@ class AdminApp:
             if claims(scope["path"]):
                 payload = KubeError(status, message).status()
         await _send(send, status, msgspec.json.encode(payload), b"application/json")
+
+    #: set by runtime/serve.py on a follower: whether it has its first configuration yet
+    #: (`/readyz`, asked without a token); None: always ready once serving
+    ready: Callable[[], bool] | None = None
 
     #: set by runtime/serve.py on a follower: where its configuration comes from and how old
     #: it is (controlplane/follower/follow.py), shown in /healthz

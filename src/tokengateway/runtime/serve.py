@@ -338,6 +338,7 @@ def serve_gateway(
         )
         if follower is not None:
             admin.health_details = follower.health
+            admin.ready = follower.ready.is_set
         server = make_server(_Dispatch(app, admin, admin_port), settings.connections)
 
         async def main() -> None:

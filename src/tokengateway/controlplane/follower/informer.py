@@ -88,12 +88,20 @@ class Informer:
         return self.keep is None or self.keep(obj)
 
     async def run(self) -> None:
+        """List, then watch, until cancelled. A watch the server ended (its timeout) goes on
+        from the last version; after a failure the kind is listed again. A run started
+        with a version already known (a restarted informer) watches on from it."""
         backoff = BACKOFF_FIRST
+        must_list = self.version is None
         while True:
             try:
-                await self._list()
+                if must_list or self._relist.is_set():
+                    await self._list()
+                must_list = True  # unless the watch below ends as the server ends it
                 backoff = BACKOFF_FIRST
                 await self._watch()
+                must_list = False
+                continue
             except asyncio.CancelledError:
                 raise
             except ApiError as exc:
@@ -118,6 +126,11 @@ class Informer:
             log.warning("%s: %s; serving what was last seen", self.kind.plural, message)
         self.last_error = message
 
+    def _connected(self) -> None:
+        self.connected = True
+        self.down_since = None
+        self.last_error = ""
+
     async def _list(self) -> None:
         self._relist.clear()
         listing = self.client.list(self.res, namespace=ALL_NS if self.kind.namespaced else None)
@@ -127,9 +140,7 @@ class Informer:
             if self._held(obj):
                 objects[self._key(obj)] = obj
         self.version = _list_version(listing)
-        self.connected = True
-        self.down_since = None
-        self.last_error = ""
+        self._connected()
         if objects != self.objects or not self.synced.is_set():
             self.objects = objects
             self.synced.set()
@@ -154,6 +165,8 @@ class Informer:
         relist = asyncio.ensure_future(self._relist.wait())
         try:
             async for event, item in _until(inner.watch(request, on_error=on_error_raise), relist):
+                if not self.connected:
+                    self._connected()
                 version = (item.get("metadata") or {}).get("resourceVersion")
                 if version:
                     self.version = str(version)
