@@ -401,8 +401,9 @@ class ControlPlane:
 
     def _decorate(self, obj: dict[str, Any]) -> None:
         """What a cluster would show that a manifest does not say: where a Gateway listens,
-        where a Service is reached, a Secret's stringData folded into base64 data and its
-        type defaulted to Opaque."""
+        where a Service is reached, a GatewayClass's status before a controller wrote one
+        (the CRD's default: Accepted Unknown), a Secret's stringData folded into base64 data
+        and its type defaulted to Opaque."""
         kind = obj.get("kind")
         if kind == "Gateway" and self._listen_address is not None:
             status = obj.setdefault("status", {})
@@ -415,6 +416,18 @@ class ControlPlane:
                 obj.setdefault("status", {}).setdefault("tokengateway", {})["backend"] = (
                     self.backend_urls[key]
                 )
+        elif kind == "GatewayClass":
+            status = obj.setdefault("status", {})
+            if not status.get("conditions"):  # the CRD's default, until a controller writes
+                status["conditions"] = [
+                    {
+                        "type": "Accepted",
+                        "status": "Unknown",
+                        "reason": "Pending",
+                        "message": "Waiting for controller",
+                        "lastTransitionTime": "1970-01-01T00:00:00Z",
+                    }
+                ]
         elif kind == "Secret":
             obj["type"] = obj.get("type") or "Opaque"  # the API server's default
             if "stringData" in obj:
