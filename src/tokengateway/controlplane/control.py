@@ -9,6 +9,10 @@ is refused and nothing changes.
 Each change is also recorded in `history` (history.py): the objects as clients see them,
 status included, each with its resourceVersion, and the events a watch follows. The last
 resourceVersion is kept in the state directory, so versions keep growing across restarts.
+
+A change of only kinds no configuration reads (`CONFIG_NEUTRAL`: the Lease replicas renew
+every few seconds, GatewayClass) is stored, saved and recorded like any other, but builds and
+publishes nothing: the live configuration stays the very same object.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from tokengateway.config.backends import plan_backends
 from tokengateway.config.compile import CompiledConfig, compile_config, needed_services
 from tokengateway.controlplane.history import History
 from tokengateway.resources import Document, Resource, load_paths, parse_resources
-from tokengateway.resources.kinds import CLUSTER_SCOPED
+from tokengateway.resources.kinds import CLUSTER_SCOPED, CONFIG_NEUTRAL
 from tokengateway.resources.loader import MANIFEST_EXTENSIONS
 
 __all__ = ["ApplyResult", "ControlPlane", "NotFoundError", "ResourceKey"]
@@ -204,7 +208,10 @@ class ControlPlane:
         docs = self._documents(text)
         with self._lock:
             stored, _ = self._merged(docs)
-            statuses = self._compile_only(stored).statuses
+            if self.config is not None and self._neutral(self._changed(stored)):
+                statuses = self.config.statuses
+            else:
+                statuses = self._compile_only(stored).statuses
             current = self.history.snapshot()[1]
             shown = []
             for doc in docs:
@@ -319,8 +326,36 @@ class ControlPlane:
             ]
         )
 
+    def _changed(self, stored: Mapping[ResourceKey, _Stored]) -> set[ResourceKey]:
+        """The keys `stored` adds, removes or changes, against the objects stored now."""
+        before = self._stored
+        changed = {k for k in before if k not in stored}
+        for key, new in stored.items():
+            old = before.get(key)
+            if old is not new and old != new:
+                changed.add(key)
+        return changed
+
+    def _neutral(self, changed: set[ResourceKey]) -> bool:
+        """Whether a change of `changed` touches only kinds no configuration reads, so the
+        live configuration (once there is one) stays as it is."""
+        return (
+            self.config is not None
+            and bool(changed)
+            and all(kind in CONFIG_NEUTRAL for kind, _, _ in changed)
+        )
+
     def _commit(self, stored: dict[ResourceKey, _Stored], strict: bool = False) -> CompiledConfig:
-        """Build a configuration from `stored`; on success it becomes the live one."""
+        """Build a configuration from `stored`; on success it becomes the live one. A change
+        of config-neutral kinds only is stored, saved and recorded, and nothing is built."""
+        changed = self._changed(stored)
+        if self.config is not None and self._neutral(changed):
+            # what a build would have checked of them (apply has already; a watched file not)
+            self._resources({k: stored[k] for k in changed if k in stored})
+            self._stored = stored
+            self._write_state()
+            self._record()
+            return self.config
         resources = self._resources(stored)
         plans = plan_backends(resources, needed_services(resources), self.overrides)
         urls = self._start_backends(plans)
