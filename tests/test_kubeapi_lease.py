@@ -1,7 +1,8 @@
 """Lease (coordination.k8s.io/v1) and GatewayClass, the kinds follower replicas elect a
 status writer with and list like a cluster's: served by the admin API, written without
 building or publishing a configuration, and guarded by optimistic concurrency as leader
-election needs it (a stale update is 409 Conflict, a taken name 409 AlreadyExists).
+election needs it (a stale update is 409 Conflict, a taken name 409 AlreadyExists, two
+writers racing from one version cannot both win).
 
 In process (a ControlPlane counting its publishes, the KubeAPI handler driven directly),
 then against a served gateway with the official `kubernetes` client and the real kubectl."""
@@ -193,6 +194,109 @@ def test_lease_and_gatewayclass_are_checked_as_the_api_server_checks_them() -> N
     assert (
         problems({**GATEWAY_CLASS, "spec": {**GATEWAY_CLASS["spec"], "parametersRef": ref}}) == []
     )
+
+
+def test_racing_updates_from_one_version_only_one_wins(tmp_path) -> None:
+    """Leader election: every candidate reads the Lease, then updates it naming the version
+    it read; one succeeds, every other is told 409 Conflict, even when they all arrive
+    before the first write is done."""
+    control, _ = control_plane(tmp_path / "state")
+    api = KubeAPI(control)
+    _, created = handle(api, "POST", LEASES, a_lease(holder=""))
+    read = created["metadata"]["resourceVersion"]
+
+    async def candidates() -> list[tuple[int, Any]]:
+        async def one(n: int) -> tuple[int, Any]:
+            body = a_lease(holder=f"replica-{n}")
+            body["metadata"]["resourceVersion"] = read
+            request = Request(
+                "PUT", f"{LEASES}/tokengateway-status", {}, "", "application/json",
+                json.dumps(body).encode(),
+            )  # fmt: skip
+            try:
+                return await api.handle(request)
+            except Exception as exc:  # KubeError: what the client is answered
+                return exc.code, exc.status()  # type: ignore[attr-defined]
+
+        return await asyncio.gather(*(one(n) for n in range(8)))
+
+    answers = asyncio.run(candidates())
+    won = [body for code, body in answers if code == 200]
+    lost = [body for code, body in answers if code != 200]
+    assert len(won) == 1, [code for code, _ in answers]
+    assert {(b["code"], b["reason"]) for b in lost} == {(409, "Conflict")}
+    holder = won[0]["spec"]["holderIdentity"]
+    assert control.objects("Lease", NS, "tokengateway-status")[0]["spec"]["holderIdentity"] == (
+        holder
+    )
+
+    # racing creates of one name: one is created, the others are 409 AlreadyExists
+    async def creators() -> list[int]:
+        async def one(n: int) -> int:
+            body = json.dumps(a_lease(holder=f"r{n}", name="fresh")).encode()
+            request = Request("POST", LEASES, {}, "", "application/json", body)
+            try:
+                return (await api.handle(request))[0]
+            except Exception as exc:
+                assert exc.status()["reason"] == "AlreadyExists"  # type: ignore[attr-defined]
+                return exc.code  # type: ignore[attr-defined]
+
+        return await asyncio.gather(*(one(n) for n in range(8)))
+
+    assert sorted(asyncio.run(creators())) == [201] + [409] * 7
+
+
+def test_patches_without_a_version_are_never_lost(tmp_path) -> None:
+    """A merge patch names no version: racing ones are each applied to the object as the
+    previous one left it (computed again when it changed under them), none is lost."""
+    control, _ = control_plane(tmp_path / "state")
+    api = KubeAPI(control)
+    handle(api, "POST", LEASES, a_lease())
+
+    async def patches() -> list[int]:
+        async def one(n: int) -> int:
+            body = json.dumps({"metadata": {"labels": {f"l{n}": "x"}}}).encode()
+            path = f"{LEASES}/tokengateway-status"
+            request = Request("PATCH", path, {}, "", "application/merge-patch+json", body)
+            return (await api.handle(request))[0]
+
+        return await asyncio.gather(*(one(n) for n in range(6)))
+
+    assert asyncio.run(patches()) == [200] * 6
+    labels = control.objects("Lease", NS, "tokengateway-status")[0]["metadata"]["labels"]
+    assert labels == {f"l{n}": "x" for n in range(6)}
+
+
+def test_server_side_apply_and_status_writes_honour_a_resource_version(tmp_path) -> None:
+    control, published = control_plane(tmp_path / "state")
+    api = KubeAPI(control)
+    _, created = handle(api, "POST", GATEWAY_CLASSES, GATEWAY_CLASS)
+    stale = created["metadata"]["resourceVersion"]
+    path = f"{GATEWAY_CLASSES}/tokengateway"
+    handle(api, "PATCH", path, {"spec": {"description": "moved on"}})
+
+    def answer(method: str, where: str, content_type: str, body: Any) -> tuple[int, str]:
+        request = Request(
+            method, where, {"fieldManager": "test"}, "", content_type, json.dumps(body).encode()
+        )
+        try:
+            return asyncio.run(api.handle(request))[0], ""
+        except Exception as exc:
+            return exc.code, exc.status()["reason"]  # type: ignore[attr-defined]
+
+    applied = {**GATEWAY_CLASS, "metadata": {"name": "tokengateway", "resourceVersion": stale}}
+    assert answer("PATCH", path, "application/apply-patch+yaml", applied) == (409, "Conflict")
+    status = {
+        "metadata": {"resourceVersion": stale},
+        "status": {"conditions": [{"type": "Accepted", "status": "True"}]},
+    }
+    assert answer("PUT", f"{path}/status", "application/json", status) == (409, "Conflict")
+    status["metadata"] = {}
+    assert answer("PUT", f"{path}/status", "application/json", status) == (200, "")
+    shown = control.objects("GatewayClass")[0]
+    assert shown["spec"]["description"] == "moved on"
+    assert shown["status"]["conditions"] == [{"type": "Accepted", "status": "True"}]
+    assert len(published.configs) == 1  # (status writes never build, of any kind)
 
 
 # --- served: the official client, kubectl, watches --------------------------------------------

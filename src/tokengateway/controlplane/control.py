@@ -13,6 +13,10 @@ resourceVersion is kept in the state directory, so versions keep growing across 
 A change of only kinds no configuration reads (`CONFIG_NEUTRAL`: the Lease replicas renew
 every few seconds, GatewayClass) is stored, saved and recorded like any other, but builds and
 publishes nothing: the live configuration stays the very same object.
+
+A write may carry an `Expect` (a create: the object must not exist; an update: it must, at
+the resourceVersion named), checked under the same lock as the write itself, so two writers
+racing from one version cannot both succeed (`ConflictError`), as leader election needs.
 """
 
 from __future__ import annotations
@@ -42,7 +46,14 @@ from tokengateway.resources import Document, Resource, load_paths, parse_resourc
 from tokengateway.resources.kinds import CLUSTER_SCOPED, CONFIG_NEUTRAL
 from tokengateway.resources.loader import MANIFEST_EXTENSIONS
 
-__all__ = ["ApplyResult", "ControlPlane", "NotFoundError", "ResourceKey"]
+__all__ = [
+    "ApplyResult",
+    "ConflictError",
+    "ControlPlane",
+    "Expect",
+    "NotFoundError",
+    "ResourceKey",
+]
 
 log = logging.getLogger("tokengateway.control")
 
@@ -54,6 +65,30 @@ VERSION_FILE = "resourceversion"
 
 class NotFoundError(LookupError):
     pass
+
+
+class ConflictError(Exception):
+    """A write's `Expect` does not hold: the object exists (`reason` "AlreadyExists") or is
+    not at the resourceVersion named ("Conflict"). Nothing was changed."""
+
+    def __init__(self, key: ResourceKey, reason: str) -> None:
+        kind, namespace, name = key
+        what = "already exists" if reason == "AlreadyExists" else "has been modified"
+        super().__init__(f"{kind} {namespace + '/' if namespace else ''}{name} {what}")
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """What a write needs of the object it replaces, checked with the write, under the lock."""
+
+    #: a create: the object must not exist yet
+    absent: bool = False
+    #: an update: the object must exist...
+    present: bool = False
+    #: ...at this resourceVersion, when one is named
+    resource_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,14 +226,33 @@ class ControlPlane:
 
     # --- changes ----------------------------------------------------------------------------
 
-    def apply(self, text: str) -> list[ApplyResult]:
-        """Validate every document, then add or replace them all in one new configuration."""
+    def apply(
+        self, text: str, expect: Mapping[ResourceKey, Expect] | None = None
+    ) -> list[ApplyResult]:
+        """Validate every document, then add or replace them all in one new configuration.
+        `expect`: what each object named must be for the write to happen (`ConflictError`,
+        `NotFoundError` otherwise, and nothing changes)."""
         docs = self._documents(text)
         with self._lock:
+            for key, wanted in (expect or {}).items():
+                self._check(key, wanted)
             stored, results = self._merged(docs)
             if any(r.action != "unchanged" for r in results):
                 self._commit(stored)
             return results
+
+    def _check(self, key: ResourceKey, wanted: Expect) -> None:
+        """Raise when `key` is not what `wanted` says. Called with `_lock` held."""
+        exists = key in self._stored
+        if wanted.absent and exists:
+            raise ConflictError(key, "AlreadyExists")
+        if (wanted.present or wanted.resource_version) and not exists:
+            kind, namespace, name = key
+            raise NotFoundError(f"{kind} {namespace + '/' if namespace else ''}{name} not found")
+        if wanted.resource_version:
+            shown = self.history.objects().get(key) or {}
+            if str(wanted.resource_version) != shown.get("metadata", {}).get("resourceVersion"):
+                raise ConflictError(key, "Conflict")
 
     def preview(self, text: str) -> list[dict[str, Any]]:
         """A dry run of `apply`: every check `apply` makes (each document, then the whole
@@ -269,11 +323,15 @@ class ControlPlane:
             self._commit(stored)
             return results
 
-    def set_status(self, key: ResourceKey, status: Mapping[str, Any]) -> None:
+    def set_status(
+        self, key: ResourceKey, status: Mapping[str, Any], expect: Expect | None = None
+    ) -> None:
         """A write to the `status` subresource: the status changes, nothing else does (no
         new generation, no new configuration). What the gateway computes (conditions,
         addresses) stays what it is, as its controller would set it again at once."""
         with self._lock:
+            if expect is not None:
+                self._check(key, expect)
             previous = self._stored.get(key)
             if previous is None:
                 kind, namespace, name = key
