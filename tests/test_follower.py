@@ -7,6 +7,7 @@ nothing between our processes is a protocol of our own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -394,3 +395,48 @@ def test_status_is_written_by_one_replica_and_taken_over(processes, tmp_path, ma
     assert lease["spec"]["holderIdentity"] == "replica-two"
     assert lease["spec"]["leaseTransitions"] >= 1
     assert two.figures()["status_writes_total"] >= 1
+
+
+async def test_an_expired_watch_lists_again_and_misses_nothing(processes, tmp_path) -> None:
+    """An informer away while its policy is deleted and 1000 other changes push its version
+    out of the server's history: watching on from it is answered 410, and the list that
+    follows drops the deleted policy."""
+    from tokengateway.controlplane.follower.follow import load_client
+    from tokengateway.controlplane.follower.informer import Informer
+    from tokengateway.controlplane.follower.kinds import WATCHED
+
+    cp, config = control_plane(processes, tmp_path)
+    client, server, _ = load_client(str(config))
+    assert server == cp.admin_url
+    kind = next(k for k in WATCHED if k.kind == "TokenRateLimitPolicy")
+    key = ("TokenRateLimitPolicy", "gateway-system", TRLP)
+    informer = Informer(client, kind, lambda: None)
+    task = asyncio.create_task(informer.run())
+    await asyncio.wait_for(informer.synced.wait(), 10)
+    assert key in informer.objects
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    known = informer.version
+
+    kubectl(config, "delete", "trlp", TRLP, "-n", "gateway-system")
+    leases = "\n---\n".join(
+        f"apiVersion: coordination.k8s.io/v1\nkind: Lease\n"
+        f"metadata: {{name: filler-{i}, namespace: default}}\nspec: {{holderIdentity: x}}"
+        for i in range(1001)
+    )
+    async with httpx.AsyncClient() as http:
+        r = await http.post(cp.admin_url + "/apis/apply", content=leases, timeout=60)
+        assert r.status_code == 200, r.text
+
+    task = asyncio.create_task(informer.run())  # on from `known`, which the server forgot
+    try:
+        deadline = time.monotonic() + 10
+        while key in informer.objects:
+            assert time.monotonic() < deadline, "the deleted policy is still held"
+            await asyncio.sleep(0.02)
+        assert informer.relists == 1 and informer.version != known
+        assert informer.errors == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()

@@ -589,6 +589,8 @@ def test_supported_kinds() -> None:
         "AuthPolicy",
         "TokenRateLimitPolicy",
         "RateLimitPolicy",
+        "GatewayClass",
+        "Lease",
     }
 
 

@@ -78,6 +78,7 @@ from tokengateway.resources import (
     TokenRateLimitPolicy,
 )
 from tokengateway.resources.common import K8sModel
+from tokengateway.resources.kinds import CONFIG_NEUTRAL
 from tokengateway.resources.kuadrant import Mode, Strategy
 
 __all__ = [
@@ -619,7 +620,11 @@ def compile_config(
     in the resources raises: problems are reported in `warnings` and `statuses`, and the
     broken piece is left out. `previous` keeps the `lastTransitionTime` of conditions that did
     not change.
+
+    Kinds no configuration reads (`CONFIG_NEUTRAL`: Lease, GatewayClass) are left out,
+    of `resources` too.
     """
+    resources = [res for res in resources if res.kind not in CONFIG_NEUTRAL]
     build = _Build(resources, backends, strict)
     for route in build.routes:
         build.route(route)

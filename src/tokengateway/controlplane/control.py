@@ -9,6 +9,14 @@ is refused and nothing changes.
 Each change is also recorded in `history` (history.py): the objects as clients see them,
 status included, each with its resourceVersion, and the events a watch follows. The last
 resourceVersion is kept in the state directory, so versions keep growing across restarts.
+
+A change of only kinds no configuration reads (`CONFIG_NEUTRAL`: the Lease replicas renew
+every few seconds, GatewayClass) is stored, saved and recorded like any other, but builds and
+publishes nothing: the live configuration stays the very same object.
+
+A write may carry an `Expect` (a create: the object must not exist; an update: it must, at
+the resourceVersion named), checked under the same lock as the write itself, so two writers
+racing from one version cannot both succeed (`ConflictError`), as leader election needs.
 """
 
 from __future__ import annotations
@@ -42,10 +50,18 @@ from tokengateway.resources import (
     load_paths,
     parse_resources,
 )
-from tokengateway.resources.kinds import CLUSTER_SCOPED
+from tokengateway.resources.kinds import CLUSTER_SCOPED, CONFIG_NEUTRAL
 from tokengateway.resources.loader import MANIFEST_EXTENSIONS
 
-__all__ = ["ApplyResult", "ControlPlane", "NotFoundError", "ReadOnlyError", "ResourceKey"]
+__all__ = [
+    "ApplyResult",
+    "ConflictError",
+    "ControlPlane",
+    "Expect",
+    "NotFoundError",
+    "ReadOnlyError",
+    "ResourceKey",
+]
 
 log = logging.getLogger("tokengateway.control")
 
@@ -61,6 +77,30 @@ class NotFoundError(LookupError):
 
 class ReadOnlyError(PermissionError):
     """A write to a gateway that follows a Kubernetes API: it is made there, not here."""
+
+
+class ConflictError(Exception):
+    """A write's `Expect` does not hold: the object exists (`reason` "AlreadyExists") or is
+    not at the resourceVersion named ("Conflict"). Nothing was changed."""
+
+    def __init__(self, key: ResourceKey, reason: str) -> None:
+        kind, namespace, name = key
+        what = "already exists" if reason == "AlreadyExists" else "has been modified"
+        super().__init__(f"{kind} {namespace + '/' if namespace else ''}{name} {what}")
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """What a write needs of the object it replaces, checked with the write, under the lock."""
+
+    #: a create: the object must not exist yet
+    absent: bool = False
+    #: an update: the object must exist...
+    present: bool = False
+    #: ...at this resourceVersion, when one is named
+    resource_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,15 +256,34 @@ class ControlPlane:
 
     # --- changes ----------------------------------------------------------------------------
 
-    def apply(self, text: str) -> list[ApplyResult]:
-        """Validate every document, then add or replace them all in one new configuration."""
+    def apply(
+        self, text: str, expect: Mapping[ResourceKey, Expect] | None = None
+    ) -> list[ApplyResult]:
+        """Validate every document, then add or replace them all in one new configuration.
+        `expect`: what each object named must be for the write to happen (`ConflictError`,
+        `NotFoundError` otherwise, and nothing changes)."""
         self._writable()
         docs = self._documents(text)
         with self._lock:
+            for key, wanted in (expect or {}).items():
+                self._check(key, wanted)
             stored, results = self._merged(docs)
             if any(r.action != "unchanged" for r in results):
                 self._commit(stored)
             return results
+
+    def _check(self, key: ResourceKey, wanted: Expect) -> None:
+        """Raise when `key` is not what `wanted` says. Called with `_lock` held."""
+        exists = key in self._stored
+        if wanted.absent and exists:
+            raise ConflictError(key, "AlreadyExists")
+        if (wanted.present or wanted.resource_version) and not exists:
+            kind, namespace, name = key
+            raise NotFoundError(f"{kind} {namespace + '/' if namespace else ''}{name} not found")
+        if wanted.resource_version:
+            shown = self.history.objects().get(key) or {}
+            if str(wanted.resource_version) != shown.get("metadata", {}).get("resourceVersion"):
+                raise ConflictError(key, "Conflict")
 
     def preview(self, text: str) -> list[dict[str, Any]]:
         """A dry run of `apply`: every check `apply` makes (each document, then the whole
@@ -234,7 +293,10 @@ class ControlPlane:
         docs = self._documents(text)
         with self._lock:
             stored, _ = self._merged(docs)
-            statuses = self._compile_only(stored).statuses
+            if self.config is not None and self._neutral(self._changed(stored)):
+                statuses = self.config.statuses
+            else:
+                statuses = self._compile_only(stored).statuses
             current = self.history.snapshot()[1]
             shown = []
             for doc in docs:
@@ -293,12 +355,16 @@ class ControlPlane:
             self._commit(stored)
             return results
 
-    def set_status(self, key: ResourceKey, status: Mapping[str, Any]) -> None:
+    def set_status(
+        self, key: ResourceKey, status: Mapping[str, Any], expect: Expect | None = None
+    ) -> None:
         """A write to the `status` subresource: the status changes, nothing else does (no
         new generation, no new configuration). What the gateway computes (conditions,
         addresses) stays what it is, as its controller would set it again at once."""
         self._writable()
         with self._lock:
+            if expect is not None:
+                self._check(key, expect)
             previous = self._stored.get(key)
             if previous is None:
                 kind, namespace, name = key
@@ -409,8 +475,36 @@ class ControlPlane:
             ]
         )
 
+    def _changed(self, stored: Mapping[ResourceKey, _Stored]) -> set[ResourceKey]:
+        """The keys `stored` adds, removes or changes, against the objects stored now."""
+        before = self._stored
+        changed = {k for k in before if k not in stored}
+        for key, new in stored.items():
+            old = before.get(key)
+            if old is not new and old != new:
+                changed.add(key)
+        return changed
+
+    def _neutral(self, changed: set[ResourceKey]) -> bool:
+        """Whether a change of `changed` touches only kinds no configuration reads, so the
+        live configuration (once there is one) stays as it is."""
+        return (
+            self.config is not None
+            and bool(changed)
+            and all(kind in CONFIG_NEUTRAL for kind, _, _ in changed)
+        )
+
     def _commit(self, stored: dict[ResourceKey, _Stored], strict: bool = False) -> CompiledConfig:
-        """Build a configuration from `stored`; on success it becomes the live one."""
+        """Build a configuration from `stored`; on success it becomes the live one. A change
+        of config-neutral kinds only is stored, saved and recorded, and nothing is built."""
+        changed = self._changed(stored)
+        if self.config is not None and self._neutral(changed):
+            # what a build would have checked of them (apply has already; a watched file not)
+            self._resources({k: stored[k] for k in changed if k in stored})
+            self._stored = stored
+            self._write_state()
+            self._record()
+            return self.config
         resources = self._resources(stored)
         plans = plan_backends(resources, needed_services(resources), self.overrides)
         urls = self._start_backends(plans)
@@ -491,8 +585,9 @@ class ControlPlane:
 
     def _decorate(self, obj: dict[str, Any]) -> None:
         """What a cluster would show that a manifest does not say: where a Gateway listens,
-        where a Service is reached, a Secret's stringData folded into base64 data and its
-        type defaulted to Opaque."""
+        where a Service is reached, a GatewayClass's status before a controller wrote one
+        (the CRD's default: Accepted Unknown), a Secret's stringData folded into base64 data
+        and its type defaulted to Opaque."""
         kind = obj.get("kind")
         if kind == "Gateway" and self._listen_address is not None:
             status = obj.setdefault("status", {})
@@ -505,6 +600,18 @@ class ControlPlane:
                 obj.setdefault("status", {}).setdefault("tokengateway", {})["backend"] = (
                     self.backend_urls[key]
                 )
+        elif kind == "GatewayClass":
+            status = obj.setdefault("status", {})
+            if not status.get("conditions"):  # the CRD's default, until a controller writes
+                status["conditions"] = [
+                    {
+                        "type": "Accepted",
+                        "status": "Unknown",
+                        "reason": "Pending",
+                        "message": "Waiting for controller",
+                        "lastTransitionTime": "1970-01-01T00:00:00Z",
+                    }
+                ]
         elif kind == "Secret":
             obj["type"] = obj.get("type") or "Opaque"  # the API server's default
             if "stringData" in obj:

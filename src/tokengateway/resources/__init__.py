@@ -16,6 +16,7 @@ from .common import (
     Predicate,
     parse_window,
 )
+from .coordination import Lease
 from .core import (
     Container,
     Deployment,
@@ -29,6 +30,7 @@ from .gateway_api import (
     GATEWAY_API_GROUP,
     BackendRef,
     Gateway,
+    GatewayClass,
     HTTPHeaderMatch,
     HTTPPathMatch,
     HTTPQueryParamMatch,
@@ -76,6 +78,7 @@ __all__ = [
     "Deployment",
     "Document",
     "Gateway",
+    "GatewayClass",
     "HTTPHeaderMatch",
     "HTTPPathMatch",
     "HTTPQueryParamMatch",
@@ -85,6 +88,7 @@ __all__ = [
     "Kuadrant",
     "LabelSelector",
     "LabelSelectorRequirement",
+    "Lease",
     "Limit",
     "Listener",
     "ManifestError",

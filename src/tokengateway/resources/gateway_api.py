@@ -1,4 +1,5 @@
-"""Gateway API kinds: Gateway and HTTPRoute (gateway.networking.k8s.io v1, v1beta1).
+"""Gateway API kinds: GatewayClass, Gateway and HTTPRoute (gateway.networking.k8s.io v1,
+v1beta1).
 
 Patterns, enums, defaults and CEL rules follow the Gateway API CRDs (standard channel). The
 spec structures are closed like the CRD schemas, so a misspelt `backendRef` is an error rather
@@ -14,6 +15,7 @@ from pydantic_core import InitErrorDetails
 from .common import (
     Duration,
     LabelSelector,
+    NameRule,
     ObjectMeta,
     StrictModel,
     issue,
@@ -28,6 +30,8 @@ __all__ = [
     "AllowedRoutes",
     "BackendRef",
     "Gateway",
+    "GatewayClass",
+    "GatewayClassSpec",
     "GatewaySpec",
     "HTTPHeaderMatch",
     "HTTPPathMatch",
@@ -38,6 +42,7 @@ __all__ = [
     "HTTPRouteSpec",
     "HTTPRouteTimeouts",
     "Listener",
+    "ParametersReference",
     "ParentReference",
     "RouteGroupKind",
     "RouteNamespaces",
@@ -72,6 +77,49 @@ def _regex_problem(value: str) -> str | None:
     except re.error as exc:
         return f"invalid regular expression {value!r}: {exc}"
     return None
+
+
+# --- GatewayClass -------------------------------------------------------------------------------
+
+CONTROLLER_NAME_PATTERN = rf"^{_SUBDOMAIN}\/[A-Za-z0-9\/\-._~%!$&'()*+,;=:]+$"
+
+
+class ClusterSubdomainMeta(ObjectMeta):
+    """metadata of a cluster-scoped object named by a DNS-1123 subdomain (a GatewayClass)."""
+
+    NAME_RULE: ClassVar[NameRule] = "subdomain"
+    NAMESPACED: ClassVar[bool] = False
+
+
+class ParametersReference(StrictModel):
+    """Where a GatewayClass's controller finds its parameters; kept as written."""
+
+    group: Group
+    kind: Kind
+    name: ObjectName
+    namespace: NamespaceName | None = None
+
+
+class GatewayClassSpec(StrictModel):
+    """GatewayClass spec: the controller that implements the class (`example.com/name`)."""
+
+    controllerName: Annotated[
+        str, Field(min_length=1, max_length=253, pattern=CONTROLLER_NAME_PATTERN)
+    ]
+    parametersRef: ParametersReference | None = None
+    description: Annotated[str, Field(max_length=64)] | None = None
+
+
+class GatewayClass(Resource):
+    """A GatewayClass: cluster-scoped, stored and served, read by no configuration (Gateways
+    are matched by listener and route, whatever their `gatewayClassName`)."""
+
+    KIND: ClassVar[str] = "GatewayClass"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = GATEWAY_API_VERSIONS
+
+    metadata: ClusterSubdomainMeta
+    spec: GatewayClassSpec
+    status: dict[str, Any] | None = None
 
 
 # --- Gateway ------------------------------------------------------------------------------------

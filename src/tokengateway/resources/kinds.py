@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .parse import SUPPORTED_KINDS
 
-__all__ = ["CLUSTER_SCOPED", "KIND_NAMES", "UnknownKindError", "resolve_kind"]
+__all__ = ["CLUSTER_SCOPED", "CONFIG_NEUTRAL", "KIND_NAMES", "UnknownKindError", "resolve_kind"]
 
 #: short names and plurals, besides the kind itself in any case
 _ALIASES = {
@@ -18,6 +18,8 @@ _ALIASES = {
     "Secret": ("secrets",),
     "Namespace": ("ns", "namespaces"),
     "Kuadrant": ("kuadrants",),
+    "GatewayClass": ("gc", "gatewayclasses"),
+    "Lease": ("leases",),
 }
 
 KIND_NAMES: dict[str, str] = {}
@@ -26,7 +28,11 @@ for _kind in SUPPORTED_KINDS:
     for _alias in _ALIASES.get(_kind, ()):
         KIND_NAMES[_alias] = _kind
 
-CLUSTER_SCOPED = frozenset({"Namespace"})
+CLUSTER_SCOPED = frozenset({"Namespace", "GatewayClass"})
+
+#: kinds stored and served but read by no configuration: a write of only these builds and
+#: publishes nothing (a Lease is renewed every few seconds by every replica)
+CONFIG_NEUTRAL = frozenset({"Lease", "GatewayClass"})
 
 
 class UnknownKindError(ValueError):

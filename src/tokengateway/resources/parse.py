@@ -14,9 +14,10 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from .common import CUSTOM_ERROR, shell_variable_hint
+from .coordination import Lease
 from .core import Deployment, Namespace, Secret, Service
 from .errors import ManifestError, ManifestIssue
-from .gateway_api import Gateway, HTTPRoute
+from .gateway_api import Gateway, GatewayClass, HTTPRoute
 from .kuadrant import AuthPolicy, Kuadrant, RateLimitPolicy, TokenRateLimitPolicy
 from .loader import Document
 from .resource import Resource
@@ -36,6 +37,8 @@ MODEL_BY_KIND: dict[str, type[Resource]] = {
         AuthPolicy,
         TokenRateLimitPolicy,
         RateLimitPolicy,
+        GatewayClass,
+        Lease,
     )
 }
 SUPPORTED_KINDS: tuple[str, ...] = tuple(MODEL_BY_KIND)

@@ -191,20 +191,26 @@ class _Relist(Exception):
 
 
 async def _until(events: Any, stop: asyncio.Future[Any]) -> Any:
-    """The events of a watch until `stop` is done (then `_Relist`)."""
+    """The events of a watch until `stop` is done (then `_Relist`). Each step runs as a
+    task, so it is awaited to its end (cancelled if need be) before the watch is closed:
+    a generator cannot be closed while a step of it runs."""
     iterator = events.__aiter__()
+    step: asyncio.Future[Any] | None = None
     try:
         while True:
             step = asyncio.ensure_future(iterator.__anext__())
             await asyncio.wait([step, stop], return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                step.cancel()
                 raise _Relist
             try:
-                yield step.result()
+                item = step.result()
             except StopAsyncIteration:
                 return
+            yield item
     finally:
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
         await iterator.aclose()
 
 

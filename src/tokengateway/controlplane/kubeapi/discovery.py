@@ -49,11 +49,13 @@ _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "AuthPolicy": ("authpolicies", ()),
     "RateLimitPolicy": ("ratelimitpolicies", ("rlp",)),
     "TokenRateLimitPolicy": ("tokenratelimitpolicies", ("trlp",)),
+    "GatewayClass": ("gatewayclasses", ("gc",)),
+    "Lease": ("leases", ()),
 }
 
 
 #: kinds with no status, so no `/status` subresource
-NO_STATUS = frozenset({"Secret", "ConfigMap"})
+NO_STATUS = frozenset({"Secret", "ConfigMap", "Lease"})
 
 
 @dataclass(frozen=True, slots=True)

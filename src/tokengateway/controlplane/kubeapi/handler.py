@@ -5,23 +5,39 @@ delete of the control plane's objects, errors as `Status`.
 `__call__` speaks ASGI. Writes go through `ControlPlane.apply`/`delete` in a worker thread,
 exactly as `tokengateway apply` does, so a change is live on the data path when the answer
 is sent.
+
+Optimistic concurrency as on Kubernetes: a create is refused (409 AlreadyExists) when the
+name is taken, an update or patch naming a `metadata.resourceVersion` other than the
+object's (409 Conflict). Both are checked by the control plane under the lock it writes
+with (`Expect`), not only before the write: two replicas renewing one Lease from the same
+version cannot both succeed. A patch, a server-side apply or an update without a
+resourceVersion is computed from the object as read, stored only if it is still at that
+version, and computed again from the new one otherwise (the API server's GuaranteedUpdate).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
 import yaml
 
 from tokengateway.config.compile import ConfigError
-from tokengateway.controlplane.control import ControlPlane, NotFoundError, ReadOnlyError
+from tokengateway.controlplane.control import (
+    ConflictError,
+    ControlPlane,
+    Expect,
+    NotFoundError,
+    ReadOnlyError,
+)
 from tokengateway.controlplane.history import Expired
 from tokengateway.http.asgi import Receive, Scope, Send, read_body
 from tokengateway.resources import ManifestError
@@ -40,6 +56,9 @@ __all__ = ["KubeAPI", "Request", "claims"]
 log = logging.getLogger("tokengateway.kubeapi")
 
 MAX_BODY = 4 * 1024 * 1024
+#: how many times a write computed from the object as read is tried again when the object
+#: changed under it (the API server retries without bound; a client can always resend)
+UPDATE_ATTEMPTS = 8
 #: the admin API's own routes under /apis/ (see admin.py); no Kubernetes group has these names
 ADMIN_ROUTES = frozenset({"/apis/apply", "/apis/delete", "/apis/resources"})
 
@@ -64,6 +83,7 @@ class Request:
 
 
 _AGGREGATED = discovery.AGGREGATED.encode()
+_T = TypeVar("_T")
 #: the media type of server-side apply's PATCH
 APPLY_PATCH = "application/apply-patch+yaml"
 
@@ -341,10 +361,7 @@ class KubeAPI:
         if method == "POST":
             return 201, await self._create(request, t, dry)
         if method == "PUT":
-            current = self._get(t)
-            obj = self._body_object(request, t)
-            _check_version(obj, current, t)
-            return 200, await self._store(obj, t, dry, updater=_manager(request))
+            return 200, await self._update(request, t, dry)
         if method == "PATCH" and request.content_type.startswith(APPLY_PATCH):
             return await self._apply(request, t, dry)
         if method == "PATCH":
@@ -437,34 +454,53 @@ class KubeAPI:
         if not name:
             raise KubeError(422, f"{t.kind.kind} is invalid: metadata.name: Required value")
         t = _Target(t.kind, t.namespace, name)
-        try:
-            self._get(t)
-        except KubeError:
-            return await self._store(obj, t, dry, updater=_manager(request))
-        raise KubeError(
-            409,
-            f'{t.kind.qualified} "{name}" already exists',
-            details={"name": name, "group": t.kind.group, "kind": t.kind.plural},
-        )
+        if self._current(t, name) is not None:
+            raise _already_exists(t)
+        return await self._store(obj, t, dry, updater=_manager(request), expect=Expect(absent=True))
+
+    async def _update(self, request: Request, t: _Target, dry: bool) -> dict[str, Any]:
+        """PUT: the body replaces the object; with a resourceVersion, only that version of it
+        (409 Conflict otherwise); without one, whatever version it is at."""
+        obj = self._body_object(request, t)
+        sent = _sent_version(obj)
+
+        async def attempt() -> dict[str, Any]:
+            current = self._get(t)
+            _check_version(obj, current, t)
+            expect = Expect(present=True, resource_version=_version_of(current))
+            return await self._store(
+                copy.deepcopy(obj), t, dry, updater=_manager(request), expect=expect
+            )
+
+        return await self._guaranteed(t, attempt, retry=not sent)
 
     async def _write_status(self, request: Request, t: _Target, dry: bool) -> dict[str, Any]:
         """PUT or PATCH of `.../NAME/status`: only the status changes; what the body says
         of anything else is ignored, as the API server ignores it."""
-        current = self._get(t)
-        if request.method == "PUT":
-            obj = self._body_object(request, t)
-        elif request.method == "PATCH":
-            obj = self._patched(request, current)
-        else:
+        if request.method not in ("PUT", "PATCH"):
             raise KubeError(405, f"{request.method} is not allowed on a status")
-        _check_version(obj, current, t)
-        status = obj.get("status") or {}
-        if not isinstance(status, dict):
-            raise KubeError(422, f'{t.kind.kind} "{t.name}" is invalid: status: must be an object')
-        if dry:  # what the gateway computes would still win over what was written
-            return {**current, "status": {**status, **(current.get("status") or {})}}
-        await self._write(self.control.set_status, (t.kind.kind, t.namespace, t.name), status)
-        return self._get(t)
+        body = self._body_object(request, t) if request.method == "PUT" else None
+        sent = ""
+
+        async def attempt() -> dict[str, Any]:
+            nonlocal sent
+            current = self._get(t)
+            obj = copy.deepcopy(body) if body is not None else self._patched(request, current)
+            sent = _sent_version(obj)
+            _check_version(obj, current, t)
+            status = obj.get("status") or {}
+            if not isinstance(status, dict):
+                raise KubeError(
+                    422, f'{t.kind.kind} "{t.name}" is invalid: status: must be an object'
+                )
+            if dry:  # what the gateway computes would still win over what was written
+                return {**current, "status": {**status, **(current.get("status") or {})}}
+            expect = Expect(present=True, resource_version=_version_of(current))
+            key = (t.kind.kind, t.namespace, t.name)
+            await self._write(self.control.set_status, key, status, expect, t=t)
+            return self._get(t)
+
+        return await self._guaranteed(t, attempt, retry=lambda: not sent)
 
     def _patched(self, request: Request, current: dict[str, Any]) -> dict[str, Any]:
         """`current` with the request's merge or strategic merge patch applied."""
@@ -496,9 +532,41 @@ class KubeAPI:
         return patched
 
     async def _patch(self, request: Request, t: _Target, dry: bool) -> dict[str, Any]:
-        patched = self._patched(request, writable(self._get(t)))
-        _check_version(patched, self._get(t), t)
-        return await self._store(self._placed(patched, t), t, dry, updater=_manager(request))
+        """A merge, strategic merge or JSON patch of the object as it is: a resourceVersion
+        in the patch is a precondition (409 Conflict when it is not the object's)."""
+        sent = ""
+
+        async def attempt() -> dict[str, Any]:
+            nonlocal sent
+            current = self._get(t)
+            patched = self._patched(request, writable(current))
+            sent = _sent_version(patched)
+            _check_version(patched, current, t)
+            expect = Expect(present=True, resource_version=_version_of(current))
+            placed = self._placed(patched, t)
+            return await self._store(placed, t, dry, updater=_manager(request), expect=expect)
+
+        return await self._guaranteed(t, attempt, retry=lambda: not sent)
+
+    async def _guaranteed(
+        self,
+        t: _Target,
+        attempt: Callable[[], Awaitable[_T]],
+        retry: bool | Callable[[], bool],
+    ) -> _T:
+        """`attempt` (a write computed from the object as read, expecting it unchanged), and
+        again while it conflicts, when `retry` says the client named no version: the write
+        then applies to whatever version is current, as on Kubernetes."""
+        for _ in range(UPDATE_ATTEMPTS - 1):
+            try:
+                return await attempt()
+            except _Raced:
+                if not (retry() if callable(retry) else retry):
+                    raise _conflict(t) from None
+        try:
+            return await attempt()
+        except _Raced:
+            raise _conflict(t) from None
 
     async def _apply(self, request: Request, t: _Target, dry: bool) -> tuple[int, Any]:
         """Server-side apply (apply.py): 201 when it creates the object, 200 otherwise."""
@@ -511,15 +579,40 @@ class KubeAPI:
             raise KubeError(400, f"the applied configuration is not YAML or JSON: {exc}") from None
         if not isinstance(applied, dict):
             raise KubeError(400, "the applied configuration must be an object")
-        applied = writable(self._placed(applied, t))
-        try:
-            current: dict[str, Any] | None = self._get(t)
-        except KubeError:
-            current = None
-        managed = list((current or {}).get("metadata", {}).get("managedFields") or [])
+        placed = self._placed(applied, t)
+        sent = _sent_version(placed)  # a precondition, as in any write
+        applied = writable(placed)
         force = request.query.get("force") in ("true", "1")
+
+        async def attempt() -> tuple[int, Any]:
+            current = self._current(t, t.name)
+            if sent:
+                if current is None:
+                    raise self._not_found(t)
+                _check_version({"metadata": {"resourceVersion": sent}}, current, t)
+            result, managed = self._server_side_apply(
+                t, current, copy.deepcopy(applied), manager, force
+            )
+            if current is None:
+                expect = Expect(absent=True)
+            else:
+                expect = Expect(present=True, resource_version=_version_of(current))
+            stored = await self._store(result, t, dry, managed, expect=expect)
+            return (201 if current is None else 200), stored
+
+        return await self._guaranteed(t, attempt, retry=not sent)
+
+    @staticmethod
+    def _server_side_apply(
+        t: _Target,
+        current: dict[str, Any] | None,
+        applied: dict[str, Any],
+        manager: str,
+        force: bool,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        managed = list((current or {}).get("metadata", {}).get("managedFields") or [])
         try:
-            result, managed = server_side_apply(
+            return server_side_apply(
                 writable(current) if current is not None else None,
                 managed,
                 applied,
@@ -544,8 +637,6 @@ class KubeAPI:
                     ],
                 },
             ) from None
-        stored = await self._store(result, t, dry, managed)
-        return (201 if current is None else 200), stored
 
     def _current(self, t: _Target, name: str) -> dict[str, Any] | None:
         """The stored object named `name`, or None."""
@@ -561,11 +652,14 @@ class KubeAPI:
         dry: bool = False,
         managed: list[dict[str, Any]] | None = None,
         updater: str = "",
+        expect: Expect | None = None,
     ) -> dict[str, Any]:
         """Create or replace `obj`; with `dry`, every check and the object as it would be
         stored, and nothing changed (`dryRun=All`, kubectl's `--dry-run=server`).
         `managed`: its managedFields (an apply's); None: the ones it has, with an Update
-        entry for `updater` (the request's fieldManager) owning what this write changed."""
+        entry for `updater` (the request's fieldManager) owning what this write changed.
+        `expect`: what the object must still be when the write is made (`_Raced` when it
+        is not; a create of a taken name is 409 AlreadyExists)."""
         name = str(obj["metadata"].get("name") or t.name)
         doc = writable(obj)
         if managed is None:
@@ -580,18 +674,37 @@ class KubeAPI:
                 self.control.preview, json.dumps(doc), kind=t.kind.kind, name=name
             )
             return self._shown(shown[0], t)
-        await self._write(self.control.apply, json.dumps(doc), kind=t.kind.kind, name=name)
-        return self._get(_Target(t.kind, t.namespace, name))
+        target = _Target(t.kind, t.namespace, name)
+        expected = {(t.kind.kind, t.namespace, name): expect} if expect is not None else None
+        await self._write(
+            self.control.apply, json.dumps(doc), expected, kind=t.kind.kind, name=name, t=target
+        )
+        return self._get(target)
 
-    async def _write(self, change: Any, *args: Any, kind: str = "", name: str = "") -> Any:
+    async def _write(
+        self,
+        change: Any,
+        *args: Any,
+        kind: str = "",
+        name: str = "",
+        t: _Target | None = None,
+    ) -> Any:
         try:
             return await asyncio.to_thread(change, *args)
+        except ConflictError as exc:
+            if t is None:
+                raise KubeError(409, str(exc), reason=exc.reason) from None
+            if exc.reason == "AlreadyExists":
+                raise _already_exists(t) from None
+            raise _Raced from None
         except ManifestError as exc:
             causes = [(e.field, e.reason) for e in exc.errors] or [("", str(exc))]
             raise _invalid(kind, name, causes) from None
         except ConfigError as exc:
             raise _invalid(kind, name, [("", p) for p in exc.problems]) from None
         except NotFoundError as exc:
+            if t is not None:  # deleted between the read and the write
+                raise self._not_found(t) from None
             raise KubeError(404, str(exc)) from None
         except ReadOnlyError as exc:
             raise KubeError(405, str(exc)) from None
@@ -619,18 +732,46 @@ def _dry_run(request: Request) -> bool:
     return True
 
 
+class _Raced(Exception):
+    """The object changed between the read a write was computed from and the write."""
+
+
+def _sent_version(obj: dict[str, Any]) -> str:
+    """The resourceVersion a client named in what it wrote; "" when none."""
+    meta = obj.get("metadata")
+    return str((meta.get("resourceVersion") if isinstance(meta, dict) else None) or "")
+
+
+def _version_of(current: dict[str, Any]) -> str:
+    return str(current["metadata"]["resourceVersion"])
+
+
 def _check_version(obj: dict[str, Any], current: dict[str, Any], t: _Target) -> None:
     """Optimistic concurrency: a write that names a resourceVersion must name the current
-    one (a write without one always goes through, as on Kubernetes for PATCH)."""
-    sent = (obj.get("metadata") or {}).get("resourceVersion")
-    if sent and str(sent) != current["metadata"]["resourceVersion"]:
-        raise KubeError(
-            409,
-            f'Operation cannot be fulfilled on {t.kind.qualified} "{t.name}": the object has '
-            "been modified; please apply your changes to the latest version and try again",
-            reason="Conflict",
-            details={"name": t.name, "group": t.kind.group, "kind": t.kind.plural},
-        )
+    one (a write without one always goes through, as on Kubernetes for PATCH and for the
+    update of most kinds)."""
+    sent = _sent_version(obj)
+    if sent and sent != _version_of(current):
+        raise _conflict(t)
+
+
+def _conflict(t: _Target) -> KubeError:
+    return KubeError(
+        409,
+        f'Operation cannot be fulfilled on {t.kind.qualified} "{t.name}": the object has '
+        "been modified; please apply your changes to the latest version and try again",
+        reason="Conflict",
+        details={"name": t.name, "group": t.kind.group, "kind": t.kind.plural},
+    )
+
+
+def _already_exists(t: _Target) -> KubeError:
+    return KubeError(
+        409,
+        f'{t.kind.qualified} "{t.name}" already exists',
+        reason="AlreadyExists",
+        details={"name": t.name, "group": t.kind.group, "kind": t.kind.plural},
+    )
 
 
 def _invalid(kind: str, name: str, causes: list[tuple[str, str]]) -> KubeError:

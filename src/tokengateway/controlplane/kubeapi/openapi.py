@@ -60,7 +60,7 @@ def _name(kind: KubeKind) -> str:
 
 def _clean(node: Any) -> Any:
     """A pydantic JSON schema made OpenAPI 3.0: `anyOf [X, null]` becomes X (`nullable`),
-    titles and null defaults go."""
+    exclusive bounds become booleans, titles and null defaults go."""
     if isinstance(node, list):
         return [_clean(n) for n in node]
     if not isinstance(node, dict):
@@ -75,6 +75,13 @@ def _clean(node: Any) -> Any:
             out["nullable"] = True
     if "default" in out and out["default"] is None:
         del out["default"]
+    # JSON Schema's `exclusiveMinimum: 0` (a `gt`) is OpenAPI 3.0's `minimum: 0` plus
+    # `exclusiveMinimum: true`: kubectl cannot read the number where it wants a boolean
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        value = out.get(exclusive)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[bound] = value
+            out[exclusive] = True
     return out
 
 

@@ -82,6 +82,13 @@ def _columns(kind: str) -> list[Column]:
             ),
             ("Programmed", "string", 0, _condition("Programmed")),
         ]
+    if kind == "GatewayClass":
+        return [
+            ("Controller", "string", 0, lambda o: _get(o, "spec", "controllerName")),
+            ("Accepted", "string", 0, _condition("Accepted")),
+        ]
+    if kind == "Lease":
+        return [("Holder", "string", 0, lambda o: _get(o, "spec", "holderIdentity") or "")]
     if kind == "HTTPRoute":
         return [("Hostnames", "string", 0, lambda o: _join(_get(o, "spec", "hostnames")))]
     if kind == "Secret":
