@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -269,6 +270,18 @@ def test_replicas_serve_through_a_control_plane_restart(processes, tmp_path, red
             i += 1
             time.sleep(0.02)
 
+    kubectl(
+        config,
+        "patch",
+        "trlp",
+        TRLP,
+        "-n",
+        "gateway-system",
+        "--type=json",
+        "-p",
+        '[{"op":"replace","path":"/spec/limits/gold/rates/0/limit","value":195}]',
+    )
+    wait_for(lambda: limit_of(one, "gold") == 195 and limit_of(two, "gold") == 195)
     thread = threading.Thread(target=traffic)
     thread.start()
     try:
@@ -280,6 +293,7 @@ def test_replicas_serve_through_a_control_plane_restart(processes, tmp_path, red
         assert one.figures()["config_age_seconds"] > 0
         time.sleep(1.0)  # replicas keep serving the last configuration
         cp.start()  # same state dir, same address: nothing applied before is lost
+        assert limit_of(cp, "gold") == 195
         # a change made as soon as it is back reaches both replicas
         kubectl(
             config,
@@ -440,3 +454,62 @@ async def test_an_expired_watch_lists_again_and_misses_nothing(processes, tmp_pa
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.close()
+
+
+def test_in_cluster_follows_over_tls_with_the_service_account_token(processes, tmp_path) -> None:
+    """`--kubeconfig in-cluster` as in a pod: KUBERNETES_SERVICE_HOST/PORT and a mounted
+    service account (token, ca.crt, namespace), against a control plane serving HTTPS with a
+    token. A wrong token is refused and said so; nothing is served from it."""
+    state = tmp_path / "cp-state"
+    cp = processes("cp", ["-f", str(TUTORIAL), "--state-dir", str(state), "--admin-tls"])
+    cp.admin_url = cp.admin_url.replace("http://", "https://")
+    cp.start(wait=False)
+    ca = state / "tls" / "admin.crt"
+    wait_for(lambda: (state / "admin-token").exists() and ca.exists(), timeout=30)
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text((state / "admin-token").read_text().strip())
+    (account / "ca.crt").write_bytes(ca.read_bytes())
+    (account / "namespace").write_text("tokengateway-system")
+    env = {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(cp.admin_port),
+        "TOKENGATEWAY_SERVICE_ACCOUNT_DIR": str(account),
+        "TOKENGATEWAY_POD_NAME": "pod-a",
+    }
+    pod = processes("pod", ["--kubeconfig", "in-cluster"], env)
+    pod.start(wait=False)
+    wait_for(lambda: _get(pod.admin_url + "/readyz") == 200, timeout=40)
+    (free,) = clients(pod)
+    assert post(free).status_code == 200
+    free.close()
+    assert pod.health()["config"]["follows"] == f"https://127.0.0.1:{cp.admin_port}"
+    # the Lease is made in the service account's namespace
+    token = (state / "admin-token").read_text().strip()
+    lease = httpx.get(
+        cp.admin_url
+        + "/apis/coordination.k8s.io/v1/namespaces/tokengateway-system/leases/tokengateway-status",
+        headers={"Authorization": f"Bearer {token}"},
+        verify=ssl.create_default_context(cafile=str(ca)),
+        timeout=5,
+    )
+    assert lease.status_code == 200 and lease.json()["spec"]["holderIdentity"] == "pod-a"
+
+    wrong = account.parent / "wrong"
+    wrong.mkdir()
+    for name in ("ca.crt", "namespace"):
+        (wrong / name).write_bytes((account / name).read_bytes())
+    (wrong / "token").write_text("not-the-token")
+    bad = processes("bad", ["--kubeconfig", "in-cluster"])
+    bad.env = {**env, "TOKENGATEWAY_SERVICE_ACCOUNT_DIR": str(wrong)}
+    bad.start(wait=False)
+    wait_for(lambda: "401" in bad.output(), timeout=20)
+    assert "Traceback" not in bad.output()
+    assert _get(bad.admin_url + "/readyz") in (503, None)
+
+
+def _get(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2, verify=False).status_code
+    except httpx.HTTPError:
+        return None

@@ -64,15 +64,30 @@ def _host_identity() -> str:
 
 def load_client(kubeconfig: str) -> tuple[Any, str, str]:
     """lightkube's client for `kubeconfig`, the server's URL and the default namespace."""
-    from lightkube import AsyncClient, KubeConfig
+    from lightkube import AsyncClient, ConfigError, KubeConfig
+    from lightkube.config.kubeconfig import SERVICE_ACCOUNT
 
     if kubeconfig == IN_CLUSTER:
-        config = KubeConfig.from_service_account()
+        if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            raise ValueError(
+                "--kubeconfig in-cluster: KUBERNETES_SERVICE_HOST is not set (not in a pod?); "
+                "give a kubeconfig file instead"
+            )
+        account = os.environ.get("TOKENGATEWAY_SERVICE_ACCOUNT_DIR", SERVICE_ACCOUNT)
+        try:
+            config = KubeConfig.from_service_account(account)
+        except ConfigError as exc:
+            raise ValueError(
+                f"--kubeconfig in-cluster: no service account in {account} ({exc})"
+            ) from None
     else:
         path = Path(kubeconfig).expanduser()
         if not path.is_file():
             raise ValueError(f"--kubeconfig {kubeconfig}: no such file (or use 'in-cluster')")
-        config = KubeConfig.from_file(path)
+        try:
+            config = KubeConfig.from_file(path)
+        except ConfigError as exc:
+            raise ValueError(f"--kubeconfig {kubeconfig}: {exc}") from None
     single = config.get()
     if single is None:
         raise ValueError(f"--kubeconfig {kubeconfig}: no current context to use")
