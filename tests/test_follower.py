@@ -157,6 +157,22 @@ def control_plane(processes, tmp_path: Path, folder: Path = TUTORIAL, *extra: st
     return cp, config
 
 
+def set_limit(kubeconfig: Path, tier: str, value: int) -> None:
+    """`kubectl patch` of the tutorial's token limit for a tier, sent to the control plane."""
+    change = [{"op": "replace", "path": f"/spec/limits/{tier}/rates/0/limit", "value": value}]
+    kubectl(
+        kubeconfig,
+        "patch",
+        "trlp",
+        TRLP,
+        "-n",
+        "gateway-system",
+        "--type=json",
+        "-p",
+        json.dumps(change),
+    )
+
+
 def limit_of(proc: Process, tier: str = "free") -> int | None:
     r = httpx.get(proc.admin_url + TRLP_PATH, timeout=5)
     if r.status_code != 200:
@@ -199,17 +215,7 @@ def test_followers_enforce_what_kubectl_applies_to_the_control_plane(
 
     # a lower limit, applied with kubectl to the control plane, reaches both replicas
     applied = time.monotonic()
-    kubectl(
-        config,
-        "patch",
-        "trlp",
-        TRLP,
-        "-n",
-        "gateway-system",
-        "--type=json",
-        "-p",
-        '[{"op":"replace","path":"/spec/limits/free/rates/0/limit","value":30}]',
-    )
+    set_limit(config, "free", 30)
     wait_for(lambda: limit_of(one) == 30 and limit_of(two) == 30)
     took = time.monotonic() - applied
     assert took < 5, f"replicas took {took:.2f}s to follow"  # measured: ~0.1 s
@@ -232,6 +238,35 @@ def test_followers_enforce_what_kubectl_applies_to_the_control_plane(
     kubectl(config, "delete", "trlp", TRLP, "-n", "gateway-system")
     wait_for(lambda: limit_of(one) is None and limit_of(two) is None)
     assert post(a).status_code == 200 and post(b).status_code == 200
+
+    # a new API key reaches the replicas; a Secret no policy selects is not held there
+    kubectl(
+        config,
+        "apply",
+        "-f",
+        "-",
+        stdin="""
+apiVersion: v1
+kind: Secret
+metadata:
+  name: new-key
+  namespace: kuadrant-system
+  labels: {authorino.kuadrant.io/managed-by: authorino, app: my-llm}
+  annotations: {kuadrant.io/groups: free, secret.kuadrant.io/user-id: user-9}
+stringData: {api_key: iamanewuser}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: db-password, namespace: default}
+stringData: {password: hunter2}
+""",
+    )
+    (new,) = clients(one, key="iamanewuser")
+    wait_for(lambda: post(new).status_code == 200)
+    new.close()
+    held = httpx.get(one.admin_url + "/api/v1/secrets", timeout=5).json()["items"]
+    names = {s["metadata"]["name"] for s in held}
+    assert "new-key" in names and "db-password" not in names
 
     # a write to a replica is refused: it names where changes are made
     refused = subprocess.run(
@@ -270,17 +305,7 @@ def test_replicas_serve_through_a_control_plane_restart(processes, tmp_path, red
             i += 1
             time.sleep(0.02)
 
-    kubectl(
-        config,
-        "patch",
-        "trlp",
-        TRLP,
-        "-n",
-        "gateway-system",
-        "--type=json",
-        "-p",
-        '[{"op":"replace","path":"/spec/limits/gold/rates/0/limit","value":195}]',
-    )
+    set_limit(config, "gold", 195)
     wait_for(lambda: limit_of(one, "gold") == 195 and limit_of(two, "gold") == 195)
     thread = threading.Thread(target=traffic)
     thread.start()
@@ -295,17 +320,7 @@ def test_replicas_serve_through_a_control_plane_restart(processes, tmp_path, red
         cp.start()  # same state dir, same address: nothing applied before is lost
         assert limit_of(cp, "gold") == 195
         # a change made as soon as it is back reaches both replicas
-        kubectl(
-            config,
-            "patch",
-            "trlp",
-            TRLP,
-            "-n",
-            "gateway-system",
-            "--type=json",
-            "-p",
-            '[{"op":"replace","path":"/spec/limits/gold/rates/0/limit","value":190}]',
-        )
+        set_limit(config, "gold", 190)
         wait_for(lambda: limit_of(one, "gold") == 190 and limit_of(two, "gold") == 190, 20)
         wait_for(lambda: one.health()["config"]["connected"], timeout=15)
         assert one.figures()["config_age_seconds"] == 0
@@ -390,17 +405,7 @@ def test_status_is_written_by_one_replica_and_taken_over(processes, tmp_path, ma
     # the holder dies; once its Lease runs out the other replica writes
     one.kill()
     wait_for(lambda: two.figures()["status_writer"] == 1, timeout=15)
-    kubectl(
-        config,
-        "patch",
-        "trlp",
-        TRLP,
-        "-n",
-        "gateway-system",
-        "--type=json",
-        "-p",
-        '[{"op":"replace","path":"/spec/limits/free/rates/0/limit","value":40}]',
-    )
+    set_limit(config, "free", 40)
     generation = trlp()["metadata"]["generation"]
     wait_for(
         lambda: all(c["observedGeneration"] == generation for c in trlp()["status"]["conditions"])

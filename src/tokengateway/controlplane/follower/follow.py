@@ -198,6 +198,8 @@ class Follower:
                 await asyncio.sleep(SETTLE_SECONDS)
                 self._change.clear()
                 if self._update_selectors():
+                    # build once the Secrets the new selectors pick are in, not before
+                    secrets.synced.clear()
                     secrets.relist()
                 if self.synced:
                     await self._build()
