@@ -666,6 +666,10 @@ def test_a_body_that_stops_coming_gets_408(serve) -> None:
         assert r.error()["code"] == "request_timeout"
         assert r.header(b"connection") == b"close"
         assert c.closed()
+    # the app hears of it on the server's loop, maybe a moment after the 408 went out
+    deadline = time.monotonic() + 5
+    while not aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(aborted) == 1 and aborted[0].timed_out  # the app tells it from a client gone
 
     # a body that keeps coming, each part in time, takes as long as it takes
