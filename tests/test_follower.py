@@ -48,6 +48,8 @@ class Process:
         log = open(self.folder / f"{self.name}-{self.starts}.log", "wb")  # noqa: SIM115
         cmd = [sys.executable, "-m", "tokengateway", "serve", "--no-access-log"]
         cmd += ["--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}"]
+        if "--state-dir" not in self.args:
+            cmd += ["--state-dir", str(self.folder / f"{self.name}-state")]
         self.proc = subprocess.Popen(
             cmd + self.args,
             stdin=subprocess.DEVNULL,
@@ -519,3 +521,28 @@ def _get(url: str) -> int | None:
         return httpx.get(url, timeout=2, verify=False).status_code
     except httpx.HTTPError:
         return None
+
+
+def test_a_replica_restarted_while_the_server_is_away_serves_what_it_saved(
+    processes, tmp_path
+) -> None:
+    cp, config = control_plane(processes, tmp_path)
+    one = processes("one", ["--kubeconfig", str(config)]).start()
+    set_limit(config, "free", 30)
+    wait_for(lambda: limit_of(one) == 30)
+    saved = tmp_path / "one-state" / "followed.json"
+    wait_for(saved.exists)
+    assert oct(saved.stat().st_mode & 0o777) == "0o600"  # it holds the selected API keys
+    cp.kill()
+    one.stop()
+    one.start()  # the API server is still away
+    (free,) = clients(one)
+    assert post(free).status_code == 200
+    health = one.health()["config"]
+    assert health["restored"] and not health["connected"] and health["config_age_seconds"] > 0
+    assert limit_of(one) == 30  # what it served before, not the tutorial's 50
+    cp.start()
+    wait_for(lambda: "restored" not in one.health()["config"], timeout=20)
+    assert one.health()["config"]["connected"]
+    assert one.figures()["config_age_seconds"] == 0
+    free.close()

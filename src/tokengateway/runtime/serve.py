@@ -321,10 +321,12 @@ def serve_gateway(
         gateway_class=options.gateway_class,
     )
     if options.follow is not None:
-        follower = Follower(control, options.follow)
+        follower = Follower(control, options.follow, options.state_dir)
         control.follows = follower.server
     try:
         config = control.start(stdin=stdin)
+        if follower is not None and follower.restore() and control.config is not None:
+            config = control.config
         sims.prune(holder.get("plans", {}))
         gateway_sock = _socket(options.listen)
         admin_sock = _socket(options.admin)

@@ -15,6 +15,7 @@ lists the Secrets again.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -37,6 +38,8 @@ __all__ = ["IN_CLUSTER", "FollowOptions", "Follower", "load_client"]
 log = logging.getLogger("tokengateway.follower")
 
 IN_CLUSTER = "in-cluster"
+#: in the state dir: the objects last served, with the server they came from
+SAVED_FILE = "followed.json"
 #: after a change, wait this long for more (a `kubectl apply` of many documents) before building
 SETTLE_SECONDS = 0.05
 
@@ -98,9 +101,15 @@ def load_client(kubeconfig: str) -> tuple[Any, str, str]:
 class Follower:
     """Keeps `control` serving what the API server holds."""
 
-    def __init__(self, control: ControlPlane, options: FollowOptions) -> None:
+    def __init__(
+        self, control: ControlPlane, options: FollowOptions, state_dir: Path | None = None
+    ) -> None:
         self.control = control
         self.options = options
+        #: the last set served, kept so that a restart while the server is away serves it
+        self.saved = state_dir / SAVED_FILE if state_dir is not None else None
+        #: wall-clock time the set restored at start was saved; None when none was
+        self.restored_at: float | None = None
         self.client, self.server, self.namespace = load_client(options.kubeconfig)
         self.informers: list[Informer] = []
         for kind in WATCHED:
@@ -210,17 +219,60 @@ class Follower:
             if self.elector is not None:
                 await self.elector.release()
 
-    async def _build(self) -> None:
+    def restore(self) -> bool:
+        """Serve what was saved by the last run (from the same server), until the first
+        list is in: a replica restarted while the API server is away still serves."""
+        if self.saved is None:
+            return False
         try:
-            changed = await asyncio.to_thread(self.control.replace_cluster, self.objects())
+            saved = json.loads(self.saved.read_text())
+            if saved.get("server") != self.server:
+                return False
+            objects = {tuple(item["key"]): item["object"] for item in saved["objects"]}
+            self.control.replace_cluster(objects)
+        except FileNotFoundError:
+            return False
+        except Exception as exc:  # unreadable or no longer builds: start from the server
+            log.warning("not serving the saved configuration %s: %s", self.saved, exc)
+            return False
+        self.restored_at = float(saved.get("saved_at") or time.time())
+        self.ready.set()
+        log.warning("serving the configuration saved from %s until it answers", self.server)
+        return True
+
+    def _save(self, objects: Mapping[ObjectKey, Mapping[str, Any]]) -> None:
+        if self.saved is None:
+            return
+        body = {
+            "server": self.server,
+            "saved_at": time.time(),
+            "objects": [{"key": list(k), "object": v} for k, v in objects.items()],
+        }
+        self.saved.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.saved.with_suffix(f".{os.getpid()}.tmp")
+        # the API keys of the selected Secrets are in it: readable by this user only
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(body, out)
+        partial.replace(self.saved)
+
+    async def _build(self) -> None:
+        objects = self.objects()
+        try:
+            changed = await asyncio.to_thread(self.control.replace_cluster, objects)
         except Exception as exc:  # a set that does not build: keep serving the last one
             self.build_errors += 1
             self.last_build_error = str(exc)
             log.error("configuration from %s refused, still serving the last: %s", self.server, exc)
             return
         self.last_build_error = ""
-        if changed:
+        if changed or self.restored_at is not None:
             self.applied += 1
+            self.restored_at = None
+            try:
+                await asyncio.to_thread(self._save, objects)
+            except OSError as exc:
+                log.warning("cannot save the configuration in %s: %s", self.saved, exc)
         self.confirmed_at = time.monotonic()
         self.ready.set()
         self._built.set()
@@ -272,6 +324,8 @@ class Follower:
         every watch is connected, the time since the first failed one otherwise; inf
         before the first list."""
         if self.confirmed_at is None:
+            if self.restored_at is not None:
+                return max(0.0, time.time() - self.restored_at)
             return float("inf")
         down = [i.down_since for i in self.informers if i.down_since is not None]
         return time.monotonic() - min(down) if down else 0.0
@@ -285,6 +339,8 @@ class Follower:
             "config_age_seconds": None if age == float("inf") else round(age, 3),
             "watch_errors": sum(i.errors for i in self.informers),
         }
+        if self.restored_at is not None and self.confirmed_at is None:
+            details["restored"] = "serving the configuration saved by the last run"
         if self.elector is not None:
             details["status_writer"] = self.elector.is_leader
             details["lease"] = f"{self.elector.namespace}/{self.elector.name}"
