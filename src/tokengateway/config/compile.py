@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime
 import random
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -109,6 +110,8 @@ AUTH_WHEN = "conditions#"
 _AUTH_SECTIONS = ("authentication", "metadata", "authorization", "callbacks")
 
 StatusKey = tuple[str, str, str]  # (kind, namespace, name)
+#: A certificate loaded for a listener, by its PEM (cert, key), and what it says of itself.
+_Loaded = tuple[ssl.SSLContext, CertificateInfo]
 #: One compiled match: RouteMatch's path, method, headers and query params, in that order.
 _MatchPieces = tuple[PathMatch, str | None, tuple[HeaderMatch, ...], tuple[HeaderMatch, ...]]
 
@@ -237,9 +240,7 @@ class CompiledConfig:
     #: "namespace/name#listener" of every HTTPS listener, served or not
     https_listeners: list[str] = field(default_factory=list)
     #: loaded certificates by their PEM, reused by the next configuration
-    certificate_cache: dict[tuple[str, str], tuple[Any, CertificateInfo]] = field(
-        default_factory=dict, repr=False
-    )
+    certificate_cache: dict[tuple[str, str], _Loaded] = field(default_factory=dict, repr=False)
 
 
 def _key(res: Resource) -> str:
@@ -685,22 +686,21 @@ class _Build:
         backends: Mapping[str, BackendPlan | str],
         strict: bool,
         https: bool = False,
-        certificates: Mapping[tuple[str, str], tuple[Any, CertificateInfo]] | None = None,
+        certificates: Mapping[tuple[str, str], _Loaded] | None = None,
     ) -> None:
         self.backends = backends
         self.strict = strict
         self.https = https
         self.old_certificates = certificates or {}
-        self.certificate_cache: dict[tuple[str, str], tuple[Any, CertificateInfo]] = {}
+        self.certificate_cache: dict[tuple[str, str], _Loaded] = {}
         self.problems: list[str] = []  # route problems, fatal with strict
         self.warnings: list[str] = []
         self.matches: list[RouteMatch] = []
         self.https_matches: list[RouteMatch] = []
-        self.sni_exact: dict[str, Any] = {}
-        self.sni_wildcard: dict[str, Any] = {}
-        self.sni_default: Any = None
+        self.sni_exact: dict[str, ssl.SSLContext] = {}
+        self.sni_wildcard: dict[str, ssl.SSLContext] = {}
+        self.sni_default: ssl.SSLContext | None = None
         self.https_listeners: list[str] = []
-        #: (gateway key, listener name) of the listeners whose routes are served
         self.targets: list[RuleTarget] = []
         kuadrants = sorted(_of(resources, Kuadrant), key=_age)
         self.system_ns = _namespace(kuadrants[0]) if kuadrants else DEFAULT_SYSTEM_NAMESPACE
@@ -739,6 +739,8 @@ class _Build:
         }
         self.grants = _of(resources, ReferenceGrant)
         self.tls_secrets = {_key(s): s for s in _of(resources, Secret)}
+        #: (gateway key, listener name) of the listeners not served: their routes are
+        #: attached (and counted in status) but no request reaches them through it
         self.unserved: set[tuple[str, str]] = set()
         for key, gw in sorted(self.gateways.items(), key=lambda item: _age(item[1])):
             for listener, lf in zip(
@@ -953,7 +955,7 @@ class _Build:
 
     def _certificates(
         self, gateway: Gateway, listener: Listener, lf: st.ListenerFacts
-    ) -> Any | None:
+    ) -> ssl.SSLContext | None:
         """The TLS context of a listener's `tls.certificateRefs` (all of them in one
         context: an RSA and an ECDSA certificate may be served side by side); None, with
         `ResolvedRefs` false in `lf`, when one of them does not resolve or load."""
@@ -1028,7 +1030,7 @@ class _Build:
             )
         return context
 
-    def _load(self, cert: str, key: str) -> tuple[Any, CertificateInfo]:
+    def _load(self, cert: str, key: str) -> _Loaded:
         found = self.certificate_cache.get((cert, key)) or self.old_certificates.get((cert, key))
         if found is None:
             found = pem_context(cert, key)
