@@ -250,10 +250,7 @@ class ReferenceGrant(Resource):
     namespace refer to them (a Gateway's listener to a certificate Secret, here)."""
 
     KIND: ClassVar[str] = "ReferenceGrant"
-    API_VERSIONS: ClassVar[tuple[str, ...]] = (
-        f"{GATEWAY_API_GROUP}/v1beta1",
-        f"{GATEWAY_API_GROUP}/v1alpha2",
-    )
+    API_VERSIONS: ClassVar[tuple[str, ...]] = (f"{GATEWAY_API_GROUP}/v1beta1",)
 
     metadata: ObjectMeta
     spec: ReferenceGrantSpec
