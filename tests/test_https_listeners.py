@@ -546,3 +546,27 @@ def test_a_reference_to_something_else_than_a_secret(manifests) -> None:
     status = _status(manifests(with_listeners(listener)))["https"]
     assert status["ResolvedRefs"][:2] == ("False", "InvalidCertificateRef")
     assert "only core Secrets" in status["ResolvedRefs"][2]
+
+
+def test_routes_do_not_cross_schemes(pki, manifests) -> None:
+    """A route attached only through the HTTPS listener is not reachable in plain HTTP (its
+    API keys would cross the network in clear), and the reverse."""
+    folder = manifests(
+        {
+            **with_listeners(https_listener("https", "tutorial-cert", HOST)),
+            "      namespace: gateway-system\n": "      namespace: gateway-system\n"
+            "      sectionName: https\n",
+        },
+        extra=tls_secret("tutorial-cert", pki.leaf(HOST, [HOST])),
+    )
+    resources = parse_resources(load_paths([str(folder)]))
+    urls = {"default/trlp-tutorial-llm-sim": "http://127.0.0.1:9"}
+    config = compile_config(resources, urls, https=True)
+    headers: dict[str, str] = {}
+    assert config.router.match(HOST, "POST", "/v1/chat/completions", headers, "") is None
+    found = config.https_router.match(HOST, "POST", "/v1/chat/completions", headers, "")
+    assert found is not None and found.target.listener == "https"
+    # without --listen-https the route is attached (and counted) but served nowhere
+    config = compile_config(resources, urls, https=False)
+    assert len(config.router) == len(config.https_router) == 0
+    assert len(config.certificates) == 0
