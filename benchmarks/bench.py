@@ -14,8 +14,10 @@ also on Ctrl-C or failure. See docs/benchmarks.md for what each figure means.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime as dt
+import http.client
 import json
 import os
 import platform
@@ -23,6 +25,7 @@ import re
 import resource
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -142,6 +145,58 @@ def write_manifests(folder: Path, replace: dict[str, str]) -> Path:
     return folder
 
 
+HTTPS_ROW = "gateway, tutorial policies, memory://, over HTTPS (keep-alive)"
+HTTPS_LISTENER = (
+    "  - name: https\n    protocol: HTTPS\n    port: 443\n"
+    "    tls: {mode: Terminate, certificateRefs: [{name: bench-cert}]}\n"
+    "    allowedRoutes: {namespaces: {from: All}}\n"
+)
+
+
+def tls_secret(folder: Path) -> str:
+    """A `kubernetes.io/tls` Secret with a self-signed P-256 certificate for the host."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "2", "-subj", f"/CN={GW_HOST}",
+            "-addext", f"subjectAltName=DNS:{GW_HOST}",
+            "-keyout", str(folder / "tls.key"), "-out", str(folder / "tls.crt"),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    data = {
+        name: base64.b64encode((folder / name).read_bytes()).decode()
+        for name in ("tls.crt", "tls.key")
+    }
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "bench-cert", "namespace": "gateway-system"},
+        "type": "kubernetes.io/tls",
+        "data": data,
+    }
+    return json.dumps(doc) + "\n"
+
+
+def check_https_chat(port: int) -> None:
+    """One request over TLS before measuring (the certificate is not verified: wrk does not
+    verify either)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(HOST, port, timeout=10, context=context)
+    try:
+        conn.request("POST", CHAT_PATH, CHAT_BODY, gateway_headers())
+        answer = conn.getresponse()
+        payload = answer.read()
+    finally:
+        conn.close()
+    if answer.status != 200 or b'"usage"' not in payload:
+        raise RuntimeError(f"sanity request over HTTPS got {answer.status}: {payload[:300]!r}")
+
+
 def open_limits() -> dict[str, str]:
     """Both tutorial limits raised out of reach, their windows an hour (so the counters
     only grow during a run and the tokens counted can be checked)."""
@@ -258,11 +313,19 @@ class Bench:
         backend: str,
         storage: str = "memory://",
         workers: int = 1,
+        https_port: int | None = None,
     ) -> tuple[Proc, int, int]:
+        """The gateway on the tutorial; with `https_port`, also an HTTPS listener (no
+        hostname, so any SNI gets its certificate) served there (docs/tls.md)."""
+        if https_port is not None:
+            replace = {**replace, "  listeners:\n": "  listeners:\n" + HTTPS_LISTENER}
         manifests = write_manifests(self.tmp / f"manifests-{name}", replace)
         port, admin = free_port(), free_port()
         cmd = [PY, "-m", "tokengateway", "serve", "-f", str(manifests)]
         cmd += ["--listen", f"{HOST}:{port}", "--admin", f"{HOST}:{admin}"]
+        if https_port is not None:
+            (manifests / "99-tls.yaml").write_text(tls_secret(self.tmp / f"tls-{name}"))
+            cmd += ["--listen-https", f"{HOST}:{https_port}"]
         cmd += ["--state-dir", str(self.tmp / f"state-{name}"), "--storage", storage]
         cmd += ["--backend", f"{SERVICE}={backend}", "--no-access-log"]
         if workers > 1:
@@ -316,12 +379,20 @@ class Bench:
 
         return pin
 
-    def wrk(self, port: int, script: str, seconds: float, auth: str | None, latency: bool) -> str:
+    def wrk(
+        self,
+        port: int,
+        script: str,
+        seconds: float,
+        auth: str | None,
+        latency: bool,
+        scheme: str = "http",
+    ) -> str:
         cmd = ["wrk", "-t", str(self.wrk_threads), "-c", str(self.args.connections)]
         cmd += ["-d", f"{seconds:g}s", "--timeout", "5s", "-s", str(BENCH / script)]
         if latency:
             cmd.append("--latency")
-        cmd.append(f"http://{HOST}:{port}{CHAT_PATH}")
+        cmd.append(f"{scheme}://{HOST}:{port}{CHAT_PATH}")
         done = subprocess.run(
             cmd,
             capture_output=True,
@@ -350,19 +421,23 @@ class Bench:
         expect_refusals: bool = False,
         others: tuple[Proc | None, ...] = (),
         admin: int | None = None,
+        scheme: str = "http",
     ) -> None:
         """wrk against `port`: warm-up, then the timed run with /proc readings around it.
-        With --repeat N, the run with the most requests per second of N is kept."""
+        With --repeat N, the run with the most requests per second of N is kept. wrk keeps
+        its connections open, so over https the handshakes are not what is measured."""
         script = "chat_stream.lua" if stream else "chat.lua"
         self.pin_for(sut, [upstream, *others])
         best: dict[str, Any] | None = None
         for _ in range(self.args.repeat):
             if self.args.warmup > 0:
-                self.wrk(port, script, self.args.warmup, auth, latency=False)
+                self.wrk(port, script, self.args.warmup, auth, latency=False, scheme=scheme)
             tokens0 = self.counted_tokens(admin) if admin else 0
             rss0 = sut.rss_mb(tree)
             with Readings(sut, tree, upstream, [p for p in others if p]) as readings:
-                out = parse_wrk(self.wrk(port, script, self.args.duration, auth, latency=True))
+                out = parse_wrk(
+                    self.wrk(port, script, self.args.duration, auth, latency=True, scheme=scheme)
+                )
             out["rss_growth_mb"] = sut.rss_mb(tree) - rss0
             if admin:
                 out["tokens_counted"] = self.counted_tokens(admin) - tokens0
@@ -554,14 +629,25 @@ class Bench:
 
         gw: Proc | None = None
         gw_port = gw_admin = 0
+        tls_port = free_port()
+        others = tuple(proc for _, proc, _ in proxies)
         with self.scenario("non-streaming", "gateway, tutorial policies, memory://") as row:
             gw, gw_port, gw_admin = self.start_gateway(
-                "gw-memory", open_limits(), self.upstream_url
+                "gw-memory", open_limits(), self.upstream_url, https_port=tls_port
             )
             self.check_chat(gw_port)
-            others = tuple(proc for _, proc, _ in proxies)
             self.measure_wrk(row, gw, gw_port, upstream=up, others=others, admin=gw_admin)
             self.note_children(row, gw)
+        if gw is not None and gw.alive():
+            with self.scenario("non-streaming", HTTPS_ROW) as row:
+                check_https_chat(tls_port)
+                self.measure_wrk(
+                    row, gw, tls_port, upstream=up, others=others, admin=gw_admin, scheme="https"
+                )
+        if self.args.tls_only:
+            if gw is not None:
+                gw.stop()
+            return
         if gw is not None and gw.alive():
             with self.scenario("streaming", "gateway, tutorial policies, memory://, stream") as row:
                 self.check_chat(gw_port, stream=True)
@@ -1222,6 +1308,11 @@ def main() -> int:
         help="skip the py-spy profile of the gateway",
     )
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="no CPU pinning")
+    parser.add_argument(
+        "--tls-only",
+        action="store_true",
+        help="only the gateway over plain HTTP and over HTTPS, side by side",
+    )
     parser.add_argument(
         "--out", type=Path, default=BENCH / "results", help="where latest.md/.json go"
     )

@@ -39,9 +39,19 @@ def free_socket() -> socket.socket:
 class Gateway:
     """A `tokengateway serve` process on a loopback port, stopped by the fixture."""
 
-    def __init__(self, paths: list[Path], args: list[str], log: Path, state_dir: Path) -> None:
+    def __init__(
+        self,
+        paths: list[Path],
+        args: list[str],
+        log: Path,
+        state_dir: Path,
+        https: bool = False,
+    ) -> None:
         sock = free_socket()
         admin = free_socket()
+        tls = free_socket() if https else None
+        #: the `--listen-https` port, with https=True
+        self.https_port = tls.getsockname()[1] if tls is not None else 0
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{admin.getsockname()[1]}"
@@ -52,16 +62,22 @@ class Gateway:
         for p in paths:
             cmd += ["-f", str(p)]
         cmd += ["--listen", f"127.0.0.1:{self.port}", *args]
+        fds = [sock.fileno(), admin.fileno()]
+        if tls is not None:
+            cmd += ["--listen-https-fd", str(tls.fileno())]
+            fds.append(tls.fileno())
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd,
-            pass_fds=(sock.fileno(), admin.fileno()),
+            pass_fds=fds,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
         )
         sock.close()
         admin.close()
+        if tls is not None:
+            tls.close()
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
@@ -135,10 +151,15 @@ def manifests(tmp_path: Path) -> Callable[..., Path]:
 def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
-    def start(*paths: Path, args: tuple[str, ...] = (), state_dir: Path | None = None) -> Gateway:
+    def start(
+        *paths: Path,
+        args: tuple[str, ...] = (),
+        state_dir: Path | None = None,
+        https: bool = False,
+    ) -> Gateway:
         n = len(started)
         state = state_dir or tmp_path / f"state-{n}"
-        gw = Gateway(list(paths), list(args), tmp_path / f"gateway-{n}.log", state)
+        gw = Gateway(list(paths), list(args), tmp_path / f"gateway-{n}.log", state, https)
         started.append(gw)
         return gw
 

@@ -591,6 +591,7 @@ def test_supported_kinds() -> None:
         "RateLimitPolicy",
         "GatewayClass",
         "Lease",
+        "ReferenceGrant",
     }
 
 

@@ -98,6 +98,13 @@ _backend = click.option(
 )
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on.")
 @click.option(
+    "--listen-https",
+    default=None,
+    help="HOST:PORT serving every HTTPS listener of the Gateways over TLS, the certificate "
+    "chosen by SNI (docs/tls.md) [default: HTTPS listeners are not served].",
+)
+@click.option("--listen-https-fd", type=int, default=None, hidden=True)
+@click.option(
     "--admin",
     default=DEFAULT_ADMIN,
     show_default=True,
@@ -281,6 +288,8 @@ _backend = click.option(
 def serve(
     paths: tuple[str, ...],
     listen: str,
+    listen_https: str | None,
+    listen_https_fd: int | None,
     admin: str,
     admin_token: str | None,
     admin_tls: bool,
@@ -323,6 +332,7 @@ def serve(
     try:
         address = parse_listen(listen)
         admin_address = parse_listen(admin)
+        https_address = parse_listen(listen_https, "--listen-https") if listen_https else None
         open_store(storage)
         overrides = parse_backend_overrides(backends)
     except (ValueError, StorageURIError) as exc:
@@ -351,6 +361,9 @@ def serve(
         paths=list(paths),
         listen=socket.socket(fileno=fd) if fd is not None else address,
         admin=admin_sock if admin_sock is not None else admin_address,
+        listen_https=socket.socket(fileno=listen_https_fd)
+        if listen_https_fd is not None
+        else https_address,
         storage=storage,
         overrides=overrides,
         admin_token=admin_token,
@@ -391,6 +404,13 @@ def serve(
 
             click.echo(
                 f"{workers} worker processes on this address, counters in {hide_password(storage)}",
+                err=True,
+            )
+        if config.https_listeners and (listen_https or listen_https_fd is not None):
+            served = len(config.certificates)
+            click.echo(
+                f"HTTPS listeners on {listen_https or 'the given socket'} "
+                f"({served} certificate(s) chosen by SNI)",
                 err=True,
             )
         scheme = "https" if tls is not None else "http"

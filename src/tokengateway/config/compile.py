@@ -37,8 +37,10 @@ is local to one object (a policy, a route's backend or match) and reported in it
 
 from __future__ import annotations
 
+import datetime
 import random
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -55,6 +57,7 @@ from tokengateway.config.routing import (
 )
 from tokengateway.expr import cel
 from tokengateway.http.client import DEFAULT_TIMEOUTS, Origin, Timeouts
+from tokengateway.http.tls import CertificateError, CertificateInfo, SniContexts, pem_context
 from tokengateway.limits import Limit, LimitCompileError, compile_limits, parse_window
 from tokengateway.resources import (
     GATEWAY_API_GROUP,
@@ -72,6 +75,7 @@ from tokengateway.resources import (
     Namespace,
     ParentReference,
     RateLimitPolicy,
+    ReferenceGrant,
     Resource,
     Secret,
     Service,
@@ -106,6 +110,8 @@ AUTH_WHEN = "conditions#"
 _AUTH_SECTIONS = ("authentication", "metadata", "authorization", "callbacks")
 
 StatusKey = tuple[str, str, str]  # (kind, namespace, name)
+#: A certificate loaded for a listener, by its PEM (cert, key), and what it says of itself.
+_Loaded = tuple[ssl.SSLContext, CertificateInfo]
 #: One compiled match: RouteMatch's path, method, headers and query params, in that order.
 _MatchPieces = tuple[PathMatch, str | None, tuple[HeaderMatch, ...], tuple[HeaderMatch, ...]]
 
@@ -227,6 +233,14 @@ class CompiledConfig:
     #: limits with a `reservation` reserve (the Kuadrant CR's tokenRateLimiting.mode is
     #: Reservation, its default); False for mode CheckReport
     reservations: bool = True
+    #: the routes of HTTPS listeners, for requests that came over TLS (`router`: HTTP ones)
+    https_router: Router = field(default_factory=lambda: Router([]))
+    #: the certificates of the HTTPS listeners served, by SNI name (docs/tls.md)
+    certificates: SniContexts = field(default_factory=SniContexts)
+    #: "namespace/name#listener" of every HTTPS listener, served or not
+    https_listeners: list[str] = field(default_factory=list)
+    #: loaded certificates by their PEM, reused by the next configuration
+    certificate_cache: dict[tuple[str, str], _Loaded] = field(default_factory=dict, repr=False)
 
 
 def _key(res: Resource) -> str:
@@ -612,6 +626,7 @@ def compile_config(
     *,
     strict: bool = False,
     previous: CompiledConfig | None = None,
+    https: bool = False,
 ) -> CompiledConfig:
     """Build the route table with each rule's effective policies, and every object's status.
 
@@ -622,10 +637,12 @@ def compile_config(
     not change.
 
     Kinds no configuration reads (`CONFIG_NEUTRAL`: Lease, GatewayClass) are left out,
-    of `resources` too.
+    of `resources` too. `https` says whether HTTPS listeners are served (`serve
+    --listen-https`); their certificates are loaded and checked either way.
     """
     resources = [res for res in resources if res.kind not in CONFIG_NEUTRAL]
-    build = _Build(resources, backends, strict)
+    cache = previous.certificate_cache if previous is not None else {}
+    build = _Build(resources, backends, strict, https, cache)
     for route in build.routes:
         build.route(route)
     compiler = build.compiler
@@ -653,6 +670,10 @@ def compile_config(
         build.system_ns,
         statuses,
         build.reservations,
+        Router(build.https_matches),
+        SniContexts(build.sni_exact, build.sni_wildcard, build.sni_default),
+        build.https_listeners,
+        build.certificate_cache,
     )
 
 
@@ -664,12 +685,22 @@ class _Build:
         resources: Sequence[Resource],
         backends: Mapping[str, BackendPlan | str],
         strict: bool,
+        https: bool = False,
+        certificates: Mapping[tuple[str, str], _Loaded] | None = None,
     ) -> None:
         self.backends = backends
         self.strict = strict
+        self.https = https
+        self.old_certificates = certificates or {}
+        self.certificate_cache: dict[tuple[str, str], _Loaded] = {}
         self.problems: list[str] = []  # route problems, fatal with strict
         self.warnings: list[str] = []
         self.matches: list[RouteMatch] = []
+        self.https_matches: list[RouteMatch] = []
+        self.sni_exact: dict[str, ssl.SSLContext] = {}
+        self.sni_wildcard: dict[str, ssl.SSLContext] = {}
+        self.sni_default: ssl.SSLContext | None = None
+        self.https_listeners: list[str] = []
         self.targets: list[RuleTarget] = []
         kuadrants = sorted(_of(resources, Kuadrant), key=_age)
         self.system_ns = _namespace(kuadrants[0]) if kuadrants else DEFAULT_SYSTEM_NAMESPACE
@@ -706,6 +737,16 @@ class _Build:
             )
             for key, gw in self.gateways.items()
         }
+        self.grants = _of(resources, ReferenceGrant)
+        self.tls_secrets = {_key(s): s for s in _of(resources, Secret)}
+        #: (gateway key, listener name) of the listeners not served: their routes are
+        #: attached (and counted in status) but no request reaches them through it
+        self.unserved: set[tuple[str, str]] = set()
+        for key, gw in sorted(self.gateways.items(), key=lambda item: _age(item[1])):
+            for listener, lf in zip(
+                gw.spec.listeners, self.gateway_facts[key].listeners, strict=True
+            ):
+                self._listener(gw, listener, lf)
         self.route_facts: dict[str, st.RouteFacts] = {}
         self.policies: dict[str, _Policy] = {}  # "Kind ns/name" -> policy
         self.targeted: dict[tuple[str, str, str | None], list[_Policy]] = {}
@@ -830,9 +871,12 @@ class _Build:
                 )
                 self._attach_policies(target)
                 self.targets.append(target)
+                if (gw_key, name) in self.unserved:
+                    continue
+                into = self.https_matches if listener.protocol == "HTTPS" else self.matches
                 for m_index, pieces in matches[index]:
                     order = (*_age(route), index, m_index)
-                    self.matches.extend(
+                    into.extend(
                         RouteMatch(h, *pieces, target=target, order=order) for h in hostnames
                     )
         if not candidates:
@@ -858,6 +902,140 @@ class _Build:
                 + [("Gateway", gw_key, None)]
             )
         return served > 0
+
+    # listeners
+
+    def _listener(self, gateway: Gateway, listener: Listener, lf: st.ListenerFacts) -> None:
+        """Check an HTTPS (or TLS) listener and load its certificates; a listener that
+        cannot be served is marked so in its status and its routes are left out."""
+        gw_key = _key(gateway)
+        where = f"Gateway {gw_key} listener {listener.name!r}"
+        if listener.protocol == "TLS":
+            mode = (listener.tls or {}).get("mode")
+            if mode == "Passthrough":
+                lf.accepted = (
+                    "UnsupportedValue",
+                    "tls.mode Passthrough is not supported: tokengateway terminates TLS "
+                    "(use protocol HTTPS with mode Terminate)",
+                )
+            else:
+                lf.accepted = (
+                    "UnsupportedProtocol",
+                    "protocol TLS (TLSRoute) is not supported; use protocol HTTPS",
+                )
+            lf.programmed = ("Invalid", lf.accepted[1])
+            self.unserved.add((gw_key, listener.name))
+            self.warnings.append(f"{where}: {lf.accepted[1]}")
+            return
+        if listener.protocol != "HTTPS":
+            return
+        self.https_listeners.append(f"{gw_key}#{listener.name}")
+        loaded = self._certificates(gateway, listener, lf)
+        if loaded is None:
+            lf.programmed = ("Invalid", "the listener has no usable certificate")
+            self.unserved.add((gw_key, listener.name))
+            self.warnings.append(f"{where}: {lf.resolved[1] if lf.resolved else 'no certificate'}")
+            return
+        if not self.https:
+            lf.programmed = (
+                "Pending",
+                "HTTPS listeners are not served: start tokengateway serve with "
+                "--listen-https HOST:PORT",
+            )
+            self.unserved.add((gw_key, listener.name))
+            return
+        host = listener.hostname
+        if host is None:
+            if self.sni_default is None:
+                self.sni_default = loaded
+        elif host.startswith("*."):
+            self.sni_wildcard.setdefault(host[1:], loaded)
+        else:
+            self.sni_exact.setdefault(host, loaded)
+
+    def _certificates(
+        self, gateway: Gateway, listener: Listener, lf: st.ListenerFacts
+    ) -> ssl.SSLContext | None:
+        """The TLS context of a listener's `tls.certificateRefs` (all of them in one
+        context: an RSA and an ECDSA certificate may be served side by side); None, with
+        `ResolvedRefs` false in `lf`, when one of them does not resolve or load."""
+        gw_ns = _namespace(gateway)
+        refs = (listener.tls or {}).get("certificateRefs") or []
+        if not refs:
+            lf.resolved = ("InvalidCertificateRef", "tls.certificateRefs is empty")
+            return None
+        pairs: list[tuple[str, str]] = []
+        for ref in refs:
+            group = str(ref.get("group") or "")
+            kind = str(ref.get("kind") or "Secret")
+            name = str(ref.get("name") or "")
+            namespace = str(ref.get("namespace") or gw_ns)
+            shown = f"{namespace}/{name}"
+            if group not in ("", "core") or kind != "Secret":
+                lf.resolved = (
+                    "InvalidCertificateRef",
+                    f"certificateRef {kind} {shown}: only core Secrets are supported",
+                )
+                return None
+            if namespace != gw_ns and not any(
+                grant.metadata.namespace == namespace
+                and grant.permits(GATEWAY_API_GROUP, "Gateway", gw_ns, ("", "Secret", name))
+                for grant in self.grants
+            ):
+                lf.resolved = (
+                    "RefNotPermitted",
+                    f"certificateRef Secret {shown} is in another namespace and no "
+                    f"ReferenceGrant in {namespace} permits Gateways of {gw_ns} to use it",
+                )
+                return None
+            secret = self.tls_secrets.get(shown)
+            if secret is None:
+                lf.resolved = ("InvalidCertificateRef", f"Secret {shown} not found")
+                return None
+            if secret.type != "kubernetes.io/tls":
+                lf.resolved = (
+                    "InvalidCertificateRef",
+                    f"Secret {shown} is of type {secret.type}, not kubernetes.io/tls",
+                )
+                return None
+            data = secret.decoded_data()
+            missing = [k for k in ("tls.crt", "tls.key") if not data.get(k)]
+            if missing:
+                lf.resolved = (
+                    "InvalidCertificateRef",
+                    f"Secret {shown} has no {' or '.join(missing)}",
+                )
+                return None
+            pairs.append((data["tls.crt"], data["tls.key"]))
+        notes = []
+        context = None
+        for (cert, key), ref in zip(pairs, refs, strict=True):
+            shown = f"{ref.get('namespace') or gw_ns}/{ref.get('name')}"
+            try:
+                context, info = self._load(cert, key)
+            except CertificateError as exc:
+                lf.resolved = ("InvalidCertificateRef", f"Secret {shown}: {exc}")
+                return None
+            if info.expired():
+                notes.append(
+                    f"the certificate of Secret {shown} ({info.subject}) expired on "
+                    f"{_utc(info.not_after)}; served all the same until it is replaced"
+                )
+        if len(pairs) > 1:  # each one loaded alone above, so that a bad one is named
+            context, _ = pem_context(*pairs[0], more=pairs[1:])
+        if notes:
+            lf.resolved_note = "; ".join(notes)
+            self.warnings.append(
+                f"Gateway {_key(gateway)} listener {listener.name!r}: {lf.resolved_note}"
+            )
+        return context
+
+    def _load(self, cert: str, key: str) -> _Loaded:
+        found = self.certificate_cache.get((cert, key)) or self.old_certificates.get((cert, key))
+        if found is None:
+            found = pem_context(cert, key)
+        self.certificate_cache[(cert, key)] = found
+        return found
 
     # policies
 
@@ -924,6 +1102,12 @@ class _Build:
         for rf in self.route_facts.values():
             out[("HTTPRoute", rf.namespace, rf.name)] = st.route_status(rf, when)
         return out
+
+
+def _utc(when: float | None) -> str:
+    if when is None:
+        return "an unknown date"
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _note_effect(path: Sequence[_Policy], effective: Mapping[str, PolicyRule]) -> None:

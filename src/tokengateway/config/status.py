@@ -206,6 +206,13 @@ class ListenerFacts:
     attached_routes: int = 0
     #: kind -> accepted policies targeting the Gateway or this listener ("namespace/name")
     affected_by: dict[str, list[str]] = field(default_factory=dict)
+    #: (reason, message) when the condition is false: Accepted (UnsupportedProtocol, ...),
+    #: Programmed (Invalid, Pending), ResolvedRefs (InvalidCertificateRef, RefNotPermitted)
+    accepted: tuple[str, str] | None = None
+    programmed: tuple[str, str] | None = None
+    resolved: tuple[str, str] | None = None
+    #: said in a true ResolvedRefs (an expired certificate served all the same)
+    resolved_note: str | None = None
 
 
 @dataclass
@@ -241,11 +248,22 @@ class GatewayStatus:
 
 def gateway_status(facts: GatewayFacts, when: str | None = None) -> GatewayStatus:
     """Accepted and Programmed (every listener is served as soon as the config is loaded),
-    per-listener Accepted/Programmed/ResolvedRefs, and Kuadrant's `<Kind>Affected`."""
+    per-listener Accepted/Programmed/ResolvedRefs, and Kuadrant's `<Kind>Affected`.
+
+    A listener that cannot be served (an unsupported protocol, a certificate that does not
+    resolve, HTTPS without `--listen-https`) says why in its own conditions; the Gateway
+    stays Accepted, with reason ListenersNotValid when some listener is not, as Gateway API
+    allows, and its other listeners are served."""
     when = when or now()
     gen = facts.generation
+    invalid = [x.name for x in facts.listeners if x.accepted or x.resolved]
+    accepted = (
+        ("ListenersNotValid", f"listeners not valid: {', '.join(invalid)}")
+        if invalid
+        else ("Accepted", "Resource accepted")
+    )
     conditions = [
-        _condition(ACCEPTED, True, "Accepted", "Resource accepted", gen, when),
+        _condition(ACCEPTED, True, *accepted, gen, when),
         _condition(
             "Programmed",
             True,
@@ -260,10 +278,16 @@ def gateway_status(facts: GatewayFacts, when: str | None = None) -> GatewayStatu
             conditions.append(affected_condition(kind, policies, gen, when))
     listeners = []
     for listener in facts.listeners:
+        ok = "No errors found"
         items = [
-            _condition(ACCEPTED, True, "Accepted", "No errors found", gen, when),
-            _condition("Programmed", True, "Programmed", "No errors found", gen, when),
-            _condition("ResolvedRefs", True, "ResolvedRefs", "No errors found", gen, when),
+            _condition(ACCEPTED, *_state(listener.accepted, "Accepted", ok), gen, when),
+            _condition("Programmed", *_state(listener.programmed, "Programmed", ok), gen, when),
+            _condition(
+                "ResolvedRefs",
+                *_state(listener.resolved, "ResolvedRefs", listener.resolved_note or ok),
+                gen,
+                when,
+            ),
         ]
         for kind, policies in sorted(listener.affected_by.items()):
             if policies:
@@ -277,6 +301,10 @@ def gateway_status(facts: GatewayFacts, when: str | None = None) -> GatewayStatu
             }
         )
     return GatewayStatus(conditions, listeners)
+
+
+def _state(problem: tuple[str, str] | None, reason: str, message: str) -> tuple[bool, str, str]:
+    return (True, reason, message) if problem is None else (False, *problem)
 
 
 # --- HTTPRoutes ---------------------------------------------------------------------------------

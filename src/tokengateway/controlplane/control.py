@@ -189,6 +189,10 @@ class ControlPlane:
         #: where the gateway listens and each Service's address, for `get` to show
         self._listen_address: tuple[str, int] | None = None
         self.backend_urls: dict[str, str] = {}
+        #: whether HTTPS listeners are served (`serve --listen-https`); set before start
+        self.https = False
+        #: where they are served, shown beside `listen_address`
+        self.https_address: tuple[str, int] | None = None
         self.history = History(self._read_version())
 
     @property
@@ -508,7 +512,9 @@ class ControlPlane:
         resources = self._resources(stored)
         plans = plan_backends(resources, needed_services(resources), self.overrides)
         urls = self._start_backends(plans)
-        config = compile_config(resources, urls, strict=strict, previous=self.config)
+        config = compile_config(
+            resources, urls, strict=strict, previous=self.config, https=self.https
+        )
         self._stored = stored
         self.config = config
         self.backend_urls = dict(urls)
@@ -523,7 +529,7 @@ class ControlPlane:
         resources = self._resources(stored)
         plans = plan_backends(resources, needed_services(resources), self.overrides)
         urls = {key: self.backend_urls.get(key, "http://127.0.0.1:9") for key in plans}
-        return compile_config(resources, urls, previous=self.config)
+        return compile_config(resources, urls, previous=self.config, https=self.https)
 
     def _record(self) -> None:
         """Hand the objects as now shown to `history`, which makes events of what changed.
@@ -594,6 +600,9 @@ class ControlPlane:
             status["addresses"] = [{"type": "IPAddress", "value": self._listen_address[0]}]
             host, port = self._listen_address
             status.setdefault("tokengateway", {})["listen"] = f"{host}:{port}"
+            if self.https_address is not None:
+                host, port = self.https_address
+                status["tokengateway"]["listenHttps"] = f"{host}:{port}"
         elif kind == "Service":
             key = f"{obj['metadata'].get('namespace')}/{obj['metadata'].get('name')}"
             if key in self.backend_urls:

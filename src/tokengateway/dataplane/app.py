@@ -286,9 +286,10 @@ class GatewayApp:
     def _route(self, request: RequestContext) -> Answer | None:
         """1. The rule the request matches (`request.target`); else a 404."""
         host, path = request.host, request.path
-        match = request.config.router.match(
-            host, request.method, path, request.headers, request.query
-        )
+        config = request.config
+        # a request over TLS reaches only routes of HTTPS listeners, a plain one only HTTP's
+        router = config.https_router if request.scope.get("scheme") == "https" else config.router
+        match = router.match(host, request.method, path, request.headers, request.query)
         if match is None:
             return send_error(
                 request.send,

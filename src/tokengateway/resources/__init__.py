@@ -39,6 +39,7 @@ from .gateway_api import (
     HTTPRouteRule,
     Listener,
     ParentReference,
+    ReferenceGrant,
 )
 from .kuadrant import (
     AuthenticationRule,
@@ -103,6 +104,7 @@ __all__ = [
     "Predicate",
     "Rate",
     "RateLimitPolicy",
+    "ReferenceGrant",
     "Resource",
     "Secret",
     "Service",

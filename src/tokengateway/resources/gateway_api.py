@@ -44,6 +44,10 @@ __all__ = [
     "Listener",
     "ParametersReference",
     "ParentReference",
+    "ReferenceGrant",
+    "ReferenceGrantFrom",
+    "ReferenceGrantSpec",
+    "ReferenceGrantTo",
     "RouteGroupKind",
     "RouteNamespaces",
 ]
@@ -212,6 +216,54 @@ class Gateway(Resource):
     metadata: ObjectMeta
     spec: GatewaySpec
     status: dict[str, Any] | None = None
+
+
+# --- ReferenceGrant -----------------------------------------------------------------------------
+
+
+class ReferenceGrantFrom(StrictModel):
+    """Objects in `namespace` of this group and kind may refer into the grant's namespace."""
+
+    group: Group
+    kind: Kind
+    namespace: NamespaceName
+
+
+class ReferenceGrantTo(StrictModel):
+    """What they may refer to in the grant's namespace: objects of this group and kind,
+    only the one called `name` when it is set."""
+
+    group: Group
+    kind: Kind
+    name: ObjectName | None = None
+
+
+class ReferenceGrantSpec(StrictModel):
+    from_: Annotated[list[ReferenceGrantFrom], Field(min_length=1, max_length=16)] = Field(
+        alias="from"
+    )
+    to: Annotated[list[ReferenceGrantTo], Field(min_length=1, max_length=16)]
+
+
+class ReferenceGrant(Resource):
+    """A grant, in the namespace of the objects referred to, that lets objects of another
+    namespace refer to them (a Gateway's listener to a certificate Secret, here)."""
+
+    KIND: ClassVar[str] = "ReferenceGrant"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = (f"{GATEWAY_API_GROUP}/v1beta1",)
+
+    metadata: ObjectMeta
+    spec: ReferenceGrantSpec
+
+    def permits(self, group: str, kind: str, namespace: str, to: tuple[str, str, str]) -> bool:
+        """Whether a `kind` of `group` in `namespace` may refer to `to` (group, kind, name),
+        an object in this grant's namespace."""
+        return any(
+            f.group == group and f.kind == kind and f.namespace == namespace
+            for f in self.spec.from_
+        ) and any(
+            t.group == to[0] and t.kind == to[1] and t.name in (None, to[2]) for t in self.spec.to
+        )
 
 
 # --- HTTPRoute ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ _ALIASES = {
     "Kuadrant": ("kuadrants",),
     "GatewayClass": ("gc", "gatewayclasses"),
     "Lease": ("leases",),
+    "ReferenceGrant": ("refgrant", "referencegrants"),
 }
 
 KIND_NAMES: dict[str, str] = {}

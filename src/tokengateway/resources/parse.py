@@ -17,7 +17,7 @@ from .common import CUSTOM_ERROR, shell_variable_hint
 from .coordination import Lease
 from .core import Deployment, Namespace, Secret, Service
 from .errors import ManifestError, ManifestIssue
-from .gateway_api import Gateway, GatewayClass, HTTPRoute
+from .gateway_api import Gateway, GatewayClass, HTTPRoute, ReferenceGrant
 from .kuadrant import AuthPolicy, Kuadrant, RateLimitPolicy, TokenRateLimitPolicy
 from .loader import Document
 from .resource import Resource
@@ -39,6 +39,7 @@ MODEL_BY_KIND: dict[str, type[Resource]] = {
         RateLimitPolicy,
         GatewayClass,
         Lease,
+        ReferenceGrant,
     )
 }
 SUPPORTED_KINDS: tuple[str, ...] = tuple(MODEL_BY_KIND)

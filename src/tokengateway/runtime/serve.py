@@ -24,6 +24,7 @@ from tokengateway.controlplane.follower.follow import Follower, FollowOptions
 from tokengateway.dataplane.app import DEFAULT_MAX_BODY, RESERVATION_CLAMPS, GatewayApp
 from tokengateway.http.client import DEFAULT_LIMITS, UpstreamLimits
 from tokengateway.http.server import ConnectionLimits
+from tokengateway.http.tls import SniListener
 from tokengateway.limits import OnError, counter_scope
 from tokengateway.observability.metrics import Snapshot, merge, process_snapshot
 from tokengateway.resources import load_paths, parse_resources
@@ -68,10 +69,10 @@ def load(
     return LoadedConfig(list(resources), plans)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+        raise ValueError(f"{flag} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -188,6 +189,9 @@ class ServeOptions:
     admin_token: str | None = None
     #: the admin listener serves HTTPS with this context (runtime/admin_tls.py); None: HTTP
     admin_tls: ssl.SSLContext | None = None
+    #: where every HTTPS listener of the Gateways is served, one TLS socket whose
+    #: certificate is chosen by SNI (docs/tls.md); None: HTTPS listeners are not served
+    listen_https: tuple[str, int] | socket.socket | None = None
     state_dir: Path | None = None
     access_log: bool = True
     watch_interval: float = 1.0
@@ -281,7 +285,13 @@ def serve_gateway(
     With `options.workers` > 1 this process is the leader of `workers.WorkerPool`: all of
     the above, plus followers that serve the same socket with every configuration it
     publishes (see runtime/workers.py)."""
+    if options.listen_https is not None and options.workers > 1:
+        raise ValueError(
+            "--listen-https serves one process only for now: leave out --workers, or "
+            "terminate TLS in front of the workers"
+        )
     sims = Simulators()
+    sni = SniListener()
     settings = options.worker_settings()
     store = open_store(settings.storage)
     holder: dict[str, Any] = {}
@@ -290,6 +300,7 @@ def serve_gateway(
         pool = WorkerPool(options.workers - 1, settings)
 
     def publish(config: CompiledConfig) -> None:
+        sni.swap(config.certificates)  # the next handshake on the HTTPS socket sees it
         app = holder.get("app")
         loop = holder.get("loop")
         if app is not None:
@@ -320,6 +331,7 @@ def serve_gateway(
         publish,
         gateway_class=options.gateway_class,
     )
+    control.https = options.listen_https is not None
     if options.follow is not None:
         follower = Follower(control, options.follow, options.state_dir)
         control.follows = follower.server
@@ -328,8 +340,17 @@ def serve_gateway(
         if follower is not None and follower.restore() and control.config is not None:
             config = control.config
         sims.prune(holder.get("plans", {}))
+        if config.https_listeners and options.listen_https is None:
+            print(
+                f"warning: HTTPS listeners not served ({', '.join(config.https_listeners)}): "
+                "give serve --listen-https HOST:PORT to serve them",
+                file=sys.stderr,
+            )
         gateway_sock = _socket(options.listen)
         admin_sock = _socket(options.admin)
+        https_sock = _socket(options.listen_https) if options.listen_https is not None else None
+        if https_sock is not None:
+            control.https_address = https_sock.getsockname()[:2]
         app = gateway_app(config, store, settings)
         holder["app"] = app
         admin_port = admin_sock.getsockname()[1]
@@ -350,8 +371,12 @@ def serve_gateway(
             if follower is not None:
                 following = background(follower.run(), "follow the Kubernetes API")
                 await _first_sync(follower, options.first_sync_seconds)
-            tls = {admin_sock: options.admin_tls} if options.admin_tls is not None else None
-            task = asyncio.create_task(server.serve([gateway_sock, admin_sock], tls))
+            tls = {admin_sock: options.admin_tls} if options.admin_tls is not None else {}
+            sockets = [gateway_sock, admin_sock]
+            if https_sock is not None:
+                sockets.append(https_sock)
+                tls[https_sock] = sni.context
+            task = asyncio.create_task(server.serve(sockets, tls))
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)
             watcher = (

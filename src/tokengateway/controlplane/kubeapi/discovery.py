@@ -51,11 +51,12 @@ _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "TokenRateLimitPolicy": ("tokenratelimitpolicies", ("trlp",)),
     "GatewayClass": ("gatewayclasses", ("gc",)),
     "Lease": ("leases", ()),
+    "ReferenceGrant": ("referencegrants", ("refgrant",)),
 }
 
 
 #: kinds with no status, so no `/status` subresource
-NO_STATUS = frozenset({"Secret", "ConfigMap", "Lease"})
+NO_STATUS = frozenset({"Secret", "ConfigMap", "Lease", "ReferenceGrant"})
 
 
 @dataclass(frozen=True, slots=True)

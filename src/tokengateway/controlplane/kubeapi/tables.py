@@ -89,6 +89,8 @@ def _columns(kind: str) -> list[Column]:
         ]
     if kind == "Lease":
         return [("Holder", "string", 0, lambda o: _get(o, "spec", "holderIdentity") or "")]
+    if kind == "ReferenceGrant":
+        return []
     if kind == "HTTPRoute":
         return [("Hostnames", "string", 0, lambda o: _join(_get(o, "spec", "hostnames")))]
     if kind == "Secret":
