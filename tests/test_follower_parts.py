@@ -166,3 +166,38 @@ def test_only_selected_secrets_are_held(tmp_path: Path) -> None:
     policies.objects = {}
     assert follower._update_selectors() is True
     assert not any(follower._selected_secret(s) for s in keys)
+
+
+def test_secrets_a_gateway_names_as_certificates_are_held(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "config.yaml"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        "clusters: [{name: c, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+        "users: [{name: u, user: {}}]\n"
+        "contexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n"
+    )
+    control, _ = follower_plane()
+    follower = Follower(control, FollowOptions(str(kubeconfig)))
+    gateways = next(i for i in follower.informers if i.kind.kind == "Gateway")
+    listener = {
+        "name": "https",
+        "port": 443,
+        "protocol": "HTTPS",
+        "tls": {
+            "mode": "Terminate",
+            "certificateRefs": [{"name": "site"}, {"name": "shared", "namespace": "certs"}],
+        },
+    }
+    gateways.objects = {
+        ("Gateway", "edge", "gw"): {
+            "metadata": {"name": "gw", "namespace": "edge"},
+            "spec": {"gatewayClassName": "x", "listeners": [listener]},
+        }
+    }
+    assert follower._update_selectors() is True
+    assert follower._selected_secret({"metadata": {"name": "site", "namespace": "edge"}})
+    assert follower._selected_secret({"metadata": {"name": "shared", "namespace": "certs"}})
+    assert not follower._selected_secret({"metadata": {"name": "site", "namespace": "other"}})
+    gateways.objects = {}
+    assert follower._update_selectors() is True
+    assert not follower._selected_secret({"metadata": {"name": "site", "namespace": "edge"}})

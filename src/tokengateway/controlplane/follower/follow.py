@@ -117,6 +117,7 @@ class Follower:
             self.informers.append(Informer(self.client, kind, self._changed, keep))
         self._change = asyncio.Event()
         self._selectors: list[Any] = []
+        self._certificates: set[tuple[str, str]] = set()  # (namespace, name) of TLS Secrets
         self._selector_text = ""
         #: when the running configuration was last known to match the API server
         self.confirmed_at: float | None = None
@@ -142,21 +143,28 @@ class Follower:
         self._change.set()
 
     def _selected_secret(self, obj: Mapping[str, Any]) -> bool:
-        labels = (obj.get("metadata") or {}).get("labels") or {}
+        meta = obj.get("metadata") or {}
+        if (str(meta.get("namespace") or ""), str(meta.get("name") or "")) in self._certificates:
+            return True
+        labels = meta.get("labels") or {}
         return any(match(labels) for match in self._selectors)
 
-    def _policies(self) -> list[dict[str, Any]]:
+    def _held(self, kind: str) -> list[dict[str, Any]]:
         for informer in self.informers:
-            if informer.kind.kind == "AuthPolicy":
+            if informer.kind.kind == kind:
                 return list(informer.objects.values())
         return []
 
     def _update_selectors(self) -> bool:
-        """Compile the API key selectors of every AuthPolicy; True when they changed."""
+        """Which Secrets to hold: those the API key selectors of every AuthPolicy pick, and
+        those a Gateway's listeners name as certificates. True when that changed."""
         found: list[Any] = []
-        for policy in self._policies():
+        for policy in self._held("AuthPolicy"):
             _api_key_selectors(policy.get("spec"), found)
-        text = repr(sorted(repr(s) for s in found))
+        certificates = set()
+        for gateway in self._held("Gateway"):
+            certificates |= _certificate_refs(gateway)
+        text = repr(sorted(repr(s) for s in found)) + repr(sorted(certificates))
         if text == self._selector_text:
             return False
         matchers = []
@@ -166,6 +174,7 @@ class Follower:
             except ValueError:
                 continue  # the policy's own status says what is wrong with it
         self._selectors = matchers
+        self._certificates = certificates
         self._selector_text = text
         return True
 
@@ -381,3 +390,17 @@ def _api_key_selectors(node: Any, found: list[Any]) -> None:
     elif isinstance(node, list):
         for value in node:
             _api_key_selectors(value, found)
+
+
+def _certificate_refs(gateway: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """(namespace, name) of every Secret a Gateway's listeners name in tls.certificateRefs
+    (a ReferenceGrant decides later whether one in another namespace may be used)."""
+    namespace = str((gateway.get("metadata") or {}).get("namespace") or "default")
+    out = set()
+    spec = gateway.get("spec") or {}
+    for listener in spec.get("listeners") or []:
+        tls = listener.get("tls") if isinstance(listener, Mapping) else None
+        for ref in (tls or {}).get("certificateRefs") or []:
+            if isinstance(ref, Mapping) and ref.get("kind", "Secret") == "Secret":
+                out.add((str(ref.get("namespace") or namespace), str(ref.get("name"))))
+    return out

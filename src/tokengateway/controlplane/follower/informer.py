@@ -16,6 +16,7 @@ The client is lightkube's (`AsyncClient`); `Informer` only knows which objects i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -40,8 +41,10 @@ BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 
 
+@functools.cache
 def resource_class(kind: WatchedKind) -> Any:
-    """lightkube's generic resource for a kind: objects come back as plain dicts."""
+    """lightkube's generic resource for a kind: objects come back as plain dicts. Made once
+    per process: lightkube's registry refuses a second class for a core kind."""
     if kind.namespaced:
         return create_namespaced_resource(kind.group, kind.version, kind.kind, kind.plural)
     return create_global_resource(kind.group, kind.version, kind.kind, kind.plural)

@@ -36,6 +36,7 @@ WATCHED: tuple[WatchedKind, ...] = (
     WatchedKind("Kuadrant", KUADRANT, "v1beta1", "kuadrants"),
     WatchedKind("Gateway", GATEWAY_API, "v1", "gateways", writes_status=True),
     WatchedKind("HTTPRoute", GATEWAY_API, "v1", "httproutes", writes_status=True),
+    WatchedKind("ReferenceGrant", GATEWAY_API, "v1beta1", "referencegrants"),
     WatchedKind("Service", "", "v1", "services"),
     WatchedKind("Deployment", "apps", "v1", "deployments"),
     WatchedKind("AuthPolicy", KUADRANT, "v1", "authpolicies", writes_status=True),
