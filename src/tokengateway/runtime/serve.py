@@ -337,8 +337,8 @@ def serve_gateway(
         control.follows = follower.server
     try:
         config = control.start(stdin=stdin)
-        if follower is not None and follower.restore() and control.config is not None:
-            config = control.config
+        if follower is not None and follower.restore():
+            config = control.config or config
         sims.prune(holder.get("plans", {}))
         if config.https_listeners and options.listen_https is None:
             print(

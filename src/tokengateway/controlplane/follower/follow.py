@@ -54,8 +54,6 @@ class FollowOptions:
     lease_name: str = "tokengateway-status"
     lease_namespace: str = ""
     lease_seconds: float = 15.0
-    #: write status back at all (a replica of a control plane that computes it may not)
-    write_status: bool = True
 
     def who(self) -> str:
         return self.identity or os.environ.get("TOKENGATEWAY_POD_NAME") or _host_identity()
@@ -125,15 +123,13 @@ class Follower:
         self.build_errors = 0
         self.last_build_error = ""
         self.ready = asyncio.Event()
-        self.elector: LeaseElector | None = None
-        if options.write_status:
-            self.elector = LeaseElector(
-                self.client,
-                options.lease_name,
-                options.lease_namespace or self.namespace,
-                options.who(),
-                options.lease_seconds,
-            )
+        self.elector = LeaseElector(
+            self.client,
+            options.lease_name,
+            options.lease_namespace or self.namespace,
+            options.who(),
+            options.lease_seconds,
+        )
         self.writer = StatusWriter(self.client)
         self._built = asyncio.Event()
 
@@ -208,9 +204,8 @@ class Follower:
                 self._change.clear()
             self._update_selectors()
             tasks.append(asyncio.create_task(secrets.run(), name="secrets"))
-            if self.elector is not None:
-                tasks.append(asyncio.create_task(self.elector.run(), name="lease"))
-                tasks.append(asyncio.create_task(self._write_status(), name="status"))
+            tasks.append(asyncio.create_task(self.elector.run(), name="lease"))
+            tasks.append(asyncio.create_task(self._write_status(), name="status"))
             while True:
                 await self._change.wait()
                 await asyncio.sleep(SETTLE_SECONDS)
@@ -225,8 +220,7 @@ class Follower:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self.elector is not None:
-                await self.elector.release()
+            await self.elector.release()
 
     def restore(self) -> bool:
         """Serve what was saved by the last run (from the same server), until the first
@@ -289,7 +283,6 @@ class Follower:
     async def _write_status(self) -> None:
         """While this replica holds the Lease: after each build (and on taking the Lease
         over), write the statuses that changed."""
-        assert self.elector is not None
         elector = self.elector
         while True:
             built = asyncio.ensure_future(self._built.wait())
@@ -350,9 +343,8 @@ class Follower:
         }
         if self.restored_at is not None and self.confirmed_at is None:
             details["restored"] = "serving the configuration saved by the last run"
-        if self.elector is not None:
-            details["status_writer"] = self.elector.is_leader
-            details["lease"] = f"{self.elector.namespace}/{self.elector.name}"
+        details["status_writer"] = self.elector.is_leader
+        details["lease"] = f"{self.elector.namespace}/{self.elector.name}"
         problems = {i.kind.plural: i.last_error for i in self.informers if i.last_error}
         if problems:
             details["watch_problems"] = problems
@@ -372,7 +364,7 @@ class Follower:
             "config_build_errors_total": float(self.build_errors),
             "objects_skipped": float(len(self.control.skipped)),
             "status_writes_total": float(self.writer.writes),
-            "status_writer": float(self.elector is not None and self.elector.is_leader),
+            "status_writer": float(self.elector.is_leader),
         }
 
     async def close(self) -> None:

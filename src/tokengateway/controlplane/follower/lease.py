@@ -52,7 +52,6 @@ class LeaseElector:
         self._seen: tuple[str, str, float] | None = None  # (holder, renewTime, seen at)
         self.changed = asyncio.Event()  # set whenever leadership starts or ends
         self._was_leader = False
-        self.transitions = 0
 
     @property
     def is_leader(self) -> bool:
@@ -73,8 +72,6 @@ class LeaseElector:
         leader = self.is_leader
         if leader != self._was_leader:
             self._was_leader = leader
-            if leader:
-                self.transitions += 1
             log.warning(
                 "%s %s the status writer (Lease %s/%s)",
                 self.identity,

@@ -36,7 +36,6 @@ from tokengateway.controlplane.control import (
     ControlPlane,
     Expect,
     NotFoundError,
-    ReadOnlyError,
 )
 from tokengateway.controlplane.history import Expired
 from tokengateway.http.asgi import Receive, Scope, Send, read_body
@@ -706,8 +705,6 @@ class KubeAPI:
             if t is not None:  # deleted between the read and the write
                 raise self._not_found(t) from None
             raise KubeError(404, str(exc)) from None
-        except ReadOnlyError as exc:
-            raise KubeError(405, str(exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise KubeError(400, f"{exc}; nothing was changed") from None
 
