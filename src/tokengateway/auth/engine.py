@@ -24,8 +24,9 @@ Selectors, conditions and Rego read Authorino's authorization JSON, built once p
 
 Not supported (AuthConfigError at compile time, never a silent bypass): `metadata` and
 `callbacks` rules (HTTP, UMA and UserInfo calls), identity methods other than `apiKey`,
-`plain` and `anonymous` (jwt, oauth2Introspection, x509, kubernetesTokenReview need a
-network or Kubernetes), `kubernetesSubjectAccessReview` and `spicedb` authorization, Rego
+`x509` (auth/x509.py), `plain` and `anonymous` (jwt, oauth2Introspection,
+kubernetesTokenReview need a network or Kubernetes), an `x509` certificate `source` other
+than the TLS connection, `kubernetesSubjectAccessReview` and `spicedb` authorization, Rego
 from `externalPolicy`, and `wristband` responses. `cache` and `metrics` options are
 accepted and ignored (they do not change decisions).
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from tokengateway.auth.credentials import CredentialLocation, compile_credentials
 from tokengateway.auth.identity import REDACTED, ApiKeyIndex, compile_label_selector, digest
@@ -49,6 +51,7 @@ from tokengateway.auth.values import (
     compile_conditions,
     compile_value,
 )
+from tokengateway.auth.x509 import TrustedCAs
 from tokengateway.expr import cel
 from tokengateway.expr.kept import keep
 
@@ -65,7 +68,6 @@ _SECTIONS = ("authentication", "metadata", "authorization", "response", "callbac
 _UNSUPPORTED_IDENTITY = {
     "jwt": "it fetches OpenID Connect discovery documents and JWKS over the network",
     "oauth2Introspection": "it calls an OAuth2 token introspection endpoint",
-    "x509": "it needs the client certificate chain and a Kubernetes trust store",
     "kubernetesTokenReview": "it calls the Kubernetes TokenReview API",
 }
 _UNSUPPORTED_AUTHZ = {
@@ -90,6 +92,7 @@ class _Source:
         "plain",
         "priority",
         "when",
+        "x509",
     )
 
     def __init__(self, name: str, priority: int) -> None:
@@ -100,6 +103,7 @@ class _Source:
         self.location: CredentialLocation | None = None
         self.index: ApiKeyIndex | None = None
         self.plain: Value | None = None
+        self.x509: TrustedCAs | None = None
         #: (property, value, overwrite) from `defaults` (False) and `overrides` (True)
         self.extensions: list[tuple[str, Value, bool]] = []
         self.challenge = ""
@@ -266,6 +270,22 @@ class _Compiler:
             namespace = None if options.get("allNamespaces") else self.system_namespace
             src.location = location
             src.index = ApiKeyIndex(self.secrets, matches, namespace)
+        elif method == "x509":
+            options = _mapping(spec["x509"], self.policy, f"{where}.x509")
+            if options.get("source"):
+                raise AuthConfigError(
+                    self.policy,
+                    f"{where}.x509.source",
+                    "a certificate source other than the TLS connection is not supported "
+                    "here: tokengateway terminates TLS itself, and a certificate in a header "
+                    "or an expression is whatever the client wrote there",
+                )
+            matches = compile_label_selector(
+                options.get("selector"), self.policy, f"{where}.x509.selector"
+            )
+            namespace = None if options.get("allNamespaces") else self.system_namespace
+            src.x509 = TrustedCAs(self.secrets, matches, namespace)
+            src.challenge = f'Certificate realm="{name}"'
         elif method == "plain":
             options = _mapping(spec["plain"], self.policy, f"{where}.plain")
             if bool(options.get("selector")) == bool(options.get("expression")):
@@ -557,6 +577,17 @@ class AuthEngine:
             if src.index is not None
         }
 
+    def client_cas(self) -> list[str]:
+        """The CA certificates (PEM) the `x509` rules trust: a TLS listener in front of
+        this policy asks clients for a certificate signed by one of them."""
+        return [
+            pem
+            for group in self._source_groups
+            for src in group
+            if src.x509 is not None
+            for pem in src.x509.pem
+        ]
+
     def __repr__(self) -> str:
         return f"AuthEngine({self.name!r}, sources={self.identity_sources})"
 
@@ -732,6 +763,11 @@ class AuthEngine:
             if hit is None:
                 return None, None, MSG_INVALID_API_KEY
             identity, public = hit
+        elif src.x509 is not None:
+            subject, error = src.x509.check(req.client_certificate)
+            if subject is None:
+                return None, None, error
+            identity = public = subject
         elif src.plain is not None:
             try:
                 identity = src.plain.resolve(ctx)
@@ -833,8 +869,11 @@ def _envoy_context(
     size = request.get("size")
     if isinstance(size, int) and size > 0:
         http["size"] = size
+    source = _peer(req.source_address, req.source_port)
+    if req.client_certificate:  # Envoy's source.certificate: the URL-encoded PEM
+        source["certificate"] = quote(req.client_certificate, safe="")
     return {
-        "source": _peer(req.source_address, req.source_port),
+        "source": source,
         "destination": _peer(req.destination_address, req.destination_port),
         "request": {
             "time": {"seconds": now // 1_000_000_000, "nanos": now % 1_000_000_000},

@@ -54,6 +54,8 @@ class AuthRequest:
     request_id: str
     #: the CEL bindings {"request": ..., "source": ..., "destination": ...} the gateway built
     well_known: Mapping[str, Any] = field(default_factory=dict)
+    #: the certificate the client presented on the TLS connection (PEM), if any
+    client_certificate: str | None = None
 
     def __repr__(self) -> str:
         # headers, query and well-known attributes may carry credentials: never shown
