@@ -53,6 +53,8 @@ class PKI:
             "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\n"
             "serial = serial\ndefault_md = sha256\npolicy = p\ncopy_extensions = copy\n"
             "unique_subject = no\n[p]\ncommonName = supplied\n"
+            "countryName = optional\norganizationName = optional\n"
+            "organizationalUnitName = optional\nlocalityName = optional\n"
         )
         self.ca = folder / "ca.crt"
 
@@ -81,6 +83,28 @@ class PKI:
             "-notext", "-in", f"{name}.csr", "-out", f"{name}.crt", *dates,
         )  # fmt: skip
         return (self.folder / f"{name}.crt").read_text(), (self.folder / f"{name}.key").read_text()
+
+    def client(
+        self, subject: str, *, expired: bool = False, usage: str = "clientAuth"
+    ) -> tuple[Path, Path]:
+        """(certificate file, key file) of a client certificate with this subject
+        (`/CN=aisha/O=ACME Inc.`), for `usage` (an extendedKeyUsage)."""
+        name = "client-" + "".join(c if c.isalnum() else "-" for c in subject).strip("-")
+        self._openssl(
+            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-subj", subject, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-addext", f"extendedKeyUsage={usage}",
+        )  # fmt: skip
+        dates = (
+            ["-startdate", "20200101000000Z", "-enddate", "20200102000000Z"]
+            if expired
+            else ["-days", "2"]
+        )
+        self._openssl(
+            "ca", "-batch", "-config", "ca.cnf", "-cert", "ca.crt", "-keyfile", "ca.key",
+            "-notext", "-preserveDN", "-in", f"{name}.csr", "-out", f"{name}.crt", *dates,
+        )  # fmt: skip
+        return self.folder / f"{name}.crt", self.folder / f"{name}.key"
 
     def trust(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))
@@ -305,9 +329,9 @@ def test_a_listener_without_hostname_serves_clients_without_sni(
     assert common_name(peer(gw.https_port, "nobody.example.org", loose)) == "default.example.net"
 
 
-def test_plain_http_on_the_https_port_gets_no_http_answer(pki, manifests, start_gateway) -> None:
-    """The HTTPS port speaks TLS only: a plain request fails the handshake and the
-    connection is closed, with no HTTP answer and nothing of the route (documented)."""
+def test_plain_http_on_the_https_port_gets_a_clear_400(pki, manifests, start_gateway) -> None:
+    """The HTTPS port speaks TLS only: a plain request gets a 400 that says so, in the
+    OpenAI error envelope, and nothing of the route; the connection is closed."""
     folder = manifests(
         with_listeners(https_listener("https", "tutorial-cert", HOST)),
         extra=tls_secret("tutorial-cert", pki.leaf(HOST, [HOST])),
@@ -323,7 +347,13 @@ def test_plain_http_on_the_https_port_gets_no_http_answer(pki, manifests, start_
                 answer += chunk
         except (ConnectionResetError, TimeoutError):
             pass
-    assert b"HTTP/1" not in answer and b"model" not in answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "plain_http_on_https_port"
+    assert "https://" in error["message"] and error["type"] == "invalid_request_error"
+    assert b"meta-llama" not in answer and b"iamafreeuser" not in answer
     # and the port still serves TLS afterwards
     assert curl(gw.https_port, pki.ca).returncode == 0
 

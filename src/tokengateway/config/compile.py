@@ -57,7 +57,13 @@ from tokengateway.config.routing import (
 )
 from tokengateway.expr import cel
 from tokengateway.http.client import DEFAULT_TIMEOUTS, Origin, Timeouts
-from tokengateway.http.tls import CertificateError, CertificateInfo, SniContexts, pem_context
+from tokengateway.http.tls import (
+    CertificateError,
+    CertificateInfo,
+    SniContexts,
+    ask_client_certificate,
+    pem_context,
+)
 from tokengateway.limits import Limit, LimitCompileError, compile_limits, parse_window
 from tokengateway.resources import (
     GATEWAY_API_GROUP,
@@ -240,7 +246,9 @@ class CompiledConfig:
     #: "namespace/name#listener" of every HTTPS listener, served or not
     https_listeners: list[str] = field(default_factory=list)
     #: loaded certificates by their PEM, reused by the next configuration
-    certificate_cache: dict[tuple[str, str], _Loaded] = field(default_factory=dict, repr=False)
+    #: loaded TLS contexts by what they were made from (see `_Build._load`, `_Build._served`),
+    #: reused by the next configuration while their PEM is the same
+    certificate_cache: dict[tuple[Any, ...], _Loaded] = field(default_factory=dict, repr=False)
 
 
 def _key(res: Resource) -> str:
@@ -660,6 +668,7 @@ def compile_config(
             build.warnings.append(f"{problem} (the route rules it protects deny every request)")
         else:
             build.warnings.append(f"{problem} (not enforced)")
+    sni = build.sni()  # after the routes: their AuthPolicies say whether to ask for certificates
     statuses = build.statuses()
     st.carry_transition_times(statuses, previous.statuses if previous is not None else None)
     return CompiledConfig(
@@ -671,7 +680,7 @@ def compile_config(
         statuses,
         build.reservations,
         Router(build.https_matches),
-        SniContexts(build.sni_exact, build.sni_wildcard, build.sni_default),
+        sni,
         build.https_listeners,
         build.certificate_cache,
     )
@@ -686,21 +695,23 @@ class _Build:
         backends: Mapping[str, BackendPlan | str],
         strict: bool,
         https: bool = False,
-        certificates: Mapping[tuple[str, str], _Loaded] | None = None,
+        certificates: Mapping[tuple[Any, ...], _Loaded] | None = None,
     ) -> None:
         self.backends = backends
         self.strict = strict
         self.https = https
         self.old_certificates = certificates or {}
-        self.certificate_cache: dict[tuple[str, str], _Loaded] = {}
+        self.certificate_cache: dict[tuple[Any, ...], _Loaded] = {}
         self.problems: list[str] = []  # route problems, fatal with strict
         self.warnings: list[str] = []
         self.matches: list[RouteMatch] = []
         self.https_matches: list[RouteMatch] = []
-        self.sni_exact: dict[str, ssl.SSLContext] = {}
-        self.sni_wildcard: dict[str, ssl.SSLContext] = {}
-        self.sni_default: ssl.SSLContext | None = None
         self.https_listeners: list[str] = []
+        #: the HTTPS listeners served: (gateway key, listener name, hostname, certificate
+        #: and key pairs); their contexts are made once the routes' policies are known
+        self.served_https: list[tuple[str, str, str | None, list[tuple[str, str]]]] = []
+        #: whether the HTTPS socket asks clients for a certificate (an x509 AuthPolicy rule)
+        self.client_ca = ""
         self.targets: list[RuleTarget] = []
         kuadrants = sorted(_of(resources, Kuadrant), key=_age)
         self.system_ns = _namespace(kuadrants[0]) if kuadrants else DEFAULT_SYSTEM_NAMESPACE
@@ -930,8 +941,8 @@ class _Build:
         if listener.protocol != "HTTPS":
             return
         self.https_listeners.append(f"{gw_key}#{listener.name}")
-        loaded = self._certificates(gateway, listener, lf)
-        if loaded is None:
+        pairs = self._certificates(gateway, listener, lf)
+        if pairs is None:
             lf.programmed = ("Invalid", "the listener has no usable certificate")
             self.unserved.add((gw_key, listener.name))
             self.warnings.append(f"{where}: {lf.resolved[1] if lf.resolved else 'no certificate'}")
@@ -944,21 +955,57 @@ class _Build:
             )
             self.unserved.add((gw_key, listener.name))
             return
-        host = listener.hostname
-        if host is None:
-            if self.sni_default is None:
-                self.sni_default = loaded
-        elif host.startswith("*."):
-            self.sni_wildcard.setdefault(host[1:], loaded)
-        else:
-            self.sni_exact.setdefault(host, loaded)
+        self.served_https.append((gw_key, listener.name, listener.hostname, pairs))
+
+    def sni(self) -> SniContexts:
+        """The HTTPS listeners' contexts by server name, once every route is attached: when
+        an x509 AuthPolicy rule protects a route of one of them, the socket asks every client
+        for a certificate signed by one of those rules' CAs (docs/tls.md)."""
+        served = {(gw, name) for gw, name, _, _ in self.served_https}
+        self.client_ca = "".join(
+            sorted(
+                {
+                    pem
+                    for target in self.targets
+                    if target.auth is not None and (target.gateway, target.listener) in served
+                    for pem in target.auth.client_cas()
+                }
+            )
+        )
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcard: dict[str, ssl.SSLContext] = {}
+        default: ssl.SSLContext | None = None
+        for _, _, host, pairs in self.served_https:
+            context = self._served(pairs)
+            if host is None:
+                default = default or context
+            elif host.startswith("*."):
+                wildcard.setdefault(host[1:], context)
+            else:
+                exact.setdefault(host, context)
+        return SniContexts(exact, wildcard, default, client_certificates=bool(self.client_ca))
+
+    def _served(self, pairs: list[tuple[str, str]]) -> ssl.SSLContext:
+        """The context serving these certificates, asking for a client certificate when
+        `client_ca` is set."""
+        if len(pairs) == 1 and not self.client_ca:
+            return self._load(*pairs[0])[0]
+        key = ("served", tuple(pairs), self.client_ca)
+        found = self.certificate_cache.get(key) or self.old_certificates.get(key)
+        if found is None:
+            found = pem_context(*pairs[0], more=pairs[1:])
+            if self.client_ca:
+                ask_client_certificate(found[0], self.client_ca)
+        self.certificate_cache[key] = found
+        return found[0]
 
     def _certificates(
         self, gateway: Gateway, listener: Listener, lf: st.ListenerFacts
-    ) -> ssl.SSLContext | None:
-        """The TLS context of a listener's `tls.certificateRefs` (all of them in one
-        context: an RSA and an ECDSA certificate may be served side by side); None, with
-        `ResolvedRefs` false in `lf`, when one of them does not resolve or load."""
+    ) -> list[tuple[str, str]] | None:
+        """The certificate and key pairs of a listener's `tls.certificateRefs`, each one
+        loaded once to check it (they are served together: an RSA and an ECDSA certificate
+        may be served side by side); None, with `ResolvedRefs` false in `lf`, when one of
+        them does not resolve or load."""
         gw_ns = _namespace(gateway)
         refs = (listener.tls or {}).get("certificateRefs") or []
         if not refs:
@@ -1008,11 +1055,10 @@ class _Build:
                 return None
             pairs.append((data["tls.crt"], data["tls.key"]))
         notes = []
-        context = None
         for (cert, key), ref in zip(pairs, refs, strict=True):
             shown = f"{ref.get('namespace') or gw_ns}/{ref.get('name')}"
             try:
-                context, info = self._load(cert, key)
+                _, info = self._load(cert, key)
             except CertificateError as exc:
                 lf.resolved = ("InvalidCertificateRef", f"Secret {shown}: {exc}")
                 return None
@@ -1021,14 +1067,12 @@ class _Build:
                     f"the certificate of Secret {shown} ({info.subject}) expired on "
                     f"{_utc(info.not_after)}; served all the same until it is replaced"
                 )
-        if len(pairs) > 1:  # each one loaded alone above, so that a bad one is named
-            context, _ = pem_context(*pairs[0], more=pairs[1:])
         if notes:
             lf.resolved_note = "; ".join(notes)
             self.warnings.append(
                 f"Gateway {_key(gateway)} listener {listener.name!r}: {lf.resolved_note}"
             )
-        return context
+        return pairs
 
     def _load(self, cert: str, key: str) -> _Loaded:
         found = self.certificate_cache.get((cert, key)) or self.old_certificates.get((cert, key))

@@ -23,6 +23,7 @@ import time
 import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 
@@ -345,6 +346,7 @@ class GatewayApp:
                 destination_port=well_known["destination"]["port"],
                 request_id=request.request_id,
                 well_known=well_known,
+                client_certificate=_client_certificate(request.scope),
             ),
         )
         request.decision = decision
@@ -677,13 +679,20 @@ def _hostname(host: str) -> str:
     return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
 
 
+def _client_certificate(scope: Scope) -> str | None:
+    """The PEM certificate the client presented over TLS (ASGI's `tls` extension)."""
+    tls = scope.get("extensions", {}).get("tls")
+    chain = tls.get("client_cert_chain") if tls else None
+    return chain[0] if chain else None
+
+
 def _well_known(request: RequestContext) -> dict[str, Any]:
     """Kuadrant's well-known attributes (Envoy's names): `request.path` includes the query."""
     scope, path, query, headers = request.scope, request.path, request.query, request.headers
     client = scope.get("client") or ("", 0)
     server = scope.get("server") or ("", 0)
     full_path = f"{path}?{query}" if query else path
-    return {
+    attributes: dict[str, Any] = {
         "request": {
             "id": request.request_id,
             "method": request.method,
@@ -705,6 +714,10 @@ def _well_known(request: RequestContext) -> dict[str, Any]:
         },
         "destination": {"address": server[0] or "", "port": int(server[1] or 0)},
     }
+    certificate = _client_certificate(scope)
+    if certificate is not None:  # Envoy's attribute: the peer's certificate, URL-encoded PEM
+        attributes["source"]["certificate"] = quote(certificate, safe="")
+    return attributes
 
 
 async def _send_denied(send: Send, decision: authlib.AuthDecision) -> None:

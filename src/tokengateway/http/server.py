@@ -93,6 +93,7 @@ from tokengateway.http.target import (
     split_target,
     valid_host,
 )
+from tokengateway.http.tlsport import TlsPort
 
 __all__ = [
     "ConnectionLimits",
@@ -526,6 +527,7 @@ class HttpProtocol(asyncio.Protocol):
         "reading",
         "server",
         "tasks",
+        "tls",
         "transport",
         "write_paused",
     )
@@ -541,6 +543,8 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
+        #: ASGI's `tls` extension when the client sent a certificate (read once per connection)
+        self.tls: dict[str, Any] | None = None
         self.counted = False
         #: the request being answered; the requests parsed behind it (pipelining)
         self.active: _Cycle | None = None
@@ -603,6 +607,12 @@ class HttpProtocol(asyncio.Protocol):
         local = transport.get_extra_info("sockname")
         if isinstance(local, tuple | list) and len(local) >= 2:
             self.local = (str(local[0]), int(local[1]))
+        if self.listener.scheme == "https":
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(True) if ssl_object is not None else None
+            if der:
+                # the leaf only: Python (before 3.13) gives no access to the rest of the chain
+                self.tls = {"client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)]}
         self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
 
     def _refuse(self, transport: asyncio.Transport) -> None:
@@ -872,7 +882,7 @@ class HttpProtocol(asyncio.Protocol):
         except TargetError as exc:
             raise _BadHead(str(exc)) from None
         path = raw_path.decode("ascii")
-        scope = {
+        scope: dict[str, Any] = {
             "type": "http",
             "asgi": _ASGI,
             "http_version": version,
@@ -886,6 +896,8 @@ class HttpProtocol(asyncio.Protocol):
             "query_string": query,
             "headers": headers,
         }
+        if self.tls is not None:
+            scope["extensions"] = {"tls": self.tls}
         cycle = _Cycle(
             self,
             scope,
@@ -1275,14 +1287,27 @@ class Server:
                 where = where[:2]
             context = tls.get(sock)
             listener = _Listener(where, "https" if context is not None else "http")
-            factory = functools.partial(HttpProtocol, self, listener)
-            if sock.family == getattr(socket, "AF_UNIX", None):
-                server = await loop.create_unix_server(
-                    factory, sock=sock, backlog=2048, ssl=context
+            factory: Callable[[], asyncio.Protocol] = functools.partial(
+                HttpProtocol, self, listener
+            )
+            if context is not None:  # the first byte decides: TLS, or a 400 (http/tlsport.py)
+                factory = functools.partial(
+                    TlsPort, factory, context, self.limits.header_timeout, self._plain_answer
                 )
+            if sock.family == getattr(socket, "AF_UNIX", None):
+                server = await loop.create_unix_server(factory, sock=sock, backlog=2048)
             else:
-                server = await loop.create_server(factory, sock=sock, backlog=2048, ssl=context)
+                server = await loop.create_server(factory, sock=sock, backlog=2048)
             self._servers.append(server)
+
+    @functools.cached_property
+    def _plain_answer(self) -> bytes:
+        return _response(
+            self.error_body,
+            400,
+            "this port speaks HTTPS, and the request was plain HTTP: send it with https://",
+            "plain_http_on_https_port",
+        )
 
     async def _wait_for_exit(self) -> None:
         last = int(time.time())

@@ -36,6 +36,7 @@ __all__ = [
     "KeyPair",
     "SniContexts",
     "SniListener",
+    "ask_client_certificate",
     "pem_context",
     "self_signed",
     "server_context",
@@ -196,6 +197,13 @@ def pem_context(
     return context, info
 
 
+def ask_client_certificate(context: ssl.SSLContext, ca_pem: str) -> None:
+    """Make a server context ask for a client certificate and verify one that is sent
+    against these CAs (a client may send none: the policy decides what that means)."""
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_verify_locations(cadata=ca_pem)
+
+
 def _describe(cert: Path) -> CertificateInfo:
     # the ssl module decodes a certificate only through this helper (no public API for a
     # server's own certificate); without it, expiry goes unreported
@@ -221,6 +229,8 @@ class SniContexts:
     exact: Mapping[str, ssl.SSLContext] = field(default_factory=dict)
     wildcard: Mapping[str, ssl.SSLContext] = field(default_factory=dict)  # ".example.com"
     default: ssl.SSLContext | None = None
+    #: the contexts ask clients for a certificate (`ask_client_certificate`)
+    client_certificates: bool = False
 
     def pick(self, name: str | None) -> ssl.SSLContext | None:
         if name:
@@ -246,11 +256,15 @@ class SniListener:
     connections already open keep their certificate, the next ones get the new one)."""
 
     def __init__(self, table: SniContexts | None = None) -> None:
-        self.table = table or SniContexts()
         self.context = _modern()
         self.context.sni_callback = self._choose
+        self.swap(table or SniContexts())
 
     def swap(self, table: SniContexts) -> None:
+        # OpenSSL reads whether to ask for a client certificate from the context a
+        # connection starts with, not from the one the SNI callback picks (which gives the
+        # CAs that verify it): the socket asks every client, or none
+        self.context.verify_mode = ssl.CERT_OPTIONAL if table.client_certificates else ssl.CERT_NONE
         self.table = table
 
     def _choose(self, conn: Any, name: str | None, _context: ssl.SSLContext) -> int | None:
