@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
 import ssl
 import time
@@ -34,6 +36,7 @@ from tests.test_https_listeners import (
 from tests.test_workers import (
     COUNTERS,
     _charged,
+    _followers,
     _server_side,
     _socket_inodes,
     _storage,
@@ -269,3 +272,23 @@ def test_workers_share_one_limit_over_https_with_the_openai_sdk(
     # spent for every worker, over TLS
     after = _from_every_worker(lambda: one(), pids)
     assert {status for _, status, _ in after} == {429}, after
+
+
+def test_a_follower_started_again_serves_https_too(
+    tmp_path, manifests, start_gateway, redis_server
+) -> None:
+    pki = PKI(tmp_path / "pki")
+    gw, (leader, follower), _ = _start(manifests, start_gateway, redis_server, pki)
+    os.kill(follower, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        now = _followers(leader)
+        if now and now != [follower] and f"(pid {now[0]}) serving" in gw.output():
+            break
+        assert time.monotonic() < deadline, gw.output()
+        time.sleep(0.05)
+    # the new follower got the HTTPS socket and the certificates of the current configuration
+    pids = [leader, *now]
+    answered = _from_every_worker(lambda: _tls_post(gw, pids, pki.trust()), pids)
+    assert {status for _, status, _, _ in answered} == {200}, answered
+    assert {common_name(cert) for _, _, _, cert in answered} == {HOST}
