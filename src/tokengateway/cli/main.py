@@ -169,8 +169,8 @@ _backend = click.option(
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Processes serving --listen (use several CPU cores); more than 1 needs "
-    "--storage redis://... so that they share the counters.",
+    help="Processes serving --listen and --listen-https (use several CPU cores); more "
+    "than 1 needs --storage redis://... so that they share the counters.",
 )
 @click.option(
     "--header-timeout",

@@ -283,13 +283,8 @@ def serve_gateway(
     loading errors (ValueError subclasses) before anything listens.
 
     With `options.workers` > 1 this process is the leader of `workers.WorkerPool`: all of
-    the above, plus followers that serve the same socket with every configuration it
-    publishes (see runtime/workers.py)."""
-    if options.listen_https is not None and options.workers > 1:
-        raise ValueError(
-            "--listen-https serves one process only for now: leave out --workers, or "
-            "terminate TLS in front of the workers"
-        )
+    the above, plus followers that serve the same sockets (the HTTPS one too) with every
+    configuration it publishes (see runtime/workers.py)."""
     sims = Simulators()
     sni = SniListener()
     settings = options.worker_settings()
@@ -387,7 +382,7 @@ def serve_gateway(
             replayer = background(app.limiter.replay_loop(), "replay the missed counts")
             supervisor = None
             if pool is not None and server.started:
-                pool.start(gateway_sock)  # here: the main thread (see WorkerPool)
+                pool.start(gateway_sock, https_sock)  # here: the main thread (see WorkerPool)
                 supervisor = background(
                     pool.supervise(lambda: server.should_exit), "supervise the workers"
                 )

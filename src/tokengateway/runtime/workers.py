@@ -7,6 +7,10 @@ descriptor:
 
 * the bound listen socket: every process accepts on it and the kernel gives each new
   connection to the one that accepts first (a busy process comes back to accept later);
+* with `--listen-https`, the HTTPS socket too, shared the same way. Each follower
+  serves TLS on it with its own `SniListener` (http/tls.py), fed the certificates of every
+  configuration it compiles, so a rotated certificate reaches every worker's next
+  handshake once the follower has confirmed that configuration (below);
 * one end of a socketpair, the *channel*. The leader first sends the `WorkerSettings`
   (runtime/process.py: store URI, `--on-storage-error`, `--access-log`, body and connection
   limits, ...) it serves with itself, then, each time it publishes a configuration, the
@@ -56,6 +60,7 @@ import pickle
 import queue
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -65,6 +70,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tokengateway.config.compile import CompiledConfig, compile_config
+from tokengateway.http.tls import SniListener
 from tokengateway.observability.metrics import Snapshot, process_snapshot
 from tokengateway.resources import Document, parse_resources
 from tokengateway.runtime.process import (
@@ -157,10 +163,13 @@ def config_message(config: CompiledConfig, backends: Mapping[str, str]) -> dict[
 
 
 def compile_message(
-    message: Mapping[str, Any], previous: CompiledConfig | None = None
+    message: Mapping[str, Any], previous: CompiledConfig | None = None, https: bool = False
 ) -> CompiledConfig:
+    """The leader's configuration, compiled again. `https` is whether HTTPS listeners are
+    served, as in the leader: a follower is given the HTTPS socket exactly when the leader
+    serves one."""
     resources = parse_resources([Document(s, d) for s, d in message["documents"]])
-    return compile_config(resources, message["backends"], previous=previous)
+    return compile_config(resources, message["backends"], previous=previous, https=https)
 
 
 # --- the leader's side --------------------------------------------------------------------
@@ -196,6 +205,7 @@ class WorkerPool:
         self._running: dict[int, _Follower] = {}
         self._delays: dict[int, float] = {}
         self._sock: socket.socket | None = None
+        self._https: socket.socket | None = None
         self.stopping = False
         # metrics requests in flight: id -> where the reader threads hand each answer
         self._replies = threading.Lock()
@@ -277,9 +287,11 @@ class WorkerPool:
             )
         return list(got.values()), len(missing)
 
-    def start(self, sock: socket.socket) -> None:
-        """Start every follower on the leader's listen socket (main thread)."""
+    def start(self, sock: socket.socket, https: socket.socket | None = None) -> None:
+        """Start every follower on the leader's listen socket, and on its HTTPS socket when
+        it serves one (main thread)."""
         self._sock = sock
+        self._https = https
         for number in range(2, self.followers + 2):
             self._spawn(number)
 
@@ -289,10 +301,14 @@ class WorkerPool:
         listen_fd = self._sock.fileno()
         cmd = [sys.executable, "-m", "tokengateway.runtime.workers"]
         cmd += [str(listen_fd), str(theirs.fileno()), f"{number}/{self.followers + 1}"]
+        fds = [listen_fd, theirs.fileno()]
+        if self._https is not None:
+            cmd.append(str(self._https.fileno()))
+            fds.append(self._https.fileno())
         try:
             proc = subprocess.Popen(
                 cmd,
-                pass_fds=(listen_fd, theirs.fileno()),
+                pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent,
             )
@@ -429,9 +445,10 @@ def _how_it_ended(code: int) -> str:
 # --- the follower's side ------------------------------------------------------------------
 
 
-def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
-    """Serve gateway traffic on the inherited socket with the configurations the leader
-    sends, until SIGTERM/SIGINT or the leader's end; the exit code."""
+def run_follower(listen_fd: int, channel_fd: int, name: str, https_fd: int | None = None) -> int:
+    """Serve gateway traffic on the inherited socket (and TLS on the inherited HTTPS socket,
+    when given) with the configurations the leader sends, until SIGTERM/SIGINT or the
+    leader's end; the exit code."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, raise_stop)
     channel = socket.socket(fileno=channel_fd)
@@ -443,11 +460,17 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
             return 0  # the leader ended before we started
         if not isinstance(settings, WorkerSettings):
             raise TypeError(f"the leader's first message is not WorkerSettings: {settings!r}")
-        config = compile_message(first)
+        https = https_fd is not None
+        config = compile_message(first, https=https)
         store = open_store(settings.storage)
         app = gateway_app(config, store, settings)
         server = make_server(app, settings.connections)
-        sock = socket.socket(fileno=listen_fd)
+        sockets = [socket.socket(fileno=listen_fd)]
+        sni = SniListener(config.certificates)
+        tls: dict[socket.socket, ssl.SSLContext] = {}
+        if https_fd is not None:
+            sockets.append(socket.socket(fileno=https_fd))
+            tls[sockets[-1]] = sni.context
 
         def stop(reason: str | None = None) -> None:
             if reason is not None:
@@ -486,11 +509,12 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
                         break
                     continue
                 try:
-                    new = compile_message(message, previous=app.config)
+                    new = compile_message(message, previous=app.config, https=https)
                 except Exception as exc:  # never serve a configuration the leader does not
                     log.exception("worker %s: cannot build the leader's configuration", name)
                     loop.call_soon_threadsafe(stop, f"configuration refused: {exc}")
                     return
+                sni.swap(new.certificates)  # before the ack: `apply` returns after it
                 app.swap(new, loop)
                 outbox.put({"type": "ack", "generation": message["generation"]})
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
@@ -498,7 +522,7 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
 
         async def main() -> None:
             await store.start()  # an unreachable store stops us here, with its reason
-            task = asyncio.create_task(server.serve(sockets=[sock]))
+            task = asyncio.create_task(server.serve(sockets, tls))
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)
             replayer = background(app.limiter.replay_loop(), "replay the missed counts")
@@ -527,5 +551,8 @@ def run_follower(listen_fd: int, channel_fd: int, name: str) -> int:
     return 0
 
 
-if __name__ == "__main__":  # the leader starts: python -m ... LISTEN_FD CHANNEL_FD N/TOTAL
-    sys.exit(run_follower(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
+if (
+    __name__ == "__main__"
+):  # the leader starts: python -m ... LISTEN_FD CHANNEL_FD N/TOTAL [HTTPS_FD]
+    https_fd = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    sys.exit(run_follower(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], https_fd))
