@@ -103,6 +103,8 @@ class Reservation:
     amount: cel.Expression | None = None
     ttl: cel.Expression | None = None
     default_completion: int = DEFAULT_COMPLETION_TOKENS
+    #: seconds a request refused only by holds may wait for them to settle (our extension)
+    wait: float = 0.0
 
     def hold(self, activation: cel.Activation, estimate: Usage, counting: Counting) -> int:
         if self.amount is not None:
@@ -254,10 +256,19 @@ def _reservation(kind: str, policy: str, limit: str, spec: Mapping[str, Any]) ->
                 f"{str(source).strip()!r} does not compile: {exc}"
             ) from None
     default = spec.get("defaultCompletionTokens")
+    wait = spec.get("wait")
+    try:
+        wait_seconds = _parse_duration(str(wait)) if wait else 0.0
+    except ValueError:
+        raise LimitCompileError(
+            f"{kind} {policy}: limit {limit!r} reservation.wait {wait!r} is not a duration "
+            "such as 2s or 500ms"
+        ) from None
     return Reservation(
         exprs["amount"],
         exprs["ttl"],
         DEFAULT_COMPLETION_TOKENS if default is None else int(default),
+        wait_seconds,
     )
 
 

@@ -11,6 +11,16 @@ never reports (a crash, a lost connection) holds nothing past its TTL, and its c
 never charged for it. Concurrent requests thus cannot race past a limit by more than what
 their estimates missed.
 
+A reservation refused only because of other requests' holds (`value + amount <= limit <
+value + held + amount` on every refusing counter) is not a spent limit: its `CheckResult`
+says `held_only`, and its retry time is when holds are expected to settle (the median time
+this process's recent holds lasted, bounded by the hold TTL and the window), not the
+window's end. A limit with `reservation.wait` lets such a request wait up to that long for
+holds to settle, retrying its reservation each time one settles here (a commit or release
+in this process) or every `WAIT_POLL` seconds (holds of other replicas, expired holds); at
+most `MAX_WAITERS` wait at once per process, and a wait ends when the client leaves. Every
+admission is still the store's atomic reservation, so waiting never admits past the limit.
+
 When the store fails, `on_error` decides, as Kuadrant's failure mode does: "allow" (the
 default) lets requests through and keeps their reports (bounded) to replay once the store
 answers again, so an outage of seconds to minutes loses no accounting; "deny" refuses with
@@ -22,8 +32,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import statistics
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import msgspec
@@ -44,6 +57,15 @@ OnError = Literal["allow", "deny"]
 #: Limitador's defaults for its `--max-reservation-fraction` / `--max-reservation-ttl`
 MAX_RESERVATION_FRACTION = 0.5
 MAX_RESERVATION_TTL = 60.0
+#: requests of one process waiting for holds to settle at once; more are refused at once
+MAX_WAITERS = 1024
+#: how often a waiting request retries when nothing settles in this process
+WAIT_POLL = 0.1
+#: the settle time assumed before any hold has settled here, and the bounds of the estimate
+DEFAULT_SETTLE = 1.0
+MIN_SETTLE = 0.05
+#: recent hold durations kept for the estimate
+SETTLE_SAMPLES = 256
 
 
 class StorageUnavailable(RuntimeError):
@@ -60,9 +82,11 @@ class Applicable:
         "request_limits",
         "requests",
         "reservation",
+        "reserved_at",
         "token_limits",
         "tokens",
         "ttls",
+        "waits",
     )
 
     def __init__(self) -> None:
@@ -75,8 +99,11 @@ class Applicable:
         #: tokens to hold on each of `tokens` (None: no limit reserves, check instead)
         self.amounts: list[int] | None = None
         self.ttls: list[float] = []
-        #: the id of the hold `check` made, until `report` commits it
+        #: seconds a hold-refused request may wait, per token counter (`reservation.wait`)
+        self.waits: list[float] = []
+        #: the id of the hold `check` made, until `report` commits it, and when it was made
         self.reservation: str | None = None
+        self.reserved_at = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.tokens or self.requests)
@@ -139,6 +166,15 @@ class Limiter:
         self.replayed = 0
         self.dropped = 0
         self._outage = False
+        #: how long recent holds lasted, reserve to commit (for the retry time of a refusal)
+        self.hold_times: deque[float] = deque(maxlen=SETTLE_SAMPLES)
+        #: requests waiting for holds to settle now, and all that ever waited / got in
+        self.waiting = 0
+        self.waited = 0
+        self.admitted_after_wait = 0
+        self.max_waiters = MAX_WAITERS
+        #: completed (and replaced) each time a hold of this process settles
+        self._settled: asyncio.Future[None] | None = None
 
     def applicable(
         self,
@@ -170,9 +206,11 @@ class Limiter:
             if held is not None and out.amounts is None:
                 out.amounts = [0] * len(out.tokens)
                 out.ttls = [0.0] * len(out.tokens)
+                out.waits = [0.0] * len(out.tokens)
             if out.amounts is not None:
-                amount, ttl = 0, 0.0
+                amount, ttl, wait = 0, 0.0, 0.0
                 if held is not None:
+                    wait = held.wait
                     estimate = estimate or Estimate(body, request)
                     amount = held.hold(
                         activation, estimate.usage(held.default_completion), limit.counting
@@ -184,23 +222,24 @@ class Limiter:
                 fraction = self.max_reservation_fraction
                 out.amounts.extend(min(amount, int(r.limit * fraction)) for r in refs)
                 out.ttls.extend([ttl] * len(refs))
+                out.waits.extend([wait] * len(refs))
             out.tokens.extend(refs)
             out.countings.extend([limit.counting] * len(refs))
             out.token_limits.extend([limit.identifier] * len(refs))
         return out
 
-    async def check(self, applicable: Applicable) -> CheckResult:
+    async def check(
+        self,
+        applicable: Applicable,
+        client_gone: Callable[[], Awaitable[Any]] | None = None,
+    ) -> CheckResult:
         """Token limits first (checked, or reserved); request limits are hit (+1) only when
-        the token limits leave room."""
+        the token limits leave room. A reservation refused only by holds may wait for them
+        (`reservation.wait`) until `client_gone()` (awaited only then) completes."""
         tokens: CheckResult | None = None
         try:
             if applicable.amounts is not None:
-                reservation = os.urandom(12).hex()
-                tokens = await self.store.reserve(
-                    applicable.tokens, applicable.amounts, applicable.ttls, reservation
-                )
-                if not tokens.limited:
-                    applicable.reservation = reservation
+                tokens = await self._reserve(applicable, client_gone)
             elif applicable.tokens:
                 tokens = await self.store.check(applicable.tokens, 1)
             if tokens is not None and tokens.limited:
@@ -217,6 +256,116 @@ class Limiter:
                 await self._release(applicable)
                 raise StorageUnavailable(str(exc)) from None
             return _NOT_LIMITED
+
+    async def _reserve(
+        self, applicable: Applicable, client_gone: Callable[[], Awaitable[Any]] | None
+    ) -> CheckResult:
+        amounts = applicable.amounts
+        assert amounts is not None
+        reservation = os.urandom(12).hex()
+        result = await self.store.reserve(applicable.tokens, amounts, applicable.ttls, reservation)
+        if result.limited:
+            result = self._classify(result, applicable)
+            if result.held_only:
+                budget = self._wait_budget(result, applicable)
+                if budget > 0 and client_gone is not None:
+                    result = await self._wait(applicable, reservation, result, budget, client_gone)
+        if not result.limited:
+            applicable.reservation = reservation
+            applicable.reserved_at = time.monotonic()
+        return result
+
+    def _classify(self, result: CheckResult, applicable: Applicable) -> CheckResult:
+        """A refused reservation: spent (some counter has no room even without holds:
+        that counter refuses, the one reopening last) or held only (retry when holds are
+        expected to settle)."""
+        amounts = applicable.amounts
+        assert amounts is not None
+        states = result.states
+        spent = [i for i, s in enumerate(states) if s.value + max(amounts[i], 1) > s.ref.limit]
+        if spent:
+            limiting = max(spent, key=lambda i: states[i].expires_in)
+            return replace(result, limiting=limiting, held_only=False, retry_in=None)
+        assert result.limiting is not None
+        bound = min(
+            max(applicable.ttls, default=MAX_RESERVATION_TTL) or MAX_RESERVATION_TTL,
+            states[result.limiting].expires_in,
+        )
+        return replace(result, held_only=True, retry_in=min(self.settle_time(), bound))
+
+    def settle_time(self) -> float:
+        """How long a hold of this process lasts, typically (the median of recent ones)."""
+        if not self.hold_times:
+            return DEFAULT_SETTLE
+        return max(MIN_SETTLE, statistics.median(self.hold_times))
+
+    @staticmethod
+    def _wait_budget(result: CheckResult, applicable: Applicable) -> float:
+        """The shortest `wait` among the limits of the counters the holds refused."""
+        amounts = applicable.amounts
+        assert amounts is not None
+        refusing = [
+            applicable.waits[i] if i < len(applicable.waits) else 0.0
+            for i, s in enumerate(result.states)
+            if s.value + s.held + max(amounts[i], 1) > s.ref.limit
+        ]
+        return min(refusing, default=0.0)
+
+    async def _wait(
+        self,
+        applicable: Applicable,
+        reservation: str,
+        result: CheckResult,
+        budget: float,
+        client_gone: Callable[[], Awaitable[Any]],
+    ) -> CheckResult:
+        """Retry the reservation as holds settle, until admitted, spent, out of time or the
+        client left; the last result."""
+        if self.waiting >= self.max_waiters:
+            return result
+        amounts = applicable.amounts
+        assert amounts is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        gone = asyncio.ensure_future(client_gone())
+        self.waiting += 1
+        self.waited += 1
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0 or gone.done():
+                    return result
+                settled = self._settled
+                if settled is None or settled.done():
+                    settled = self._settled = loop.create_future()
+                await asyncio.wait(
+                    (settled, gone),
+                    timeout=min(left, WAIT_POLL),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if gone.done():
+                    return result
+                result = await self.store.reserve(
+                    applicable.tokens, amounts, applicable.ttls, reservation
+                )
+                if not result.limited:
+                    self.admitted_after_wait += 1
+                    return result
+                result = self._classify(result, applicable)
+                if not result.held_only:
+                    return result
+        finally:
+            self.waiting -= 1
+            gone.cancel()
+
+    def _settle(self, applicable: Applicable) -> None:
+        """A hold of this process settled: note how long it lasted, wake the waiters."""
+        if applicable.reserved_at:
+            self.hold_times.append(time.monotonic() - applicable.reserved_at)
+            applicable.reserved_at = 0.0
+        settled = self._settled
+        if settled is not None and not settled.done():
+            settled.set_result(None)
 
     async def report(self, applicable: Applicable, usage: Usage | None) -> list[int]:
         """Add each counter's cost of `usage`; a cost of 0 counts as 1 (Kuadrant's rule).
@@ -235,6 +384,7 @@ class Limiter:
         try:
             if reservation is not None:
                 await self.store.commit(applicable.tokens, deltas, reservation)
+                self._settle(applicable)
             else:
                 await self.store.update(applicable.tokens, deltas)
         except StorageError as exc:
@@ -251,6 +401,8 @@ class Limiter:
             await self.store.commit(applicable.tokens, [0] * len(applicable.tokens), reservation)
         except StorageError as exc:  # the hold expires at its TTL anyway
             self._failed(exc)
+        else:
+            self._settle(applicable)
 
     def _keep(self, refs: list[CounterRef], deltas: list[int]) -> None:
         if len(self.pending) == self.pending.maxlen:

@@ -16,6 +16,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from .common import (
     CUSTOM_ERROR,
     WINDOW_PATTERN,
+    Duration,
     K8sModel,
     LabelSelector,
     NonEmptyStr,
@@ -212,17 +213,29 @@ class CountingWeights(StrictModel):
 
 
 COUNTING_WORDS = ("total", "prompt", "completion")
+#: the longest `reservation.wait`: as long as a hold may last (Limitador's default TTL cap)
+MAX_RESERVATION_WAIT = 60.0
 
 
 class Reservation(StrictModel):
     """Kuadrant's per-limit `reservation` (RFC 0021): CEL for the tokens to hold before
     forwarding (`amount`) and for how long (`ttl`, a duration). tokengateway extensions:
     without `amount`, the request's own estimate is held (prompt tokens by the offline
-    tokenizer plus `max_tokens`, or `defaultCompletionTokens` when the request sets none)."""
+    tokenizer plus `max_tokens`, or `defaultCompletionTokens` when the request sets none);
+    `wait` (a duration, at most 60s): how long a request refused only by other requests'
+    holds may wait for them to settle (docs/reservations.md)."""
 
     amount: NonEmptyStr | None = None
     ttl: NonEmptyStr | None = None
     defaultCompletionTokens: int | None = Field(default=None, ge=0)
+    wait: Duration | None = None
+
+    @field_validator("wait")
+    @classmethod
+    def _wait_bounded(cls, value: str | None) -> str | None:
+        if value is not None and parse_window(value) > MAX_RESERVATION_WAIT:
+            raise ValueError(f"wait {value} is longer than {MAX_RESERVATION_WAIT:g}s")
+        return value
 
 
 class TokenLimit(Limit):

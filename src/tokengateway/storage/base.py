@@ -71,12 +71,20 @@ class CheckResult:
     states: tuple[CounterState, ...]
     #: index into `states` of the counter that refused (the one reopening last), or None
     limiting: int | None = None
+    #: refused only by the holds of requests in flight: without them every counter had room
+    #: for this request (`value + amount <= limit`); the limiter sets it (limits/limiter.py)
+    held_only: bool = False
+    #: when the request is expected to pass, if sooner than the window's end (holds settle)
+    retry_in: float | None = None
 
     @property
     def retry_after(self) -> float:
-        """Seconds until the request could pass: the refusing counter's window end."""
+        """Seconds until the request could pass: the refusing counter's window end, or
+        sooner when only holds refused it."""
         if self.limiting is None:
             return 0.0
+        if self.retry_in is not None:
+            return self.retry_in
         return self.states[self.limiting].expires_in
 
 
