@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 import time
 import zlib
@@ -390,7 +391,9 @@ class GatewayApp:
         if not applicable:
             return True
         try:
-            result = await self.limiter.check(applicable)
+            # a request refused only by other requests' holds may wait for them
+            # (`reservation.wait`), until the client leaves (its receive() returns then)
+            result = await self.limiter.check(applicable, request.receive)
         except StorageUnavailable as exc:
             await send_error(
                 request.send,
@@ -745,9 +748,28 @@ async def _send_denied(send: Send, decision: authlib.AuthDecision) -> None:
 
 async def _send_limited(send: Send, result: CheckResult, token_counters: int) -> None:
     refusal = limited_headers(result, token_counters)
-    ref = refusal.state.ref
-    body = _refusal_body(ref.limit, refusal.kind, ref.window, refusal.quota, refusal.retry)
+    state = refusal.state
+    ref = state.ref
+    if result.held_only:
+        body = _held_body(ref.limit, ref.window, state.value, state.held, result.retry_after)
+    else:
+        body = _refusal_body(ref.limit, refusal.kind, ref.window, refusal.quota, refusal.retry)
     await send_json(send, 429, body, refusal.headers)
+
+
+def _held_body(limit: int, window: float, used: int, held: int, retry: float) -> bytes:
+    """A 429 caused only by holds: the limit is not reached, it is taken by requests in
+    flight, and the wait is until some of them settle."""
+    message = (
+        f"rate limit busy: the limit of {limit} tokens per {_window_text(window)} is not "
+        f"reached ({used} used), but {held} are held by requests in flight and this request "
+        f"does not fit beside them; retry in {_seconds_text(retry)}"
+    )
+    return error_body(message, _RATE, "rate_limit_held")
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 10 else f"{math.ceil(seconds)}s"
 
 
 @functools.lru_cache(maxsize=4096)
