@@ -224,7 +224,9 @@ class Upstream:
 
     def _pool(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> Pool:
         context = None
-        if origin.scheme == "https":
+        if origin.tls is not None:
+            context = origin.tls.context
+        elif origin.scheme == "https":
             if self._ssl_context is None:
                 self._ssl_context = ssl.create_default_context()
             context = self._ssl_context
