@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 
 from tokengateway import auth as authlib
 from tokengateway.config import status as st
+from tokengateway.config.backend_tls import TLSCache, backend_tls
 from tokengateway.config.backends import BackendPlan
 from tokengateway.config.routing import (
     HeaderMatch,
@@ -56,7 +57,7 @@ from tokengateway.config.routing import (
     intersect_hostnames,
 )
 from tokengateway.expr import cel
-from tokengateway.http.client import DEFAULT_TIMEOUTS, Origin, Timeouts
+from tokengateway.http.client import DEFAULT_TIMEOUTS, Origin, Timeouts, UpstreamTLS
 from tokengateway.http.tls import CertificateError, CertificateInfo, SniContexts, pem_context
 from tokengateway.limits import Limit, LimitCompileError, compile_limits, parse_window
 from tokengateway.resources import (
@@ -148,11 +149,13 @@ class Backend:
     #: the Authorization value for the backend's own key (never shown in a repr)
     authorization: str | None = field(default=None, repr=False)
     forward_credentials: bool = False
+    #: verified TLS to it, from a BackendTLSPolicy (whatever the URL's scheme)
+    tls: UpstreamTLS | None = field(default=None, compare=False)
     #: `url` parsed once, for every request sent to it (ValueError for a URL it cannot be)
     origin: Origin = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "origin", Origin(self.url))
+        object.__setattr__(self, "origin", Origin(self.url, self.tls))
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +244,8 @@ class CompiledConfig:
     https_listeners: list[str] = field(default_factory=list)
     #: loaded certificates by their PEM, reused by the next configuration
     certificate_cache: dict[tuple[str, str], _Loaded] = field(default_factory=dict, repr=False)
+    #: the upstream TLS of BackendTLSPolicies by PEM and names, reused likewise
+    tls_cache: TLSCache = field(default_factory=dict, repr=False)
 
 
 def _key(res: Resource) -> str:
@@ -642,7 +647,9 @@ def compile_config(
     """
     resources = [res for res in resources if res.kind not in CONFIG_NEUTRAL]
     cache = previous.certificate_cache if previous is not None else {}
-    build = _Build(resources, backends, strict, https, cache)
+    upstream_tls = backend_tls(resources, previous.tls_cache if previous is not None else None)
+    build = _Build(resources, backends, strict, https, cache, upstream_tls.by_service)
+    build.warnings.extend(upstream_tls.warnings)
     for route in build.routes:
         build.route(route)
     compiler = build.compiler
@@ -661,6 +668,7 @@ def compile_config(
         else:
             build.warnings.append(f"{problem} (not enforced)")
     statuses = build.statuses()
+    statuses.update(upstream_tls.statuses)
     st.carry_transition_times(statuses, previous.statuses if previous is not None else None)
     return CompiledConfig(
         Router(build.matches),
@@ -674,6 +682,7 @@ def compile_config(
         SniContexts(build.sni_exact, build.sni_wildcard, build.sni_default),
         build.https_listeners,
         build.certificate_cache,
+        upstream_tls.cache,
     )
 
 
@@ -687,8 +696,10 @@ class _Build:
         strict: bool,
         https: bool = False,
         certificates: Mapping[tuple[str, str], _Loaded] | None = None,
+        upstream_tls: Mapping[str, UpstreamTLS] | None = None,
     ) -> None:
         self.backends = backends
+        self.upstream_tls = upstream_tls or {}
         self.strict = strict
         self.https = https
         self.old_certificates = certificates or {}
@@ -1181,6 +1192,7 @@ def _backends(
                     _timeouts(key, service, problems),
                     _upstream_key(key, annotations, build.secret_data, problems),
                     str(annotations.get(FORWARD_CREDENTIALS_ANNOTATION, "")).lower() == "true",
+                    build.upstream_tls.get(key),
                 )
             except ValueError as exc:  # an address no request can go to
                 message = f"backend Service {key}: {exc}"
