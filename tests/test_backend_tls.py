@@ -247,14 +247,18 @@ def test_a_ca_in_a_secret_and_an_http_url_with_a_policy_speaks_tls(
 ) -> None:
     pki = pkis("ca")
     up = upstream(answer, tls=pki.signed(BACKEND_HOST, f"DNS:{BACKEND_HOST}"))
-    plain = up.url.replace("https://", "http://")
+    clear = upstream(answer)  # speaks plain HTTP only
     gw = start(
         tmp_path,
         start_gateway,
-        service(plain),
+        service(clear.url),
         ca_secret("llm-ca", pki.pem),
         policy(refs=[cm_ref("llm-ca", "Secret")], version="v1alpha3"),
     )
+    # the policy means TLS even to an http:// URL: a plain server is refused, not used
+    tls_refused(post(gw), "wrong version number")
+    assert not clear.requests
+    apply(gw, service(up.url.replace("https://", "http://")))
     r = post(gw)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "four words of text"
