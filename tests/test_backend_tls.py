@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import pytest
 import yaml
 
 from tests.conftest import Gateway, chat
+from tests.test_follower import control_plane, processes  # noqa: F401 - the fixture
+from tests.test_follower import kubectl as follower_kubectl
 from tests.test_gateway import completion
 from tests.test_https_listeners import PKI, apply
 from tests.test_kubeapi import kubectl, ok  # noqa: F401 - the kubectl fixture
@@ -526,3 +529,39 @@ def test_the_pool_is_one_per_tls_settings(pkis, upstream) -> None:
 
     asyncio.run(scenario())
     assert len(up.requests) == 2
+
+
+# --- a replica following a Kubernetes API -------------------------------------------------------
+
+
+def test_a_replica_following_the_api_verifies_with_the_config_map_it_holds(
+    tmp_path,
+    pkis,
+    upstream,
+    processes,  # noqa: F811 - the fixture imported
+) -> None:
+    pki, other = pkis("ca"), pkis("other")
+    up = upstream(answer, tls=pki.signed(BACKEND_HOST, f"DNS:{BACKEND_HOST}"))
+    folder = tmp_path / "cp"
+    folder.mkdir()
+    (folder / "gw.yaml").write_text(
+        GATEWAY.split("---\napiVersion: kuadrant.io")[0]
+        + service(up.url)
+        + config_map("llm-ca", pki.pem)
+        + config_map("unrelated", other.pem)
+        + policy(refs=[cm_ref("llm-ca")])
+    )
+    _cp, config = control_plane(processes, tmp_path, folder)
+    replica = processes("replica", ["--kubeconfig", str(config)]).start()
+    with httpx.Client(base_url=replica.url, headers={"Host": "api.example.com"}) as c:
+        assert c.post("/v1/chat/completions", json=chat(max_tokens=5)).status_code == 200
+        follower_kubectl(config, "apply", "-f", "-", stdin=config_map("llm-ca", other.pem))
+        deadline, served = time.monotonic() + 20, 1
+        while True:  # the rotated CA reaches the replica through its watch
+            r = c.post("/v1/chat/completions", json=chat(max_tokens=5))
+            if r.status_code != 200 or time.monotonic() > deadline:
+                break
+            served += 1
+            time.sleep(0.05)
+        tls_refused(r, "unable to get local issuer certificate")
+    assert len(up.requests) == served  # the refused ones never reached it
