@@ -27,6 +27,7 @@ from tests.test_follower import kubectl as follower_kubectl
 from tests.test_gateway import completion
 from tests.test_https_listeners import PKI, apply
 from tests.test_kubeapi import kubectl, ok  # noqa: F401 - the kubectl fixture
+from tokengateway.config.backend_tls import backend_tls
 from tokengateway.config.compile import compile_config
 from tokengateway.http.client import Origin, Upstream, UpstreamTLS, client_context
 from tokengateway.resources import load_paths, parse_resources
@@ -502,6 +503,16 @@ def test_contexts_are_reused_while_the_pem_is_the_same(tmp_path, pkis) -> None:
     new_tls = rotated.rules[0].backends[0].origin.tls
     assert new_tls is not tls and new_tls.context is not tls.context
     assert rotated.rules[0].backends[0].origin.key != first.rules[0].backends[0].origin.key
+    # two policies trusting the same PEM share its context, each with its own name
+    path.write_text(
+        text
+        + config_map("llm-ca", pki.pem)
+        + service("https://127.0.0.1:2").replace("name: llm\n", "name: llm2\n")
+        + policy("llm2-tls", refs=[cm_ref("llm-ca")], target="llm2", hostname="llm2.test")
+    )
+    both = backend_tls(parse_resources(load_paths([str(path)])), first.tls_cache)
+    one, two = both.by_service["default/llm"], both.by_service["default/llm2"]
+    assert one is tls and two.context is tls.context and two.server_name == "llm2.test"
 
 
 # --- the client alone ---------------------------------------------------------------------------

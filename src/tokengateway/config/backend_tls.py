@@ -260,7 +260,16 @@ def _tls(
     key = (cadata, hostname, names)
     found = new.get(key) or old.get(key)
     if found is None:
-        context = client_context(cadata, check_hostname=not names)
+        # one context per PEM (and hostname check), shared by the policies that trust it
+        context = next(
+            (
+                tls.context
+                for cache in (new, old)
+                for (pem, _, others), tls in cache.items()
+                if pem == cadata and bool(others) == bool(names)
+            ),
+            None,
+        ) or client_context(cadata, check_hostname=not names)
         found = UpstreamTLS(context, hostname, names)
     new[key] = found
     return found
