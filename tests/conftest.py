@@ -182,7 +182,12 @@ def chat(content: str = "What is Kubernetes?", max_tokens: int = 100, **extra: o
 class Upstream:
     """A tiny OpenAI-shaped upstream whose answer each test chooses, run in a thread."""
 
-    def __init__(self, handler: Callable[[str, bytes], tuple[int, dict[str, str], bytes]]) -> None:
+    def __init__(
+        self,
+        handler: Callable[[str, bytes], tuple[int, dict[str, str], bytes]],
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """`tls`: (certificate, key) PEM files; the upstream then speaks HTTPS."""
         import uvicorn
 
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
@@ -227,8 +232,11 @@ class Upstream:
 
         sock = free_socket()
         self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="error", lifespan="off")
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        certfile, keyfile = tls if tls is not None else (None, None)
+        config = uvicorn.Config(
+            app, log_level="error", lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile
+        )
         self._sock = sock
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
@@ -252,8 +260,11 @@ class Upstream:
 def upstream() -> Iterator[Callable[..., Upstream]]:
     made: list[Upstream] = []
 
-    def make(handler: Callable[[str, bytes], tuple[int, dict[str, str], bytes]]) -> Upstream:
-        up = Upstream(handler)
+    def make(
+        handler: Callable[[str, bytes], tuple[int, dict[str, str], bytes]],
+        tls: tuple[Path, Path] | None = None,
+    ) -> Upstream:
+        up = Upstream(handler, tls)
         made.append(up)
         return up
 

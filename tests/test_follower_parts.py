@@ -201,3 +201,34 @@ def test_secrets_a_gateway_names_as_certificates_are_held(tmp_path: Path) -> Non
     gateways.objects = {}
     assert follower._update_selectors() is True
     assert not follower._selected_secret({"metadata": {"name": "site", "namespace": "edge"}})
+
+
+def test_config_maps_and_secrets_a_backend_tls_policy_names_are_held(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "config.yaml"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        "clusters: [{name: c, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+        "users: [{name: u, user: {}}]\n"
+        "contexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n"
+    )
+    control, _ = follower_plane()
+    follower = Follower(control, FollowOptions(str(kubeconfig)))
+    policies = next(i for i in follower.informers if i.kind.kind == "BackendTLSPolicy")
+    refs = [
+        {"group": "", "kind": "ConfigMap", "name": "llm-ca"},
+        {"group": "", "kind": "Secret", "name": "llm-ca-secret"},
+    ]
+    policies.objects = {
+        ("BackendTLSPolicy", "llm", "tls"): {
+            "metadata": {"name": "tls", "namespace": "llm"},
+            "spec": {"validation": {"caCertificateRefs": refs, "hostname": "llm.test"}},
+        }
+    }
+    assert follower._update_selectors() is True
+    assert follower._selected_config_map({"metadata": {"name": "llm-ca", "namespace": "llm"}})
+    assert follower._selected_secret({"metadata": {"name": "llm-ca-secret", "namespace": "llm"}})
+    assert not follower._selected_config_map({"metadata": {"name": "llm-ca", "namespace": "x"}})
+    assert not follower._selected_config_map({"metadata": {"name": "other", "namespace": "llm"}})
+    policies.objects = {}
+    assert follower._update_selectors() is True
+    assert not follower._selected_config_map({"metadata": {"name": "llm-ca", "namespace": "llm"}})

@@ -592,6 +592,8 @@ def test_supported_kinds() -> None:
         "GatewayClass",
         "Lease",
         "ReferenceGrant",
+        "ConfigMap",
+        "BackendTLSPolicy",
     }
 
 
@@ -604,7 +606,7 @@ def test_missing_and_unknown_kind(tmp_path: Path) -> None:
         metadata: {name: a}
         ---
         apiVersion: v1
-        kind: ConfigMap
+        kind: PodTemplate
         metadata: {name: b}
         ---
         apiVersion: kuadrant.io/v1alpha1
@@ -615,7 +617,7 @@ def test_missing_and_unknown_kind(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
     assert found == [
         f"{path}#1 default/a: kind: required (supported kinds: {supported})",
-        f'{path}#2 ConfigMap default/b: kind: unsupported kind "ConfigMap"; '
+        f'{path}#2 PodTemplate default/b: kind: unsupported kind "PodTemplate"; '
         f"supported kinds: {supported}",
         f"{path}#3 tokenratelimitpolicy gateway-system/c: kind: unsupported kind "
         f'"tokenratelimitpolicy" (did you mean "TokenRateLimitPolicy"?); supported kinds: '

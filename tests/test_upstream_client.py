@@ -1130,7 +1130,7 @@ def test_https_with_a_trusted_certificate(run, certificate: tuple[Path, Path]) -
             await up.close()
             untrusting = Upstream()  # the system's authorities do not know this certificate
             error = await failure(untrusting.send("GET", srv.url("/", "https"), [], b""))
-            assert error.kind == "unreachable" and "certificate verify failed" in str(error)
+            assert error.kind == "tls" and "certificate verify failed" in str(error)
             await untrusting.close()
 
     run(scenario)

@@ -440,7 +440,10 @@ def _banner(config: CompiledConfig, host: str, port: int) -> str:
         if key in seen:
             continue
         seen.add(key)
-        backends = ", ".join(b.url for b in target.backends)
+        backends = ", ".join(
+            b.url + (f" (verified TLS, {b.tls.server_name})" if b.tls is not None else "")
+            for b in target.backends
+        )
         policies = [p for p in (target.auth_policy and f"AuthPolicy {target.auth_policy}",) if p]
         policies += list(target.limit_policies)
         lines.append(

@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 
 from tokengateway import auth as authlib
 from tokengateway.config import status as st
+from tokengateway.config.backend_tls import TLSCache, backend_tls
 from tokengateway.config.backends import BackendPlan
 from tokengateway.config.routing import (
     HeaderMatch,
@@ -56,7 +57,7 @@ from tokengateway.config.routing import (
     intersect_hostnames,
 )
 from tokengateway.expr import cel
-from tokengateway.http.client import DEFAULT_TIMEOUTS, Origin, Timeouts
+from tokengateway.http.client import DEFAULT_TIMEOUTS, Origin, Timeouts, UpstreamTLS
 from tokengateway.http.tls import (
     CertificateError,
     CertificateInfo,
@@ -154,11 +155,13 @@ class Backend:
     #: the Authorization value for the backend's own key (never shown in a repr)
     authorization: str | None = field(default=None, repr=False)
     forward_credentials: bool = False
+    #: verified TLS to it, from a BackendTLSPolicy (whatever the URL's scheme)
+    tls: UpstreamTLS | None = field(default=None, compare=False)
     #: `url` parsed once, for every request sent to it (ValueError for a URL it cannot be)
     origin: Origin = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "origin", Origin(self.url))
+        object.__setattr__(self, "origin", Origin(self.url, self.tls))
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,10 +248,11 @@ class CompiledConfig:
     certificates: SniContexts = field(default_factory=SniContexts)
     #: "namespace/name#listener" of every HTTPS listener, served or not
     https_listeners: list[str] = field(default_factory=list)
-    #: loaded certificates by their PEM, reused by the next configuration
     #: loaded TLS contexts by what they were made from (see `_Build._load`, `_Build._served`),
     #: reused by the next configuration while their PEM is the same
     certificate_cache: dict[tuple[Any, ...], _Loaded] = field(default_factory=dict, repr=False)
+    #: the upstream TLS of BackendTLSPolicies by PEM and names, reused likewise
+    tls_cache: TLSCache = field(default_factory=dict, repr=False)
 
 
 def _key(res: Resource) -> str:
@@ -650,7 +654,9 @@ def compile_config(
     """
     resources = [res for res in resources if res.kind not in CONFIG_NEUTRAL]
     cache = previous.certificate_cache if previous is not None else {}
-    build = _Build(resources, backends, strict, https, cache)
+    upstream_tls = backend_tls(resources, previous.tls_cache if previous is not None else None)
+    build = _Build(resources, backends, strict, https, cache, upstream_tls.by_service)
+    build.warnings.extend(upstream_tls.warnings)
     for route in build.routes:
         build.route(route)
     compiler = build.compiler
@@ -670,6 +676,7 @@ def compile_config(
             build.warnings.append(f"{problem} (not enforced)")
     sni = build.sni()  # after the routes: their AuthPolicies say whether to ask for certificates
     statuses = build.statuses()
+    statuses.update(upstream_tls.statuses)
     st.carry_transition_times(statuses, previous.statuses if previous is not None else None)
     return CompiledConfig(
         Router(build.matches),
@@ -683,6 +690,7 @@ def compile_config(
         sni,
         build.https_listeners,
         build.certificate_cache,
+        upstream_tls.cache,
     )
 
 
@@ -696,8 +704,10 @@ class _Build:
         strict: bool,
         https: bool = False,
         certificates: Mapping[tuple[Any, ...], _Loaded] | None = None,
+        upstream_tls: Mapping[str, UpstreamTLS] | None = None,
     ) -> None:
         self.backends = backends
+        self.upstream_tls = upstream_tls or {}
         self.strict = strict
         self.https = https
         self.old_certificates = certificates or {}
@@ -1225,6 +1235,7 @@ def _backends(
                     _timeouts(key, service, problems),
                     _upstream_key(key, annotations, build.secret_data, problems),
                     str(annotations.get(FORWARD_CREDENTIALS_ANNOTATION, "")).lower() == "true",
+                    build.upstream_tls.get(key),
                 )
             except ValueError as exc:  # an address no request can go to
                 message = f"backend Service {key}: {exc}"

@@ -18,6 +18,7 @@ from typing import Any
 __all__ = [
     "CONTROLLER_NAME",
     "KUADRANT_CONTROLLER_NAME",
+    "AncestorStatus",
     "GatewayFacts",
     "GatewayStatus",
     "HTTPRouteStatus",
@@ -28,6 +29,7 @@ __all__ = [
     "RouteFacts",
     "Status",
     "affected_condition",
+    "ancestor_status",
     "carry_transition_times",
     "gateway_status",
     "now",
@@ -417,9 +419,59 @@ def route_status(facts: RouteFacts, when: str | None = None) -> HTTPRouteStatus:
     return HTTPRouteStatus(parents)
 
 
+# --- Gateway API policies (BackendTLSPolicy) ------------------------------------------------------
+
+
+@dataclass
+class AncestorStatus:
+    """`status` of a Gateway API policy (PolicyStatus): one entry per ancestor (a Gateway
+    whose routes reach the policy's target), each with its own conditions."""
+
+    ancestors: list[dict[str, Any]]
+
+    def ancestor(self, name: str) -> dict[str, Any] | None:
+        return next((a for a in self.ancestors if a["ancestorRef"].get("name") == name), None)
+
+    def condition(self, type_: str) -> dict[str, Any] | None:
+        """The condition `type_` of the first ancestor (they all say the same here)."""
+        first = self.ancestors[0]["conditions"] if self.ancestors else []
+        return next((c for c in first if c["type"] == type_), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ancestors": [
+                {**a, "conditions": [dict(c) for c in a["conditions"]]} for a in self.ancestors
+            ]
+        }
+
+    def all_conditions(self) -> list[dict[str, Any]]:
+        return [c for a in self.ancestors for c in a["conditions"]]
+
+
+def ancestor_status(
+    ancestors: Iterable[dict[str, Any]],
+    conditions: Iterable[tuple[str, bool, str, str]],
+    generation: int,
+    when: str | None = None,
+) -> AncestorStatus:
+    """The same `conditions` (type, ok, reason, message) under each ancestor reference."""
+    when = when or now()
+    items = list(conditions)
+    return AncestorStatus(
+        [
+            {
+                "ancestorRef": dict(ref),
+                "controllerName": CONTROLLER_NAME,
+                "conditions": [_condition(t, ok, r, m, generation, when) for t, ok, r, m in items],
+            }
+            for ref in ancestors
+        ]
+    )
+
+
 # --- across configurations ----------------------------------------------------------------------
 
-Status = PolicyStatus | GatewayStatus | HTTPRouteStatus
+Status = PolicyStatus | GatewayStatus | HTTPRouteStatus | AncestorStatus
 
 
 def carry_transition_times(
@@ -447,6 +499,17 @@ def _identity(cond: Mapping[str, Any], owner: Status) -> tuple[Any, ...]:
         for item in owner.listeners:
             if any(c is cond for c in item["conditions"]):
                 return ("listener", item["name"], cond["type"])
+    if isinstance(owner, AncestorStatus):
+        for a in owner.ancestors:
+            if any(c is cond for c in a["conditions"]):
+                ref = a["ancestorRef"]
+                return (
+                    "ancestor",
+                    ref.get("kind"),
+                    ref.get("namespace"),
+                    ref.get("name"),
+                    cond["type"],
+                )
     if isinstance(owner, HTTPRouteStatus):
         for p in owner.parents:
             if any(c is cond for c in p["conditions"]):

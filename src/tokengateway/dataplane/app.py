@@ -821,6 +821,7 @@ def _window_text(seconds: float) -> str:
 _UPSTREAM_ERRORS = {
     "timeout": (504, "upstream_timeout"),
     "unreachable": (502, "upstream_unreachable"),
+    "tls": (502, "upstream_tls_error"),
     "busy": (503, "upstream_busy"),
     "invalid": (502, "upstream_invalid_response"),
     "too_large": (502, "upstream_response_too_large"),

@@ -18,6 +18,7 @@ from .common import (
 )
 from .coordination import Lease
 from .core import (
+    ConfigMap,
     Container,
     Deployment,
     Namespace,
@@ -29,6 +30,7 @@ from .errors import ManifestError, ManifestIssue
 from .gateway_api import (
     GATEWAY_API_GROUP,
     BackendRef,
+    BackendTLSPolicy,
     Gateway,
     GatewayClass,
     HTTPHeaderMatch,
@@ -74,6 +76,8 @@ __all__ = [
     "AuthenticationRule",
     "AuthorizationRule",
     "BackendRef",
+    "BackendTLSPolicy",
+    "ConfigMap",
     "Container",
     "Counter",
     "Deployment",

@@ -1,4 +1,5 @@
-"""Kubernetes built-in kinds the gateway reads: Namespace, Service, Deployment, Secret.
+"""Kubernetes built-in kinds the gateway reads: Namespace, Service, Deployment, Secret,
+ConfigMap.
 
 Only the fields the gateway uses are modelled; anything else in the document is ignored here
 and kept in `raw`. The checks are the ones the API server would make on those fields.
@@ -29,6 +30,7 @@ from .common import (
 from .resource import Resource
 
 __all__ = [
+    "ConfigMap",
     "Container",
     "ContainerPort",
     "Deployment",
@@ -308,3 +310,39 @@ class Secret(Resource):
     def decoded_data(self) -> dict[str, str]:
         """`data` base64-decoded (UTF-8) merged with `stringData`, which wins on conflicts."""
         return dict(self._decoded)
+
+
+# --- ConfigMap ----------------------------------------------------------------------------------
+
+
+class ConfigMap(Resource):
+    """A ConfigMap; a BackendTLSPolicy reads the CA bundle in its `ca.crt`."""
+
+    KIND: ClassVar[str] = "ConfigMap"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("v1",)
+
+    data: dict[SecretKey, str] = Field(default_factory=dict)
+    binaryData: dict[SecretKey, Base64Value] = Field(default_factory=dict)
+    immutable: bool | None = None
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> "ConfigMap":
+        raise_issues(
+            "ConfigMap",
+            [
+                issue(("binaryData", key), f'"{key}" is also in data: a key is in one of them')
+                for key in sorted(set(self.data) & set(self.binaryData))
+            ],
+        )
+        return self
+
+    def text(self, key: str) -> str | None:
+        """The value of `key`, from `data` or (base64-decoded, as UTF-8) `binaryData`."""
+        if key in self.data:
+            return self.data[key]
+        raw = self.binaryData.get(key)
+        if raw is None:
+            return None
+        return base64.b64decode(raw.replace("\r", "").replace("\n", "")).decode(
+            "utf-8", errors="replace"
+        )

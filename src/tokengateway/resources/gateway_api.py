@@ -1,5 +1,5 @@
 """Gateway API kinds: GatewayClass, Gateway and HTTPRoute (gateway.networking.k8s.io v1,
-v1beta1).
+v1beta1), ReferenceGrant (v1beta1) and BackendTLSPolicy (v1, v1alpha3).
 
 Patterns, enums, defaults and CEL rules follow the Gateway API CRDs (standard channel). The
 spec structures are closed like the CRD schemas, so a misspelt `backendRef` is an error rather
@@ -29,6 +29,10 @@ __all__ = [
     "GATEWAY_API_GROUP",
     "AllowedRoutes",
     "BackendRef",
+    "BackendTLSPolicy",
+    "BackendTLSPolicySpec",
+    "BackendTLSValidation",
+    "CACertificateRef",
     "Gateway",
     "GatewayClass",
     "GatewayClassSpec",
@@ -44,12 +48,14 @@ __all__ = [
     "Listener",
     "ParametersReference",
     "ParentReference",
+    "PolicyTargetRef",
     "ReferenceGrant",
     "ReferenceGrantFrom",
     "ReferenceGrantSpec",
     "ReferenceGrantTo",
     "RouteGroupKind",
     "RouteNamespaces",
+    "SubjectAltName",
 ]
 
 GATEWAY_API_GROUP = "gateway.networking.k8s.io"
@@ -264,6 +270,156 @@ class ReferenceGrant(Resource):
         ) and any(
             t.group == to[0] and t.kind == to[1] and t.name in (None, to[2]) for t in self.spec.to
         )
+
+
+# --- BackendTLSPolicy ---------------------------------------------------------------------------
+
+PRECISE_HOSTNAME_PATTERN = rf"^{_SUBDOMAIN}$"
+ABSOLUTE_URI_PATTERN = r"^(([^:/?#]+):)(//([^/?#]*))([^?#]*)(\?([^#]*))?(#(.*))?"
+WELL_KNOWN_CA_PATTERN = (
+    rf"^(System|({_SUBDOMAIN}/([A-Za-z0-9][-A-Za-z0-9_.]{{0,61}})?[A-Za-z0-9]))$"
+)
+OPTION_KEY_PATTERN = rf"^({_SUBDOMAIN}/)?([A-Za-z0-9][-A-Za-z0-9_.]{{0,61}})?[A-Za-z0-9]$"
+
+PreciseHostname = Annotated[
+    str, Field(min_length=1, max_length=253, pattern=PRECISE_HOSTNAME_PATTERN)
+]
+
+
+class PolicyTargetRef(StrictModel):
+    """A policy's target in its own namespace (LocalPolicyTargetReferenceWithSectionName)."""
+
+    group: Group
+    kind: Kind
+    name: ObjectName
+    sectionName: SectionName | None = None
+
+
+class CACertificateRef(StrictModel):
+    """A ConfigMap or Secret of the policy's namespace holding a PEM bundle in `ca.crt`."""
+
+    group: Group
+    kind: Kind
+    name: ObjectName
+
+
+class SubjectAltName(StrictModel):
+    """A name the backend's certificate must carry, in place of `hostname`."""
+
+    type: Literal["Hostname", "URI"]
+    hostname: Hostname | None = None
+    uri: (
+        Annotated[str, Field(min_length=1, max_length=253, pattern=ABSOLUTE_URI_PATTERN)] | None
+    ) = None
+
+    @model_validator(mode="after")
+    def _one_value(self) -> "SubjectAltName":
+        # the CRD's four CEL rules, with its messages
+        problems = []
+        if self.type == "Hostname" and not self.hostname:
+            problems.append(
+                "SubjectAltName element must contain Hostname, if Type is set to Hostname"
+            )
+        if self.type != "Hostname" and self.hostname:
+            problems.append(
+                "SubjectAltName element must not contain Hostname, if Type is not set to Hostname"
+            )
+        if self.type == "URI" and not self.uri:
+            problems.append("SubjectAltName element must contain URI, if Type is set to URI")
+        if self.type != "URI" and self.uri:
+            problems.append(
+                "SubjectAltName element must not contain URI, if Type is not set to URI"
+            )
+        raise_issues("SubjectAltName", [issue((), m) for m in problems])
+        return self
+
+
+class BackendTLSValidation(StrictModel):
+    """How the backend's certificate is checked: against the CAs of `caCertificateRefs` or
+    the system's (`wellKnownCACertificates: System`), for the name `hostname` (also sent as
+    SNI), or for one of `subjectAltNames` when given."""
+
+    caCertificateRefs: Annotated[list[CACertificateRef], Field(max_length=8)] = Field(
+        default_factory=list
+    )
+    wellKnownCACertificates: (
+        Annotated[str, Field(min_length=1, max_length=253, pattern=WELL_KNOWN_CA_PATTERN)] | None
+    ) = None
+    hostname: PreciseHostname
+    subjectAltNames: Annotated[list[SubjectAltName], Field(max_length=5)] = Field(
+        default_factory=list
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BackendTLSValidation":
+        if self.caCertificateRefs and self.wellKnownCACertificates:
+            message = "must not contain both CACertificateRefs and WellKnownCACertificates"
+        elif not self.caCertificateRefs and not self.wellKnownCACertificates:
+            message = "must specify either CACertificateRefs or WellKnownCACertificates"
+        else:
+            return self
+        raise_issues("BackendTLSValidation", [issue((), message)])
+        return self
+
+
+class BackendTLSPolicySpec(StrictModel):
+    targetRefs: Annotated[list[PolicyTargetRef], Field(min_length=1, max_length=16)]
+    validation: BackendTLSValidation
+    options: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=16)] = (
+        Field(default_factory=dict)
+    )
+
+    @field_validator("targetRefs")
+    @classmethod
+    def _distinct_targets(cls, refs: list[PolicyTargetRef]) -> list[PolicyTargetRef]:
+        # the CRD's two rules on targetRefs, with its messages
+        problems = []
+        same = [
+            (a, b)
+            for i, a in enumerate(refs)
+            for b in refs[i + 1 :]
+            if (a.group, a.kind, a.name) == (b.group, b.kind, b.name)
+        ]
+        if any(bool(a.sectionName) != bool(b.sectionName) for a, b in same):
+            problems.append(
+                "sectionName must be specified when targetRefs includes 2 or more references "
+                "to the same target"
+            )
+        if any(a.sectionName == b.sectionName for a, b in same):
+            problems.append(
+                "sectionName must be unique when targetRefs includes 2 or more references to "
+                "the same target"
+            )
+        raise_issues("targetRefs", [issue((), m) for m in problems])
+        return refs
+
+    @field_validator("options")
+    @classmethod
+    def _option_keys(cls, options: dict[str, str]) -> dict[str, str]:
+        raise_issues(
+            "options",
+            [
+                issue((key,), f"{key!r} is not an option name (prefix/name)")
+                for key in options
+                if len(key) > 253 or not re.fullmatch(OPTION_KEY_PATTERN, key)
+            ],
+        )
+        return options
+
+
+class BackendTLSPolicy(Resource):
+    """How the gateway speaks TLS to the Services it targets: the CAs that sign their
+    certificates and the name those certificates carry (docs/backend-tls.md)."""
+
+    KIND: ClassVar[str] = "BackendTLSPolicy"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = (
+        f"{GATEWAY_API_GROUP}/v1",
+        f"{GATEWAY_API_GROUP}/v1alpha3",
+    )
+
+    metadata: ObjectMeta
+    spec: BackendTLSPolicySpec
+    status: dict[str, Any] | None = None
 
 
 # --- HTTPRoute ----------------------------------------------------------------------------------

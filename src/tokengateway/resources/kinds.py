@@ -21,6 +21,8 @@ _ALIASES = {
     "GatewayClass": ("gc", "gatewayclasses"),
     "Lease": ("leases",),
     "ReferenceGrant": ("refgrant", "referencegrants"),
+    "ConfigMap": ("cm", "configmaps"),
+    "BackendTLSPolicy": ("btlspolicy", "backendtlspolicies"),
 }
 
 KIND_NAMES: dict[str, str] = {}

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ValidationError
 
 from .common import CUSTOM_ERROR, shell_variable_hint
 from .coordination import Lease
-from .core import Deployment, Namespace, Secret, Service
+from .core import ConfigMap, Deployment, Namespace, Secret, Service
 from .errors import ManifestError, ManifestIssue
-from .gateway_api import Gateway, GatewayClass, HTTPRoute, ReferenceGrant
+from .gateway_api import BackendTLSPolicy, Gateway, GatewayClass, HTTPRoute, ReferenceGrant
 from .kuadrant import AuthPolicy, Kuadrant, RateLimitPolicy, TokenRateLimitPolicy
 from .loader import Document
 from .resource import Resource
@@ -40,6 +40,8 @@ MODEL_BY_KIND: dict[str, type[Resource]] = {
         GatewayClass,
         Lease,
         ReferenceGrant,
+        ConfigMap,
+        BackendTLSPolicy,
     )
 }
 SUPPORTED_KINDS: tuple[str, ...] = tuple(MODEL_BY_KIND)

@@ -8,8 +8,9 @@ configuration stay: requests never notice; `/healthz` and the metrics say how ol
 configuration is and how many watches failed.
 
 Secrets are the exception to "keep a copy of everything": only those an AuthPolicy's API key
-selector picks are held (and only as key digests once compiled); a change of the selectors
-lists the Secrets again.
+selector picks, a Gateway names as a certificate or a BackendTLSPolicy names as CA bundle are
+held (API keys only as key digests once compiled); a change of the selectors lists the Secrets
+again. ConfigMaps likewise: only those a BackendTLSPolicy names.
 """
 
 from __future__ import annotations
@@ -111,11 +112,14 @@ class Follower:
         self.client, self.server, self.namespace = load_client(options.kubeconfig)
         self.informers: list[Informer] = []
         for kind in WATCHED:
-            keep = self._selected_secret if kind.kind == "Secret" else None
-            self.informers.append(Informer(self.client, kind, self._changed, keep))
+            keep = {"Secret": self._selected_secret, "ConfigMap": self._selected_config_map}
+            self.informers.append(Informer(self.client, kind, self._changed, keep.get(kind.kind)))
         self._change = asyncio.Event()
         self._selectors: list[Any] = []
-        self._certificates: set[tuple[str, str]] = set()  # (namespace, name) of TLS Secrets
+        #: (namespace, name) of the Secrets named as certificates or CA bundles
+        self._certificates: set[tuple[str, str]] = set()
+        #: (namespace, name) of the ConfigMaps BackendTLSPolicies name as CA bundles
+        self._config_maps: set[tuple[str, str]] = set()
         self._selector_text = ""
         #: when the running configuration was last known to match the API server
         self.confirmed_at: float | None = None
@@ -145,6 +149,10 @@ class Follower:
         labels = meta.get("labels") or {}
         return any(match(labels) for match in self._selectors)
 
+    def _selected_config_map(self, obj: Mapping[str, Any]) -> bool:
+        meta = obj.get("metadata") or {}
+        return (str(meta.get("namespace") or ""), str(meta.get("name") or "")) in self._config_maps
+
     def _held(self, kind: str) -> list[dict[str, Any]]:
         for informer in self.informers:
             if informer.kind.kind == kind:
@@ -160,7 +168,15 @@ class Follower:
         certificates = set()
         for gateway in self._held("Gateway"):
             certificates |= _certificate_refs(gateway)
-        text = repr(sorted(repr(s) for s in found)) + repr(sorted(certificates))
+        config_maps: set[tuple[str, str]] = set()
+        for policy in self._held("BackendTLSPolicy"):
+            for kind, key in _ca_refs(policy):
+                (config_maps if kind == "ConfigMap" else certificates).add(key)
+        text = (
+            repr(sorted(repr(s) for s in found))
+            + repr(sorted(certificates))
+            + repr(sorted(config_maps))
+        )
         if text == self._selector_text:
             return False
         matchers = []
@@ -171,6 +187,7 @@ class Follower:
                 continue  # the policy's own status says what is wrong with it
         self._selectors = matchers
         self._certificates = certificates
+        self._config_maps = config_maps
         self._selector_text = text
         return True
 
@@ -192,18 +209,19 @@ class Follower:
 
     async def run(self) -> None:
         tasks = []
-        secrets = next(i for i in self.informers if i.kind.kind == "Secret")
+        selected = [i for i in self.informers if i.keep is not None]  # Secrets, ConfigMaps
         try:
-            # policies first: the Secrets listed next are those their selectors pick
+            # policies first: the Secrets and ConfigMaps listed next are those they name
             for informer in self.informers:
-                if informer is secrets:
+                if informer in selected:
                     continue
                 tasks.append(asyncio.create_task(informer.run(), name=informer.kind.plural))
-            while not all(i.synced.is_set() for i in self.informers if i is not secrets):
+            while not all(i.synced.is_set() for i in self.informers if i not in selected):
                 await self._change.wait()
                 self._change.clear()
             self._update_selectors()
-            tasks.append(asyncio.create_task(secrets.run(), name="secrets"))
+            for informer in selected:
+                tasks.append(asyncio.create_task(informer.run(), name=informer.kind.plural))
             tasks.append(asyncio.create_task(self.elector.run(), name="lease"))
             tasks.append(asyncio.create_task(self._write_status(), name="status"))
             while True:
@@ -211,9 +229,10 @@ class Follower:
                 await asyncio.sleep(SETTLE_SECONDS)
                 self._change.clear()
                 if self._update_selectors():
-                    # build once the Secrets the new selectors pick are in, not before
-                    secrets.synced.clear()
-                    secrets.relist()
+                    # build once the Secrets and ConfigMaps now named are in, not before
+                    for informer in selected:
+                        informer.synced.clear()
+                        informer.relist()
                 if self.synced:
                     await self._build()
         finally:
@@ -395,4 +414,16 @@ def _certificate_refs(gateway: Mapping[str, Any]) -> set[tuple[str, str]]:
         for ref in (tls or {}).get("certificateRefs") or []:
             if isinstance(ref, Mapping) and ref.get("kind", "Secret") == "Secret":
                 out.add((str(ref.get("namespace") or namespace), str(ref.get("name"))))
+    return out
+
+
+def _ca_refs(policy: Mapping[str, Any]) -> set[tuple[str, tuple[str, str]]]:
+    """(kind, (namespace, name)) of the ConfigMaps and Secrets a BackendTLSPolicy names as
+    CA bundles (in its own namespace, the only one it may name)."""
+    namespace = str((policy.get("metadata") or {}).get("namespace") or "default")
+    validation = (policy.get("spec") or {}).get("validation") or {}
+    out = set()
+    for ref in validation.get("caCertificateRefs") or []:
+        if isinstance(ref, Mapping) and ref.get("kind") in ("ConfigMap", "Secret"):
+            out.add((str(ref["kind"]), (namespace, str(ref.get("name")))))
     return out

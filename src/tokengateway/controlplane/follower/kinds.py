@@ -30,18 +30,21 @@ class WatchedKind:
 GATEWAY_API = "gateway.networking.k8s.io"
 KUADRANT = "kuadrant.io"
 
-#: listed then watched, in this order (a Namespace before what is in it, Secrets last)
+#: listed then watched, in this order (a Namespace before what is in it, ConfigMaps and
+#: Secrets last: only those the policies and Gateways name are held)
 WATCHED: tuple[WatchedKind, ...] = (
     WatchedKind("Namespace", "", "v1", "namespaces", namespaced=False),
     WatchedKind("Kuadrant", KUADRANT, "v1beta1", "kuadrants"),
     WatchedKind("Gateway", GATEWAY_API, "v1", "gateways", writes_status=True),
     WatchedKind("HTTPRoute", GATEWAY_API, "v1", "httproutes", writes_status=True),
     WatchedKind("ReferenceGrant", GATEWAY_API, "v1beta1", "referencegrants"),
+    WatchedKind("BackendTLSPolicy", GATEWAY_API, "v1", "backendtlspolicies"),
     WatchedKind("Service", "", "v1", "services"),
     WatchedKind("Deployment", "apps", "v1", "deployments"),
     WatchedKind("AuthPolicy", KUADRANT, "v1", "authpolicies", writes_status=True),
     WatchedKind("TokenRateLimitPolicy", KUADRANT, "v1alpha1", "tokenratelimitpolicies", True, True),
     WatchedKind("RateLimitPolicy", KUADRANT, "v1", "ratelimitpolicies", writes_status=True),
+    WatchedKind("ConfigMap", "", "v1", "configmaps"),
     WatchedKind("Secret", "", "v1", "secrets"),
 )
 

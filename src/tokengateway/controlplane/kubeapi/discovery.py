@@ -52,6 +52,8 @@ _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "GatewayClass": ("gatewayclasses", ("gc",)),
     "Lease": ("leases", ()),
     "ReferenceGrant": ("referencegrants", ("refgrant",)),
+    "ConfigMap": ("configmaps", ("cm",)),
+    "BackendTLSPolicy": ("backendtlspolicies", ("btlspolicy",)),
 }
 
 

@@ -89,8 +89,17 @@ def _columns(kind: str) -> list[Column]:
         ]
     if kind == "Lease":
         return [("Holder", "string", 0, lambda o: _get(o, "spec", "holderIdentity") or "")]
-    if kind == "ReferenceGrant":
+    if kind in ("ReferenceGrant", "BackendTLSPolicy"):
         return []
+    if kind == "ConfigMap":
+        return [
+            (
+                "Data",
+                "integer",
+                0,
+                lambda o: len(o.get("data") or {}) + len(o.get("binaryData") or {}),
+            )
+        ]
     if kind == "HTTPRoute":
         return [("Hostnames", "string", 0, lambda o: _join(_get(o, "spec", "hostnames")))]
     if kind == "Secret":

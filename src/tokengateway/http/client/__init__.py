@@ -71,7 +71,8 @@ The parts, one module each:
 * `connection`: `Connection`, the asyncio protocol of one connection (the transport, the
   parser's callbacks, whether it may be reused), and `Pool`, the connections to one origin;
 * `upstream`: `Upstream`, the client: a pool per origin, a fresh exchange per try;
-* `codings`: content codings read for the gateway's own eyes (`decode_content`).
+* `codings`: content codings read for the gateway's own eyes (`decode_content`);
+* `tls`: `UpstreamTLS`, verified TLS to an origin (its authorities and the name checked).
 """
 
 from tokengateway.http.client.codings import content_decoder, decode_content
@@ -85,6 +86,7 @@ from tokengateway.http.client.errors import (
     UpstreamError,
     UpstreamInvalid,
     UpstreamTimeout,
+    UpstreamTLSError,
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
@@ -98,6 +100,7 @@ from tokengateway.http.client.request import (
     UpstreamLimits,
     check_target,
 )
+from tokengateway.http.client.tls import UpstreamTLS, client_context
 from tokengateway.http.client.upstream import Upstream
 
 __all__ = [
@@ -122,10 +125,13 @@ __all__ = [
     "UpstreamInvalid",
     "UpstreamLimits",
     "UpstreamResponse",
+    "UpstreamTLS",
+    "UpstreamTLSError",
     "UpstreamTimeout",
     "UpstreamTooLarge",
     "UpstreamUnreachable",
     "check_target",
+    "client_context",
     "content_decoder",
     "decode_content",
 ]

@@ -33,11 +33,13 @@ from tokengateway.http.client.errors import (
     UpstreamError,
     UpstreamInvalid,
     UpstreamTimeout,
+    UpstreamTLSError,
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
 from tokengateway.http.client.exchange import Exchange, Stage
 from tokengateway.http.client.request import HOP_BY_HOP, Origin
+from tokengateway.http.client.tls import name_problem, tls_reason
 
 __all__ = ["MAX_HEAD", "Connection", "Pool"]
 
@@ -439,8 +441,10 @@ class Pool:
         "max_connections",
         "open",
         "port",
+        "server_name",
         "ssl",
         "sweeper",
+        "tls",
         "waiters",
     )
 
@@ -456,6 +460,11 @@ class Pool:
         self.host = origin.host
         self.port = origin.port
         self.ssl = ssl_context
+        self.tls = origin.tls
+        tls = origin.tls
+        self.server_name = (
+            None if ssl_context is None else tls.server_name if tls is not None else origin.host
+        )
         self.label = origin.label
         self.loop = loop
         self.max_connections = max_connections
@@ -528,10 +537,15 @@ class Pool:
         loop = self.loop
         connect_at = _INF if connect is None else loop.time() + connect
         at = min(connect_at, exchange.first_byte_at, exchange.deadline)
+        tls = self.tls
+        error: UpstreamError
+        if tls is not None and tls.refusal is not None:
+            error = UpstreamTLSError(f"upstream {self.label}: {tls.refusal}")
+            exchange.fail(error)
+            raise error
         conn = Connection(self)
         self.open += 1
         conn.counted = True
-        error: UpstreamError
         try:
             async with asyncio.timeout_at(None if at == _INF else at):
                 await loop.create_connection(
@@ -539,7 +553,7 @@ class Pool:
                     self.host,
                     self.port,
                     ssl=self.ssl,
-                    server_hostname=self.host if self.ssl is not None else None,
+                    server_hostname=self.server_name,
                 )
         except TimeoutError:
             self.given_up(conn)
@@ -549,6 +563,13 @@ class Pool:
                 error = UpstreamTimeout(f"upstream {self.label}: no connection within {connect:g}s")
             else:
                 error = exchange.expired(at)
+            exchange.fail(error)
+            raise error from None
+        except ssl.SSLError as exc:
+            self.given_up(conn)
+            error = UpstreamTLSError(
+                f"upstream {self.label}: TLS with {self.server_name} failed: {tls_reason(exc)}"
+            )
             exchange.fail(error)
             raise error from None
         except OSError as exc:
@@ -562,6 +583,18 @@ class Pool:
         if exchange.error is not None:  # timed out just as it connected
             conn.abort()
             raise exchange.error
+        if tls is not None and tls.names:
+            transport = conn.transport
+            assert transport is not None
+            problem = name_problem(transport.get_extra_info("peercert"), tls.names)
+            if problem is not None:
+                conn.abort()
+                error = UpstreamTLSError(
+                    f"upstream {self.label}: TLS with {self.server_name} failed: "
+                    f"certificate verify failed: {problem}"
+                )
+                exchange.fail(error)
+                raise error
         return conn
 
     def given_up(self, conn: Connection) -> None:

@@ -4,7 +4,9 @@ Every failure of an exchange is an `UpstreamError`; its class says what happened
 `kind`, a stable word, says how the gateway answers (the data path maps it to a status and
 an OpenAI error code):
 
-* `UpstreamUnreachable` ("unreachable", 502): connecting failed (refused, no such host, TLS);
+* `UpstreamUnreachable` ("unreachable", 502): connecting failed (refused, no such host);
+* `UpstreamTLSError` ("tls", 502): the TLS handshake failed, or the upstream's certificate
+  did not verify (expired, unknown authority, another name); never retried in clear;
 * `UpstreamBusy` ("busy", 503): every connection to the origin stayed in use;
 * `UpstreamTimeout` ("timeout", 504): a timeout ran out (connect, first byte, silence, route);
 * `UpstreamInvalid` ("invalid", 502): an answer the client refuses (a 101, a status outside
@@ -32,6 +34,7 @@ __all__ = [
     "UpstreamClosed",
     "UpstreamError",
     "UpstreamInvalid",
+    "UpstreamTLSError",
     "UpstreamTimeout",
     "UpstreamTooLarge",
     "UpstreamUnreachable",
@@ -59,6 +62,13 @@ class UpstreamUnreachable(UpstreamError):
     """No connection: refused, reset while connecting, no such host, a TLS failure."""
 
     kind = "unreachable"
+
+
+class UpstreamTLSError(UpstreamUnreachable):
+    """The TLS handshake failed or the certificate did not verify (the message says OpenSSL's
+    reason), or TLS settings that could not be loaded refused the connection."""
+
+    kind = "tls"
 
 
 class UpstreamBusy(UpstreamError):

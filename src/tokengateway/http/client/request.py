@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from tokengateway.http.client.errors import BadTarget
+from tokengateway.http.client.tls import UpstreamTLS
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -112,11 +113,22 @@ class Origin:
     """A backend's origin, parsed once (per configuration): where to connect, its Host
     header, the base path put before every target, and the credential of its URL (`user:pass@`
     becomes `Authorization: Basic`, unless the request carries its own). `label` names it in
-    messages, without the credential."""
+    messages, without the credential. With `tls`, its connections speak verified TLS even
+    when the URL says http:// (the Host header is the URL's all the same)."""
 
-    __slots__ = ("auth", "base_path", "host", "host_header", "key", "label", "port", "scheme")
+    __slots__ = (
+        "auth",
+        "base_path",
+        "host",
+        "host_header",
+        "key",
+        "label",
+        "port",
+        "scheme",
+        "tls",
+    )
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: UpstreamTLS | None = None) -> None:
         if URL_CONTROL.search(url) is not None:
             raise ValueError(f"a space or a control character in the URL {url!r}")
         try:
@@ -148,6 +160,10 @@ class Origin:
         self.base_path = base_path
         self.key = f"{scheme}://{shown}:{port}"  # the pool's: one per scheme, host and port
         self.label = f"{scheme}://{self.host_header}"
+        #: verified TLS (whatever the scheme): the pool is then one per TLS settings too
+        self.tls = tls
+        if tls is not None:
+            self.key += f"#tls{tls.key}"
         self.auth: str | None = None
         if parts.username is not None:
             user, password = unquote(parts.username), unquote(parts.password or "")

@@ -223,8 +223,14 @@ class Upstream:
         return where
 
     def _pool(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> Pool:
+        # pools left empty are dropped as a new one is made (rarely: a new origin, or new TLS
+        # settings after a reload), so CA rotations do not pile up pools and their contexts
+        for key in [k for k, p in self._pools.items() if p.open == 0 and not p.waiters]:
+            del self._pools[key]
         context = None
-        if origin.scheme == "https":
+        if origin.tls is not None:
+            context = origin.tls.context
+        elif origin.scheme == "https":
             if self._ssl_context is None:
                 self._ssl_context = ssl.create_default_context()
             context = self._ssl_context
