@@ -269,3 +269,40 @@ def test_the_openai_sdk_is_served_within_seconds_not_a_minute(start_gateway, man
     # at half the limit, so some wait): every one is served, none waited for the window
     assert max(took) < 10, took
     assert json.loads(httpx.get(f"{gw.admin_url}/healthz").text)["status"] in ("ok", "degraded")
+
+
+def test_a_client_that_leaves_gives_its_hold_to_a_waiting_request(start_gateway, manifests) -> None:
+    """Two requests hold the whole limit (each hold is capped at half of it) behind an
+    upstream that takes 2 s; a third waits for them. One holder's client leaves after
+    0.3 s: its hold goes at once, and the waiting request gets in then, not when the
+    holders' answers come (its own answer takes the upstream's 2 s too: about 2.3 s in all,
+    against 4 s had it waited for the holders)."""
+    slow = {
+        '          - "8000"\n': '          - "8000"\n          - --time-to-first-token\n          - "2000"\n'
+    }
+    gw = start_gateway(manifests({**slow, **_limits("{wait: 3s}")}))
+    headers = {"Host": HOST, "Authorization": "APIKEY iamagolduser"}
+
+    async def run() -> tuple[float, int]:
+        async with httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=30) as c:
+            stays = asyncio.ensure_future(c.post("/v1/chat/completions", json=chat(max_tokens=400)))
+
+            async def leaves() -> None:
+                async with httpx.AsyncClient(
+                    base_url=gw.url, headers=headers, timeout=0.3
+                ) as short:
+                    with pytest.raises(httpx.ReadTimeout):
+                        await short.post("/v1/chat/completions", json=chat(max_tokens=400))
+
+            leaving = asyncio.ensure_future(leaves())
+            await asyncio.sleep(0.1)  # both holds are in
+            started = time.monotonic()
+            waiting = await c.post("/v1/chat/completions", json=chat(max_tokens=20))
+            took = time.monotonic() - started
+            await leaving
+            assert (await stays).status_code == 200
+            return took, waiting.status_code, waiting.text
+
+    took, status, text = asyncio.run(run())
+    assert status == 200, (took, text)
+    assert took < 3.2, took

@@ -451,6 +451,10 @@ class GatewayApp:
             out_headers = [h for h in out_headers if h[0] != "authorization"]
             out_headers.append(("authorization", backend.authorization))
         entry.forwarded = time.perf_counter()
+        # a client that leaves while its reservation holds tokens gives them back at once:
+        # the upstream request is dropped and nothing is charged (Kuadrant's Envoy resets
+        # the upstream stream and reports nothing), so requests waiting for holds get in
+        leaving = _Leaving(request.receive) if applicable.reservation is not None else None
         try:
             resp = await self.upstream.send_to(
                 method,
@@ -469,10 +473,18 @@ class GatewayApp:
             entry.upstream_done = time.perf_counter()
             await send_error(send, 400, str(exc), "invalid_request_error", "invalid_target")
             return None
+        except asyncio.CancelledError:
+            if leaving is None or not leaving.resume():
+                raise
+            entry.upstream_done = time.perf_counter()
+            entry.status = 499  # the client closed the request (nginx's word for it)
+            return None
 
         # 6. relay the answer, reading its usage; a response without usage is charged an
         # estimate. Rate-limit headers replace the upstream's own.
         if resp.content_type == "text/event-stream":
+            if leaving is not None:
+                leaving.stop()  # the relay watches the client itself
             # a stream in a content coding passes as it came: nothing can be hidden in it
             stream = SSEStream(hide_usage and resp.content_encoding is None)
             if checked is not None:
@@ -490,6 +502,16 @@ class GatewayApp:
             entry.upstream_done = time.perf_counter()
             await _send_upstream_error(send, exc)
             return None
+        except asyncio.CancelledError:
+            if leaving is None or not leaving.resume():
+                raise
+            resp.close()
+            entry.upstream_done = time.perf_counter()
+            entry.status = 499
+            return None
+        finally:
+            if leaving is not None:
+                leaving.stop()  # the answer is the client's from here
         entry.upstream_done = time.perf_counter()
         readable = payload
         if resp.content_encoding is not None:  # passed on as it came; decoded to read usage
@@ -744,6 +766,36 @@ async def _send_denied(send: Send, decision: authlib.AuthDecision) -> None:
         default = "not allowed"
     message = decision.message or (f"{default}: {decision.reason}" if decision.reason else default)
     await send_error(send, decision.status, message, type_, code, headers=decision.deny_headers)
+
+
+class _Leaving:
+    """Cancels the request's task when its client disconnects while the gateway waits for
+    the upstream (the task catches the CancelledError and calls `resume`)."""
+
+    __slots__ = ("gone", "left", "task")
+
+    def __init__(self, receive: Receive) -> None:
+        self.task = asyncio.current_task()
+        self.left = False
+        self.gone = asyncio.ensure_future(receive())  # completes when the client leaves
+        self.gone.add_done_callback(self._left)
+
+    def _left(self, gone: asyncio.Future[Any]) -> None:
+        if not gone.cancelled() and self.task is not None:
+            self.left = True
+            self.task.cancel()
+
+    def resume(self) -> bool:
+        """After a CancelledError: True when it was this client leaving (the task goes on
+        to give the hold back), False for any other cancellation."""
+        if not self.left or self.task is None:
+            return False
+        self.task.uncancel()
+        return True
+
+    def stop(self) -> None:
+        self.gone.remove_done_callback(self._left)
+        self.gone.cancel()
 
 
 async def _send_limited(send: Send, result: CheckResult, token_counters: int) -> None:
