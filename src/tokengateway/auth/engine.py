@@ -22,10 +22,14 @@ Selectors, conditions and Rego read Authorino's authorization JSON, built once p
      "request": {...}, "source": {...}, "destination": {...}, "metadata": {},
      "auth": {"identity": ..., "authorization": {...}, "response": {...}}}
 
+Identity methods: `apiKey`, `jwt` (auth/jwt.py: the keys are fetched by the gateway,
+outside this engine; a 401 whose token named a key its set lacks lists that set in
+`AuthDecision.refresh_keys`, for the gateway to refresh and ask again), `x509`
+(auth/x509.py), `plain` and `anonymous`.
+
 Not supported (AuthConfigError at compile time, never a silent bypass): `metadata` and
-`callbacks` rules (HTTP, UMA and UserInfo calls), identity methods other than `apiKey`,
-`x509` (auth/x509.py), `plain` and `anonymous` (jwt, oauth2Introspection,
-kubernetesTokenReview need a network or Kubernetes), an `x509` certificate `source` other
+`callbacks` rules (HTTP, UMA and UserInfo calls), the identity methods
+`oauth2Introspection` and `kubernetesTokenReview`, an `x509` certificate `source` other
 than the TLS connection, `kubernetesSubjectAccessReview` and `spicedb` authorization, Rego
 from `externalPolicy`, and `wristband` responses. `cache` and `metrics` options are
 accepted and ignored (they do not change decisions).
@@ -35,11 +39,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
 from tokengateway.auth.credentials import CredentialLocation, compile_credentials
 from tokengateway.auth.identity import REDACTED, ApiKeyIndex, compile_label_selector, digest
+from tokengateway.auth.jwt import DEFAULT_TIMEOUT, JwtVerifier, KeySet, token_expiry
 from tokengateway.auth.model import AuthConfigError, AuthDecision, AuthRequest, SecretRecord
 from tokengateway.auth.rego import MSG_UNAUTHORIZED, RegoPolicy
 from tokengateway.auth.selector import to_json, to_string
@@ -55,7 +61,11 @@ from tokengateway.auth.x509 import TrustedCAs
 from tokengateway.expr import cel
 from tokengateway.expr.kept import keep
 
-__all__ = ["AuthEngine", "compile_auth"]
+__all__ = ["AuthEngine", "KeySets", "compile_auth"]
+
+#: where a `jwt` rule gets its key set: (issuerUrl, jwksUrl, ttl, timeout) -> KeySet; the
+#: configuration passes one that shares sets across rules and reloads
+KeySets = Callable[[str | None, str | None, float, float], KeySet]
 
 MSG_CREDENTIAL_NOT_FOUND = "credential not found"
 MSG_INVALID_API_KEY = "the API Key provided is invalid"
@@ -66,7 +76,6 @@ HEADER_REASON = "X-Ext-Auth-Reason"
 
 _SECTIONS = ("authentication", "metadata", "authorization", "response", "callbacks")
 _UNSUPPORTED_IDENTITY = {
-    "jwt": "it fetches OpenID Connect discovery documents and JWKS over the network",
     "oauth2Introspection": "it calls an OAuth2 token introspection endpoint",
     "kubernetesTokenReview": "it calls the Kubernetes TokenReview API",
 }
@@ -86,6 +95,7 @@ class _Source:
         "challenge",
         "extensions",
         "index",
+        "jwt",
         "location",
         "method",
         "name",
@@ -104,6 +114,7 @@ class _Source:
         self.index: ApiKeyIndex | None = None
         self.plain: Value | None = None
         self.x509: TrustedCAs | None = None
+        self.jwt: JwtVerifier | None = None
         #: (property, value, overwrite) from `defaults` (False) and `overrides` (True)
         self.extensions: list[tuple[str, Value, bool]] = []
         self.challenge = ""
@@ -213,8 +224,10 @@ class _Compiler:
         secrets: Sequence[SecretRecord],
         system_namespace: str,
         patterns: Mapping[str, Sequence[Mapping[str, Any]]],
+        key_sets: KeySets | None = None,
     ) -> None:
         self.policy = policy
+        self.key_sets = key_sets or KeySet
         self.secrets = secrets
         self.system_namespace = system_namespace
         self.patterns = patterns
@@ -286,6 +299,11 @@ class _Compiler:
             namespace = None if options.get("allNamespaces") else self.system_namespace
             src.x509 = TrustedCAs(self.secrets, matches, namespace)
             src.challenge = f'Certificate realm="{name}"'
+        elif method == "jwt":
+            src.location = location
+            src.jwt = JwtVerifier(
+                self.key_set(_mapping(spec["jwt"], self.policy, f"{where}.jwt"), f"{where}.jwt")
+            )
         elif method == "plain":
             options = _mapping(spec["plain"], self.policy, f"{where}.plain")
             if bool(options.get("selector")) == bool(options.get("expression")):
@@ -302,6 +320,26 @@ class _Compiler:
                 value = self.value(props[prop], f"{where}.{key}.{prop}")
                 src.extensions.append((str(prop), value, overwrite))
         return src
+
+    def key_set(self, options: Mapping[str, Any], where: str) -> KeySet:
+        issuer, jwks = options.get("issuerUrl") or None, options.get("jwksUrl") or None
+        if (issuer is None) == (jwks is None):
+            raise AuthConfigError(self.policy, where, "use exactly one of: issuerUrl, jwksUrl")
+        for name, url in (("issuerUrl", issuer), ("jwksUrl", jwks)):
+            if url is not None and (
+                not isinstance(url, str) or not url.startswith(("http://", "https://"))
+            ):
+                raise AuthConfigError(
+                    self.policy, f"{where}.{name}", f"must be an http(s) URL, not {url!r}"
+                )
+        ttl = options.get("ttl") or 0
+        timeout = options.get("timeout") or int(DEFAULT_TIMEOUT * 1000)
+        for name, number in (("ttl", ttl), ("timeout", timeout)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise AuthConfigError(
+                    self.policy, f"{where}.{name}", f"must be a whole number >= 0, not {number!r}"
+                )
+        return self.key_sets(issuer, jwks, float(ttl), timeout / 1000)
 
     # -- authorization ----------------------------------------------------------------------
 
@@ -400,11 +438,13 @@ def compile_auth(
     system_namespace: str,
     *,
     patterns: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    key_sets: KeySets | None = None,
 ) -> AuthEngine:
     """Compile an AuthPolicy's `rules` (and top-level `when`) into an engine.
 
     `name` is "namespace/policy" for messages; `patterns` is the policy's `spec.patterns`, for
-    `patternRef`s. Raises AuthConfigError naming the policy, the rule and the reason.
+    `patternRef`s; `key_sets` gives `jwt` rules their keys (a new KeySet each by default).
+    Raises AuthConfigError naming the policy, the rule and the reason.
     """
     rules = _mapping(rules, name, "rules")
     unknown = [key for key in rules if key not in _SECTIONS]
@@ -427,7 +467,7 @@ def compile_auth(
             f"rules.callbacks.{first}",
             "callbacks are not supported here: they call HTTP endpoints",
         )
-    compiler = _Compiler(name, secrets, system_namespace, patterns or {})
+    compiler = _Compiler(name, secrets, system_namespace, patterns or {}, key_sets)
 
     top_when: list[cel.Predicate] = []
     for i, item in enumerate(when or ()):
@@ -517,6 +557,7 @@ class AuthEngine:
         "_authz_groups",
         "_challenges",
         "_kept",
+        "_kept_jwt",
         "_needs_context",
         "_response_groups",
         "_single_source",
@@ -560,8 +601,13 @@ class AuthEngine:
         #: decisions by the digest of the API key, when they depend on nothing else: one
         #: apiKey rule, and every condition, value and policy reads only `auth`
         self._kept: dict[bytes, AuthDecision] | None = None
+        #: for a `jwt` rule, decisions by the token's digest, each with the time it ends
+        #: (the token's `exp`), its key set and that set's generation when it was made
+        self._kept_jwt: dict[bytes, tuple[AuthDecision, float, KeySet, int]] | None = None
         if per_key and len(sources) == 1 and sources[0].index is not None:
             self._kept = {}
+        elif per_key and len(sources) == 1 and sources[0].jwt is not None:
+            self._kept_jwt = {}
 
     @property
     def identity_sources(self) -> list[str]:
@@ -608,6 +654,8 @@ class AuthEngine:
             for predicate in self._when:
                 if not predicate.test(activation):
                     return AuthDecision(allowed=True, status=200, applied=False)
+        if self._kept_jwt is not None:
+            return self._decide_jwt(headers, path, req, request)
         key = self._key(headers, path)
         if key is not None:
             found = self._kept.get(key)  # type: ignore[union-attr]
@@ -618,10 +666,50 @@ class AuthEngine:
             self._keep(key, decision)
         return decision
 
+    def _decide_jwt(
+        self,
+        headers: Mapping[str, str],
+        path: str,
+        req: AuthRequest | None,
+        request: Callable[[], AuthRequest],
+    ) -> AuthDecision:
+        """`decide` for a policy whose one rule is `jwt`: a token's decision is kept until
+        the token expires or its key set changes, so its signature is checked once."""
+        kept = self._kept_jwt
+        assert kept is not None
+        src = self._source_groups[0][0]
+        credential = src.location.extract(headers, path)
+        key = None if credential is None else digest(credential)
+        if key is not None:
+            found = kept.get(key)
+            if found is not None:
+                decision, until, keys, generation = found
+                if time.time() <= until and keys.generation == generation:
+                    return decision
+                kept.pop(key, None)
+        decision = self._evaluate(req or request())
+        # kept only once the token was verified (not for a 401, whatever code it was given)
+        if credential is not None and key is not None and decision.identity_source is not None:
+            expires = token_expiry(credential)
+            if expires is not None:
+                keys = src.jwt.keys
+                keep(kept, key, (decision, expires, keys, keys.generation), KEPT_DECISIONS)
+        return decision
+
     def known(self, headers: Mapping[str, str], path: str) -> AuthDecision | None:
         """The decision kept for this request's API key, if the engine keeps decisions per
         key and has one (None also when a top-level `when` must be tested first)."""
-        key = None if self._when else self._key(headers, path)
+        if self._when:
+            return None
+        if self._kept_jwt is not None:
+            credential = self._source_groups[0][0].location.extract(headers, path)
+            found = None if credential is None else self._kept_jwt.get(digest(credential))
+            if found is None:
+                return None
+            decision, until, keys, generation = found
+            fresh = time.time() <= until and keys.generation == generation
+            return decision if fresh else None
+        key = self._key(headers, path)
         return None if key is None else self._kept.get(key)  # type: ignore[union-attr]
 
     def _key(self, headers: Mapping[str, str], path: str) -> bytes | None:
@@ -645,9 +733,13 @@ class AuthEngine:
         auth: dict[str, Any] = ctx.doc["auth"]
 
         # 1. authentication
-        found = self._authenticate(ctx, req)
+        pending: list[KeySet] = []
+        found = self._authenticate(ctx, req, pending)
         if isinstance(found, str):
-            return self._deny(ctx, 401, found, self._challenges, self._unauthenticated, None, None)
+            denied = self._deny(
+                ctx, 401, found, self._challenges, self._unauthenticated, None, None
+            )
+            return replace(denied, refresh_keys=tuple(pending)) if pending else denied
         source, public, location = found
 
         # 2. authorization
@@ -731,7 +823,7 @@ class AuthEngine:
         return doc
 
     def _authenticate(
-        self, ctx: EvalContext, req: AuthRequest
+        self, ctx: EvalContext, req: AuthRequest, pending: list[KeySet]
     ) -> tuple[str, dict[str, Any] | None, CredentialLocation | None] | str:
         """(rule name, public identity, where its credential was) on success, else the
         X-Ext-Auth-Reason."""
@@ -740,7 +832,7 @@ class AuthEngine:
             for src in group:
                 if src.when is not None and not src.when.matches(ctx):
                     continue
-                _, public, error = self._resolve(src, ctx, req)
+                _, public, error = self._resolve(src, ctx, req, pending)
                 if error is None:
                     return src.name, public, src.location
                 if self._single_source:
@@ -750,9 +842,10 @@ class AuthEngine:
 
     @staticmethod
     def _resolve(
-        src: _Source, ctx: EvalContext, req: AuthRequest
+        src: _Source, ctx: EvalContext, req: AuthRequest, pending: list[KeySet]
     ) -> tuple[Any, dict[str, Any] | None, str | None]:
-        """Resolve one rule: (identity, redacted identity, None) or (None, None, error)."""
+        """Resolve one rule: (identity, redacted identity, None) or (None, None, error).
+        A `jwt` rule whose key set may lack the token's key adds the set to `pending`."""
         public: dict[str, Any] | None
         if src.index is not None:
             assert src.location is not None
@@ -763,6 +856,17 @@ class AuthEngine:
             if hit is None:
                 return None, None, MSG_INVALID_API_KEY
             identity, public = hit
+        elif src.jwt is not None:
+            assert src.location is not None
+            credential = src.location.extract(req.headers, req.path)
+            if credential is None:
+                return None, None, MSG_CREDENTIAL_NOT_FOUND
+            verified = src.jwt.verify(credential)
+            if verified.claims is None:
+                if verified.unknown_key:
+                    pending.append(src.jwt.keys)
+                return None, None, verified.error
+            identity = public = verified.claims
         elif src.x509 is not None:
             subject, error = src.x509.check(req.client_certificate)
             if subject is None:

@@ -97,6 +97,9 @@ class AuthDecision:
     credential: Any = None
     #: False when the policy's top-level `when` did not match (nothing was evaluated)
     applied: bool = True
+    #: on a 401: the key sets (auth/jwt.py KeySet) that lacked the token's key, or had no
+    #: keys yet; refreshing them (at most once, rate limited) may change the decision
+    refresh_keys: tuple[Any, ...] = ()
 
     @property
     def headers(self) -> list[tuple[str, str]]:

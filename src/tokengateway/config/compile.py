@@ -249,6 +249,9 @@ class CompiledConfig:
     #: loaded TLS contexts by what they were made from (see `_Build._load`, `_Build._served`),
     #: reused by the next configuration while their PEM is the same
     certificate_cache: dict[tuple[Any, ...], _Loaded] = field(default_factory=dict, repr=False)
+    #: the key sets of the `jwt` rules, by (issuerUrl, jwksUrl, ttl, timeout): the gateway
+    #: fetches and refreshes them; the next configuration reuses them, keys and all
+    key_sets: dict[tuple[Any, ...], authlib.KeySet] = field(default_factory=dict, repr=False)
 
 
 def _key(res: Resource) -> str:
@@ -475,10 +478,13 @@ class _Compiler:
         policies: Mapping[str, _Policy],
         secrets: Sequence[authlib.SecretRecord],
         system_ns: str,
+        old_key_sets: Mapping[tuple[Any, ...], authlib.KeySet] | None = None,
     ) -> None:
         self.policies = policies  # "Kind ns/name" -> policy
         self.secrets = secrets
         self.system_ns = system_ns
+        self.old_key_sets = old_key_sets or {}
+        self.key_sets: dict[tuple[Any, ...], authlib.KeySet] = {}
         self.problems: list[str] = []
         self._auth: dict[Any, authlib.AuthEngine] = {}
         self._when: dict[Any, bool] = {}
@@ -565,6 +571,7 @@ class _Compiler:
                 self.secrets,
                 self.system_ns,
                 patterns=_pattern_lists(patterns) or None,
+                key_sets=self._key_set,
             )
             return engine
         except Exception as exc:  # a bad policy must not stop the others
@@ -576,6 +583,18 @@ class _Compiler:
                     detail = f"does not compile: {exc}"
                 self._report("AuthPolicy", source, f"AuthPolicy {source}: {detail}", _is_cel(exc))
             return _deny_all(culprits, self.system_ns)
+
+    def _key_set(
+        self, issuer: str | None, jwks: str | None, ttl: float, timeout: float
+    ) -> authlib.KeySet:
+        """One key set per source and settings, shared by every rule naming it and taken
+        over from the previous configuration (with the keys it fetched)."""
+        key = (issuer, jwks, ttl, timeout)
+        found = self.key_sets.get(key) or self.old_key_sets.get(key)
+        if found is None:
+            found = authlib.KeySet(issuer, jwks, ttl, timeout)
+        self.key_sets[key] = found
+        return found
 
     @staticmethod
     def _auth_culprits(exc: Exception, effective: EffectivePolicy) -> list[str]:
@@ -650,7 +669,8 @@ def compile_config(
     """
     resources = [res for res in resources if res.kind not in CONFIG_NEUTRAL]
     cache = previous.certificate_cache if previous is not None else {}
-    build = _Build(resources, backends, strict, https, cache)
+    key_sets = previous.key_sets if previous is not None else {}
+    build = _Build(resources, backends, strict, https, cache, key_sets)
     for route in build.routes:
         build.route(route)
     compiler = build.compiler
@@ -683,6 +703,7 @@ def compile_config(
         sni,
         build.https_listeners,
         build.certificate_cache,
+        compiler.key_sets,
     )
 
 
@@ -696,6 +717,7 @@ class _Build:
         strict: bool,
         https: bool = False,
         certificates: Mapping[tuple[Any, ...], _Loaded] | None = None,
+        key_sets: Mapping[tuple[Any, ...], authlib.KeySet] | None = None,
     ) -> None:
         self.backends = backends
         self.strict = strict
@@ -765,7 +787,7 @@ class _Build:
         for kind in POLICY_KINDS:
             for res in sorted((p for p in policies if p.kind == kind), key=_age):
                 self._policy(kind, res)
-        self.compiler = _Compiler(self.policies, secrets, self.system_ns)
+        self.compiler = _Compiler(self.policies, secrets, self.system_ns, key_sets)
 
     def _policy(self, kind: str, res: _PolicyResource) -> None:
         """Register a policy; it is accepted (and attached) when its target exists."""

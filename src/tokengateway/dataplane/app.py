@@ -31,6 +31,7 @@ from tokengateway import auth as authlib
 from tokengateway.config.compile import CompiledConfig, RuleTarget
 from tokengateway.dataplane.body import read_json_body
 from tokengateway.dataplane.errors import error_body, send_error, send_json
+from tokengateway.dataplane.keys import KeyFetcher
 from tokengateway.dataplane.ratelimit_headers import limited_headers, success_headers
 from tokengateway.expr import cel
 from tokengateway.http.asgi import Receive, RequestAborted, Scope, Send, read_body
@@ -158,6 +159,8 @@ class GatewayApp:
             max_reservation_ttl=reservation_clamps[1],
         )
         self.upstream = upstream or Upstream()
+        #: fetches the identity providers' keys for `jwt` rules (dataplane/keys.py)
+        self.keys = KeyFetcher(self.upstream)
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
         self.metrics = Metrics()
@@ -222,8 +225,12 @@ class GatewayApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.upstream.start()  # the store is started (and checked) before serving
+                # the identity providers' keys, before the first token arrives
+                await self.keys.load(self.config.key_sets.values())
+                self.keys.start(lambda: self.config.key_sets.values())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.keys.stop()
                 await self.upstream.close()
                 await self.store.close()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -252,6 +259,9 @@ class GatewayApp:
         # 3. authenticate and authorize
         if target.auth is not None:
             answer = self._authorize(request, target.auth)
+            if answer is not None and request.decision.refresh_keys:  # type: ignore[union-attr]
+                answer.close()
+                answer = await self._authorize_after_refresh(request, target.auth)
             if answer is not None:
                 await answer
                 return
@@ -325,6 +335,17 @@ class GatewayApp:
             return False
         request.body = body
         return True
+
+    async def _authorize_after_refresh(
+        self, request: RequestContext, policy: authlib.AuthEngine
+    ) -> Answer | None:
+        """3, again, for a token whose key its key set lacked (rotated keys, or none fetched
+        yet): once the set is refreshed (rate limited, dataplane/keys.py), if it changed."""
+        decision = request.decision
+        assert decision is not None
+        if not await self.keys.refresh_for(decision.refresh_keys):
+            return _send_denied(request.send, decision)
+        return self._authorize(request, policy)
 
     def _authorize(self, request: RequestContext, policy: authlib.AuthEngine) -> Answer | None:
         """3. The AuthPolicy's decision (`request.decision`, `request.auth`); a refusal is
