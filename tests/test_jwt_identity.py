@@ -56,11 +56,13 @@ spec:
 """
 
 
-def gateway(manifests: Any, start_gateway: Any, provider: OidcProvider, ttl: int = 0) -> Any:
+def gateway(
+    manifests: Any, start_gateway: Any, provider: OidcProvider, ttl: int = 0, args: tuple = ()
+) -> Any:
     """The tutorial with the jwt AuthPolicy instead of API keys."""
     policy = POLICY.replace("ISSUER", provider.issuer).replace("TTL", str(ttl))
     folder = manifests(extra=policy, skip=("05-authpolicy.yaml",))
-    return start_gateway(folder)
+    return start_gateway(folder, args=args)
 
 
 def post(gw: Any, token: str | None, prefix: str = "Bearer") -> httpx.Response:
@@ -250,6 +252,24 @@ def test_a_gateway_started_before_its_provider(oidc, manifests, start_gateway, t
         assert time.monotonic() < deadline, gw.output()
         time.sleep(0.5)
     assert post(gw, provider.token("carol")).status_code == 200
+
+
+def test_every_worker_fetches_and_refreshes_its_keys(
+    oidc, manifests, start_gateway, redis_server
+) -> None:
+    from tests.test_workers import _storage, _wait_workers
+
+    provider = oidc([Key("k1")])
+    storage, _ = _storage(redis_server)
+    gw = gateway(manifests, start_gateway, provider, args=("--workers", "2", "--storage", storage))
+    _wait_workers(gw, 2)
+    first = provider.token("bob")
+    # a new connection per request: both workers answer (the kernel spreads them)
+    assert {models(gw, first).status_code for _ in range(20)} == {200}
+    provider.restart([Key("k2"), *provider.keys])
+    second = provider.token("bob")
+    assert {models(gw, second).status_code for _ in range(20)} == {200}
+    assert {models(gw, first).status_code for _ in range(20)} == {200}
 
 
 # --- the engine alone ------------------------------------------------------------------------
