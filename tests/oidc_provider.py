@@ -29,8 +29,10 @@ from tests.conftest import free_socket, require
 
 HERE = Path(__file__).resolve().parent / "oidc"
 
-#: the provider's clients: (client_id, tier); every secret is the id backwards, padded
+#: the provider's clients: (client_id, tier); every secret is the id backwards, padded.
+#: "opaque-*" clients get opaque tokens (for introspection); "gateway" introspects them
 CLIENTS = [("aisha", "free"), ("carol", "free"), ("bob", "gold"), ("mallory", "platinum")]
+CLIENTS += [("opaque-dana", "free"), ("opaque-erin", "gold"), ("gateway", "none")]
 
 
 def _b64(data: bytes) -> str:
@@ -141,6 +143,7 @@ class OidcProvider:
                     "client_secret": secret_of(client),
                     "tier": tier,
                     "ttl": self.ttls.get(client, 3600),
+                    "format": "opaque" if client.startswith("opaque-") else "jwt",
                 }
                 for client, tier in CLIENTS
             ],
@@ -195,6 +198,25 @@ class OidcProvider:
         )
         assert answer.status_code == 200, answer.text
         return str(answer.json()["access_token"])
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        """What the provider's introspection endpoint says of `token`."""
+        answer = httpx.post(
+            f"{self.issuer}/token/introspection",
+            data={"token": token},
+            auth=("gateway", secret_of("gateway")),
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    def revoke(self, token: str, client: str) -> None:
+        answer = httpx.post(
+            f"{self.issuer}/token/revocation",
+            data={"token": token, "client_id": client, "client_secret": secret_of(client)},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
 
     def claims(self, sub: str, **extra: Any) -> dict[str, Any]:
         """Claims like the provider's own, for tokens forged in tests."""

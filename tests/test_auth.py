@@ -806,8 +806,8 @@ def test_api_keys_never_appear_in_reprs_or_errors(tutorial: AuthEngine) -> None:
     ("rules", "fragment"),
     [
         (
-            {"authentication": {"o": {"oauth2Introspection": {"endpoint": "https://x"}}}},
-            "rules.authentication.o: oauth2Introspection authentication is not supported",
+            {"authentication": {"k8s": {"kubernetesTokenReview": {}}}},
+            "rules.authentication.k8s: kubernetesTokenReview authentication is not supported",
         ),
         (
             {"authentication": {"k8s": {"kubernetesTokenReview": {"audiences": ["x"]}}}},

@@ -3,10 +3,11 @@
 //   node provider.mjs <config.json>
 //
 // config.json: {"port": N, "issuer": "http://127.0.0.1:N", "keys": [private JWKs],
-//               "clients": [{"client_id", "client_secret", "tier", "ttl"}]}
-// Clients get JWT access tokens by the client_credentials grant (resource indicators make
-// them JWTs); each token carries the client's `tier` and `groups`. Prints "ready" once it
-// listens; stops on SIGTERM.
+//               "clients": [{"client_id", "client_secret", "tier", "ttl", "format"}]}
+// Clients get access tokens by the client_credentials grant: JWTs (resource indicators make
+// them so), or opaque ones for a client whose format is "opaque"; each token carries the
+// client's `tier` and `groups`. Any client may introspect (RFC 7662, HTTP Basic client
+// authentication) and revoke tokens. Prints "ready" once it listens; stops on SIGTERM.
 import { readFileSync } from 'node:fs';
 import Provider from 'oidc-provider';
 
@@ -23,10 +24,14 @@ const provider = new Provider(config.issuer, {
     response_types: [],
     redirect_uris: [],
     token_endpoint_auth_method: 'client_secret_post',
+    introspection_endpoint_auth_method: 'client_secret_basic',
+    revocation_endpoint_auth_method: 'client_secret_post',
   })),
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
+    introspection: { enabled: true },
+    revocation: { enabled: true },
     resourceIndicators: {
       enabled: true,
       defaultResource: () => RESOURCE,
@@ -34,7 +39,7 @@ const provider = new Provider(config.issuer, {
       getResourceServerInfo: (ctx, resource, client) => ({
         scope: 'llm',
         audience: RESOURCE,
-        accessTokenFormat: 'jwt',
+        accessTokenFormat: clients.get(client.clientId)?.format ?? 'jwt',
         accessTokenTTL: clients.get(client.clientId)?.ttl ?? 3600,
         jwt: { sign: { alg: config.alg ?? 'RS256' } },
       }),

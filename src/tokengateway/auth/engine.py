@@ -24,12 +24,13 @@ Selectors, conditions and Rego read Authorino's authorization JSON, built once p
 
 Identity methods: `apiKey`, `jwt` (auth/jwt.py: the keys are fetched by the gateway,
 outside this engine; a 401 whose token named a key its set lacks lists that set in
-`AuthDecision.refresh_keys`, for the gateway to refresh and ask again), `x509`
-(auth/x509.py), `plain` and `anonymous`.
+`AuthDecision.refresh_keys`, for the gateway to refresh and ask again),
+`oauth2Introspection` (auth/introspection.py: likewise, a token with no answer kept is
+listed in `AuthDecision.introspect`), `x509` (auth/x509.py), `plain` and `anonymous`.
 
 Not supported (AuthConfigError at compile time, never a silent bypass): `metadata` and
-`callbacks` rules (HTTP, UMA and UserInfo calls), the identity methods
-`oauth2Introspection` and `kubernetesTokenReview`, an `x509` certificate `source` other
+`callbacks` rules (HTTP, UMA and UserInfo calls), the identity method
+`kubernetesTokenReview`, an `x509` certificate `source` other
 than the TLS connection, `kubernetesSubjectAccessReview` and `spicedb` authorization, Rego
 from `externalPolicy`, and `wristband` responses. `cache` and `metrics` options are
 accepted and ignored (they do not change decisions).
@@ -45,6 +46,7 @@ from urllib.parse import quote
 
 from tokengateway.auth.credentials import CredentialLocation, compile_credentials
 from tokengateway.auth.identity import REDACTED, ApiKeyIndex, compile_label_selector, digest
+from tokengateway.auth.introspection import DEFAULT_KEEP, Introspector
 from tokengateway.auth.jwt import DEFAULT_TIMEOUT, JwtVerifier, KeySet, token_expiry
 from tokengateway.auth.model import AuthConfigError, AuthDecision, AuthRequest, SecretRecord
 from tokengateway.auth.rego import MSG_UNAUTHORIZED, RegoPolicy
@@ -70,13 +72,14 @@ KeySets = Callable[[str | None, str | None, float, float], KeySet]
 MSG_CREDENTIAL_NOT_FOUND = "credential not found"
 MSG_INVALID_API_KEY = "the API Key provided is invalid"
 MSG_NO_PLAIN_IDENTITY = "could not retrieve identity object or null"
+#: what a 401 says when the gateway could not wait for the introspection endpoint
+MSG_INTROSPECTION_PENDING = "token introspection request failed: no answer"
 
 HEADER_CHALLENGE = "WWW-Authenticate"
 HEADER_REASON = "X-Ext-Auth-Reason"
 
 _SECTIONS = ("authentication", "metadata", "authorization", "response", "callbacks")
 _UNSUPPORTED_IDENTITY = {
-    "oauth2Introspection": "it calls an OAuth2 token introspection endpoint",
     "kubernetesTokenReview": "it calls the Kubernetes TokenReview API",
 }
 _UNSUPPORTED_AUTHZ = {
@@ -95,6 +98,7 @@ class _Source:
         "challenge",
         "extensions",
         "index",
+        "introspector",
         "jwt",
         "location",
         "method",
@@ -115,6 +119,7 @@ class _Source:
         self.plain: Value | None = None
         self.x509: TrustedCAs | None = None
         self.jwt: JwtVerifier | None = None
+        self.introspector: Introspector | None = None
         #: (property, value, overwrite) from `defaults` (False) and `overrides` (True)
         self.extensions: list[tuple[str, Value, bool]] = []
         self.challenge = ""
@@ -304,6 +309,9 @@ class _Compiler:
             src.jwt = JwtVerifier(
                 self.key_set(_mapping(spec["jwt"], self.policy, f"{where}.jwt"), f"{where}.jwt")
             )
+        elif method == "oauth2Introspection":
+            src.location = location
+            src.introspector = self.introspector(spec, f"{where}.oauth2Introspection")
         elif method == "plain":
             options = _mapping(spec["plain"], self.policy, f"{where}.plain")
             if bool(options.get("selector")) == bool(options.get("expression")):
@@ -320,6 +328,51 @@ class _Compiler:
                 value = self.value(props[prop], f"{where}.{key}.{prop}")
                 src.extensions.append((str(prop), value, overwrite))
         return src
+
+    def introspector(self, spec: Mapping[str, Any], where: str) -> Introspector:
+        options = _mapping(spec["oauth2Introspection"], self.policy, where)
+        endpoint = options.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            raise AuthConfigError(
+                self.policy, f"{where}.endpoint", f"must be an http(s) URL, not {endpoint!r}"
+            )
+        ref = _mapping(options.get("credentialsRef"), self.policy, f"{where}.credentialsRef")
+        name = ref.get("name")
+        found = [s for s in self.secrets if s.namespace == self.system_namespace and s.name == name]
+        if not name or not found:
+            raise AuthConfigError(
+                self.policy,
+                f"{where}.credentialsRef",
+                f"needs the name of a Secret in {self.system_namespace} with clientID and "
+                f"clientSecret (not found: {name!r})",
+            )
+        client_id, secret = found[0].data.get("clientID"), found[0].data.get("clientSecret")
+        if not client_id or not secret:
+            raise AuthConfigError(
+                self.policy,
+                f"{where}.credentialsRef",
+                f"the Secret {self.system_namespace}/{name} needs clientID and clientSecret",
+            )
+        timeout = options.get("timeout")
+        timeout = int(DEFAULT_TIMEOUT * 1000) if timeout is None else timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise AuthConfigError(
+                self.policy, f"{where}.timeout", f"must be a whole number >= 0, not {timeout!r}"
+            )
+        cache = _mapping(spec.get("cache"), self.policy, where.rpartition(".")[0] + ".cache")
+        keep_for = cache.get("ttl") or DEFAULT_KEEP
+        if isinstance(keep_for, bool) or not isinstance(keep_for, (int, float)) or keep_for < 0:
+            raise AuthConfigError(
+                self.policy, f"{where}.cache.ttl", f"must be a number >= 0, not {keep_for!r}"
+            )
+        return Introspector(
+            endpoint,
+            str(client_id),
+            str(secret),
+            hint=str(options.get("tokenTypeHint") or "access_token"),
+            timeout=timeout / 1000 if timeout else 3600.0,
+            keep_for=float(keep_for),
+        )
 
     def key_set(self, options: Mapping[str, Any], where: str) -> KeySet:
         issuer, jwks = options.get("issuerUrl") or None, options.get("jwksUrl") or None
@@ -733,13 +786,19 @@ class AuthEngine:
         auth: dict[str, Any] = ctx.doc["auth"]
 
         # 1. authentication
-        pending: list[KeySet] = []
+        pending: list[Any] = []
         found = self._authenticate(ctx, req, pending)
         if isinstance(found, str):
             denied = self._deny(
                 ctx, 401, found, self._challenges, self._unauthenticated, None, None
             )
-            return replace(denied, refresh_keys=tuple(pending)) if pending else denied
+            if not pending:
+                return denied
+            return replace(
+                denied,
+                refresh_keys=tuple(p for p in pending if isinstance(p, KeySet)),
+                introspect=tuple(p for p in pending if not isinstance(p, KeySet)),
+            )
         source, public, location = found
 
         # 2. authorization
@@ -823,7 +882,7 @@ class AuthEngine:
         return doc
 
     def _authenticate(
-        self, ctx: EvalContext, req: AuthRequest, pending: list[KeySet]
+        self, ctx: EvalContext, req: AuthRequest, pending: list[Any]
     ) -> tuple[str, dict[str, Any] | None, CredentialLocation | None] | str:
         """(rule name, public identity, where its credential was) on success, else the
         X-Ext-Auth-Reason."""
@@ -842,10 +901,11 @@ class AuthEngine:
 
     @staticmethod
     def _resolve(
-        src: _Source, ctx: EvalContext, req: AuthRequest, pending: list[KeySet]
+        src: _Source, ctx: EvalContext, req: AuthRequest, pending: list[Any]
     ) -> tuple[Any, dict[str, Any] | None, str | None]:
         """Resolve one rule: (identity, redacted identity, None) or (None, None, error).
-        A `jwt` rule whose key set may lack the token's key adds the set to `pending`."""
+        A `jwt` rule whose key set may lack the token's key adds the set to `pending`; an
+        `oauth2Introspection` rule with no answer for the token, (introspector, token)."""
         public: dict[str, Any] | None
         if src.index is not None:
             assert src.location is not None
@@ -867,6 +927,18 @@ class AuthEngine:
                     pending.append(src.jwt.keys)
                 return None, None, verified.error
             identity = public = verified.claims
+        elif src.introspector is not None:
+            assert src.location is not None
+            credential = src.location.extract(req.headers, req.path)
+            if credential is None:
+                return None, None, MSG_CREDENTIAL_NOT_FOUND
+            answer = src.introspector.answer(credential)
+            if answer is None:
+                pending.append((src.introspector, credential))
+                return None, None, MSG_INTROSPECTION_PENDING
+            if answer.claims is None:
+                return None, None, answer.error
+            identity = public = answer.claims
         elif src.x509 is not None:
             subject, error = src.x509.check(req.client_certificate)
             if subject is None:

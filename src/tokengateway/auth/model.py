@@ -100,6 +100,9 @@ class AuthDecision:
     #: on a 401: the key sets (auth/jwt.py KeySet) that lacked the token's key, or had no
     #: keys yet; refreshing them (at most once, rate limited) may change the decision
     refresh_keys: tuple[Any, ...] = ()
+    #: on a 401: (auth/introspection.py Introspector, token) for tokens an introspection
+    #: endpoint must be asked about; once it answered, the decision may change
+    introspect: tuple[tuple[Any, str], ...] = ()
 
     @property
     def headers(self) -> list[tuple[str, str]]:

@@ -259,7 +259,8 @@ class GatewayApp:
         # 3. authenticate and authorize
         if target.auth is not None:
             answer = self._authorize(request, target.auth)
-            if answer is not None and request.decision.refresh_keys:  # type: ignore[union-attr]
+            decision = request.decision
+            if answer is not None and (decision.refresh_keys or decision.introspect):  # type: ignore[union-attr]
                 answer.close()
                 answer = await self._authorize_after_refresh(request, target.auth)
             if answer is not None:
@@ -340,10 +341,19 @@ class GatewayApp:
         self, request: RequestContext, policy: authlib.AuthEngine
     ) -> Answer | None:
         """3, again, for a token whose key its key set lacked (rotated keys, or none fetched
-        yet): once the set is refreshed (rate limited, dataplane/keys.py), if it changed."""
+        yet): once the set is refreshed (rate limited, dataplane/keys.py), if it changed;
+        for a token an introspection endpoint must be asked about, once it answered."""
         decision = request.decision
         assert decision is not None
-        if not await self.keys.refresh_for(decision.refresh_keys):
+        changed = False
+        if decision.refresh_keys:
+            changed = await self.keys.refresh_for(decision.refresh_keys)
+        if decision.introspect:
+            await asyncio.gather(
+                *(rule.introspect(token, self.keys.post) for rule, token in decision.introspect)
+            )
+            changed = True
+        if not changed:
             return _send_denied(request.send, decision)
         return self._authorize(request, policy)
 

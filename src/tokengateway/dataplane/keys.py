@@ -1,4 +1,5 @@
-"""Fetching the identity providers' keys for `jwt` rules, off the request path.
+"""Fetching the identity providers' keys for `jwt` rules, off the request path; and the
+calls to token introspection endpoints (`post`) for `oauth2Introspection` rules.
 
 Verifying a token is synchronous and reads only the key sets in memory (auth/jwt.py); this
 module fills them on the gateway's event loop, with the upstream HTTP client:
@@ -55,6 +56,18 @@ class KeyFetcher:
         if response.status != 200:
             raise OSError(f"GET {url}: HTTP {response.status}")
         return body
+
+    async def post(
+        self, url: str, headers: list[tuple[str, str]], body: bytes, timeout: float
+    ) -> tuple[int, bytes]:
+        """POST `body` to `url`: the answer's status and body (auth/introspection.py's
+        `Post`, for token introspection)."""
+        timeouts = Timeouts(connect=timeout, first_byte=timeout, idle=timeout)
+        try:
+            response = await self.upstream.send("POST", url, headers, body, timeout, timeouts)
+            return response.status, await response.read()
+        except (UpstreamError, BadTarget) as exc:
+            raise OSError(f"POST {url}: {exc}") from None
 
     async def load(self, key_sets: Iterable[KeySet]) -> None:
         """Fetch every set that has no keys yet, together; failures are logged, not raised."""
