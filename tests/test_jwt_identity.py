@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.conftest import HOST, MODEL, chat
 from tests.oidc_provider import Key, OidcProvider, hs256, unsigned
@@ -158,8 +159,10 @@ def test_tokens_the_provider_did_not_issue_are_refused(oidc, manifests, start_ga
     refused(post(gw, unsigned(claims, "k1")), "unexpected signature algorithm")
     public_n = base64.urlsafe_b64decode(key.public_jwk["n"] + "==")
     refused(post(gw, hs256(claims, public_n, "k1")), "unexpected signature algorithm")
-    pem = json.dumps(key.public_jwk).encode()
+    pem = key.private.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     refused(post(gw, hs256(claims, pem, "k1")), "unexpected signature algorithm")
+    jwk = json.dumps(key.public_jwk).encode()
+    refused(post(gw, hs256(claims, jwk, "k1")), "unexpected signature algorithm")
     # signed right, but not valid now: expired, without exp, not before, issued later
     now = int(time.time())
     refused(post(gw, key.sign(claims | {"exp": now - 5})), "token is expired")
@@ -167,7 +170,8 @@ def test_tokens_the_provider_did_not_issue_are_refused(oidc, manifests, start_ga
     refused(post(gw, key.sign(claims | {"nbf": now + LEEWAY + 60})), "before the nbf")
     refused(post(gw, key.sign(claims | {"iat": now + LEEWAY + 60})), "before the iat")
     # within the leeway, a clock a little ahead is fine
-    assert post(gw, key.sign(claims | {"nbf": now + 30, "iat": now + 30})).status_code == 200
+    ahead = post(gw, key.sign(claims | {"nbf": now + 30, "iat": now + 30}))
+    assert ahead.status_code == 200, ahead.text
     # a real token of the provider, kept while valid, refused once it expires
     carols = provider.token("carol")  # a 1-second token
     assert post(gw, carols).status_code == 200

@@ -28,12 +28,18 @@ outside this engine; a 401 whose token named a key its set lacks lists that set 
 `oauth2Introspection` (auth/introspection.py: likewise, a token with no answer kept is
 listed in `AuthDecision.introspect`), `x509` (auth/x509.py), `plain` and `anonymous`.
 
-Not supported (AuthConfigError at compile time, never a silent bypass): `metadata` and
-`callbacks` rules (HTTP, UMA and UserInfo calls), the identity method
+`metadata` rules with `http` run after authentication (auth/metadata.py); calls with no
+answer kept make a 503 listing them in `AuthDecision.metadata_calls`, for the gateway to
+make and ask again.
+
+Not supported (AuthConfigError at compile time, never a silent bypass): `userInfo` and
+`uma` metadata, `callbacks` rules (HTTP calls), the identity method
 `kubernetesTokenReview`, an `x509` certificate `source` other
 than the TLS connection, `kubernetesSubjectAccessReview` and `spicedb` authorization, Rego
-from `externalPolicy`, and `wristband` responses. `cache` and `metrics` options are
-accepted and ignored (they do not change decisions).
+from `externalPolicy`, and `wristband` responses. A rule's `cache` gives oauth2Introspection
+and metadata answers their `ttl` (its `key` is not read: the token, or the call, is the
+key) and is ignored elsewhere; `metrics` is accepted and ignored (neither changes
+decisions).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from tokengateway.auth.credentials import CredentialLocation, compile_credential
 from tokengateway.auth.identity import REDACTED, ApiKeyIndex, compile_label_selector, digest
 from tokengateway.auth.introspection import DEFAULT_KEEP, Introspector
 from tokengateway.auth.jwt import DEFAULT_TIMEOUT, JwtVerifier, KeySet, token_expiry
+from tokengateway.auth.metadata import FORM, JSON, HttpMetadata, MetadataCall
 from tokengateway.auth.model import AuthConfigError, AuthDecision, AuthRequest, SecretRecord
 from tokengateway.auth.rego import MSG_UNAUTHORIZED, RegoPolicy
 from tokengateway.auth.selector import to_json, to_string
@@ -58,6 +65,7 @@ from tokengateway.auth.values import (
     Value,
     compile_conditions,
     compile_value,
+    is_template,
 )
 from tokengateway.auth.x509 import TrustedCAs
 from tokengateway.expr import cel
@@ -72,6 +80,8 @@ KeySets = Callable[[str | None, str | None, float, float], KeySet]
 MSG_CREDENTIAL_NOT_FOUND = "credential not found"
 MSG_INVALID_API_KEY = "the API Key provided is invalid"
 MSG_NO_PLAIN_IDENTITY = "could not retrieve identity object or null"
+#: a 503 for a caller of `evaluate` that cannot make the metadata calls a request needs
+MSG_METADATA_PENDING = "metadata not fetched"
 #: what a 401 says when the gateway could not wait for the introspection endpoint
 MSG_INTROSPECTION_PENDING = "token introspection request failed: no answer"
 
@@ -329,6 +339,87 @@ class _Compiler:
                 src.extensions.append((str(prop), value, overwrite))
         return src
 
+    def metadata(self, name: str, spec: Any) -> HttpMetadata:
+        where = f"rules.metadata.{name}"
+        spec = _mapping(spec, self.policy, where)
+        for method in ("userInfo", "uma"):
+            if spec.get(method) is not None:
+                raise AuthConfigError(
+                    self.policy,
+                    where,
+                    f"{method} metadata is not supported here (only http): skipping it would "
+                    "change authorization results",
+                )
+        if spec.get("http") is None:
+            raise AuthConfigError(self.policy, where, "expected `http`")
+        options = _mapping(spec["http"], self.policy, f"{where}.http")
+        where = f"{where}.http"
+        for key in ("sharedSecretRef", "oauth2", "credentials"):
+            if options.get(key):
+                raise AuthConfigError(
+                    self.policy,
+                    f"{where}.{key}",
+                    "credentials for the metadata call are not supported here; send them "
+                    "with `headers`",
+                )
+        url, expression = options.get("url"), options.get("urlExpression")
+        if bool(url) == bool(expression):
+            raise AuthConfigError(self.policy, where, "use exactly one of: url, urlExpression")
+        if url:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise AuthConfigError(
+                    self.policy, f"{where}.url", f"must be an http(s) URL, not {url!r}"
+                )
+            target = (
+                self.value({"selector": url}, f"{where}.url")
+                if is_template(url)
+                else self.value({"value": url}, f"{where}.url")
+            )
+        else:
+            target = self.value({"expression": expression}, f"{where}.urlExpression")
+        method = str(options.get("method") or "GET").upper()
+        if method not in ("GET", "POST"):
+            raise AuthConfigError(self.policy, f"{where}.method", "must be GET or POST")
+        content_type = str(options.get("contentType") or FORM)
+        if content_type not in (FORM, JSON):
+            raise AuthConfigError(self.policy, f"{where}.contentType", f"must be {FORM} or {JSON}")
+        body = None
+        if options.get("body") is not None:
+            body = self.value(options["body"], f"{where}.body")
+        params = _mapping(options.get("bodyParameters"), self.policy, f"{where}.bodyParameters")
+        headers = _mapping(options.get("headers"), self.policy, f"{where}.headers")
+        timeout = options.get("timeout")
+        timeout = int(DEFAULT_TIMEOUT * 1000) if timeout is None else timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise AuthConfigError(
+                self.policy, f"{where}.timeout", f"must be a whole number >= 0, not {timeout!r}"
+            )
+        cache = spec.get("cache")
+        keep_for = None
+        if cache is not None:
+            ttl = _mapping(cache, self.policy, f"rules.metadata.{name}.cache").get("ttl") or 60
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 0:
+                raise AuthConfigError(
+                    self.policy, f"rules.metadata.{name}.cache.ttl", "must be a number >= 0"
+                )
+            keep_for = float(ttl)
+        rule = HttpMetadata(
+            name,
+            _priority(spec, self.policy, f"rules.metadata.{name}"),
+            url=target,
+            method=method,
+            body=body,
+            parameters=[
+                (str(k), self.value(params[k], f"{where}.bodyParameters.{k}")) for k in params
+            ],
+            content_type=content_type,
+            headers=[(str(h), self.value(headers[h], f"{where}.headers.{h}")) for h in headers],
+            timeout=timeout / 1000 if timeout else 3600.0,
+            keep_for=keep_for,
+        )
+        rule.when = self.conditions(spec.get("when"), f"rules.metadata.{name}.when")
+        return rule
+
     def introspector(self, spec: Mapping[str, Any], where: str) -> Introspector:
         options = _mapping(spec["oauth2Introspection"], self.policy, where)
         endpoint = options.get("endpoint")
@@ -505,14 +596,6 @@ def compile_auth(
         raise AuthConfigError(
             name, f"rules.{unknown[0]}", f"unknown section (expected one of {', '.join(_SECTIONS)})"
         )
-    if rules.get("metadata"):
-        first = next(iter(_mapping(rules["metadata"], name, "rules.metadata")))
-        raise AuthConfigError(
-            name,
-            f"rules.metadata.{first}",
-            "metadata evaluators are not supported here: they fetch data over HTTP, UMA or "
-            "OIDC UserInfo, and skipping them would change authorization results",
-        )
     if rules.get("callbacks"):
         first = next(iter(_mapping(rules["callbacks"], name, "rules.callbacks")))
         raise AuthConfigError(
@@ -538,6 +621,8 @@ def compile_auth(
     else:
         # Authorino's default when a config has no authentication: anonymous access
         sources = [compiler.source("anonymous", {"anonymous": {}})]
+    metadata = _mapping(rules.get("metadata"), name, "rules.metadata")
+    fetchers = [compiler.metadata(str(n), s) for n, s in metadata.items()]
     authorization = _mapping(rules.get("authorization"), name, "rules.authorization")
     authorizers = [compiler.authorizer(str(n), s) for n, s in authorization.items()]
 
@@ -587,6 +672,7 @@ def compile_auth(
         sources=sources,
         authorizers=authorizers,
         responders=responders,
+        metadata=fetchers,
         unauthenticated=unauthenticated,
         unauthorized=unauthorized,
         needs_context=compiler.roots is None or "context" in compiler.roots,
@@ -594,6 +680,7 @@ def compile_auth(
         # nothing but the identity (and what follows from it) is read, and no Rego policy
         # reads a clock: the decision is a function of the API key
         per_key=compiler.roots is not None
+        and not fetchers  # what a service answers may change from one request to the next
         and compiler.roots <= {"auth"}
         and all(az.rego is None or az.rego.pure for az in authorizers),
     )
@@ -611,6 +698,7 @@ class AuthEngine:
         "_challenges",
         "_kept",
         "_kept_jwt",
+        "_metadata_groups",
         "_needs_context",
         "_response_groups",
         "_single_source",
@@ -630,6 +718,7 @@ class AuthEngine:
         sources: list[_Source],
         authorizers: list[_Authorizer],
         responders: list[_Responder],
+        metadata: Sequence[HttpMetadata] = (),
         unauthenticated: _DenyWith | None,
         unauthorized: _DenyWith | None,
         needs_context: bool,
@@ -648,6 +737,7 @@ class AuthEngine:
         ]
         self._authz_groups = _groups(authorizers)
         self._response_groups = _groups(responders)
+        self._metadata_groups = _groups(metadata)
         self._unauthenticated = unauthenticated
         self._unauthorized = unauthorized
         self._needs_context = needs_context
@@ -801,6 +891,19 @@ class AuthEngine:
             )
         source, public, location = found
 
+        # 1b. metadata: the calls this request needs and no answer is kept for yet are
+        # handed to the gateway, which makes them and asks again (auth/metadata.py)
+        if self._metadata_groups:
+            calls = self._metadata(ctx, req.request_id)
+            if calls:
+                return AuthDecision(
+                    allowed=False,
+                    status=503,
+                    reason=MSG_METADATA_PENDING,
+                    deny_headers=[(HEADER_REASON, MSG_METADATA_PENDING)],
+                    metadata_calls=tuple(calls),
+                )
+
         # 2. authorization
         for group in self._authz_groups:
             for az in group:
@@ -840,6 +943,29 @@ class AuthEngine:
             identity_source=source,
             credential=location,
         )
+
+    def _metadata(self, ctx: EvalContext, request_id: str) -> list[MetadataCall]:
+        """Fill `auth.metadata` with the answers kept; the calls still to make (those of
+        the first priority group that has any: later groups may read its answers)."""
+        auth = ctx.doc["auth"]
+        for group in self._metadata_groups:
+            calls = []
+            for rule in group:
+                if rule.when is not None and not rule.when.matches(ctx):
+                    continue
+                try:
+                    call = rule.call(ctx, request_id)
+                except ResolveError:
+                    continue  # Authorino logs it and goes on without this metadata
+                found = rule.answer(call)
+                if found is None:
+                    calls.append(call)
+                elif found[0]:
+                    auth.setdefault("metadata", {})[rule.name] = found[1]
+                    ctx.changed()
+            if calls:
+                return calls
+        return []
 
     def _document(self, req: AuthRequest) -> dict[str, Any]:
         """Authorino's authorization JSON for this request (before any auth phase)."""

@@ -103,6 +103,9 @@ class AuthDecision:
     #: on a 401: (auth/introspection.py Introspector, token) for tokens an introspection
     #: endpoint must be asked about; once it answered, the decision may change
     introspect: tuple[tuple[Any, str], ...] = ()
+    #: a 503 whose metadata calls (auth/metadata.py MetadataCall) are still to be made:
+    #: once the gateway made them, the decision is worked out again
+    metadata_calls: tuple[Any, ...] = ()
 
     @property
     def headers(self) -> list[tuple[str, str]]:

@@ -1,5 +1,6 @@
 """Fetching the identity providers' keys for `jwt` rules, off the request path; and the
-calls to token introspection endpoints (`post`) for `oauth2Introspection` rules.
+calls to token introspection endpoints (`post`) for `oauth2Introspection` rules and to
+the services of `metadata` rules (`send`).
 
 Verifying a token is synchronous and reads only the key sets in memory (auth/jwt.py); this
 module fills them on the gateway's event loop, with the upstream HTTP client:
@@ -68,6 +69,18 @@ class KeyFetcher:
             return response.status, await response.read()
         except (UpstreamError, BadTarget) as exc:
             raise OSError(f"POST {url}: {exc}") from None
+
+    async def send(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes, timeout: float
+    ) -> tuple[int, str, bytes]:
+        """Any request: the answer's status, media type and body (auth/metadata.py's
+        `Send`, for metadata rules)."""
+        timeouts = Timeouts(connect=timeout, first_byte=timeout, idle=timeout)
+        try:
+            response = await self.upstream.send(method, url, headers, body, timeout, timeouts)
+            return response.status, response.content_type, await response.read()
+        except (UpstreamError, BadTarget) as exc:
+            raise OSError(f"{method} {url.split('?')[0]}: {exc}") from None
 
     async def load(self, key_sets: Iterable[KeySet]) -> None:
         """Fetch every set that has no keys yet, together; failures are logged, not raised."""
