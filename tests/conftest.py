@@ -19,7 +19,7 @@ import pytest
 
 from tokengateway.http.asgi import read_body
 
-pytest_plugins = ["tests.redis_server"]  # real redis-server processes, as fixtures
+pytest_plugins = ["tests.redis_server", "tests.oidc_provider"]  # real servers, as fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ROOT / "examples" / "tutorial"

@@ -806,8 +806,8 @@ def test_api_keys_never_appear_in_reprs_or_errors(tutorial: AuthEngine) -> None:
     ("rules", "fragment"),
     [
         (
-            {"authentication": {"oidc": {"jwt": {"issuerUrl": "https://issuer"}}}},
-            "rules.authentication.oidc: jwt authentication is not supported",
+            {"authentication": {"k8s": {"kubernetesTokenReview": {}}}},
+            "rules.authentication.k8s: kubernetesTokenReview authentication is not supported",
         ),
         (
             {"authentication": {"k8s": {"kubernetesTokenReview": {"audiences": ["x"]}}}},
@@ -815,8 +815,8 @@ def test_api_keys_never_appear_in_reprs_or_errors(tutorial: AuthEngine) -> None:
         ),
         ({"authentication": {"x": {"credentials": {}}}}, "unknown authentication method"),
         (
-            {"metadata": {"user-info": {"http": {"url": "http://x"}}}},
-            "rules.metadata.user-info: metadata evaluators are not supported",
+            {"metadata": {"user-info": {"userInfo": {"identitySource": "oidc"}}}},
+            "rules.metadata.user-info: userInfo metadata is not supported",
         ),
         ({"callbacks": {"notify": {"http": {"url": "http://x"}}}}, "callbacks are not supported"),
         (

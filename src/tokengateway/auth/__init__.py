@@ -6,12 +6,14 @@ upstream headers and the `auth` binding for the rate limits) or deny (status, he
 reason). Engines are compiled once per configuration by :func:`compile_auth`, which raises
 :class:`AuthConfigError` for anything that cannot be enforced faithfully here.
 
-Module map: ``engine`` (pipeline), ``identity`` (API key Secrets), ``credentials`` (where
+Module map: ``engine`` (pipeline), ``identity`` (API key Secrets), ``jwt`` (tokens and the key
+sets of identity providers), ``x509`` (client certificates), ``credentials`` (where
 credentials are read), ``rego`` (OPA), ``values`` (values and conditions), ``selector``
 (GJSON paths, reusable outside auth). See ``engine``'s docstring for what is unsupported.
 """
 
 from tokengateway.auth.engine import AuthEngine, compile_auth
+from tokengateway.auth.jwt import KeySet
 from tokengateway.auth.model import AuthConfigError, AuthDecision, AuthRequest, SecretRecord
 from tokengateway.auth.selector import MISSING, Selector, SelectorError, compile_selector
 
@@ -21,6 +23,7 @@ __all__ = [
     "AuthDecision",
     "AuthEngine",
     "AuthRequest",
+    "KeySet",
     "SecretRecord",
     "Selector",
     "SelectorError",

@@ -22,24 +22,39 @@ Selectors, conditions and Rego read Authorino's authorization JSON, built once p
      "request": {...}, "source": {...}, "destination": {...}, "metadata": {},
      "auth": {"identity": ..., "authorization": {...}, "response": {...}}}
 
-Not supported (AuthConfigError at compile time, never a silent bypass): `metadata` and
-`callbacks` rules (HTTP, UMA and UserInfo calls), identity methods other than `apiKey`,
-`x509` (auth/x509.py), `plain` and `anonymous` (jwt, oauth2Introspection,
-kubernetesTokenReview need a network or Kubernetes), an `x509` certificate `source` other
+Identity methods: `apiKey`, `jwt` (auth/jwt.py: the keys are fetched by the gateway,
+outside this engine; a 401 whose token named a key its set lacks lists that set in
+`AuthDecision.refresh_keys`, for the gateway to refresh and ask again),
+`oauth2Introspection` (auth/introspection.py: likewise, a token with no answer kept is
+listed in `AuthDecision.introspect`), `x509` (auth/x509.py), `plain` and `anonymous`.
+
+`metadata` rules with `http` run after authentication (auth/metadata.py); calls with no
+answer kept make a 503 listing them in `AuthDecision.metadata_calls`, for the gateway to
+make and ask again.
+
+Not supported (AuthConfigError at compile time, never a silent bypass): `userInfo` and
+`uma` metadata, `callbacks` rules (HTTP calls), the identity method
+`kubernetesTokenReview`, an `x509` certificate `source` other
 than the TLS connection, `kubernetesSubjectAccessReview` and `spicedb` authorization, Rego
-from `externalPolicy`, and `wristband` responses. `cache` and `metrics` options are
-accepted and ignored (they do not change decisions).
+from `externalPolicy`, and `wristband` responses. A rule's `cache` gives oauth2Introspection
+and metadata answers their `ttl` (its `key` is not read: the token, or the call, is the
+key) and is ignored elsewhere; `metrics` is accepted and ignored (neither changes
+decisions).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
 from tokengateway.auth.credentials import CredentialLocation, compile_credentials
 from tokengateway.auth.identity import REDACTED, ApiKeyIndex, compile_label_selector, digest
+from tokengateway.auth.introspection import DEFAULT_KEEP, Introspector
+from tokengateway.auth.jwt import DEFAULT_TIMEOUT, JwtVerifier, KeySet, token_expiry
+from tokengateway.auth.metadata import FORM, JSON, HttpMetadata, MetadataCall
 from tokengateway.auth.model import AuthConfigError, AuthDecision, AuthRequest, SecretRecord
 from tokengateway.auth.rego import MSG_UNAUTHORIZED, RegoPolicy
 from tokengateway.auth.selector import to_json, to_string
@@ -50,24 +65,31 @@ from tokengateway.auth.values import (
     Value,
     compile_conditions,
     compile_value,
+    is_template,
 )
 from tokengateway.auth.x509 import TrustedCAs
 from tokengateway.expr import cel
 from tokengateway.expr.kept import keep
 
-__all__ = ["AuthEngine", "compile_auth"]
+__all__ = ["AuthEngine", "KeySets", "compile_auth"]
+
+#: where a `jwt` rule gets its key set: (issuerUrl, jwksUrl, ttl, timeout) -> KeySet; the
+#: configuration passes one that shares sets across rules and reloads
+KeySets = Callable[[str | None, str | None, float, float], KeySet]
 
 MSG_CREDENTIAL_NOT_FOUND = "credential not found"
 MSG_INVALID_API_KEY = "the API Key provided is invalid"
 MSG_NO_PLAIN_IDENTITY = "could not retrieve identity object or null"
+#: a 503 for a caller of `evaluate` that cannot make the metadata calls a request needs
+MSG_METADATA_PENDING = "metadata not fetched"
+#: what a 401 says when the gateway could not wait for the introspection endpoint
+MSG_INTROSPECTION_PENDING = "token introspection request failed: no answer"
 
 HEADER_CHALLENGE = "WWW-Authenticate"
 HEADER_REASON = "X-Ext-Auth-Reason"
 
 _SECTIONS = ("authentication", "metadata", "authorization", "response", "callbacks")
 _UNSUPPORTED_IDENTITY = {
-    "jwt": "it fetches OpenID Connect discovery documents and JWKS over the network",
-    "oauth2Introspection": "it calls an OAuth2 token introspection endpoint",
     "kubernetesTokenReview": "it calls the Kubernetes TokenReview API",
 }
 _UNSUPPORTED_AUTHZ = {
@@ -86,6 +108,8 @@ class _Source:
         "challenge",
         "extensions",
         "index",
+        "introspector",
+        "jwt",
         "location",
         "method",
         "name",
@@ -104,6 +128,8 @@ class _Source:
         self.index: ApiKeyIndex | None = None
         self.plain: Value | None = None
         self.x509: TrustedCAs | None = None
+        self.jwt: JwtVerifier | None = None
+        self.introspector: Introspector | None = None
         #: (property, value, overwrite) from `defaults` (False) and `overrides` (True)
         self.extensions: list[tuple[str, Value, bool]] = []
         self.challenge = ""
@@ -213,8 +239,10 @@ class _Compiler:
         secrets: Sequence[SecretRecord],
         system_namespace: str,
         patterns: Mapping[str, Sequence[Mapping[str, Any]]],
+        key_sets: KeySets | None = None,
     ) -> None:
         self.policy = policy
+        self.key_sets = key_sets or KeySet
         self.secrets = secrets
         self.system_namespace = system_namespace
         self.patterns = patterns
@@ -286,6 +314,14 @@ class _Compiler:
             namespace = None if options.get("allNamespaces") else self.system_namespace
             src.x509 = TrustedCAs(self.secrets, matches, namespace)
             src.challenge = f'Certificate realm="{name}"'
+        elif method == "jwt":
+            src.location = location
+            src.jwt = JwtVerifier(
+                self.key_set(_mapping(spec["jwt"], self.policy, f"{where}.jwt"), f"{where}.jwt")
+            )
+        elif method == "oauth2Introspection":
+            src.location = location
+            src.introspector = self.introspector(spec, f"{where}.oauth2Introspection")
         elif method == "plain":
             options = _mapping(spec["plain"], self.policy, f"{where}.plain")
             if bool(options.get("selector")) == bool(options.get("expression")):
@@ -302,6 +338,152 @@ class _Compiler:
                 value = self.value(props[prop], f"{where}.{key}.{prop}")
                 src.extensions.append((str(prop), value, overwrite))
         return src
+
+    def metadata(self, name: str, spec: Any) -> HttpMetadata:
+        where = f"rules.metadata.{name}"
+        spec = _mapping(spec, self.policy, where)
+        for method in ("userInfo", "uma"):
+            if spec.get(method) is not None:
+                raise AuthConfigError(
+                    self.policy,
+                    where,
+                    f"{method} metadata is not supported here (only http): skipping it would "
+                    "change authorization results",
+                )
+        if spec.get("http") is None:
+            raise AuthConfigError(self.policy, where, "expected `http`")
+        options = _mapping(spec["http"], self.policy, f"{where}.http")
+        where = f"{where}.http"
+        for key in ("sharedSecretRef", "oauth2", "credentials"):
+            if options.get(key):
+                raise AuthConfigError(
+                    self.policy,
+                    f"{where}.{key}",
+                    "credentials for the metadata call are not supported here; send them "
+                    "with `headers`",
+                )
+        url, expression = options.get("url"), options.get("urlExpression")
+        if bool(url) == bool(expression):
+            raise AuthConfigError(self.policy, where, "use exactly one of: url, urlExpression")
+        if url:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise AuthConfigError(
+                    self.policy, f"{where}.url", f"must be an http(s) URL, not {url!r}"
+                )
+            target = (
+                self.value({"selector": url}, f"{where}.url")
+                if is_template(url)
+                else self.value({"value": url}, f"{where}.url")
+            )
+        else:
+            target = self.value({"expression": expression}, f"{where}.urlExpression")
+        method = str(options.get("method") or "GET").upper()
+        if method not in ("GET", "POST"):
+            raise AuthConfigError(self.policy, f"{where}.method", "must be GET or POST")
+        content_type = str(options.get("contentType") or FORM)
+        if content_type not in (FORM, JSON):
+            raise AuthConfigError(self.policy, f"{where}.contentType", f"must be {FORM} or {JSON}")
+        body = None
+        if options.get("body") is not None:
+            body = self.value(options["body"], f"{where}.body")
+        params = _mapping(options.get("bodyParameters"), self.policy, f"{where}.bodyParameters")
+        headers = _mapping(options.get("headers"), self.policy, f"{where}.headers")
+        timeout = options.get("timeout")
+        timeout = int(DEFAULT_TIMEOUT * 1000) if timeout is None else timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise AuthConfigError(
+                self.policy, f"{where}.timeout", f"must be a whole number >= 0, not {timeout!r}"
+            )
+        cache = spec.get("cache")
+        keep_for = None
+        if cache is not None:
+            ttl = _mapping(cache, self.policy, f"rules.metadata.{name}.cache").get("ttl") or 60
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 0:
+                raise AuthConfigError(
+                    self.policy, f"rules.metadata.{name}.cache.ttl", "must be a number >= 0"
+                )
+            keep_for = float(ttl)
+        rule = HttpMetadata(
+            name,
+            _priority(spec, self.policy, f"rules.metadata.{name}"),
+            url=target,
+            method=method,
+            body=body,
+            parameters=[
+                (str(k), self.value(params[k], f"{where}.bodyParameters.{k}")) for k in params
+            ],
+            content_type=content_type,
+            headers=[(str(h), self.value(headers[h], f"{where}.headers.{h}")) for h in headers],
+            timeout=timeout / 1000 if timeout else 3600.0,
+            keep_for=keep_for,
+        )
+        rule.when = self.conditions(spec.get("when"), f"rules.metadata.{name}.when")
+        return rule
+
+    def introspector(self, spec: Mapping[str, Any], where: str) -> Introspector:
+        options = _mapping(spec["oauth2Introspection"], self.policy, where)
+        endpoint = options.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            raise AuthConfigError(
+                self.policy, f"{where}.endpoint", f"must be an http(s) URL, not {endpoint!r}"
+            )
+        ref = _mapping(options.get("credentialsRef"), self.policy, f"{where}.credentialsRef")
+        name = ref.get("name")
+        found = [s for s in self.secrets if s.namespace == self.system_namespace and s.name == name]
+        if not name or not found:
+            raise AuthConfigError(
+                self.policy,
+                f"{where}.credentialsRef",
+                f"needs the name of a Secret in {self.system_namespace} with clientID and "
+                f"clientSecret (not found: {name!r})",
+            )
+        client_id, secret = found[0].data.get("clientID"), found[0].data.get("clientSecret")
+        if not client_id or not secret:
+            raise AuthConfigError(
+                self.policy,
+                f"{where}.credentialsRef",
+                f"the Secret {self.system_namespace}/{name} needs clientID and clientSecret",
+            )
+        timeout = options.get("timeout")
+        timeout = int(DEFAULT_TIMEOUT * 1000) if timeout is None else timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise AuthConfigError(
+                self.policy, f"{where}.timeout", f"must be a whole number >= 0, not {timeout!r}"
+            )
+        cache = _mapping(spec.get("cache"), self.policy, where.rpartition(".")[0] + ".cache")
+        keep_for = cache.get("ttl") or DEFAULT_KEEP
+        if isinstance(keep_for, bool) or not isinstance(keep_for, (int, float)) or keep_for < 0:
+            raise AuthConfigError(
+                self.policy, f"{where}.cache.ttl", f"must be a number >= 0, not {keep_for!r}"
+            )
+        return Introspector(
+            endpoint,
+            str(client_id),
+            str(secret),
+            hint=str(options.get("tokenTypeHint") or "access_token"),
+            timeout=timeout / 1000 if timeout else 3600.0,
+            keep_for=float(keep_for),
+        )
+
+    def key_set(self, options: Mapping[str, Any], where: str) -> KeySet:
+        issuer, jwks = options.get("issuerUrl") or None, options.get("jwksUrl") or None
+        if (issuer is None) == (jwks is None):
+            raise AuthConfigError(self.policy, where, "use exactly one of: issuerUrl, jwksUrl")
+        for name, url in (("issuerUrl", issuer), ("jwksUrl", jwks)):
+            if url is not None and (
+                not isinstance(url, str) or not url.startswith(("http://", "https://"))
+            ):
+                raise AuthConfigError(
+                    self.policy, f"{where}.{name}", f"must be an http(s) URL, not {url!r}"
+                )
+        ttl = options.get("ttl") or 0
+        timeout = options.get("timeout") or int(DEFAULT_TIMEOUT * 1000)
+        for name, number in (("ttl", ttl), ("timeout", timeout)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise AuthConfigError(
+                    self.policy, f"{where}.{name}", f"must be a whole number >= 0, not {number!r}"
+                )
+        return self.key_sets(issuer, jwks, float(ttl), timeout / 1000)
 
     # -- authorization ----------------------------------------------------------------------
 
@@ -400,25 +582,19 @@ def compile_auth(
     system_namespace: str,
     *,
     patterns: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    key_sets: KeySets | None = None,
 ) -> AuthEngine:
     """Compile an AuthPolicy's `rules` (and top-level `when`) into an engine.
 
     `name` is "namespace/policy" for messages; `patterns` is the policy's `spec.patterns`, for
-    `patternRef`s. Raises AuthConfigError naming the policy, the rule and the reason.
+    `patternRef`s; `key_sets` gives `jwt` rules their keys (a new KeySet each by default).
+    Raises AuthConfigError naming the policy, the rule and the reason.
     """
     rules = _mapping(rules, name, "rules")
     unknown = [key for key in rules if key not in _SECTIONS]
     if unknown:
         raise AuthConfigError(
             name, f"rules.{unknown[0]}", f"unknown section (expected one of {', '.join(_SECTIONS)})"
-        )
-    if rules.get("metadata"):
-        first = next(iter(_mapping(rules["metadata"], name, "rules.metadata")))
-        raise AuthConfigError(
-            name,
-            f"rules.metadata.{first}",
-            "metadata evaluators are not supported here: they fetch data over HTTP, UMA or "
-            "OIDC UserInfo, and skipping them would change authorization results",
         )
     if rules.get("callbacks"):
         first = next(iter(_mapping(rules["callbacks"], name, "rules.callbacks")))
@@ -427,7 +603,7 @@ def compile_auth(
             f"rules.callbacks.{first}",
             "callbacks are not supported here: they call HTTP endpoints",
         )
-    compiler = _Compiler(name, secrets, system_namespace, patterns or {})
+    compiler = _Compiler(name, secrets, system_namespace, patterns or {}, key_sets)
 
     top_when: list[cel.Predicate] = []
     for i, item in enumerate(when or ()):
@@ -445,6 +621,8 @@ def compile_auth(
     else:
         # Authorino's default when a config has no authentication: anonymous access
         sources = [compiler.source("anonymous", {"anonymous": {}})]
+    metadata = _mapping(rules.get("metadata"), name, "rules.metadata")
+    fetchers = [compiler.metadata(str(n), s) for n, s in metadata.items()]
     authorization = _mapping(rules.get("authorization"), name, "rules.authorization")
     authorizers = [compiler.authorizer(str(n), s) for n, s in authorization.items()]
 
@@ -494,6 +672,7 @@ def compile_auth(
         sources=sources,
         authorizers=authorizers,
         responders=responders,
+        metadata=fetchers,
         unauthenticated=unauthenticated,
         unauthorized=unauthorized,
         needs_context=compiler.roots is None or "context" in compiler.roots,
@@ -501,6 +680,7 @@ def compile_auth(
         # nothing but the identity (and what follows from it) is read, and no Rego policy
         # reads a clock: the decision is a function of the API key
         per_key=compiler.roots is not None
+        and not fetchers  # what a service answers may change from one request to the next
         and compiler.roots <= {"auth"}
         and all(az.rego is None or az.rego.pure for az in authorizers),
     )
@@ -517,6 +697,8 @@ class AuthEngine:
         "_authz_groups",
         "_challenges",
         "_kept",
+        "_kept_jwt",
+        "_metadata_groups",
         "_needs_context",
         "_response_groups",
         "_single_source",
@@ -536,6 +718,7 @@ class AuthEngine:
         sources: list[_Source],
         authorizers: list[_Authorizer],
         responders: list[_Responder],
+        metadata: Sequence[HttpMetadata] = (),
         unauthenticated: _DenyWith | None,
         unauthorized: _DenyWith | None,
         needs_context: bool,
@@ -554,14 +737,20 @@ class AuthEngine:
         ]
         self._authz_groups = _groups(authorizers)
         self._response_groups = _groups(responders)
+        self._metadata_groups = _groups(metadata)
         self._unauthenticated = unauthenticated
         self._unauthorized = unauthorized
         self._needs_context = needs_context
         #: decisions by the digest of the API key, when they depend on nothing else: one
         #: apiKey rule, and every condition, value and policy reads only `auth`
         self._kept: dict[bytes, AuthDecision] | None = None
+        #: for a `jwt` rule, decisions by the token's digest, each with the time it ends
+        #: (the token's `exp`), its key set and that set's generation when it was made
+        self._kept_jwt: dict[bytes, tuple[AuthDecision, float, KeySet, int]] | None = None
         if per_key and len(sources) == 1 and sources[0].index is not None:
             self._kept = {}
+        elif per_key and len(sources) == 1 and sources[0].jwt is not None:
+            self._kept_jwt = {}
 
     @property
     def identity_sources(self) -> list[str]:
@@ -608,6 +797,8 @@ class AuthEngine:
             for predicate in self._when:
                 if not predicate.test(activation):
                     return AuthDecision(allowed=True, status=200, applied=False)
+        if self._kept_jwt is not None:
+            return self._decide_jwt(headers, path, req, request)
         key = self._key(headers, path)
         if key is not None:
             found = self._kept.get(key)  # type: ignore[union-attr]
@@ -618,10 +809,50 @@ class AuthEngine:
             self._keep(key, decision)
         return decision
 
+    def _decide_jwt(
+        self,
+        headers: Mapping[str, str],
+        path: str,
+        req: AuthRequest | None,
+        request: Callable[[], AuthRequest],
+    ) -> AuthDecision:
+        """`decide` for a policy whose one rule is `jwt`: a token's decision is kept until
+        the token expires or its key set changes, so its signature is checked once."""
+        kept = self._kept_jwt
+        assert kept is not None
+        src = self._source_groups[0][0]
+        credential = src.location.extract(headers, path)
+        key = None if credential is None else digest(credential)
+        if key is not None:
+            found = kept.get(key)
+            if found is not None:
+                decision, until, keys, generation = found
+                if time.time() <= until and keys.generation == generation:
+                    return decision
+                kept.pop(key, None)
+        decision = self._evaluate(req or request())
+        # kept only once the token was verified (not for a 401, whatever code it was given)
+        if credential is not None and key is not None and decision.identity_source is not None:
+            expires = token_expiry(credential)
+            if expires is not None:
+                keys = src.jwt.keys
+                keep(kept, key, (decision, expires, keys, keys.generation), KEPT_DECISIONS)
+        return decision
+
     def known(self, headers: Mapping[str, str], path: str) -> AuthDecision | None:
         """The decision kept for this request's API key, if the engine keeps decisions per
         key and has one (None also when a top-level `when` must be tested first)."""
-        key = None if self._when else self._key(headers, path)
+        if self._when:
+            return None
+        if self._kept_jwt is not None:
+            credential = self._source_groups[0][0].location.extract(headers, path)
+            found = None if credential is None else self._kept_jwt.get(digest(credential))
+            if found is None:
+                return None
+            decision, until, keys, generation = found
+            fresh = time.time() <= until and keys.generation == generation
+            return decision if fresh else None
+        key = self._key(headers, path)
         return None if key is None else self._kept.get(key)  # type: ignore[union-attr]
 
     def _key(self, headers: Mapping[str, str], path: str) -> bytes | None:
@@ -645,10 +876,33 @@ class AuthEngine:
         auth: dict[str, Any] = ctx.doc["auth"]
 
         # 1. authentication
-        found = self._authenticate(ctx, req)
+        pending: list[Any] = []
+        found = self._authenticate(ctx, req, pending)
         if isinstance(found, str):
-            return self._deny(ctx, 401, found, self._challenges, self._unauthenticated, None, None)
+            denied = self._deny(
+                ctx, 401, found, self._challenges, self._unauthenticated, None, None
+            )
+            if not pending:
+                return denied
+            return replace(
+                denied,
+                refresh_keys=tuple(p for p in pending if isinstance(p, KeySet)),
+                introspect=tuple(p for p in pending if not isinstance(p, KeySet)),
+            )
         source, public, location = found
+
+        # 1b. metadata: the calls this request needs and no answer is kept for yet are
+        # handed to the gateway, which makes them and asks again (auth/metadata.py)
+        if self._metadata_groups:
+            calls = self._metadata(ctx, req.request_id)
+            if calls:
+                return AuthDecision(
+                    allowed=False,
+                    status=503,
+                    reason=MSG_METADATA_PENDING,
+                    deny_headers=[(HEADER_REASON, MSG_METADATA_PENDING)],
+                    metadata_calls=tuple(calls),
+                )
 
         # 2. authorization
         for group in self._authz_groups:
@@ -689,6 +943,29 @@ class AuthEngine:
             identity_source=source,
             credential=location,
         )
+
+    def _metadata(self, ctx: EvalContext, request_id: str) -> list[MetadataCall]:
+        """Fill `auth.metadata` with the answers kept; the calls still to make (those of
+        the first priority group that has any: later groups may read its answers)."""
+        auth = ctx.doc["auth"]
+        for group in self._metadata_groups:
+            calls = []
+            for rule in group:
+                if rule.when is not None and not rule.when.matches(ctx):
+                    continue
+                try:
+                    call = rule.call(ctx, request_id)
+                except ResolveError:
+                    continue  # Authorino logs it and goes on without this metadata
+                found = rule.answer(call)
+                if found is None:
+                    calls.append(call)
+                elif found[0]:
+                    auth.setdefault("metadata", {})[rule.name] = found[1]
+                    ctx.changed()
+            if calls:
+                return calls
+        return []
 
     def _document(self, req: AuthRequest) -> dict[str, Any]:
         """Authorino's authorization JSON for this request (before any auth phase)."""
@@ -731,7 +1008,7 @@ class AuthEngine:
         return doc
 
     def _authenticate(
-        self, ctx: EvalContext, req: AuthRequest
+        self, ctx: EvalContext, req: AuthRequest, pending: list[Any]
     ) -> tuple[str, dict[str, Any] | None, CredentialLocation | None] | str:
         """(rule name, public identity, where its credential was) on success, else the
         X-Ext-Auth-Reason."""
@@ -740,7 +1017,7 @@ class AuthEngine:
             for src in group:
                 if src.when is not None and not src.when.matches(ctx):
                     continue
-                _, public, error = self._resolve(src, ctx, req)
+                _, public, error = self._resolve(src, ctx, req, pending)
                 if error is None:
                     return src.name, public, src.location
                 if self._single_source:
@@ -750,9 +1027,11 @@ class AuthEngine:
 
     @staticmethod
     def _resolve(
-        src: _Source, ctx: EvalContext, req: AuthRequest
+        src: _Source, ctx: EvalContext, req: AuthRequest, pending: list[Any]
     ) -> tuple[Any, dict[str, Any] | None, str | None]:
-        """Resolve one rule: (identity, redacted identity, None) or (None, None, error)."""
+        """Resolve one rule: (identity, redacted identity, None) or (None, None, error).
+        A `jwt` rule whose key set may lack the token's key adds the set to `pending`; an
+        `oauth2Introspection` rule with no answer for the token, (introspector, token)."""
         public: dict[str, Any] | None
         if src.index is not None:
             assert src.location is not None
@@ -763,6 +1042,29 @@ class AuthEngine:
             if hit is None:
                 return None, None, MSG_INVALID_API_KEY
             identity, public = hit
+        elif src.jwt is not None:
+            assert src.location is not None
+            credential = src.location.extract(req.headers, req.path)
+            if credential is None:
+                return None, None, MSG_CREDENTIAL_NOT_FOUND
+            verified = src.jwt.verify(credential)
+            if verified.claims is None:
+                if verified.unknown_key:
+                    pending.append(src.jwt.keys)
+                return None, None, verified.error
+            identity = public = verified.claims
+        elif src.introspector is not None:
+            assert src.location is not None
+            credential = src.location.extract(req.headers, req.path)
+            if credential is None:
+                return None, None, MSG_CREDENTIAL_NOT_FOUND
+            answer = src.introspector.answer(credential)
+            if answer is None:
+                pending.append((src.introspector, credential))
+                return None, None, MSG_INTROSPECTION_PENDING
+            if answer.claims is None:
+                return None, None, answer.error
+            identity = public = answer.claims
         elif src.x509 is not None:
             subject, error = src.x509.check(req.client_certificate)
             if subject is None:

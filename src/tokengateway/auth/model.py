@@ -97,6 +97,15 @@ class AuthDecision:
     credential: Any = None
     #: False when the policy's top-level `when` did not match (nothing was evaluated)
     applied: bool = True
+    #: on a 401: the key sets (auth/jwt.py KeySet) that lacked the token's key, or had no
+    #: keys yet; refreshing them (at most once, rate limited) may change the decision
+    refresh_keys: tuple[Any, ...] = ()
+    #: on a 401: (auth/introspection.py Introspector, token) for tokens an introspection
+    #: endpoint must be asked about; once it answered, the decision may change
+    introspect: tuple[tuple[Any, str], ...] = ()
+    #: a 503 whose metadata calls (auth/metadata.py MetadataCall) are still to be made:
+    #: once the gateway made them, the decision is worked out again
+    metadata_calls: tuple[Any, ...] = ()
 
     @property
     def headers(self) -> list[tuple[str, str]]:

@@ -253,6 +253,9 @@ class CompiledConfig:
     certificate_cache: dict[tuple[Any, ...], _Loaded] = field(default_factory=dict, repr=False)
     #: the upstream TLS of BackendTLSPolicies by PEM and names, reused likewise
     tls_cache: TLSCache = field(default_factory=dict, repr=False)
+    #: the key sets of the `jwt` rules, by (issuerUrl, jwksUrl, ttl, timeout): the gateway
+    #: fetches and refreshes them; the next configuration reuses them, keys and all
+    key_sets: dict[tuple[Any, ...], authlib.KeySet] = field(default_factory=dict, repr=False)
 
 
 def _key(res: Resource) -> str:
@@ -479,10 +482,13 @@ class _Compiler:
         policies: Mapping[str, _Policy],
         secrets: Sequence[authlib.SecretRecord],
         system_ns: str,
+        old_key_sets: Mapping[tuple[Any, ...], authlib.KeySet] | None = None,
     ) -> None:
         self.policies = policies  # "Kind ns/name" -> policy
         self.secrets = secrets
         self.system_ns = system_ns
+        self.old_key_sets = old_key_sets or {}
+        self.key_sets: dict[tuple[Any, ...], authlib.KeySet] = {}
         self.problems: list[str] = []
         self._auth: dict[Any, authlib.AuthEngine] = {}
         self._when: dict[Any, bool] = {}
@@ -569,6 +575,7 @@ class _Compiler:
                 self.secrets,
                 self.system_ns,
                 patterns=_pattern_lists(patterns) or None,
+                key_sets=self._key_set,
             )
             return engine
         except Exception as exc:  # a bad policy must not stop the others
@@ -580,6 +587,18 @@ class _Compiler:
                     detail = f"does not compile: {exc}"
                 self._report("AuthPolicy", source, f"AuthPolicy {source}: {detail}", _is_cel(exc))
             return _deny_all(culprits, self.system_ns)
+
+    def _key_set(
+        self, issuer: str | None, jwks: str | None, ttl: float, timeout: float
+    ) -> authlib.KeySet:
+        """One key set per source and settings, shared by every rule naming it and taken
+        over from the previous configuration (with the keys it fetched)."""
+        key = (issuer, jwks, ttl, timeout)
+        found = self.key_sets.get(key) or self.old_key_sets.get(key)
+        if found is None:
+            found = authlib.KeySet(issuer, jwks, ttl, timeout)
+        self.key_sets[key] = found
+        return found
 
     @staticmethod
     def _auth_culprits(exc: Exception, effective: EffectivePolicy) -> list[str]:
@@ -655,7 +674,16 @@ def compile_config(
     resources = [res for res in resources if res.kind not in CONFIG_NEUTRAL]
     cache = previous.certificate_cache if previous is not None else {}
     upstream_tls = backend_tls(resources, previous.tls_cache if previous is not None else None)
-    build = _Build(resources, backends, strict, https, cache, upstream_tls.by_service)
+    key_sets = previous.key_sets if previous is not None else {}
+    build = _Build(
+        resources,
+        backends,
+        strict,
+        https,
+        cache,
+        upstream_tls=upstream_tls.by_service,
+        key_sets=key_sets,
+    )
     build.warnings.extend(upstream_tls.warnings)
     for route in build.routes:
         build.route(route)
@@ -691,6 +719,7 @@ def compile_config(
         build.https_listeners,
         build.certificate_cache,
         upstream_tls.cache,
+        compiler.key_sets,
     )
 
 
@@ -705,6 +734,7 @@ class _Build:
         https: bool = False,
         certificates: Mapping[tuple[Any, ...], _Loaded] | None = None,
         upstream_tls: Mapping[str, UpstreamTLS] | None = None,
+        key_sets: Mapping[tuple[Any, ...], authlib.KeySet] | None = None,
     ) -> None:
         self.backends = backends
         self.upstream_tls = upstream_tls or {}
@@ -775,7 +805,7 @@ class _Build:
         for kind in POLICY_KINDS:
             for res in sorted((p for p in policies if p.kind == kind), key=_age):
                 self._policy(kind, res)
-        self.compiler = _Compiler(self.policies, secrets, self.system_ns)
+        self.compiler = _Compiler(self.policies, secrets, self.system_ns, key_sets)
 
     def _policy(self, kind: str, res: _PolicyResource) -> None:
         """Register a policy; it is accepted (and attached) when its target exists."""

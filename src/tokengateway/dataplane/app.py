@@ -32,6 +32,7 @@ from tokengateway import auth as authlib
 from tokengateway.config.compile import CompiledConfig, RuleTarget
 from tokengateway.dataplane.body import read_json_body
 from tokengateway.dataplane.errors import error_body, send_error, send_json
+from tokengateway.dataplane.keys import KeyFetcher
 from tokengateway.dataplane.ratelimit_headers import limited_headers, success_headers
 from tokengateway.expr import cel
 from tokengateway.http.asgi import Receive, RequestAborted, Scope, Send, read_body
@@ -57,6 +58,9 @@ __all__ = ["GatewayApp"]
 log = logging.getLogger("tokengateway.gateway")
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
+#: how many times a request's AuthPolicy is decided again after fetching what it lacked
+#: (keys, introspection answers, metadata: one round per metadata priority group)
+MAX_AUTH_ROUNDS = 8
 #: (largest hold as a fraction of a counter's limit, longest hold in seconds): Limitador's
 RESERVATION_CLAMPS = (MAX_RESERVATION_FRACTION, MAX_RESERVATION_TTL)
 
@@ -159,6 +163,8 @@ class GatewayApp:
             max_reservation_ttl=reservation_clamps[1],
         )
         self.upstream = upstream or Upstream()
+        #: fetches the identity providers' keys for `jwt` rules (dataplane/keys.py)
+        self.keys = KeyFetcher(self.upstream)
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
         self.metrics = Metrics()
@@ -223,8 +229,12 @@ class GatewayApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.upstream.start()  # the store is started (and checked) before serving
+                # the identity providers' keys, before the first token arrives
+                await self.keys.load(self.config.key_sets.values())
+                self.keys.start(lambda: self.config.key_sets.values())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.keys.stop()
                 await self.upstream.close()
                 await self.store.close()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -253,6 +263,9 @@ class GatewayApp:
         # 3. authenticate and authorize
         if target.auth is not None:
             answer = self._authorize(request, target.auth)
+            if answer is not None and _waits(request.decision):
+                answer.close()
+                answer = await self._authorize_again(request, target.auth)
             if answer is not None:
                 await answer
                 return
@@ -326,6 +339,43 @@ class GatewayApp:
             return False
         request.body = body
         return True
+
+    async def _authorize_again(
+        self, request: RequestContext, policy: authlib.AuthEngine
+    ) -> Answer | None:
+        """3, again, once what the decision waited for is there: for a token whose key its
+        key set lacked (rotated keys, or none fetched yet), the set refreshed (rate
+        limited, dataplane/keys.py) if that changed it; for a token an introspection
+        endpoint must be asked about, its answer; for metadata rules, their answers (one
+        round per priority group that has calls to make)."""
+        decision = request.decision
+        for _ in range(MAX_AUTH_ROUNDS):
+            assert decision is not None
+            changed = False
+            if decision.refresh_keys:
+                changed = await self.keys.refresh_for(decision.refresh_keys)
+            waits = [rule.introspect(token, self.keys.post) for rule, token in decision.introspect]
+            waits += [call.fetch(self.keys.send) for call in decision.metadata_calls]
+            if waits:
+                await asyncio.gather(*waits)
+                changed = True
+            if not changed:
+                break
+            answer = self._authorize(request, policy)
+            decision = request.decision
+            if answer is None or not _waits(decision):
+                return answer
+            answer.close()
+        assert decision is not None
+        if decision.metadata_calls:
+            return send_error(
+                request.send,
+                503,
+                "the AuthPolicy's metadata could not be fetched",
+                "service_unavailable",
+                "metadata_unavailable",
+            )
+        return _send_denied(request.send, decision)
 
     def _authorize(self, request: RequestContext, policy: authlib.AuthEngine) -> Answer | None:
         """3. The AuthPolicy's decision (`request.decision`, `request.auth`); a refusal is
@@ -843,6 +893,13 @@ def _with_limits(headers: list[tuple[bytes, bytes]], limits: list[tuple[bytes, b
         return
     headers[:] = [h for h in headers if not h[0].startswith(b"x-ratelimit-")]
     headers.extend(limits)
+
+
+def _waits(decision: authlib.AuthDecision | None) -> bool:
+    """Whether a denial only waits for keys, an introspection or metadata to be fetched."""
+    return decision is not None and bool(
+        decision.refresh_keys or decision.introspect or decision.metadata_calls
+    )
 
 
 def _user_of(auth: dict[str, Any]) -> str | None:
