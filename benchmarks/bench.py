@@ -180,6 +180,57 @@ def tls_secret(folder: Path) -> str:
     return json.dumps(doc) + "\n"
 
 
+JWT_ROW = "gateway, tutorial policies, memory://, JWT identity (RS256)"
+
+
+def jwt_identity(folder: Path) -> str:
+    """A new RSA key's JWKS written to `folder/jwks.json`, and a gold user's token signed
+    with the key (valid a day)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def uint(n: int) -> str:
+        return b64(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_numbers()
+    folder.mkdir(parents=True, exist_ok=True)
+    jwk = {"kty": "RSA", "kid": "bench", "alg": "RS256", "use": "sig"}
+    keys = [{**jwk, "n": uint(public.n), "e": uint(public.e)}]
+    (folder / "jwks.json").write_text(json.dumps({"keys": keys}))
+    header = b64(json.dumps({"alg": "RS256", "kid": "bench", "typ": "JWT"}).encode())
+    claims = {"sub": "bench-gold-user", "groups": "gold", "exp": int(time.time()) + 86400}
+    signing = f"{header}.{b64(json.dumps(claims).encode())}"
+    signature = key.sign(signing.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing}.{b64(signature)}"
+
+
+def jwt_policy(jwks_url: str) -> str:
+    """The tutorial's AuthPolicy with a `jwt` rule instead of API keys: `sub` is the user,
+    the `groups` claim the tier, as the tutorial's TokenRateLimitPolicy reads them."""
+    return (
+        "apiVersion: kuadrant.io/v1\nkind: AuthPolicy\n"
+        "metadata: {name: trlp-tutorial-llm-api-keys, namespace: gateway-system}\n"
+        "spec:\n"
+        "  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, "
+        "name: trlp-tutorial-gateway}\n"
+        "  rules:\n"
+        "    authentication:\n"
+        f"      oidc: {{jwt: {{jwksUrl: '{jwks_url}'}}}}\n"
+        "    response:\n"
+        "      success:\n"
+        "        filters:\n"
+        "          identity:\n"
+        "            json:\n"
+        "              properties:\n"
+        "                groups: {selector: auth.identity.groups}\n"
+        "                userid: {selector: auth.identity.sub}\n"
+    )
+
+
 def check_https_chat(port: int) -> None:
     """One request over TLS before measuring (the certificate is not verified: wrk does not
     verify either)."""
@@ -314,12 +365,16 @@ class Bench:
         storage: str = "memory://",
         workers: int = 1,
         https_port: int | None = None,
+        files: dict[str, str] | None = None,
     ) -> tuple[Proc, int, int]:
         """The gateway on the tutorial; with `https_port`, also an HTTPS listener (no
-        hostname, so any SNI gets its certificate) served there (docs/tls.md)."""
+        hostname, so any SNI gets its certificate) served there (docs/tls.md); `files`
+        replace manifests of the tutorial by name."""
         if https_port is not None:
             replace = {**replace, "  listeners:\n": "  listeners:\n" + HTTPS_LISTENER}
         manifests = write_manifests(self.tmp / f"manifests-{name}", replace)
+        for file_name, text in (files or {}).items():
+            (manifests / file_name).write_text(text)
         port, admin = free_port(), free_port()
         cmd = [PY, "-m", "tokengateway", "serve", "-f", str(manifests)]
         cmd += ["--listen", f"{HOST}:{port}", "--admin", f"{HOST}:{admin}"]
@@ -339,6 +394,41 @@ class Bench:
                 time.sleep(0.1)
             time.sleep(1)  # followers compile the configuration once started
         return proc, port, admin
+
+    def measure_jwt(self, up: Proc, others: tuple[Proc, ...]) -> None:
+        """The tutorial with JWTs (RS256, keys from a JWKS URL) instead of API keys: the
+        signature is checked once per token, then its decision is kept until `exp`."""
+        folder = self.tmp / "jwks"
+        token = jwt_identity(folder)
+        jwks_port = free_port()
+        jwks = Proc(
+            "jwks",
+            [PY, "-m", "http.server", str(jwks_port), "--bind", HOST, "--directory", str(folder)],
+            self.logs,
+            cpus=self.load_cpus,
+        )
+        try:
+            wait_http(jwks, jwks_port, "/jwks.json")
+            with self.scenario("non-streaming", JWT_ROW) as row:
+                policy = jwt_policy(f"http://{HOST}:{jwks_port}/jwks.json")
+                gw, port, admin = self.start_gateway(
+                    "gw-jwt", open_limits(), self.upstream_url, files={"05-authpolicy.yaml": policy}
+                )
+                try:
+                    self.check_chat(port, auth=f"Bearer {token}")
+                    self.measure_wrk(
+                        row,
+                        gw,
+                        port,
+                        auth=f"Bearer {token}",
+                        upstream=up,
+                        others=(*others, jwks),
+                        admin=admin,
+                    )
+                finally:
+                    gw.stop()
+        finally:
+            jwks.stop()
 
     def counted_tokens(self, admin: int) -> int:
         counters = json.loads(http_get(admin, f"/counters/{ROUTE_NS}", timeout=10))
@@ -644,6 +734,9 @@ class Bench:
                 self.measure_wrk(
                     row, gw, tls_port, upstream=up, others=others, admin=gw_admin, scheme="https"
                 )
+        if gw is not None and self.args.tls_only:
+            gw.stop()  # the JWT gateway measures alone
+        self.measure_jwt(up, others)
         if self.args.tls_only:
             if gw is not None:
                 gw.stop()
