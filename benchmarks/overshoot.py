@@ -116,6 +116,21 @@ async def honouring(port: int, n: int, seconds: float) -> dict:
     return {"served": served, "held": held, "spent": spent, "longest_held_wait": longest}
 
 
+def gateway(name: str, folder: Path, redis: Redis | None, logs: Path) -> tuple[Proc, int]:
+    """A gateway on the manifests in `folder` (counters in `redis`, flushed, when given),
+    ready to serve: the process and its port."""
+    port, admin = free_port(), free_port()
+    cmd = [sys.executable, "-m", "tokengateway", "serve", "-f", str(folder)]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
+    cmd += ["--state-dir", str(folder / "state"), "--no-access-log"]
+    if redis is not None:
+        redis.flush()
+        cmd += ["--storage", redis.url]
+    gw = Proc(name, cmd, logs)
+    wait_http(gw, port)
+    return gw, port
+
+
 def utilisation(
     store: str, redis: Redis | None, mode: str, args: argparse.Namespace, logs: Path
 ) -> dict:
@@ -123,16 +138,8 @@ def utilisation(
     try:
         reservation = "{wait: 2s}" if mode == "wait" else "{}"
         manifests(folder, 300, mode != "check", window="1m", reservation=reservation)
-        port, admin = free_port(), free_port()
-        cmd = [sys.executable, "-m", "tokengateway", "serve", "-f", str(folder)]
-        cmd += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
-        cmd += ["--state-dir", str(folder / "state"), "--no-access-log"]
-        if redis is not None:
-            redis.flush()
-            cmd += ["--storage", redis.url]
-        gw = Proc(f"gateway-{store}-{mode}", cmd, logs)
+        gw, port = gateway(f"gateway-{store}-{mode}", folder, redis, logs)
         try:
-            wait_http(gw, port)
             row = asyncio.run(honouring(port, args.burst, args.seconds))
         finally:
             gw.stop()
@@ -152,16 +159,10 @@ def run(
     folder = Path(tempfile.mkdtemp(prefix="overshoot-"))
     try:
         manifests(folder, args.limit, reserve)
-        port, admin = free_port(), free_port()
-        cmd = [sys.executable, "-m", "tokengateway", "serve", "-f", str(folder)]
-        cmd += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
-        cmd += ["--state-dir", str(folder / "state"), "--no-access-log"]
-        if redis is not None:
-            redis.flush()
-            cmd += ["--storage", redis.url]
-        gw = Proc(f"gateway-{store}-{'reserve' if reserve else 'check'}", cmd, logs)
+        gw, port = gateway(
+            f"gateway-{store}-{'reserve' if reserve else 'check'}", folder, redis, logs
+        )
         try:
-            wait_http(gw, port)
             spent = 0
             while spent < args.limit - args.left:
                 status, body = http_post(port, "/v1/chat/completions", BODY, HEADERS)

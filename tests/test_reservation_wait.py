@@ -18,6 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import HOST, MODEL, chat
+from tests.test_reservations import LIMIT as RESERVATION_LIMIT
+from tests.test_reservations import SLOW_SIM
+from tests.test_reservations import _limits as limits_with
 from tokengateway.limits import Limiter
 from tokengateway.limits.counting import TOTAL
 from tokengateway.limits.limiter import Applicable
@@ -176,20 +179,13 @@ def test_waiting_never_admits_past_the_limit(plan: list[tuple[int, float, int, b
 
 LIMIT = 300
 CONCURRENT = 48
-SLOW_SIM = {
-    '          - "8000"\n': '          - "8000"\n          - --time-to-first-token\n          - "300"\n'
-}
 
 
 def _limits(reservation: str) -> dict[str, str]:
+    """The gold limit at 300 tokens a minute, with this `reservation`."""
     return {
-        "- limit: 200 # 200 tokens per minute for gold users (small for testing)\n          window: 1m": (
-            f"- limit: {LIMIT}\n          window: 1m"
-        ),
-        "        - expression: auth.identity.userid\n    gold:": (
-            "        - expression: auth.identity.userid\n    gold:\n      reservation: "
-            + reservation
-        ),
+        **limits_with("\n      reservation: " + reservation),
+        f"- limit: {RESERVATION_LIMIT}\n          window: 1h": f"- limit: {LIMIT}\n          window: 1m",
     }
 
 
