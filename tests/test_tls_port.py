@@ -54,8 +54,20 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return folder / "cert.pem", folder / "key.pem"
 
 
+class Running:
+    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop, thread: threading.Thread):
+        self.server, self.loop, self.thread = server, loop, thread
+
+    def stop(self) -> float:
+        """Stop gracefully; how long it took."""
+        started = time.monotonic()
+        self.loop.call_soon_threadsafe(setattr, self.server, "should_exit", True)
+        self.thread.join(timeout=15)
+        return time.monotonic() - started
+
+
 @pytest.fixture
-def port(certificate: tuple[Path, Path]) -> Iterator[int]:
+def running(certificate: tuple[Path, Path]) -> Iterator[tuple[int, Running]]:
     """The bare server on a TLS socket (uvloop, as `serve` runs it), in its own thread."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*certificate)
@@ -72,9 +84,15 @@ def port(certificate: tuple[Path, Path]) -> Iterator[int]:
     while not server.started:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    yield sock.getsockname()[1]
-    loop.call_soon_threadsafe(setattr, server, "should_exit", True)
-    thread.join(timeout=15)
+    handle = Running(server, loop, thread)
+    yield sock.getsockname()[1], handle
+    if thread.is_alive():
+        handle.stop()
+
+
+@pytest.fixture
+def port(running: tuple[int, Running]) -> int:
+    return running[0]
 
 
 def _read_all(sock: socket.socket) -> bytes:
@@ -159,3 +177,21 @@ def test_the_port_serves_many_clients_at_once(port: int, certificate: tuple[Path
     assert {json.loads(a.partition(b"\r\n\r\n")[2])["path"] for a in answers} == {
         f"/{i}" for i in range(50)
     }
+
+
+def test_an_idle_tls_client_does_not_hold_the_stop(
+    running: tuple[int, Running], certificate: tuple[Path, Path]
+) -> None:
+    """A client that keeps its connection after an answer and never reads again: the stop
+    sends close_notify, waits a second for the reply, then drops the connection, instead
+    of waiting the whole graceful timeout (10 s)."""
+    port, server = running
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="port.test") as tls,
+    ):
+        tls.sendall(b"GET /kept HTTP/1.1\r\nHost: port.test\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200 ")
+        took = server.stop()  # the client holds its connection, reading nothing
+    assert took < 4, took

@@ -114,6 +114,8 @@ _WARN_EVERY = 10.0
 KEEP_ALIVE = 30.0
 #: how long a graceful stop waits for the requests in flight before closing their connections
 GRACEFUL_TIMEOUT = 10.0
+#: how long an idle connection closed by the stop may take to answer TLS's close_notify
+CLOSE_NOTIFY_WAIT = 1.0
 #: reading pauses while more than this many bytes of request body wait for the app
 READ_HIGH_WATER = 64 * 1024
 
@@ -715,10 +717,18 @@ class HttpProtocol(asyncio.Protocol):
             transport = self.transport
             if transport is not None and not self.lingering:
                 transport.close()
+                # over TLS, close() sends close_notify and waits for the client's (up to
+                # 30 s): a client that keeps its idle connection without reading would hold
+                # the whole stop for GRACEFUL_TIMEOUT; a second is enough for a reply
+                self.loop.call_later(CLOSE_NOTIFY_WAIT, self._drop)
             return
         active.keep_alive = False
         for cycle in self.pipeline:
             cycle.keep_alive = False
+
+    def _drop(self) -> None:
+        if self.transport is not None and self in self.server.connections:
+            self.transport.abort()
 
     def abort(self) -> None:
         """The graceful stop's time is up: close, and stop the app's task."""
