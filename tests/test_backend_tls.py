@@ -131,21 +131,8 @@ class BackendPKI(PKI):
 
     def signed(self, cn: str, san: str, expired: bool = False) -> tuple[Path, Path]:
         name = f"{cn}-{abs(hash((san, expired)))}"
-        self._openssl(
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-addext", f"subjectAltName={san}", "-addext", "extendedKeyUsage=serverAuth",
-        )  # fmt: skip
-        dates = (
-            ["-startdate", "20200101000000Z", "-enddate", "20200102000000Z"]
-            if expired
-            else ["-days", "2"]
-        )
-        self._openssl(
-            "ca", "-batch", "-config", "ca.cnf", "-cert", "ca.crt", "-keyfile", "ca.key",
-            "-notext", "-in", f"{name}.csr", "-out", f"{name}.crt", *dates,
-        )  # fmt: skip
-        return self.folder / f"{name}.crt", self.folder / f"{name}.key"
+        extensions = [f"subjectAltName={san}", "extendedKeyUsage=serverAuth"]
+        return self.issue(name, f"/CN={cn}", extensions, expired)
 
     def self_signed(self, cn: str) -> tuple[Path, Path]:
         self._openssl(

@@ -64,36 +64,16 @@ class PKI:
         )
         assert done.returncode == 0, done.stderr
 
-    def leaf(self, cn: str, sans: list[str], expired: bool = False) -> tuple[str, str]:
-        """(certificate PEM, key PEM) for `cn`, valid two days, or expired in 2020."""
-        name = cn.replace("*", "star")
-        self._openssl(
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-addext", "subjectAltName=" + ",".join(f"DNS:{s}" for s in sans),
-            "-addext", "extendedKeyUsage=serverAuth",
-        )  # fmt: skip
-        dates = (
-            ["-startdate", "20200101000000Z", "-enddate", "20200102000000Z"]
-            if expired
-            else ["-days", "2"]
-        )
-        self._openssl(
-            "ca", "-batch", "-config", "ca.cnf", "-cert", "ca.crt", "-keyfile", "ca.key",
-            "-notext", "-in", f"{name}.csr", "-out", f"{name}.crt", *dates,
-        )  # fmt: skip
-        return (self.folder / f"{name}.crt").read_text(), (self.folder / f"{name}.key").read_text()
-
-    def client(
-        self, subject: str, *, expired: bool = False, usage: str = "clientAuth"
+    def issue(
+        self, name: str, subject: str, extensions: list[str], expired: bool = False
     ) -> tuple[Path, Path]:
-        """(certificate file, key file) of a client certificate with this subject
-        (`/CN=aisha/O=ACME Inc.`), for `usage` (an extendedKeyUsage)."""
-        name = "client-" + "".join(c if c.isalnum() else "-" for c in subject).strip("-")
+        """(certificate file, key file): a new P-256 key and a certificate the CA signs for
+        `subject` (its order kept) with these `-addext` extensions, valid two days, or
+        expired in 2020."""
+        addext = [arg for ext in extensions for arg in ("-addext", ext)]
         self._openssl(
             "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-subj", subject, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-addext", f"extendedKeyUsage={usage}",
+            "-subj", subject, "-keyout", f"{name}.key", "-out", f"{name}.csr", *addext,
         )  # fmt: skip
         dates = (
             ["-startdate", "20200101000000Z", "-enddate", "20200102000000Z"]
@@ -105,6 +85,22 @@ class PKI:
             "-notext", "-preserveDN", "-in", f"{name}.csr", "-out", f"{name}.crt", *dates,
         )  # fmt: skip
         return self.folder / f"{name}.crt", self.folder / f"{name}.key"
+
+    def leaf(self, cn: str, sans: list[str], expired: bool = False) -> tuple[str, str]:
+        """(certificate PEM, key PEM) of a server certificate for `cn` and `sans`."""
+        names = "subjectAltName=" + ",".join(f"DNS:{s}" for s in sans)
+        cert, key = self.issue(
+            cn.replace("*", "star"), f"/CN={cn}", [names, "extendedKeyUsage=serverAuth"], expired
+        )
+        return cert.read_text(), key.read_text()
+
+    def client(
+        self, subject: str, *, expired: bool = False, usage: str = "clientAuth"
+    ) -> tuple[Path, Path]:
+        """(certificate file, key file) of a client certificate with this subject
+        (`/CN=aisha/O=ACME Inc.`), for `usage` (an extendedKeyUsage)."""
+        name = "client-" + "".join(c if c.isalnum() else "-" for c in subject).strip("-")
+        return self.issue(name, subject, [f"extendedKeyUsage={usage}"], expired)
 
     def trust(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))

@@ -756,7 +756,8 @@ def _hostname(host: str) -> str:
 
 def _client_certificate(scope: Scope) -> str | None:
     """The PEM certificate the client presented over TLS (ASGI's `tls` extension)."""
-    tls = scope.get("extensions", {}).get("tls")
+    extensions = scope.get("extensions")  # set only when the client sent a certificate
+    tls = extensions.get("tls") if extensions else None
     chain = tls.get("client_cert_chain") if tls else None
     return chain[0] if chain else None
 

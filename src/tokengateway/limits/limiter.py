@@ -305,7 +305,7 @@ class Limiter:
         amounts = applicable.amounts
         assert amounts is not None
         refusing = [
-            applicable.waits[i] if i < len(applicable.waits) else 0.0
+            applicable.waits[i]
             for i, s in enumerate(result.states)
             if s.value + s.held + max(amounts[i], 1) > s.ref.limit
         ]
