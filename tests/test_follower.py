@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -44,6 +45,35 @@ class Process:
         self.starts = 0
 
     def start(self, wait: bool = True) -> Process:
+        """Start; on a first start whose ports another process took meanwhile (a port is
+        picked free, then bound later by the gateway), pick new ones and start again."""
+        first = self.starts == 0
+        for _ in range(3):
+            self._spawn()
+            if not first or not self._lost_its_port():
+                break
+            self.port, self.admin_port = _port(), _port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.admin_url = self.admin_url.rsplit(":", 1)[0] + f":{self.admin_port}"
+        if wait:
+            self.wait_ready()
+        return self
+
+    def _lost_its_port(self, timeout: float = 20) -> bool:
+        """Whether the process exited because its address was in use (else it listens)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                log = self.folder / f"{self.name}-{self.starts}.log"
+                return "Address already in use" in log.read_text(errors="replace")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.admin_port)) == 0:
+                    return False
+            time.sleep(0.05)
+        return False
+
+    def _spawn(self) -> None:
         self.starts += 1
         log = open(self.folder / f"{self.name}-{self.starts}.log", "wb")  # noqa: SIM115
         cmd = [sys.executable, "-m", "tokengateway", "serve", "--no-access-log"]
@@ -58,9 +88,6 @@ class Process:
             env={**os.environ, **self.env},
         )
         log.close()
-        if wait:
-            self.wait_ready()
-        return self
 
     def output(self) -> str:
         return "\n".join(
