@@ -497,12 +497,15 @@ class RedisStore(CounterStore):
     # --- scripts -------------------------------------------------------------------------
 
     async def _eval(self, source: str, keys: Sequence[bytes], args: Sequence[int | str]) -> Any:
-        """EVALSHA, reloading the script once when the server lost it (restart, failover)."""
+        """EVALSHA, reloading the script once when the server lost it (restart, failover).
+        Any Lua source may be given: one this store does not know is loaded on first use."""
         if self._client is None:
             await self.start()
         client = self.client
         try:
             async with self._slots:
+                if source not in self._shas:  # a script of a subclass, loaded on first use
+                    self._shas[source] = await client.script_load(source)
                 try:
                     return await client.evalsha(self._shas[source], len(keys), *keys, *args)
                 except rexc.NoScriptError:
