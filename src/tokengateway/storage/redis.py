@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 
 from tokengateway.storage.base import (
     REDIS_SCHEMES,
@@ -46,6 +48,8 @@ from tokengateway.storage.base import (
     CounterStore,
     StorageError,
 )
+from tokengateway.storage.resp import RespConnection, RespError
+from tokengateway.storage.resp import connect as resp_connect
 from tokengateway.storage.uri import StorageURIError, hide_password
 
 __all__ = ["REDIS_SCHEMES", "RedisStore", "RedisURI", "hide_password", "parse_redis_uri"]
@@ -405,8 +409,16 @@ class RedisStore(CounterStore):
         self.uri = self.config.shown
         self._prefix = self.config.prefix.encode()
         self._client: aioredis.Redis | RedisCluster | None = None
+        self._sentinel: Sentinel | None = None
         self._shas: dict[str, str] = {}
         self._start_lock = asyncio.Lock()
+        # The counting verbs go over our own pipelined connections (storage/resp.py), one
+        # per Redis node; redis-py keeps discovery and the admin verbs.
+        self._conns: dict[tuple[str, int], RespConnection] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Future[RespConnection]] = {}
+        self._master: tuple[str, int] | None = None  # the one node (standalone, Sentinel)
+        self._slot_nodes: list[tuple[str, int] | None] = []  # Cluster: slot -> primary
+        self._ssl: ssl.SSLContext | None = None
         # redis-py's asyncio pools raise "Too many connections" instead of waiting (and the
         # Cluster client has no blocking pool): callers past the bound queue here instead.
         self._slots = asyncio.Semaphore(self.config.max_connections)
@@ -453,6 +465,7 @@ class RedisStore(CounterStore):
             if c.tls:
                 sentinel_kwargs.update(ssl=True, **c.tls_options)
             sentinels = Sentinel(list(c.nodes), sentinel_kwargs=sentinel_kwargs, **common)
+            self._sentinel = sentinels
             return sentinels.master_for(c.service, db=c.db)
         host, port = c.nodes[0]
         # redis-py picks the hiredis parser by itself when `hiredis` is installed
@@ -471,6 +484,7 @@ class RedisStore(CounterStore):
                 shas = {}
                 for source in (_CHECK, _UPDATE, _CHECK_AND_UPDATE, _RESERVE, _COMMIT):
                     shas[source] = await client.script_load(source)
+                await self._locate(client)
             except _FAILURES as exc:
                 await _close_quietly(client)
                 raise StorageError(
@@ -479,8 +493,30 @@ class RedisStore(CounterStore):
             self._shas = shas
             self._client = client
 
+    async def _locate(self, client: aioredis.Redis | RedisCluster) -> None:
+        """Where the counting verbs go: the server, the Sentinels' master, or per Cluster
+        slot its primary (from redis-py's slot map, read at start and on MOVED)."""
+        c = self.config
+        if c.tls and self._ssl is None:
+            self._ssl = _ssl_context(c.tls_options)
+        if isinstance(client, RedisCluster):
+            slots: list[tuple[str, int] | None] = [None] * 16384
+            for slot, nodes in client.nodes_manager.slots_cache.items():
+                if nodes:
+                    slots[slot] = (nodes[0].host, int(nodes[0].port))
+            self._slot_nodes = slots
+        elif self._sentinel is not None:
+            assert c.service is not None
+            host, port = await self._sentinel.discover_master(c.service)
+            self._master = (str(host), int(port))
+        else:
+            self._master = c.nodes[0]
+
     async def close(self) -> None:
         client, self._client = self._client, None
+        conns, self._conns = self._conns, {}
+        for conn in conns.values():
+            conn.close()
         if client is not None:
             await _close_quietly(client)
 
@@ -497,22 +533,102 @@ class RedisStore(CounterStore):
     # --- scripts -------------------------------------------------------------------------
 
     async def _eval(self, source: str, keys: Sequence[bytes], args: Sequence[int | str]) -> Any:
-        """EVALSHA, reloading the script once when the server lost it (restart, failover).
+        """EVALSHA on the node that holds `keys` (all in one Cluster slot), over a pipelined
+        connection. Reloads the script when the server lost it (restart, failover), follows
+        MOVED/ASK, and finds a new master on READONLY; none of these ran the script, so it is
+        sent again. A command whose connection broke after it was written is not: it may
+        have run, and counting it twice would be worse than one 503 (or one kept report).
         Any Lua source may be given: one this store does not know is loaded on first use."""
         if self._client is None:
             await self.start()
-        client = self.client
+        sha = self._shas.get(source)
+        command: list[Any] = ["EVALSHA", sha, len(keys), *keys, *args]
+        slot = key_slot(keys[0]) if self.config.cluster and keys else -1
+        address = self._node(slot)
+        ask = False
         try:
-            async with self._slots:
-                if source not in self._shas:  # a script of a subclass, loaded on first use
-                    self._shas[source] = await client.script_load(source)
-                try:
-                    return await client.evalsha(self._shas[source], len(keys), *keys, *args)
-                except rexc.NoScriptError:
-                    self._shas[source] = await client.script_load(source)
-                    return await client.evalsha(self._shas[source], len(keys), *keys, *args)
-        except _FAILURES as exc:
+            for _attempt in range(5):
+                conn = self._conns.get(address) if address is not None else None
+                if conn is None or not conn.usable:
+                    if self._sentinel is not None:  # a new connection asks where the master is
+                        await self._locate(self.client)
+                        address = self._master
+                    conn = await self._connect(address)
+                if sha is None:
+                    sha = self._shas[source] = await self._load(conn, source)
+                    command[1] = sha
+                if ask:
+                    _asking, fut = conn.call_many((("ASKING",), command))
+                    ask = False
+                else:
+                    fut = conn.call(command)
+                reply = await fut
+                if not isinstance(reply, RespError):
+                    return reply
+                text = str(reply)
+                kind = text.partition(" ")[0]
+                if kind == "NOSCRIPT":
+                    sha = None
+                elif kind in ("MOVED", "ASK"):
+                    # "MOVED <slot> <host>:<port>": the slot lives elsewhere now
+                    host, _colon, port = text.split(" ")[2].rpartition(":")
+                    address = (host.strip("[]") or conn.address[0], int(port))
+                    if kind == "MOVED":
+                        self._slot_nodes[slot] = address
+                    ask = kind == "ASK"
+                elif kind == "READONLY" and self._sentinel is not None:
+                    conn.close()  # a replica now: the Sentinels know the new master
+                    await self._locate(self.client)
+                    address = self._master
+                else:
+                    raise rexc.ResponseError(text)
+            raise rexc.ResponseError(f"gave up after 5 redirections for slot {slot}")
+        except (*_FAILURES, ConnectionError, TimeoutError) as exc:
             raise StorageError(f"storage {self.uri}: {self._reason(exc)}") from exc
+
+    def _node(self, slot: int) -> tuple[str, int] | None:
+        if slot < 0:
+            return self._master
+        return self._slot_nodes[slot] if self._slot_nodes else None
+
+    async def _connect(self, address: tuple[str, int] | None) -> RespConnection:
+        """The connection to `address`, made once however many requests wait for it."""
+        if address is None:  # a Cluster slot no primary serves (yet): ask the cluster again
+            raise rexc.RedisClusterException("a slot is not served by any node")
+        pending = self._connecting.get(address)
+        if pending is None:
+            pending = asyncio.ensure_future(self._open(address))
+            self._connecting[address] = pending
+            pending.add_done_callback(lambda _: self._connecting.pop(address, None))
+        return await asyncio.shield(pending)
+
+    async def _open(self, address: tuple[str, int]) -> RespConnection:
+        c = self.config
+        try:
+            conn = await resp_connect(
+                address,
+                timeout=c.timeout,
+                connect_timeout=c.connect_timeout,
+                username=c.username,
+                password=c.password,
+                db=c.db,
+                ssl_context=self._ssl,
+            )
+        except (OSError, TimeoutError) as exc:
+            if self._sentinel is not None:
+                await self._locate(self.client)  # the master may have moved
+            raise ConnectionError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from None
+        old = self._conns.get(address)
+        if old is not None:
+            old.close()
+        self._conns[address] = conn
+        return conn
+
+    async def _load(self, conn: RespConnection, source: str) -> str:
+        reply = await conn.call(("SCRIPT", "LOAD", source))
+        if isinstance(reply, RespError):
+            raise rexc.ResponseError(str(reply))
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     def _groups(self, counters: Sequence[CounterRef]) -> list[list[int]]:
         """Indices of `counters` that one script may touch together.
@@ -729,6 +845,20 @@ def _result(counters: Sequence[CounterRef], delta: int, raw: Sequence[Any]) -> C
         ):
             limiting = i
     return CheckResult(limiting is not None, tuple(states), limiting)
+
+
+def _ssl_context(options: dict[str, str]) -> ssl.SSLContext:
+    """The client TLS context `rediss://` options describe, as redis-py builds it: verified
+    against `ssl_ca_certs` (else the system's CAs) with the host name checked, unless
+    `ssl_cert_reqs` says optional or none."""
+    ctx = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    reqs = options.get("ssl_cert_reqs", "required")
+    if reqs != "required":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_OPTIONAL if reqs == "optional" else ssl.CERT_NONE
+    if "ssl_certfile" in options:
+        ctx.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    return ctx
 
 
 async def _close_quietly(client: aioredis.Redis | RedisCluster) -> None:
