@@ -56,6 +56,7 @@ __all__ = ["REDIS_SCHEMES", "RedisStore", "RedisURI", "hide_password", "parse_re
 
 DEFAULT_PREFIX = "tokengateway:"
 _SEP = "\x1f"
+_KEPT_KEYS = 100_000  # Redis keys of counter keys kept (about 200 B each)
 _BATCH = 500  # keys per SCAN page / UNLINK / pipeline in the admin verbs
 
 # Options a URI may carry after `?`, with their parsers; anything else is refused.
@@ -419,6 +420,7 @@ class RedisStore(CounterStore):
         self._master: tuple[str, int] | None = None  # the one node (standalone, Sentinel)
         self._slot_nodes: list[tuple[str, int] | None] = []  # Cluster: slot -> primary
         self._ssl: ssl.SSLContext | None = None
+        self._keys: dict[str, bytes] = {}  # counter key -> Redis key (see redis_key)
         # redis-py's asyncio pools raise "Too many connections" instead of waiting (and the
         # Cluster client has no blocking pool): callers past the bound queue here instead.
         self._slots = asyncio.Semaphore(self.config.max_connections)
@@ -645,6 +647,9 @@ class RedisStore(CounterStore):
     async def _per_group(
         self, counters: Sequence[CounterRef], run: Callable[[list[int]], Awaitable[_T]]
     ) -> list[tuple[list[int], _T]]:
+        if not self.config.cluster:  # one node holds every key
+            every = list(range(len(counters)))
+            return [(every, await run(every))]
         groups = self._groups(counters)
         if len(groups) == 1:
             return [(groups[0], await run(groups[0]))]
@@ -805,9 +810,16 @@ class RedisStore(CounterStore):
     # --- key mapping ---------------------------------------------------------------------
 
     def redis_key(self, key: str) -> bytes:
-        """The Redis key of a counter key: prefix, `{namespace}` hash tag, the rest as is."""
-        namespace, sep, rest = key.partition(_SEP)
-        return self._prefix + f"{{{_escape_tag(namespace)}}}{sep}{rest}".encode()
+        """The Redis key of a counter key: prefix, `{namespace}` hash tag, the rest as is
+        (kept: a user's counters are the same keys request after request)."""
+        found = self._keys.get(key)
+        if found is None:
+            namespace, sep, rest = key.partition(_SEP)
+            found = self._prefix + f"{{{_escape_tag(namespace)}}}{sep}{rest}".encode()
+            if len(self._keys) >= _KEPT_KEYS:
+                self._keys.clear()  # bounded; refilled by the keys in use
+            self._keys[key] = found
+        return found
 
     def holds_key(self, redis_key: bytes) -> bytes:
         """The hash of a counter's holds: `<prefix>r:` then the counter key's tagged part
