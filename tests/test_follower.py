@@ -573,3 +573,28 @@ def test_a_replica_restarted_while_the_server_is_away_serves_what_it_saved(
     assert one.health()["config"]["connected"]
     assert one.figures()["config_age_seconds"] == 0
     free.close()
+
+
+def test_stops_are_prompt_with_watches_open_and_before_the_first_sync(processes, tmp_path) -> None:
+    """A control plane whose followers hold watches open ends them when it stops, as the
+    API server does, instead of waiting its 10 s graceful timeout for them; and a replica
+    still waiting for its first configuration stops on SIGTERM at once."""
+    cp, config = control_plane(processes, tmp_path)
+    one = processes("one", ["--kubeconfig", str(config)]).start()
+    wait_for(lambda: _get(one.admin_url + "/readyz") == 200, timeout=30)
+    assert cp.proc is not None
+    began = time.monotonic()
+    cp.stop()  # SIGTERM: the follower's watches are open
+    assert cp.proc.returncode == 0
+    assert time.monotonic() - began < 5, cp.output()[-2000:]
+    assert "still busy" not in cp.output()  # every watch ended before the deadline
+
+    late = processes("late", ["--kubeconfig", str(config)])  # its control plane is gone
+    late.start(wait=False)
+    assert late.proc is not None
+    wait_for(lambda: _get(late.admin_url + "/healthz") is None and late.starts == 1, timeout=5)
+    time.sleep(1.0)  # retrying its first sync
+    began = time.monotonic()
+    late.stop()
+    assert time.monotonic() - began < 5, late.output()[-2000:]
+    assert "Traceback" not in late.output()

@@ -75,6 +75,8 @@ class History:
         self._objects: dict[Key, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._waiters: set[Waiter] = set()
+        #: set when the server stops: every watch ends its answer, as the API server's do
+        self.closed = False
 
     @property
     def last(self) -> int:
@@ -131,6 +133,15 @@ class History:
                 raise Expired(version, self._oldest)
             found = [e for e in self._events if e.version > version]
             return max(self._last, version), found
+
+    def close(self) -> None:
+        """The server is stopping: wake every watch, which then ends (its client reconnects
+        elsewhere or later) instead of holding the graceful stop for its whole timeout."""
+        with self._lock:
+            self.closed = True
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.wake()
 
     @contextlib.contextmanager
     def waiter(self) -> Iterator[Waiter]:

@@ -1257,6 +1257,9 @@ class Server:
         self.date = _date_line()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._servers: list[asyncio.AbstractServer] = []
+        #: called when a stop begins, before waiting for the requests in flight: how an app
+        #: ends answers that would otherwise last (watches, long polls) at once
+        self.on_stop: list[Callable[[], None]] = []
 
     async def serve(
         self,
@@ -1330,6 +1333,11 @@ class Server:
 
     async def _stop(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stopping = True
+        for hook in self.on_stop:
+            try:
+                hook()
+            except Exception:
+                log.exception("a stop hook failed")
         for server in self._servers:
             server.close()
         self._servers.clear()

@@ -358,6 +358,7 @@ def serve_gateway(
             admin.health_details = follower.health
             admin.ready = follower.ready.is_set
         server = make_server(_Dispatch(app, admin, admin_port), settings.connections)
+        server.on_stop.append(control.history.close)  # watches end with the server
 
         async def main() -> None:
             holder["loop"] = asyncio.get_running_loop()
@@ -422,10 +423,31 @@ def serve_gateway(
 
 async def _first_sync(follower: Follower, seconds: float) -> None:
     """Serve once the first configuration from the API server is in, or after `seconds`
-    with what there is (nothing yet: every route answers 404), still following."""
+    with what there is (nothing yet: every route answers 404), still following.
+
+    SIGTERM or SIGINT meanwhile stops at once. The handler that raises Stop cannot be
+    trusted here: it raises in whatever code runs when the signal lands, and the follower's
+    retry loop, which catches failures to keep trying, would swallow it (a replica that
+    could not reach its control plane ignored SIGTERM for the whole wait)."""
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[int] = loop.create_future()
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    handling = threading.current_thread() is threading.main_thread()
+    if handling:
+        for sig in sigs:
+            loop.add_signal_handler(sig, lambda s=sig: stopped.done() or stopped.set_result(s))
+    ready = asyncio.ensure_future(follower.ready.wait())
     try:
-        await asyncio.wait_for(follower.ready.wait(), seconds)
-    except TimeoutError:
+        await asyncio.wait({ready, stopped}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ready.cancel()
+        if handling:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, raise_stop)  # what serve() had installed
+    if stopped.done():
+        raise Stop(stopped.result())
+    if not follower.ready.is_set():
         print(
             f"warning: no configuration from {follower.server} after {seconds:g}s; "
             "serving without it and still trying",

@@ -217,7 +217,7 @@ class KubeAPI:
                             await emit("ADDED", self._event_object(request, t, obj, cursor))
                 else:
                     cursor = since
-                while True:
+                while not history.closed:
                     waiter.event.clear()  # before reading: a change after it wakes the wait
                     try:
                         cursor, events = history.since(cursor)
