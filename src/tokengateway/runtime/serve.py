@@ -430,13 +430,18 @@ async def _first_sync(follower: Follower, seconds: float) -> None:
     retry loop, which catches failures to keep trying, would swallow it (a replica that
     could not reach its control plane ignored SIGTERM for the whole wait)."""
     loop = asyncio.get_running_loop()
-    stopped: asyncio.Future[int] = loop.create_future()
+    stopped: asyncio.Future[bool] = loop.create_future()
     sigs = (signal.SIGINT, signal.SIGTERM)
     handling = threading.current_thread() is threading.main_thread()
+
+    def on_signal() -> None:
+        if not stopped.done():
+            stopped.set_result(True)
+
     if handling:
         for sig in sigs:
-            loop.add_signal_handler(sig, lambda s=sig: stopped.done() or stopped.set_result(s))
-    ready = asyncio.ensure_future(follower.ready.wait())
+            loop.add_signal_handler(sig, on_signal)
+    ready: asyncio.Future[bool] = asyncio.ensure_future(follower.ready.wait())
     try:
         await asyncio.wait({ready, stopped}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -446,7 +451,7 @@ async def _first_sync(follower: Follower, seconds: float) -> None:
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, raise_stop)  # what serve() had installed
     if stopped.done():
-        raise Stop(stopped.result())
+        raise Stop(signal.SIGTERM)
     if not follower.ready.is_set():
         print(
             f"warning: no configuration from {follower.server} after {seconds:g}s; "
