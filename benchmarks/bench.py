@@ -1757,7 +1757,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         metavar="NAMES",
-        help=f"only these scenario groups, comma-separated: {','.join(GROUPS)} "
+        help=f"only these scenario groups, comma-separated, of: {', '.join(GROUPS)} "
         "(the memory:// gateway's API-key row comes with any group compared with it)",
     )
     parser.add_argument(
@@ -1770,6 +1770,7 @@ def main() -> int:
         "--flush-period",
         type=float,
         default=0.1,
+        metavar="SECONDS",
         help="seconds between flushes of redis+cached:// counters (serve --flush-period)",
     )
     parser.add_argument(
