@@ -513,7 +513,7 @@ class Bench:
                         try:
                             self.check_chat(port)
                             break
-                        except (RuntimeError, OSError):
+                        except (RuntimeError, OSError, http.client.HTTPException):
                             if time.monotonic() > deadline:
                                 raise
                             time.sleep(0.2)
