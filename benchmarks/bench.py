@@ -1,10 +1,13 @@
 """The benchmark suite behind `make bench` (docs/benchmarks.md).
 
 The gateway on the tutorial's full policy path, against the upstream alone, a bare
-pass-through proxy on the same stack, and the LiteLLM proxy.
+pass-through proxy on the same stack, and the LiteLLM proxy; beside it, in the same run, the
+other paths (HTTPS, JWT, a follower of a control plane), the server's fixed-429 floor and
+the counters in Redis (redis:// and redis+cached://, 1 and 2 workers).
 
     .venv/bin/python benchmarks/bench.py [--no-litellm] [--no-micro] [--no-profile]
         [--duration 6] [--warmup 2] [--connections 32] [--rate 1000] [--no-pin]
+        [--only GROUP,...] [--flush-period 0.1]
 
 Prints a Markdown table and writes it to benchmarks/results/latest.md (and everything
 measured to latest.json). Loopback only; every process started here is stopped at the end,
@@ -17,6 +20,7 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
+import functools
 import http.client
 import json
 import os
@@ -45,9 +49,13 @@ from common import (
     ROOT,
     Proc,
     Redis,
+    cmdline,
+    cpu_seconds,
     free_port,
     http_get,
     http_post,
+    machine_cpu,
+    parse_wrk,
     stop_all,
     wait_http,
 )
@@ -109,31 +117,6 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-
-
-def parse_wrk(text: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"non2xx": 0, "socket_errors": None}
-    for q, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M):
-        out[f"p{q}_ms"] = float(value) * _UNITS[unit]
-    m = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", text, re.M)
-    if m:
-        out["requests"] = int(m.group(1))
-        out["seconds"] = float(m.group(2)) * _UNITS[m.group(3)] / 1000
-    m = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
-    if m:
-        out["rps"] = float(m.group(1))
-    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    if m:
-        out["non2xx"] = int(m.group(1))
-    m = re.search(r"Socket errors: (.*)", text)
-    if m:
-        out["socket_errors"] = m.group(1).strip()
-    if "rps" not in out or "requests" not in out:
-        raise RuntimeError(f"could not read wrk's output:\n{text}")
-    return out
-
-
 def write_manifests(folder: Path, replace: dict[str, str]) -> Path:
     """A copy of the tutorial's manifests with text replaced (as tests/conftest.py does)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -145,7 +128,22 @@ def write_manifests(folder: Path, replace: dict[str, str]) -> Path:
     return folder
 
 
+#: the scenario groups `--only` picks from, in the order they run
+GROUPS = (
+    "nonstream", "stream", "tls", "jwt", "follower", "rate", "ttfb", "429", "floor", "storage",
+    "litellm", "micro",
+)  # fmt: skip
+#: the groups that need the memory:// gateway's API-key row (the base of their ratios)
+MEMORY_GATEWAY_GROUPS = ("nonstream", "stream", "tls", "jwt", "follower", "rate", "ttfb", "storage")
+GW_ROW = "gateway, tutorial policies, memory://"
 HTTPS_ROW = "gateway, tutorial policies, memory://, over HTTPS (keep-alive)"
+FOLLOWER_ROW = "gateway, tutorial policies, memory://, follower of a control plane"
+FLOOR_ROW = "server alone, fixed 429 (gateway's server)"
+REFUSED_ROW = "gateway, limit spent: every request refused"
+REDIS_1 = "gateway, redis://, 1 worker"
+REDIS_2 = "gateway, redis://, 2 workers"
+CACHED_1 = "gateway, redis+cached://, 1 worker"
+CACHED_2 = "gateway, redis+cached://, 2 workers"
 HTTPS_LISTENER = (
     "  - name: https\n    protocol: HTTPS\n    port: 443\n"
     "    tls: {mode: Terminate, certificateRefs: [{name: bench-cert}]}\n"
@@ -267,45 +265,63 @@ def gateway_headers(auth: str = GOLD) -> dict[str, str]:
     return {"Host": GW_HOST, "Authorization": auth, "Content-Type": "application/json"}
 
 
-def _proc_stat() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    tick = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / tick, steal / tick
-
-
 class Readings:
     """CPU used during a timed run: by the system under test (`tree`: with its children), the
     upstream, other helpers, the load generator (this process's waited-for children) and,
-    from /proc/stat, by everything else on the machine (`background_core_pct`)."""
+    from /proc/stat, by everything else on the machine (`background_core_pct`). Also, in
+    `values["processes"]`, each process's own CPU in cores (CPU seconds / wall seconds),
+    and the machine's busy and idle cores (one core fully used for the whole run = 1.0)."""
 
     def __init__(self, sut: Proc, tree: bool, upstream: Proc | None, others: list[Proc]) -> None:
         self.sut, self.tree, self.upstream, self.others = sut, tree, upstream, others
-        self.values: dict[str, float] = {}
+        self.values: dict[str, Any] = {}
+        # who is who, fixed at the start: the system under test's processes, then the rest
+        self.labels: dict[int, tuple[str, str]] = {}  # pid: (role, label)
+        for i, pid in enumerate(sut.pids(tree)):
+            self.labels[pid] = ("sut", process_label(sut.name, pid, i))
+        if upstream and upstream is not sut:
+            self.labels[upstream.pid] = ("upstream", upstream.name)
+        for proc in others:
+            if proc is not sut:
+                role = "redis" if proc.name.startswith("redis-") else "helper"
+                self.labels.setdefault(proc.pid, (role, proc.name))
 
-    def _snapshot(self) -> tuple[float, ...]:
+    def _snapshot(self) -> tuple[tuple[float, ...], dict[int, float]]:
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        busy, steal = _proc_stat()
-        return (
+        machine = machine_cpu()
+        totals = (
             time.monotonic(),
             self.sut.cpu(self.tree),
             self.upstream.cpu() if self.upstream and self.upstream is not self.sut else 0.0,
             sum(p.cpu() for p in self.others if p is not self.sut),
             kids.ru_utime + kids.ru_stime,
-            busy,
-            steal,
+            machine["busy"],
+            machine["idle"],
+            machine["steal"],
         )
+        return totals, {pid: cpu_seconds(pid) for pid in self.labels}
 
     def __enter__(self) -> Readings:
         self._start = self._snapshot()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        end = self._snapshot()
-        deltas = (b - a for a, b in zip(self._start, end, strict=True))
-        wall, sut, up, others, load, busy, steal = deltas
+        end, per_pid = self._snapshot()
+        start, per_pid0 = self._start
+        deltas = (b - a for a, b in zip(start, end, strict=True))
+        wall, sut, up, others, load, busy, idle, steal = deltas
         ours = sut + up + others + load
+        cores = [
+            {
+                "role": role,
+                "name": label,
+                "pid": pid,
+                "cores": (per_pid[pid] - per_pid0[pid]) / wall if wall else 0.0,
+            }
+            for pid, (role, label) in self.labels.items()
+        ]
+        load_cores = load / wall if wall else 0.0
+        cores.append({"role": "load", "name": "load generator", "pid": None, "cores": load_cores})
         self.values = {
             "wall_s": wall,
             "sut_cpu_s": sut,
@@ -314,7 +330,23 @@ class Readings:
             "load_generator_cpu_s": load,
             "background_core_pct": max(0.0, busy - ours) / wall * 100 if wall else 0.0,
             "steal_core_pct": steal / wall * 100 if wall else 0.0,
+            "processes": cores,
+            "machine_busy_cores": busy / wall if wall else 0.0,
+            "machine_idle_cores": idle / wall if wall else 0.0,
+            "machine_steal_cores": steal / wall if wall else 0.0,
         }
+
+
+def process_label(name: str, pid: int, index: int) -> str:
+    """How the CPU breakdown names a process of the system under test: a gateway's leader
+    (which is also worker 1) and its `--workers` followers, by their command lines."""
+    if not name.startswith("gw"):
+        return name if index == 0 else f"{name} child"
+    if index == 0:
+        return f"{name} leader (worker 1)"
+    if "tokengateway.runtime.workers" in cmdline(pid):
+        return f"{name} worker"
+    return f"{name} child"
 
 
 # --- the bench ---------------------------------------------------------------------------------
@@ -327,6 +359,7 @@ class Bench:
         self.logs = self.tmp / "logs"
         self.logs.mkdir()
         self.results = Results()
+        self.groups: set[str] = set(args.groups)
         cpus = sorted(os.sched_getaffinity(0))
         if args.pin and len(cpus) >= 2:
             self.sut_cpus: set[int] | None = {cpus[-1]}
@@ -366,26 +399,39 @@ class Bench:
         workers: int = 1,
         https_port: int | None = None,
         files: dict[str, str] | None = None,
+        kubeconfig: Path | None = None,
+        extra: tuple[str, ...] = (),
+        cpus: set[int] | None = None,
     ) -> tuple[Proc, int, int]:
         """The gateway on the tutorial; with `https_port`, also an HTTPS listener (no
         hostname, so any SNI gets its certificate) served there (docs/tls.md); `files`
-        replace manifests of the tutorial by name."""
+        replace manifests of the tutorial by name. With `kubeconfig`, no manifests: the
+        gateway follows the API server it names (a control plane, docs/control-plane.md).
+        `extra`: more `serve` options; `cpus`: other CPUs than the system under test's."""
         if https_port is not None:
             replace = {**replace, "  listeners:\n": "  listeners:\n" + HTTPS_LISTENER}
-        manifests = write_manifests(self.tmp / f"manifests-{name}", replace)
-        for file_name, text in (files or {}).items():
-            (manifests / file_name).write_text(text)
         port, admin = free_port(), free_port()
-        cmd = [PY, "-m", "tokengateway", "serve", "-f", str(manifests)]
+        cmd = [PY, "-m", "tokengateway", "serve"]
+        if kubeconfig is None:
+            manifests = write_manifests(self.tmp / f"manifests-{name}", replace)
+            for file_name, text in (files or {}).items():
+                (manifests / file_name).write_text(text)
+            cmd += ["-f", str(manifests)]
+        else:
+            cmd += ["--kubeconfig", str(kubeconfig)]
         cmd += ["--listen", f"{HOST}:{port}", "--admin", f"{HOST}:{admin}"]
         if https_port is not None:
             (manifests / "99-tls.yaml").write_text(tls_secret(self.tmp / f"tls-{name}"))
             cmd += ["--listen-https", f"{HOST}:{https_port}"]
         cmd += ["--state-dir", str(self.tmp / f"state-{name}"), "--storage", storage]
-        cmd += ["--backend", f"{SERVICE}={backend}", "--no-access-log"]
+        if backend:  # "": the manifests say where the Service is
+            cmd += ["--backend", f"{SERVICE}={backend}"]
+        cmd.append("--no-access-log")
         if workers > 1:
             cmd += ["--workers", str(workers)]
-        cpus = self.all_cpus if workers > 1 else self.sut_cpus
+        cmd += extra
+        if cpus is None:
+            cpus = self.all_cpus if workers > 1 else self.sut_cpus
         proc = Proc(name, cmd, self.logs, cpus=cpus if self.sut_cpus else None)
         wait_http(proc, port, "/", timeout=60)
         if workers > 1:
@@ -429,6 +475,72 @@ class Bench:
                     gw.stop()
         finally:
             jwks.stop()
+
+    def measure_follower(self, up: Proc, others: tuple[Proc, ...]) -> None:
+        """A replica whose configuration comes from a control plane: a gateway serving the
+        tutorial's manifests (idle during the run, on the load generator's CPUs), and a
+        second one started with `serve --kubeconfig` on a kubeconfig for the first's admin
+        API (docs/control-plane.md), loaded exactly like the API-key row."""
+        cp: Proc | None = None
+        try:
+            with self.scenario("non-streaming", FOLLOWER_ROW) as row:
+                # the Service's address is in the manifests (the annotation), so that the
+                # follower gets it with the rest: `--backend` checks its Service at start-up,
+                # before a follower has listed anything
+                annotated = {
+                    **open_limits(),
+                    f"kind: Service\nmetadata:\n  name: {SERVICE}\n": (
+                        f"kind: Service\nmetadata:\n  name: {SERVICE}\n  annotations:\n"
+                        f"    tokengateway.io/backend-url: {self.upstream_url}\n"
+                    ),
+                }
+                cp, _, cp_admin = self.start_gateway(
+                    "gw-control-plane", annotated, "", cpus=self.load_cpus
+                )
+                made = subprocess.run(
+                    [PY, "-m", "tokengateway", "kubeconfig", "--admin", f"{HOST}:{cp_admin}"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=True,
+                )
+                kubeconfig = self.tmp / "control-plane.kubeconfig"
+                kubeconfig.write_text(made.stdout)
+                gw, port, admin = self.start_gateway("gw-follower", {}, "", kubeconfig=kubeconfig)
+                try:
+                    deadline = time.monotonic() + 30
+                    while True:  # until it has listed and built what the control plane has
+                        try:
+                            self.check_chat(port)
+                            break
+                        except (RuntimeError, OSError, http.client.HTTPException):
+                            if time.monotonic() > deadline:
+                                raise
+                            time.sleep(0.2)
+                    self.measure_wrk(row, gw, port, upstream=up, others=(*others, cp), admin=admin)
+                finally:
+                    gw.stop()
+        finally:
+            if cp is not None:
+                cp.stop()
+
+    def floor(self) -> None:
+        """The server alone answering a fixed 429 (benchmarks/floor.py's app on the gateway's
+        server), loaded like the 429 row: the floor under any refusal, in the same run."""
+        import floor  # benchmarks/floor.py
+
+        script = self.tmp / "floor_app.py"
+        script.write_text(floor.APP)
+        port = free_port()
+        with self.scenario("429", FLOOR_ROW) as row:
+            proc = Proc(
+                "floor-ours", [PY, str(script), str(port), "ours"], self.logs, cpus=self.sut_cpus
+            )
+            try:
+                wait_http(proc, port)
+                self.measure_wrk(row, proc, port, expect_refusals=True)
+            finally:
+                proc.stop()
 
     def counted_tokens(self, admin: int) -> int:
         counters = json.loads(http_get(admin, f"/counters/{ROUTE_NS}", timeout=10))
@@ -512,16 +624,21 @@ class Bench:
         others: tuple[Proc | None, ...] = (),
         admin: int | None = None,
         scheme: str = "http",
+        settle: float = 0.0,
     ) -> None:
         """wrk against `port`: warm-up, then the timed run with /proc readings around it.
         With --repeat N, the run with the most requests per second of N is kept. wrk keeps
-        its connections open, so over https the handshakes are not what is measured."""
+        its connections open, so over https the handshakes are not what is measured.
+        `settle`: seconds to wait before each reading of the counters (`admin`), for a
+        store that writes them behind (redis+cached:// flushes every --flush-period)."""
         script = "chat_stream.lua" if stream else "chat.lua"
         self.pin_for(sut, [upstream, *others])
         best: dict[str, Any] | None = None
         for _ in range(self.args.repeat):
             if self.args.warmup > 0:
                 self.wrk(port, script, self.args.warmup, auth, latency=False, scheme=scheme)
+            if admin and settle:
+                time.sleep(settle)
             tokens0 = self.counted_tokens(admin) if admin else 0
             rss0 = sut.rss_mb(tree)
             with Readings(sut, tree, upstream, [p for p in others if p]) as readings:
@@ -530,6 +647,8 @@ class Bench:
                 )
             out["rss_growth_mb"] = sut.rss_mb(tree) - rss0
             if admin:
+                if settle:
+                    time.sleep(settle)
                 out["tokens_counted"] = self.counted_tokens(admin) - tokens0
             out["readings"] = readings.values
             if best is None or out["rps"] > best["rps"]:
@@ -663,6 +782,10 @@ class Bench:
 
     # scenario groups
 
+    def want(self, *groups: str) -> bool:
+        """Whether any of these scenario groups runs (`--only`; every group by default)."""
+        return any(g in self.groups for g in groups)
+
     def run(self) -> None:
         self.results.meta = machine_info(self)
         with self.scenario("upstream", "start the fixed upstream") as row:
@@ -673,32 +796,36 @@ class Bench:
         up = self.upstream
         port = self.upstream_port
 
-        with self.scenario("non-streaming", "upstream alone (fixed response)") as row:
-            self.measure_wrk(row, up, port)
-        with self.scenario("streaming", "upstream alone (fixed response), stream") as row:
-            self.measure_wrk(row, up, port, stream=True)
+        if self.want("nonstream"):
+            with self.scenario("non-streaming", "upstream alone (fixed response)") as row:
+                self.measure_wrk(row, up, port)
+        if self.want("stream"):
+            with self.scenario("streaming", "upstream alone (fixed response), stream") as row:
+                self.measure_wrk(row, up, port, stream=True)
         sim: Proc | None = None
         sim_port = free_port()
-        with self.scenario("non-streaming", "simulator alone (tokengateway sim, 0 ms)") as row:
-            sim = Proc(
-                "sim",
-                [
-                    *(PY, "-m", "tokengateway", "sim", "--model", MODEL, "--port", str(sim_port)),
-                    *("--time-to-first-token", "0", "--inter-token-latency", "0"),
-                ],
-                self.logs,
-                cpus=self.load_cpus,
-            )
-            wait_http(sim, sim_port, "/health")
-            self.check_chat(sim_port)
-            self.measure_wrk(row, sim, sim_port)
+        if self.want("nonstream"):
+            with self.scenario("non-streaming", "simulator alone (tokengateway sim, 0 ms)") as row:
+                sim = Proc(
+                    "sim",
+                    [
+                        *(PY, "-m", "tokengateway", "sim", "--model", MODEL),
+                        *("--port", str(sim_port)),
+                        *("--time-to-first-token", "0", "--inter-token-latency", "0"),
+                    ],
+                    self.logs,
+                    cpus=self.load_cpus,
+                )
+                wait_http(sim, sim_port, "/health")
+                self.check_chat(sim_port)
+                self.measure_wrk(row, sim, sim_port)
 
         # the bare pass-through proxies and the gateway, all in front of the fixed upstream:
         # one on the gateway's own server and client (the same stack), one on uvicorn and
         # aiohttp (the reference stack the issue quotes)
         up_url = self.upstream_url
         proxies: list[tuple[str, Proc, int]] = []
-        for stack, name in PASSTHROUGHS:
+        for stack, name in PASSTHROUGHS if self.want("nonstream", "stream", "rate", "ttfb") else ():
             pt_port = free_port()
             proc = Proc(
                 f"passthrough-{stack}",
@@ -713,61 +840,69 @@ class Bench:
             with self.scenario("non-streaming", name) as row:
                 wait_http(proc, pt_port)
                 self.check_chat(pt_port)
-                self.measure_wrk(row, proc, pt_port, upstream=up)
-            with self.scenario("streaming", f"{name}, stream") as row:
-                self.measure_wrk(row, proc, pt_port, stream=True, upstream=up)
+                if self.want("nonstream"):
+                    self.measure_wrk(row, proc, pt_port, upstream=up)
+            if not self.want("nonstream") and row.error is None:
+                self.results.rows.remove(row)  # started only for the other groups
+            if self.want("stream"):
+                with self.scenario("streaming", f"{name}, stream") as row:
+                    self.measure_wrk(row, proc, pt_port, stream=True, upstream=up)
 
+        # the gateway on memory:// with API keys: the row every other path is compared with
         gw: Proc | None = None
         gw_port = gw_admin = 0
         tls_port = free_port()
         others = tuple(proc for _, proc, _ in proxies)
-        with self.scenario("non-streaming", "gateway, tutorial policies, memory://") as row:
-            gw, gw_port, gw_admin = self.start_gateway(
-                "gw-memory", open_limits(), self.upstream_url, https_port=tls_port
-            )
-            self.check_chat(gw_port)
-            self.measure_wrk(row, gw, gw_port, upstream=up, others=others, admin=gw_admin)
-            self.note_children(row, gw)
-        if gw is not None and gw.alive():
+        if self.want(*MEMORY_GATEWAY_GROUPS):
+            with self.scenario("non-streaming", GW_ROW) as row:
+                gw, gw_port, gw_admin = self.start_gateway(
+                    "gw-memory",
+                    open_limits(),
+                    self.upstream_url,
+                    https_port=tls_port if self.want("tls") else None,
+                )
+                self.check_chat(gw_port)
+                self.measure_wrk(row, gw, gw_port, upstream=up, others=others, admin=gw_admin)
+                self.note_children(row, gw)
+        if gw is not None and gw.alive() and self.want("tls"):
             with self.scenario("non-streaming", HTTPS_ROW) as row:
                 check_https_chat(tls_port)
                 self.measure_wrk(
                     row, gw, tls_port, upstream=up, others=others, admin=gw_admin, scheme="https"
                 )
-        if gw is not None and self.args.tls_only:
-            gw.stop()  # the JWT gateway measures alone
-        self.measure_jwt(up, others)
-        if self.args.tls_only:
-            if gw is not None:
-                gw.stop()
-            return
-        if gw is not None and gw.alive():
-            with self.scenario("streaming", "gateway, tutorial policies, memory://, stream") as row:
+        if self.want("jwt"):
+            self.measure_jwt(up, others)
+        if self.want("follower"):
+            self.measure_follower(up, others)
+        if gw is not None and gw.alive() and self.want("stream"):
+            with self.scenario("streaming", f"{GW_ROW}, stream") as row:
                 self.check_chat(gw_port, stream=True)
                 self.measure_wrk(row, gw, gw_port, stream=True, upstream=up, admin=gw_admin)
-            if self.args.profile:
-                self.profile(gw, gw_port)
+        if gw is not None and gw.alive() and self.args.profile and self.want("nonstream"):
+            self.profile(gw, gw_port)
 
         rate = f"rate {self.args.rate:g} req/s"
-        with self.scenario(rate, f"upstream alone @ {self.args.rate:g}/s") as row:
-            self.measure_rate(row, up, port)
-        for name, proc, pt_port in proxies:
-            if proc.alive():
-                with self.scenario(rate, f"{name} @ {self.args.rate:g}/s") as row:
-                    self.measure_rate(row, proc, pt_port, upstream=up)
-        if gw is not None and gw.alive():
-            with self.scenario(rate, f"gateway, memory:// @ {self.args.rate:g}/s") as row:
-                self.measure_rate(row, gw, gw_port, upstream=up)
-
-        with self.scenario("ttfb", "ttfb") as row:
-            self.measure_ttfb("upstream alone", port, up)
+        if self.want("rate"):
+            with self.scenario(rate, f"upstream alone @ {self.args.rate:g}/s") as row:
+                self.measure_rate(row, up, port)
             for name, proc, pt_port in proxies:
                 if proc.alive():
-                    self.measure_ttfb(name.replace(", no policy", ""), pt_port, proc, up)
+                    with self.scenario(rate, f"{name} @ {self.args.rate:g}/s") as row:
+                        self.measure_rate(row, proc, pt_port, upstream=up)
             if gw is not None and gw.alive():
-                self.measure_ttfb("gateway, memory://", gw_port, gw, up)
-        if row.error is None:
-            self.results.rows.remove(row)
+                with self.scenario(rate, f"gateway, memory:// @ {self.args.rate:g}/s") as row:
+                    self.measure_rate(row, gw, gw_port, upstream=up)
+
+        if self.want("ttfb"):
+            with self.scenario("ttfb", "ttfb") as row:
+                self.measure_ttfb("upstream alone", port, up)
+                for name, proc, pt_port in proxies:
+                    if proc.alive():
+                        self.measure_ttfb(name.replace(", no policy", ""), pt_port, proc, up)
+                if gw is not None and gw.alive():
+                    self.measure_ttfb("gateway, memory://", gw_port, gw, up)
+            if row.error is None:
+                self.results.rows.remove(row)
         if gw is not None:
             self.results.meta["gateway_memory_peak_rss_mb"] = gw.hwm_mb()
             with contextlib.suppress(Exception):
@@ -787,9 +922,13 @@ class Bench:
         if sim is not None:
             sim.stop()
 
-        self.refusals()
-        self.redis_scenarios()
-        if self.args.litellm:
+        if self.want("429"):
+            self.refusals()
+        if self.want("floor", "429"):
+            self.floor()
+        if self.want("storage"):
+            self.redis_scenarios()
+        if self.want("litellm"):
             self.litellm()
 
     def note_children(self, row: Row, proc: Proc) -> None:
@@ -798,7 +937,7 @@ class Bench:
             row.notes.append(f"{len(kids)} child process(es), not counted")
 
     def refusals(self) -> None:
-        with self.scenario("429", "gateway, limit spent: every request refused") as row:
+        with self.scenario("429", REFUSED_ROW) as row:
             gw, port, _ = self.start_gateway("gw-spent", spent_limits(), self.upstream_url)
             status, _ = http_post(port, CHAT_PATH, CHAT_BODY, gateway_headers())
             if status != 200:
@@ -817,55 +956,92 @@ class Bench:
             gw.stop()
 
     def redis_scenarios(self) -> None:
+        """redis:// with 1 and 2 workers, then redis+cached:// (counters kept in the process,
+        flushed to Redis every --flush-period) with 1 and 2 workers, on one redis-server
+        emptied before each row. A row whose `serve` option is missing reads "n/a"."""
+        help_text = serve_help()
+        flush = f"{self.args.flush_period:g}"
+        # a flush period for the last answers to reach Redis, another for a reader's view
+        # of them to be refreshed, and a margin
+        settle = 2 * self.args.flush_period + 0.5
+        rows = [
+            (REDIS_1, "redis", 1, (), 0.0, None),
+            (REDIS_2, "redis", 2, (), 0.0, None if "--workers" in help_text else "--workers"),
+            (CACHED_1, "cached", 1, ("--flush-period", flush), settle, None),
+            (CACHED_2, "cached", 2, ("--flush-period", flush), settle, None),
+        ]
+        missing_cached = "--flush-period" not in help_text
         redis: Redis | None = None
         try:
-            with self.scenario("storage", "gateway, redis://, 1 worker") as row:
-                redis = Redis(self.logs, cpus=self.load_cpus)
-                gw, port, admin = self.start_gateway(
-                    "gw-redis-1", open_limits(), self.upstream_url, storage=redis.url
-                )
-                self.check_chat(port)
-                self.measure_wrk(
-                    row, gw, port, upstream=self.upstream, others=(redis.proc,), admin=admin
-                )
-                row.extra["redis_cpu_s"] = redis.proc.cpu()
-                gw.stop()
-            name = "gateway, redis://, 2 workers"
-            if not serve_has_workers():
-                self.results.rows.append(
-                    Row("storage", name, notes=["n/a (serve has no --workers)"])
-                )
-                log(f"storage: {name}: n/a (serve has no --workers)")
-                return
-            if redis is None:
-                return
-            with self.scenario("storage", name) as row:
-                redis.flush()
-                gw, port, admin = self.start_gateway(
-                    "gw-redis-2", open_limits(), self.upstream_url, storage=redis.url, workers=2
-                )
-                self.check_chat(port)
-                saved = self.sut_cpus
-                try:  # two workers get every CPU: the row is unpinned
-                    self.sut_cpus = self.load_cpus = None
-                    self.measure_wrk(
-                        row,
-                        gw,
-                        port,
-                        upstream=self.upstream,
-                        tree=True,
-                        others=(redis.proc,),
-                        admin=admin,
+            for name, kind, workers, extra, wait, missing in rows:
+                if missing or (kind == "cached" and missing_cached):
+                    why = f"serve has no {missing}" if missing else "no redis+cached"
+                    if kind == "cached" and workers > 1 and "--workers" not in help_text:
+                        why = "serve has no --workers"
+                    self.results.rows.append(Row("storage", name, notes=[f"n/a ({why})"]))
+                    log(f"storage: {name}: n/a ({why})")
+                    continue
+                with self.scenario("storage", name) as row:
+                    if redis is None:
+                        redis = Redis(self.logs, cpus=self.load_cpus)
+                    redis.flush()
+                    storage = (
+                        redis.url if kind == "redis" else f"redis+cached://{HOST}:{redis.port}"
                     )
-                finally:
-                    self.sut_cpus = saved
-                    self.load_cpus = (self.all_cpus - saved) if saved else None
-                row.notes.append(f"{len(gw.pids(tree=True))} processes, CPU and RSS summed")
-                row.notes.append("unpinned")
-                gw.stop()
+                    self.storage_row(row, redis, storage, workers, extra, wait)
+                    if kind == "cached":
+                        row.notes.append(f"--flush-period {flush}")
         finally:
             if redis is not None:
                 redis.stop()
+
+    def storage_row(
+        self,
+        row: Row,
+        redis: Redis,
+        storage: str,
+        workers: int,
+        extra: tuple[str, ...],
+        settle: float,
+    ) -> None:
+        """One gateway on `storage` (and `workers` processes), loaded like the memory:// row;
+        with 2 workers or more it is unpinned: every process gets every CPU."""
+        slug = "gw-" + storage.split(":", 1)[0].replace("+", "-") + f"-{workers}"
+        gw, port, admin = self.start_gateway(
+            slug, open_limits(), self.upstream_url, storage=storage, workers=workers, extra=extra
+        )
+        try:
+            self.check_chat(port)
+            saved = self.sut_cpus
+            try:
+                if workers > 1:  # the workers get every CPU: the row is unpinned
+                    self.sut_cpus = self.load_cpus = None
+                self.measure_wrk(
+                    row,
+                    gw,
+                    port,
+                    upstream=self.upstream,
+                    tree=workers > 1,
+                    others=(redis.proc,),
+                    admin=admin,
+                    settle=settle,
+                )
+            finally:
+                self.sut_cpus = saved
+                self.load_cpus = (self.all_cpus - saved) if saved else None
+            if workers > 1:
+                row.notes.append(f"{len(gw.pids(tree=True))} processes, CPU and RSS summed")
+                row.notes.append("unpinned")
+                spread = [
+                    p["cores"]
+                    for p in row.extra.get("readings", {}).get("processes", [])
+                    if p["role"] == "sut" and not p["name"].endswith(" child")
+                ]
+                if len(spread) > 1 and min(spread) < 0.5 * max(spread):
+                    each = ", ".join(f"{c:.2f}" for c in spread)
+                    row.notes.append(f"⚠ load not spread: the workers used {each} cores")
+        finally:
+            gw.stop()
 
     def profile(self, gw: Proc, port: int) -> None:
         """py-spy on the gateway for 5 s of the non-streaming load (not a measured run)."""
@@ -1089,7 +1265,10 @@ def gw_served(admin: int) -> int:
     return sum(int(c.get("value", 0)) for c in counters) // TOKENS_PER_ANSWER
 
 
-def serve_has_workers() -> bool:
+@functools.cache
+def serve_help() -> str:
+    """`tokengateway serve --help`: which options this tree's `serve` has (--workers,
+    --flush-period for redis+cached://)."""
     done = subprocess.run(
         [PY, "-m", "tokengateway", "serve", "--help"],
         capture_output=True,
@@ -1097,7 +1276,7 @@ def serve_has_workers() -> bool:
         timeout=60,
         check=False,
     )
-    return "--workers" in done.stdout
+    return done.stdout
 
 
 def top_frames(raw: str, n: int) -> list[tuple[str, float]]:
@@ -1162,15 +1341,181 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def targets(res: Results, rate: float) -> list[tuple[str, str, str]]:
-    """(target, measured, ✓/✗) for each tracked target."""
+def _mark(ok: bool | None) -> str:
+    return "-" if ok is None else ("✓" if ok else "✗")
+
+
+def _tokens_ok(row: Row) -> bool:
+    """Whether the row's token check passed (its note says "… tokens counted per answer ✓")."""
+    return any("tokens counted per answer ✓" in n for n in row.notes)
+
+
+def _why_not(res: Results, *names: str) -> str:
+    """Why a quotient of these rows has no value: the first row without figures, with its
+    "n/a (…)" note, its failure, or that it did not run."""
+    for name in names:
+        rows = [r for r in res.rows if r.name == name]
+        if not rows:
+            return f"n/a ({name}: not run)"
+        r = rows[-1]
+        if r.error:
+            return f"n/a ({name}: failed)"
+        for note in r.notes:
+            if note.startswith("n/a"):
+                return note
+        if not r.rps or not r.cpu_ms:
+            return f"n/a ({name}: no figures)"
+    return "n/a"
+
+
+def _cpu_ratio(res: Results, a: str, b: str) -> tuple[float, Row, Row] | None:
+    ra, rb = res.row(a), res.row(b)
+    if ra is None or rb is None or not ra.cpu_ms or not rb.cpu_ms:
+        return None
+    return ra.cpu_ms / rb.cpu_ms, ra, rb
+
+
+def _rps_ratio(res: Results, a: str, b: str) -> tuple[float, Row, Row] | None:
+    ra, rb = res.row(a), res.row(b)
+    if ra is None or rb is None or not ra.rps or not rb.rps:
+        return None
+    return ra.rps / rb.rps, ra, rb
+
+
+def round_two_targets(res: Results, rate: float) -> list[tuple[str, str, str]]:
+    """Issue 20's targets ("performance round two"): (target, measured, ✓/✗, or "-" for a
+    figure it asks to report without a bound)."""
     out: list[tuple[str, str, str]] = []
-    gw = res.row("gateway, tutorial policies, memory://")
+
+    def cpu_target(label: str, name: str, bound: float | None, base: str = GW_ROW) -> None:
+        got = _cpu_ratio(res, name, base)
+        if got is None:
+            out.append((label, _why_not(res, name, base), "-"))
+            return
+        ratio, ra, rb = got
+        detail = f"{ratio:.2f}x ({ra.cpu_ms:.3f} vs {rb.cpu_ms:.3f} ms)"
+        ok: bool | None = None if bound is None else ratio <= bound
+        if name in (REDIS_1, CACHED_1):
+            counted = _tokens_ok(ra)
+            detail += "; counting exact ✓" if counted else "; ✗ counting not exact"
+            ok = bool(ok) and counted
+        out.append((label, detail, _mark(ok)))
+
+    cpu_target("redis:// CPU per request ≤ 1.5x memory://, counting exact", REDIS_1, 1.5)
+    cpu_target("redis+cached:// CPU per request ≤ 1.15x memory://, counting exact", CACHED_1, 1.15)
+    for label, two, one, bound in (
+        ("`--workers 2` on redis:// ≥ 1.6x the req/s of 1 worker", REDIS_2, REDIS_1, 1.6),
+        ("… on redis+cached:// (reported)", CACHED_2, CACHED_1, None),
+    ):
+        got = _rps_ratio(res, two, one)
+        if got is None:
+            out.append((label, _why_not(res, two, one), "-"))
+            continue
+        ratio, ra, rb = got
+        detail = f"{ratio:.2f}x ({ra.rps:,.0f} vs {rb.rps:,.0f} req/s)"
+        per_core = [per_gateway_core(r) for r in (rb, ra)]
+        if None not in per_core:
+            detail += f"; {per_core[0]:,.0f} → {per_core[1]:,.0f} req/s per gateway core"
+        out.append((label, detail, _mark(None if bound is None else ratio >= bound)))
+    cpu_target(
+        "streams: gateway CPU per stream / pass-through's (same stack)",
+        f"{GW_ROW}, stream",
+        None,
+        f"{PT_OWN}, stream",
+    )
+    cpu_target(
+        "full policy path CPU / pass-through floor (same stack), non-streaming",
+        GW_ROW,
+        None,
+        PT_OWN,
+    )
+    cpu_target("429 CPU / the server's fixed-429 floor (same run)", REFUSED_ROW, None, FLOOR_ROW)
+    up_rate = res.row(f"upstream alone @ {rate:g}/s")
+    gw_rate = res.row(f"gateway, memory:// @ {rate:g}/s")
+    if up_rate and gw_rate and up_rate.p99_ms is not None and gw_rate.p99_ms is not None:
+        d99 = gw_rate.p99_ms - up_rate.p99_ms
+        detail = f"{d99:+.2f} ms ({gw_rate.p99_ms:.2f} vs {up_rate.p99_ms:.2f} ms)"
+        out.append((f"p99 added at {rate:g} req/s (≤ 3 ms, as above)", detail, _mark(d99 <= 3)))
+    else:
+        out.append((f"p99 added at {rate:g} req/s", "n/a (not run)", "-"))
+    for label, name in (
+        ("HTTPS (keep-alive) CPU per request / plain HTTP", HTTPS_ROW),
+        ("JWT identity (RS256) CPU per request / API key", JWT_ROW),
+        ("follower of a control plane CPU per request / -f manifests", FOLLOWER_ROW),
+    ):
+        cpu_target(label, name, None)
+    return out
+
+
+def per_gateway_core(row: Row) -> float | None:
+    """req/s per core of gateway CPU: what one fully used core serves (1000 / CPU ms)."""
+    return 1000 / row.cpu_ms if row.cpu_ms else None
+
+
+def cpu_breakdown(res: Results) -> list[str]:
+    """Where the CPU went during the storage runs: each process's cores, the machine's."""
+    rows = [r for r in res.rows if r.group == "storage" and r.error is None and r.rps]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Where the CPU went during the storage runs (cores: CPU seconds / wall seconds of the "
+        "measured run; machine busy and idle from /proc/stat):",
+        "",
+        "| run | req/s | gateway processes | gateway | req/s per gateway core | redis-server "
+        "| upstream | wrk | everything else | machine busy | machine idle |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        reading = r.extra.get("readings") or {}
+        procs = reading.get("processes") or []
+
+        def cores(role: str, procs: list[dict[str, Any]] = procs) -> float:
+            return sum(p["cores"] for p in procs if p["role"] == role)
+
+        each = " + ".join(
+            f"{p['cores']:.2f} ({p['name'].split(' ', 1)[-1]})" for p in procs if p["role"] == "sut"
+        )
+        per_core = per_gateway_core(r)
+        busy = reading.get("machine_busy_cores", 0.0)
+        rest = max(0.0, busy - sum(p["cores"] for p in procs))  # other engineers' work, say
+        lines.append(
+            f"| {r.name} | {fmt(r.rps, 0)} | {each} | {cores('sut'):.2f} | {fmt(per_core, 0)} "
+            f"| {cores('redis'):.2f} | {cores('upstream'):.2f} | {cores('load'):.2f} "
+            f"| {rest:.2f} | {busy:.2f} | {reading.get('machine_idle_cores', 0):.2f} |"
+        )
+    one, two = res.row(REDIS_1), res.row(REDIS_2)
+    if one and two and per_gateway_core(one) and per_gateway_core(two):
+        a, b = per_gateway_core(one), per_gateway_core(two)
+        assert a is not None and b is not None
+        lines += [
+            "",
+            f"Per core on redis://: {a:,.0f} req/s per gateway core with 1 worker, {b:,.0f} with "
+            f"2 ({b / a:.2f}x). With N workers on N otherwise idle cores, expect about "
+            f"N x {b:,.0f} req/s, as long as redis-server, the upstream and the clients have "
+            "cores of their own (on this machine they share the same two).",
+        ]
+    return lines
+
+
+ROUND_TWO = "**issue 20 (performance round two)**"
+
+
+def targets(res: Results, rate: float) -> list[tuple[str, str, str]]:
+    """(target, measured, ✓/✗) for each tracked target: the first round's, then a
+    ROUND_TWO line and issue 20's."""
+    return [*first_round_targets(res, rate), (ROUND_TWO, "", ""), *round_two_targets(res, rate)]
+
+
+def first_round_targets(res: Results, rate: float) -> list[tuple[str, str, str]]:
+    """The first round's targets: gateway, full policy path, memory://, 1 worker."""
+    out: list[tuple[str, str, str]] = []
+    gw = res.row(GW_ROW)
     pt = res.row(PT_OWN)
     pt_ref = res.row(PT_REF)
     up_rate = res.row(f"upstream alone @ {rate:g}/s")
     gw_rate = res.row(f"gateway, memory:// @ {rate:g}/s")
-    refused = res.row("gateway, limit spent: every request refused")
+    refused = res.row(REFUSED_ROW)
 
     def mark(ok: bool | None) -> str:
         return "-" if ok is None else ("✓" if ok else "✗")
@@ -1243,43 +1588,48 @@ def targets(res: Results, rate: float) -> list[tuple[str, str, str]]:
 
 
 def ratios(res: Results, rate: float) -> list[tuple[str, str]]:
+    """Quotients of figures of the same run: req/s ("rps") or CPU per request ("cpu")."""
     out = []
+    gw, gws = GW_ROW, f"{GW_ROW}, stream"
+    lite = "LiteLLM proxy, per-key tpm_limit (custom_auth)"
     pairs = [
-        ("gateway / upstream alone, req/s", "gateway, tutorial policies, memory://",
-         "upstream alone (fixed response)"),
-        ("gateway / pass-through proxy (same stack), req/s",
-         "gateway, tutorial policies, memory://", PT_OWN),
-        ("gateway / pass-through proxy (uvicorn + aiohttp), req/s",
-         "gateway, tutorial policies, memory://", PT_REF),
-        ("pass-through: gateway's stack / uvicorn + aiohttp, req/s", PT_OWN, PT_REF),
-        ("gateway / upstream alone, req/s, stream", "gateway, tutorial policies, memory://, stream",
+        ("gateway / upstream alone, req/s", "rps", gw, "upstream alone (fixed response)"),
+        ("gateway / pass-through proxy (same stack), req/s", "rps", gw, PT_OWN),
+        ("gateway / pass-through proxy (uvicorn + aiohttp), req/s", "rps", gw, PT_REF),
+        ("pass-through: gateway's stack / uvicorn + aiohttp, req/s", "rps", PT_OWN, PT_REF),
+        ("gateway / upstream alone, req/s, stream", "rps", gws,
          "upstream alone (fixed response), stream"),
-        ("gateway / pass-through proxy (same stack), req/s, stream",
-         "gateway, tutorial policies, memory://, stream", f"{PT_OWN}, stream"),
-        ("gateway / pass-through proxy (uvicorn + aiohttp), req/s, stream",
-         "gateway, tutorial policies, memory://, stream", f"{PT_REF}, stream"),
-        ("gateway CPU / pass-through CPU (same stack), per request",
-         "gateway, tutorial policies, memory://", PT_OWN),
-        ("gateway CPU / pass-through CPU (uvicorn + aiohttp), per request",
-         "gateway, tutorial policies, memory://", PT_REF),
-        ("gateway redis:// / memory://, req/s", "gateway, redis://, 1 worker",
-         "gateway, tutorial policies, memory://"),
-        ("gateway redis:// 2 workers / 1 worker, req/s", "gateway, redis://, 2 workers",
-         "gateway, redis://, 1 worker"),
-        ("LiteLLM / gateway, req/s", "LiteLLM proxy, per-key tpm_limit (custom_auth)",
-         "gateway, tutorial policies, memory://"),
-        ("LiteLLM / gateway, CPU per request", "LiteLLM proxy, per-key tpm_limit (custom_auth)",
-         "gateway, tutorial policies, memory://"),
+        ("gateway / pass-through proxy (same stack), req/s, stream", "rps", gws,
+         f"{PT_OWN}, stream"),
+        ("gateway / pass-through proxy (uvicorn + aiohttp), req/s, stream", "rps", gws,
+         f"{PT_REF}, stream"),
+        ("gateway CPU / pass-through CPU (same stack), per request", "cpu", gw, PT_OWN),
+        ("gateway CPU / pass-through CPU (uvicorn + aiohttp), per request", "cpu", gw, PT_REF),
+        ("gateway CPU / pass-through CPU (same stack), per stream", "cpu", gws,
+         f"{PT_OWN}, stream"),
+        ("429 CPU / server alone's fixed 429 (gateway's server), per request", "cpu",
+         REFUSED_ROW, FLOOR_ROW),
+        ("HTTPS / plain HTTP, CPU per request", "cpu", HTTPS_ROW, gw),
+        ("JWT identity / API key, CPU per request", "cpu", JWT_ROW, gw),
+        ("follower of a control plane / -f manifests, CPU per request", "cpu", FOLLOWER_ROW, gw),
+        ("gateway redis:// / memory://, req/s", "rps", REDIS_1, gw),
+        ("gateway redis:// / memory://, CPU per request", "cpu", REDIS_1, gw),
+        ("gateway redis+cached:// / memory://, req/s", "rps", CACHED_1, gw),
+        ("gateway redis+cached:// / memory://, CPU per request", "cpu", CACHED_1, gw),
+        ("gateway redis:// 2 workers / 1 worker, req/s", "rps", REDIS_2, REDIS_1),
+        ("gateway redis+cached:// 2 workers / 1 worker, req/s", "rps", CACHED_2, CACHED_1),
+        ("LiteLLM / gateway, req/s", "rps", lite, gw),
+        ("LiteLLM / gateway, CPU per request", "cpu", lite, gw),
     ]  # fmt: skip
-    for label, a, b in pairs:
-        ra, rb = res.row(a), res.row(b)
-        if ra is None or rb is None:
-            continue
-        if "CPU" in label:
-            if ra.cpu_ms and rb.cpu_ms:
-                out.append((label, f"{ra.cpu_ms / rb.cpu_ms:.2f}x"))
-        elif ra.rps and rb.rps:
-            out.append((label, f"{ra.rps / rb.rps:.2f}x"))
+    for label, kind, a, b in pairs:
+        got = (_cpu_ratio if kind == "cpu" else _rps_ratio)(res, a, b)
+        if got is not None:
+            out.append((label, f"{got[0]:.2f}x"))
+    up_rate = res.row(f"upstream alone @ {rate:g}/s")
+    gw_rate = res.row(f"gateway, memory:// @ {rate:g}/s")
+    if up_rate and gw_rate and up_rate.p99_ms is not None and gw_rate.p99_ms is not None:
+        d99 = gw_rate.p99_ms - up_rate.p99_ms
+        out.append((f"gateway p99 minus upstream alone p99 at {rate:g} req/s", f"{d99:+.2f} ms"))
     return out
 
 
@@ -1340,9 +1690,12 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
     if rat:
         lines += ["", "Ratios (same run):", "", "| ratio | value |", "|---|---:|"]
         lines += [f"| {label} | {value} |" for label, value in rat]
+    lines += cpu_breakdown(res)
     lines += [
         "",
-        "Targets (gateway, full tutorial policy path, memory storage, non-streaming, 1 worker):",
+        "Targets (the first round's: gateway, full tutorial policy path, memory storage, "
+        'non-streaming, 1 worker; then issue 20\'s, "-" where it asks for a figure without '
+        "a bound):",
         "",
         "| target | measured | |",
         "|---|---|:-:|",
@@ -1402,9 +1755,23 @@ def main() -> int:
     )
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="no CPU pinning")
     parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help=f"only these scenario groups, comma-separated, of: {', '.join(GROUPS)} "
+        "(the memory:// gateway's API-key row comes with any group compared with it)",
+    )
+    parser.add_argument(
         "--tls-only",
         action="store_true",
-        help="only the gateway over plain HTTP and over HTTPS, side by side",
+        help="only the gateway over plain HTTP, over HTTPS and with JWTs, side by side "
+        "(--only tls,jwt)",
+    )
+    parser.add_argument(
+        "--flush-period",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="seconds between flushes of redis+cached:// counters (serve --flush-period)",
     )
     parser.add_argument(
         "--out", type=Path, default=BENCH / "results", help="where latest.md/.json go"
@@ -1414,6 +1781,21 @@ def main() -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks of failures")
     args = parser.parse_args()
+    if args.only and args.tls_only:
+        parser.error("--tls-only is --only tls,jwt: give one of them")
+    if args.tls_only:
+        args.only = "tls,jwt"
+    if args.only:
+        args.groups = [g.strip() for g in args.only.split(",") if g.strip()]
+        unknown = sorted(set(args.groups) - set(GROUPS))
+        if unknown:
+            parser.error(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(GROUPS)}")
+    else:
+        args.groups = list(GROUPS)
+    if not args.litellm and "litellm" in args.groups:
+        args.groups.remove("litellm")
+    if not args.micro and "micro" in args.groups:
+        args.groups.remove("micro")
 
     if shutil.which("wrk") is None:
         print("wrk is missing: run benchmarks/setup.sh (as root) or `make bench`", file=sys.stderr)
@@ -1437,7 +1819,7 @@ def main() -> int:
     try:
         signal.alarm(int(args.max_minutes * 60))
         bench.run()
-        if args.micro:
+        if bench.want("micro"):
             bench.micro()
     except Deadline as exc:
         log(str(exc))

@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -50,6 +52,53 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         return float("nan")
     rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
     return sorted_values[rank - 1]
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    """requests, seconds, rps, p50..p99 (ms), non-2xx and socket errors from wrk's output."""
+    out: dict[str, Any] = {"non2xx": 0, "socket_errors": None}
+    for q, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M):
+        out[f"p{q}_ms"] = float(value) * _UNITS[unit]
+    m = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", text, re.M)
+    if m:
+        out["requests"] = int(m.group(1))
+        out["seconds"] = float(m.group(2)) * _UNITS[m.group(3)] / 1000
+    m = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if m:
+        out["rps"] = float(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if m:
+        out["non2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: (.*)", text)
+    if m:
+        out["socket_errors"] = m.group(1).strip()
+    if "rps" not in out or "requests" not in out:
+        raise RuntimeError(f"could not read wrk's output:\n{text}")
+    return out
+
+
+def machine_cpu() -> dict[str, float]:
+    """The whole machine's CPU seconds so far, from /proc/stat's first line: `busy` (user,
+    nice, system, irq, softirq), `idle` (idle + iowait) and `steal`."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return {
+        "busy": (user + nice + system + irq + softirq) / CLK_TCK,
+        "idle": (idle + iowait) / CLK_TCK,
+        "steal": steal / CLK_TCK,
+    }
+
+
+def cmdline(pid: int) -> list[str]:
+    """The command line of a process; [] when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def children(pid: int) -> list[int]:

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import parse_wrk
-from common import BENCH, HOST, Proc, free_port, stop_all, wait_http
+from common import BENCH, HOST, Proc, free_port, parse_wrk, stop_all, wait_http
 
 APP = textwrap.dedent(
     """
