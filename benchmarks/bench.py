@@ -1429,7 +1429,7 @@ def round_two_targets(res: Results, rate: float) -> list[tuple[str, str, str]]:
         2.0,
         PT_OWN,
     )
-    cpu_target("429 CPU ≤ 1.3x the server's fixed-429 floor (same run)", REFUSED_ROW, 1.3, FLOOR_ROW)
+    cpu_target("429 CPU ≤ 1.3x the fixed-429 floor (same run)", REFUSED_ROW, 1.3, FLOOR_ROW)
     up_rate = res.row(f"upstream alone @ {rate:g}/s")
     gw_rate = res.row(f"gateway, memory:// @ {rate:g}/s")
     if up_rate and gw_rate and up_rate.p99_ms is not None and gw_rate.p99_ms is not None:
