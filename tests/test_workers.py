@@ -553,3 +553,28 @@ def test_the_settings_reach_a_follower_whole_and_typed() -> None:
         leader.sendall(_frame(settings))
         received = _receive(follower)
     assert isinstance(received, WorkerSettings) and received == settings
+
+
+def test_a_burst_of_connections_is_spread_over_the_workers(
+    manifests, start_gateway, redis_server
+) -> None:
+    """32 keep-alive connections opened at once, as a load generator or a client pool opens
+    them: every worker gets some. libuv alone accepts until the backlog is empty, and the
+    first worker awake used to take them all, leaving the other idle for as long as the
+    connections lived."""
+    storage, _prefix = _storage(redis_server)
+    gw = start_gateway(manifests(), args=("--workers", "2", "--storage", storage))
+    pids = _wait_workers(gw, 2)
+    socks = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(32)]
+    try:
+        time.sleep(0.5)  # every connection accepted by now
+        owners: dict[int | None, int] = {}
+        for sock in socks:
+            inode = _server_side(gw.port, sock.getsockname()[1])
+            pid = next((p for p in pids if inode in _socket_inodes(p)), None)
+            owners[pid] = owners.get(pid, 0) + 1
+    finally:
+        for sock in socks:
+            sock.close()
+    assert None not in owners, owners
+    assert all(owners.get(pid, 0) >= 4 for pid in pids), owners

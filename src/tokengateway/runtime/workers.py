@@ -5,8 +5,15 @@ plane, watched files, admin API, simulators, and it serves gateway traffic too. 
 N-1 *followers* (`python -m tokengateway.runtime.workers`) and hands each, by file
 descriptor:
 
-* the bound listen socket: every process accepts on it and the kernel gives each new
-  connection to the one that accepts first (a busy process comes back to accept later);
+* a listen socket of its own, bound to the leader's address with SO_REUSEPORT (`serve`
+  binds the leader's with it when `--workers` > 1): the kernel spreads new connections over
+  the processes by their addresses' hash. One shared socket, accepted on by every process,
+  let the first process awake take every connection of a burst (libuv accepts until the
+  backlog is empty): with 32 keep-alive connections opened at once, one worker served them
+  all and the other idled, in most runs. When the kernel refuses the group (no
+  SO_REUSEPORT, a Unix socket), the follower shares the leader's socket as before.
+  A follower that dies takes the connections waiting in its own backlog with it (they are
+  reset); its replacement joins with a new socket;
 * with `--listen-https`, the HTTPS socket too, shared the same way. Each follower
   serves TLS on it with its own `SniListener` (http/tls.py), fed the certificates of every
   configuration it compiles, so a rotated certificate reaches every worker's next
@@ -129,6 +136,27 @@ def storage_problem(uri: str, workers: int) -> str | None:
 def _frame(message: Any) -> bytes:
     blob = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(blob)) + blob
+
+
+def _sibling(sock: socket.socket | None) -> socket.socket | None:
+    """A new listening socket on `sock`'s address in its SO_REUSEPORT group, or None when
+    the kernel refuses one (then the follower shares `sock` itself)."""
+    if sock is None or not hasattr(socket, "SO_REUSEPORT") or sock.family == socket.AF_UNIX:
+        return None
+    sibling = socket.socket(sock.family, socket.SOCK_STREAM)
+    try:
+        # a socket handed to `serve` already bound (`--fd`) joins too: Linux forms the
+        # group when the second socket binds
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sibling.bind(sock.getsockname())
+        sibling.listen(2048)
+    except OSError:
+        sibling.close()
+        return None
+    sibling.set_inheritable(True)
+    return sibling
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
@@ -298,13 +326,15 @@ class WorkerPool:
     def _spawn(self, number: int) -> None:
         assert self._sock is not None
         ours, theirs = socket.socketpair()
-        listen_fd = self._sock.fileno()
+        own = [s for s in (_sibling(self._sock), _sibling(self._https)) if s is not None]
+        listen_fd = (own[0] if own else self._sock).fileno()
         cmd = [sys.executable, "-m", "tokengateway.runtime.workers"]
         cmd += [str(listen_fd), str(theirs.fileno()), f"{number}/{self.followers + 1}"]
         fds = [listen_fd, theirs.fileno()]
         if self._https is not None:
-            cmd.append(str(self._https.fileno()))
-            fds.append(self._https.fileno())
+            https = own[1] if len(own) == 2 else self._https
+            cmd.append(str(https.fileno()))
+            fds.append(https.fileno())
         try:
             proc = subprocess.Popen(
                 cmd,
@@ -317,6 +347,8 @@ class WorkerPool:
             raise
         finally:
             theirs.close()  # so that its end of file reaches us when the follower ends
+            for sock in own:  # the follower's now: a dead one's must leave the group
+                sock.close()
         follower = _Follower(number, proc, ours)
         with self._cond:
             follower.outbox.put(self._settings)
