@@ -164,7 +164,8 @@ async def test_two_replicas_converge_at_each_flush(redis_server: RedisServer) ->
         assert await redis_value(a, r) == 50
         assert (await b.check([r], 1)).states[0].value == 50  # b's flush read a's 30
         assert (await a.check([r], 1)).states[0].value == 30  # a has not flushed since
-        await a.flush()  # nothing pending: a flush sends nothing and reads nothing
+        await a.flush()  # nothing to send, but a counter checked since is read again
+        assert (await a.check([r], 1)).states[0].value == 50
         await a.update([r], [1])
         await a.flush()
         assert (await a.check([r], 1)).states[0].value == 51

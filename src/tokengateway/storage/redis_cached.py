@@ -190,6 +190,8 @@ class CachedRedisStore(CounterStore):
         self._cache: dict[str, _Entry] = {}
         #: counters with additions not sent yet: key -> its ref (the window to send)
         self._dirty: dict[str, CounterRef] = {}
+        #: counters checked since the last flush (read again at the next)
+        self._read: dict[str, CounterRef] = {}
         #: counters whose additions a flush is sending now (not evicted meanwhile)
         self._sending: dict[str, CounterRef] = {}
         #: loads in flight, shared by the requests that need the same counters
@@ -273,13 +275,15 @@ class CachedRedisStore(CounterStore):
     # --- flushing ------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Send every pending addition; adopt each counter's global value and TTL. On a
-        failure the additions are kept for the next flush and StorageError is raised."""
+        """Send every pending addition, and read again the counters checked since the last
+        flush; adopt each one's global value and TTL. On a failure the additions are kept
+        for the next flush and StorageError is raised."""
         async with self._flush_lock:
-            if not self._dirty:
+            if not self._dirty and not self._read:
                 return
             now = self._clock()
             batch, self._dirty = self._dirty, {}
+            read, self._read = self._read, {}
             items: list[tuple[CounterRef, _Entry, int]] = []
             for key, ref in batch.items():
                 entry = self._cache.get(key)
@@ -292,27 +296,38 @@ class CachedRedisStore(CounterStore):
                     continue
                 items.append((ref, entry, entry.pending))
                 entry.pending = 0
-            if not items:
+            # checked, not added to: what the other replicas added is read back all the same
+            reads = [
+                (ref, entry, 0)
+                for key, ref in read.items()
+                if key not in batch
+                and (entry := self._cache.get(key)) is not None
+                and entry.loaded
+                and not (entry.ends and entry.ends <= now)
+            ]
+            if not items and not reads:
                 return
             self._flushing = True
             self._sending = batch
             try:
-                chunks = self._chunks(items)
+                chunks = [(c, False) for c in self._chunks(items)]
+                chunks += [(c, True) for c in self._chunks(reads)]
                 replies = await asyncio.gather(
-                    *(self._send(chunk) for chunk in chunks), return_exceptions=True
+                    *(self._send(chunk, load) for chunk, load in chunks), return_exceptions=True
                 )
             finally:
                 self._flushing = False
                 self._sending = {}
             now = self._clock()
             failure: BaseException | None = None
-            for chunk, reply in zip(chunks, replies, strict=True):
+            for (chunk, load), reply in zip(chunks, replies, strict=True):
                 if isinstance(reply, BaseException):
                     failure = failure or reply
-                    for ref, entry, delta in chunk:
-                        entry.pending += delta
-                        self._dirty[ref.key] = ref
-                        self._cache.setdefault(ref.key, entry)
+                    if not load:
+                        for ref, entry, delta in chunk:
+                            entry.pending += delta
+                            self._dirty[ref.key] = ref
+                            self._cache.setdefault(ref.key, entry)
                     continue
                 for n, (ref, entry, _delta) in enumerate(chunk):
                     if self._cache.get(ref.key) is not entry:
@@ -338,8 +353,10 @@ class CachedRedisStore(CounterStore):
             groups[""] = items
         return [g[i : i + _CHUNK] for g in groups.values() for i in range(0, len(g), _CHUNK)]
 
-    async def _send(self, chunk: list[tuple[CounterRef, _Entry, int]]) -> Any:
+    async def _send(self, chunk: list[tuple[CounterRef, _Entry, int]], load: bool) -> Any:
         keys = [self.redis.redis_key(ref.key) for ref, _, _ in chunk]
+        if load:
+            return await self.redis._eval(_LOAD, keys, [])
         args: list[int] = []
         for ref, _, delta in chunk:
             args += [int(delta), max(1, round(ref.window * 1000))]
@@ -361,12 +378,14 @@ class CachedRedisStore(CounterStore):
     def _cached(self, counters: Sequence[CounterRef], now: float) -> list[_Entry] | None:
         """The entries of `counters`, when every one is cached and loaded."""
         get = self._cache.get
+        read = self._read
         out = []
         for ref in counters:
             entry = get(ref.key)
             if entry is None or not entry.loaded:
                 return None
             entry.used = now
+            read[ref.key] = ref
             out.append(entry)
         return out
 
@@ -613,6 +632,7 @@ class CachedRedisStore(CounterStore):
         for key in [k for k in self._cache if _scope(k) not in scopes]:
             del self._cache[key]
             self._dirty.pop(key, None)
+            self._read.pop(key, None)
         return await self.redis.retain(scopes)
 
 
