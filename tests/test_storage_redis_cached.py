@@ -176,11 +176,12 @@ async def test_two_replicas_converge_at_each_flush(redis_server: RedisServer) ->
         await b.close()
 
 
-async def test_overshoot_across_replicas_is_what_one_flush_period_admits(
+async def test_overshoot_across_replicas_is_what_the_flush_periods_admit(
     redis_server: RedisServer,
 ) -> None:
     """Two replicas serve one user at a steady pace with check-then-report: the tokens used
-    past the limit stay within what the other replica admits in one flush period."""
+    past the limit stay within what the other replica admits before it hears of the
+    crossing: two flush periods at most (one to send, one to read)."""
     period, pace, cost, limit = 0.1, 0.01, 10, 2000
     url = cached_url(redis_server.url, flush_period=period)
     replicas = [open_store(url), open_store(url)]
@@ -206,8 +207,10 @@ async def test_overshoot_across_replicas_is_what_one_flush_period_admits(
             await s.flush()
         used = sum(admitted) * cost
         assert await redis_value(replicas[0], r) == used  # every report reached Redis
-        per_period = (period / pace + 5) * cost  # one replica's admissions in one period
-        assert limit <= used <= limit + per_period + cost, (admitted, used)
+        # a report reaches the other replica at most two periods later (one to be sent, one
+        # to be read): it admits at its pace meanwhile, plus a request or two of jitter
+        two_periods = (2 * period / pace + 2) * cost
+        assert limit <= used <= limit + two_periods + cost, (admitted, used)
         assert admitted[0] > 10 and admitted[1] > 10  # both served
     finally:
         for s in replicas:

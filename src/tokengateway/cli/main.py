@@ -165,7 +165,8 @@ def _with_flush_period(storage: str, seconds: float) -> str:
     default="memory://",
     show_default=True,
     help="Counter store URI: memory://, sqlite:///path.db (survives restarts), "
-    "redis://host:port/db, rediss://, redis+cluster://host:port,...",
+    "redis://host:port/db, rediss://, redis+cluster://host:port,..., and each Redis form "
+    "cached per process (redis+cached://...).",
 )
 @click.option(
     "--flush-period",

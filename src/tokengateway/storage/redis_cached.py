@@ -53,7 +53,7 @@ log = logging.getLogger("tokengateway.storage")
 CACHED_SUFFIX = "+cached"
 #: Limitador's default flushing period (1 s)
 DEFAULT_FLUSH_PERIOD = 1.0
-#: counters kept per process; Limitador keeps 10,000, but a counter here costs ~250 bytes
+#: counters kept per process (Limitador keeps 10,000); one costs ~350 bytes, its key included
 DEFAULT_MAX_CACHED = 100_000
 #: the longest wait between two flush attempts while Redis fails (or the period, if longer):
 #: short, since what is not flushed is what the other replicas do not see
