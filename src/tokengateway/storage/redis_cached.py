@@ -201,6 +201,7 @@ class CachedRedisStore(CounterStore):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self._closing = False
         #: figures for tests and operators
         self.flushes = 0
         self.flush_errors = 0
@@ -229,12 +230,14 @@ class CachedRedisStore(CounterStore):
             )
 
     async def close(self) -> None:
-        """Stop flushing, send what is pending (once), disconnect."""
+        """Stop flushing (a flush on its way finishes: cancelled, it could not tell what
+        Redis got), send what is pending (once), disconnect."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._closing = True
+            assert self._wake is not None
+            self._wake.set()
+            await task
         if self._dirty:
             try:
                 await self.flush()
@@ -254,9 +257,13 @@ class CachedRedisStore(CounterStore):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
+            if self._closing:
+                return
             try:
                 await self.flush()
-            except StorageError as exc:
+            except Exception as exc:  # the loop must outlive any failure: it holds the counts
+                if not isinstance(exc, StorageError):
+                    log.exception("counter store %s: flush failed", self.uri)
                 if not self._failing:
                     self._failing = True
                     log.warning(
