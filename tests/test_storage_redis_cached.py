@@ -144,6 +144,31 @@ async def test_the_request_path_is_local_once_a_counter_is_loaded(tmp_path) -> N
         redis.stop()
 
 
+def _evalsha_calls(server: RedisServer) -> int:
+    stats = server.cli("INFO", "commandstats")
+    line = next((x for x in stats.splitlines() if x.startswith("cmdstat_evalsha:")), "")
+    return int(line.partition("calls=")[2].partition(",")[0] or 0)
+
+
+async def test_concurrent_requests_for_a_new_counter_share_one_load(tmp_path) -> None:
+    redis = RedisServer(tmp_path / "redis")  # its own: nothing else counts its scripts
+    store = await opened(redis.url, flush_period=3600)
+    a, b = ref(100, 60, "new"), ref(100, 3600, "new")
+    try:
+        await store.check([ref(100, 60, "warm")], 1)  # connected, the script loaded
+        before = _evalsha_calls(redis)
+        results = await asyncio.gather(
+            *(store.check([a, b], 1) for _ in range(50)),
+            *(store.check_and_update([a], 1) for _ in range(50)),
+        )
+        assert _evalsha_calls(redis) - before == 1  # one round trip for all hundred
+        assert sum(not r.limited for r in results[50:]) == 50
+        assert (await store.check([a], 1)).states[0].value == 50
+    finally:
+        await store.close()
+        redis.stop()
+
+
 async def test_two_replicas_converge_at_each_flush(redis_server: RedisServer) -> None:
     url = cached_url(redis_server.url, flush_period=3600)  # flushed by hand below
     a, b = open_store(url), open_store(url)
@@ -429,3 +454,9 @@ def test_flush_period_needs_a_cached_store(tmp_path) -> None:
     assert result.returncode == 1
     assert "--flush-period applies to a cached Redis store" in result.stderr
     assert "hunter2" not in result.stderr
+    both = run_cli(
+        "serve", "-f", str(TUTORIAL), "--storage", "redis+cached://127.0.0.1:1/0?flush_period=1",
+        "--flush-period", "0.5", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    assert both.returncode == 1 and "give one" in both.stderr
