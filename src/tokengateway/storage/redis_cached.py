@@ -6,9 +6,10 @@ path never waits for Redis once a counter is known: each replica keeps, per coun
 value it last read from Redis plus what it added since, and the end of the window as Redis
 reported it. A background task sends what was added in batches every flush period, one Lua
 script per Cluster slot group, and takes back each counter's global value and TTL. The
-price is accuracy across replicas: a replica does not see what the others admitted since
-its last flush, so N replicas may together admit up to N-1 flush periods' worth of traffic
-past a limit (docs/redis.md measures it).
+price is accuracy across replicas: a replica learns what the others added only at its
+flush after theirs, so each may go on admitting for up to about two flush periods after the
+limit was crossed elsewhere (docs/redis.md measures it). Within one process nothing is lost:
+its own additions count at once.
 
 The exact store (storage/redis.py) built from the same URI without `+cached` does the
 talking: its connection, key layout and error translation are reused through `_eval` and
@@ -25,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -170,7 +171,7 @@ class CachedRedisStore(CounterStore):
         uri: str,
         flush_period: float | None = None,
         max_cached: int | None = None,
-        clock: Any = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         inner_uri, period, most = parse_cached_uri(uri)
         try:
@@ -600,7 +601,7 @@ class CachedRedisStore(CounterStore):
             for state in result.states:
                 entry = self._cache.get(state.ref.key)
                 if entry is None:
-                    entry = self._insert(state.ref.key, now)
+                    continue  # read when a check needs it
                 # the window is open in Redis now (reserve opens it)
                 entry.value = state.value + entry.pending
                 entry.ends = now + state.expires_in
