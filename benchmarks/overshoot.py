@@ -16,6 +16,14 @@ fresh 300-token-a-minute limit, each asking `max_tokens: 20` and honouring Retry
 (`retry-after-ms`) as the OpenAI SDK does, for `--seconds` (12). It shows the share of the
 limit served in that time beside the overshoot, for check-then-report, reservations, and
 reservations with `wait: 2s`.
+
+The third table is two replicas (two gateway processes) on one Redis, check-then-report, for
+the exact store (`redis://`) and the cached one (`redis+cached://`, at its default flush
+period and at `--flush-period 0.1`): `--replica-clients` clients per replica (4) send
+requests one after the other on a fresh `--paced-limit` (2000 tokens an hour) until each is
+refused once; then the `--concurrent` burst, half to each replica, on a limit with about
+`--left` left. A cached replica sees the other's reports only at its flushes, so it keeps
+admitting for up to a flush period after the limit was crossed elsewhere.
 """
 
 from __future__ import annotations
@@ -116,16 +124,27 @@ async def honouring(port: int, n: int, seconds: float) -> dict:
     return {"served": served, "held": held, "spent": spent, "longest_held_wait": longest}
 
 
-def gateway(name: str, folder: Path, redis: Redis | None, logs: Path) -> tuple[Proc, int]:
-    """A gateway on the manifests in `folder` (counters in `redis`, flushed, when given),
-    ready to serve: the process and its port."""
+def gateway(
+    name: str,
+    folder: Path,
+    redis: Redis | None,
+    logs: Path,
+    extra: tuple[str, ...] = (),
+    cached: bool = False,
+    flush: bool = True,
+) -> tuple[Proc, int]:
+    """A gateway on the manifests in `folder` (counters in `redis`, flushed first unless
+    `flush` is false, `redis+cached://` when `cached`), ready to serve: the process and its
+    port."""
     port, admin = free_port(), free_port()
     cmd = [sys.executable, "-m", "tokengateway", "serve", "-f", str(folder)]
     cmd += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
-    cmd += ["--state-dir", str(folder / "state"), "--no-access-log"]
+    cmd += ["--state-dir", str(folder / f"state-{name}"), "--no-access-log", *extra]
     if redis is not None:
-        redis.flush()
-        cmd += ["--storage", redis.url]
+        if flush:
+            redis.flush()
+        url = redis.url.replace("redis://", "redis+cached://") if cached else redis.url
+        cmd += ["--storage", url]
     gw = Proc(name, cmd, logs)
     wait_http(gw, port)
     return gw, port
@@ -187,6 +206,98 @@ def run(
     }
 
 
+async def paced(ports: list[int], clients: int) -> list[tuple[int, int]]:
+    """`clients` per port, each sending one request after another until refused once:
+    (status, total tokens) of every request."""
+    out: list[tuple[int, int]] = []
+    connector = aiohttp.TCPConnector(limit=clients * len(ports) + 8)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(port: int) -> None:
+            while True:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", data=BODY, headers=HEADERS
+                ) as r:
+                    doc = await r.json(content_type=None)
+                    out.append((r.status, (doc.get("usage") or {}).get("total_tokens", 0)))
+                    if r.status != 200:
+                        return
+
+        await asyncio.gather(*(one(p) for p in ports for _ in range(clients)))
+    return out
+
+
+async def halves(ports: list[int], half: int) -> list[tuple[int, int]]:
+    a, b = await asyncio.gather(burst(ports[0], half), burst(ports[1], half))
+    return a + b
+
+
+def replicas(
+    redis: Redis, flush_period: float | None, args: argparse.Namespace, logs: Path
+) -> list[dict]:
+    """Two gateways on one Redis (exact, or cached with `flush_period`; None: exact):
+    the paced run, then the burst."""
+    if flush_period is None:
+        store, extra, cached = "redis:// (exact)", (), False
+    else:
+        store, cached = f"redis+cached://, flush {flush_period:g} s", True
+        extra = ("--flush-period", f"{flush_period:g}") if flush_period != 1.0 else ()
+    rows = []
+    for scenario in ("paced", "burst"):
+        folder = Path(tempfile.mkdtemp(prefix="replicas-"))
+        limit = args.paced_limit if scenario == "paced" else args.limit
+        try:
+            manifests(folder, limit, False)
+            gws = [
+                gateway(
+                    f"gw-{n}-{scenario}-{flush_period}", folder, redis, logs, extra, cached, n == 0
+                )
+                for n in range(2)
+            ]
+            ports = [port for _, port in gws]
+            try:
+                spent = 0
+                if scenario == "burst":
+                    n = 0
+                    while spent < limit - args.left:
+                        status, body = http_post(
+                            ports[n % 2], "/v1/chat/completions", BODY, HEADERS
+                        )
+                        assert status == 200, body
+                        spent += json.loads(body)["usage"]["total_tokens"]
+                        n += 1
+                    time.sleep(2 * (flush_period or 0))  # both replicas know what was spent
+                    half = args.concurrent // 2
+
+                    results = asyncio.run(halves(ports, half))
+                else:
+                    results = asyncio.run(paced(ports, args.replica_clients))
+            finally:
+                for gw, _ in gws:
+                    gw.stop()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        admitted = [tokens for status, tokens in results if status == 200]
+        used = spent + sum(admitted)
+        rows.append(
+            {
+                "store": store,
+                "scenario": (
+                    f"{args.replica_clients} clients per replica, one request after another"
+                    if scenario == "paced"
+                    else f"{args.concurrent} at once, half to each"
+                ),
+                "limit": limit,
+                "admitted": len(admitted),
+                "used": used,
+                "over": max(0, used - limit),
+                "over_pct": round(100 * max(0, used - limit) / limit, 1),
+                "biggest": max(admitted, default=0),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrent", type=int, default=64)
@@ -195,50 +306,73 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=48)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--no-redis", action="store_true")
+    parser.add_argument("--paced-limit", type=int, default=2000)
+    parser.add_argument("--replica-clients", type=int, default=4)
+    parser.add_argument("--only-replicas", action="store_true", help="only the two-replica table")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="overshoot-logs-"))
     redis = None if args.no_redis else Redis(logs)
     rows = []
     used = []
+    two: list[dict] = []
     try:
         for store in ("memory", "redis"):
-            if store == "redis" and redis is None:
+            if args.only_replicas or (store == "redis" and redis is None):
                 continue
             shared = redis if store == "redis" else None
             for reserve in (False, True):
                 rows.append(run(store, shared, reserve, args, logs))
             for mode in ("check", "reserve", "wait"):
                 used.append(utilisation(store, shared, mode, args, logs))
+        if redis is not None:
+            for flush_period in (None, 1.0, 0.1):
+                two += replicas(redis, flush_period, args, logs)
     finally:
         if redis is not None:
             redis.stop()
         stop_all()
-    print(
-        f"{args.concurrent} concurrent requests (max_tokens 20) on a {args.limit}-token limit "
-        f"with about {args.left} left\n"
-    )
-    print("| store | mode | tokens left | admitted | refused | tokens used | over the limit |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for r in rows:
+    if rows:
         print(
-            f"| {r['store']} | {r['mode']} | {r['left']} | {r['admitted']} | {r['refused']} "
-            f"| {r['used']} | {r['over']} ({r['over_pct']} %) |"
+            f"{args.concurrent} concurrent requests (max_tokens 20) on a {args.limit}-token limit "
+            f"with about {args.left} left\n"
         )
-    print(
-        f"\n{args.burst} clients at once on a fresh 300-token-a-minute limit, honouring "
-        f"Retry-After for {args.seconds:g} s\n"
-    )
-    print(
-        "| store | mode | tokens served | of the limit | over the limit | 429 by holds "
-        "| 429 spent | longest wait told by holds |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in used:
+        print("| store | mode | tokens left | admitted | refused | tokens used | over the limit |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['store']} | {r['mode']} | {r['left']} | {r['admitted']} | {r['refused']} "
+                f"| {r['used']} | {r['over']} ({r['over_pct']} %) |"
+            )
         print(
-            f"| {r['store']} | {r['mode']} | {r['served']} | {100 * r['served'] / 300:.0f} % "
-            f"| {max(0, r['served'] - 300)} | {r['held']} | {r['spent']} "
-            f"| {r['longest_held_wait']:.2f} s |"
+            f"\n{args.burst} clients at once on a fresh 300-token-a-minute limit, honouring "
+            f"Retry-After for {args.seconds:g} s\n"
         )
+        print(
+            "| store | mode | tokens served | of the limit | over the limit | 429 by holds "
+            "| 429 spent | longest wait told by holds |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for r in used:
+            print(
+                f"| {r['store']} | {r['mode']} | {r['served']} | {100 * r['served'] / 300:.0f} % "
+                f"| {max(0, r['served'] - 300)} | {r['held']} | {r['spent']} "
+                f"| {r['longest_held_wait']:.2f} s |"
+            )
+
+    if two:
+        print(
+            "\nTwo replicas on one Redis, check-then-report: tokens used past the limit "
+            "(exact against cached)\n"
+        )
+        print(
+            "| store | requests | limit | admitted | tokens used | over the limit | one request |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in two:
+            print(
+                f"| {r['store']} | {r['scenario']} | {r['limit']} | {r['admitted']} "
+                f"| {r['used']} | {r['over']} ({r['over_pct']} %) | {r['biggest']} |"
+            )
 
 
 if __name__ == "__main__":

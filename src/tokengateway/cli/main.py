@@ -88,6 +88,24 @@ _backend = click.option(
 )
 
 
+def _with_flush_period(storage: str, seconds: float) -> str:
+    """The storage URI carrying `--flush-period` as its `flush_period` option: the URI is
+    what reaches every worker process, so the period travels with it."""
+    from tokengateway.storage import CACHED_REDIS_SCHEMES, hide_password
+
+    scheme = storage.partition("://")[0].lower()
+    if scheme not in CACHED_REDIS_SCHEMES:
+        _fail(
+            f"--flush-period applies to a cached Redis store (redis+cached://...), not "
+            f"{hide_password(storage)}"
+        )
+    if "flush_period=" in storage[storage.rfind("@") + 1 :]:
+        _fail("--flush-period and the URI's ?flush_period= both set the period; give one")
+    rest = storage[storage.rfind("@") + 1 :]
+    joiner = "&" if "?" in rest else "?"
+    return f"{storage}{joiner}flush_period={seconds:g}"
+
+
 @main.command()
 @click.option(
     "-f",
@@ -147,7 +165,16 @@ _backend = click.option(
     default="memory://",
     show_default=True,
     help="Counter store URI: memory://, sqlite:///path.db (survives restarts), "
-    "redis://host:port/db, rediss://, redis+cluster://host:port,...",
+    "redis://host:port/db, rediss://, redis+cluster://host:port,..., and each Redis form "
+    "cached per process (redis+cached://...).",
+)
+@click.option(
+    "--flush-period",
+    type=click.FloatRange(min=0, max=3600, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="With --storage redis+cached://...: how often each process sends its counts to "
+    "Redis and reads the others' [default: 1, or the URI's ?flush_period=].",
 )
 @click.option(
     "--on-storage-error",
@@ -297,6 +324,7 @@ def serve(
     admin_key: Path | None,
     state_dir: Path | None,
     storage: str,
+    flush_period: float | None,
     on_storage_error: OnError,  # click.Choice: allow or deny
     backends: tuple[str, ...],
     access_log: bool,
@@ -329,6 +357,8 @@ def serve(
 
     if kubeconfig is not None and paths:
         _fail("--kubeconfig and -f both say where the resources come from; give one")
+    if flush_period is not None:
+        storage = _with_flush_period(storage, flush_period)
     try:
         address = parse_listen(listen)
         admin_address = parse_listen(admin)

@@ -1,12 +1,14 @@
 """Counter stores, chosen by URI: `memory://` (default, one process), `sqlite://` (one
 process, durable), `redis://`, `rediss://` (TLS), `redis+cluster://`, `redis+sentinel://` and
-their TLS `rediss+` forms (shared by many replicas)."""
+their TLS `rediss+` forms (shared by many replicas), and each Redis form with `+cached`
+(`redis+cached://`: counted in each process, flushed to Redis in batches)."""
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
 from tokengateway.storage.base import (
+    CACHED_REDIS_SCHEMES,
     REDIS_SCHEMES,
     CheckResult,
     CounterRef,
@@ -18,6 +20,7 @@ from tokengateway.storage.memory import MemoryStore
 from tokengateway.storage.uri import StorageURIError, hide_password
 
 __all__ = [
+    "CACHED_REDIS_SCHEMES",
     "CheckResult",
     "CounterRef",
     "CounterState",
@@ -29,7 +32,7 @@ __all__ = [
     "open_store",
 ]
 
-SCHEMES = ("memory", "sqlite", *REDIS_SCHEMES)
+SCHEMES = ("memory", "sqlite", *REDIS_SCHEMES, *CACHED_REDIS_SCHEMES)
 
 
 def open_store(uri: str) -> CounterStore:
@@ -47,6 +50,10 @@ def open_store(uri: str) -> CounterStore:
         from tokengateway.storage.sqlite import SqliteStore
 
         return SqliteStore(uri)
+    if scheme in CACHED_REDIS_SCHEMES:
+        from tokengateway.storage.redis_cached import CachedRedisStore
+
+        return CachedRedisStore(uri)
     if scheme in SCHEMES:
         # imported here so that memory:// never loads the Redis client
         from tokengateway.storage.redis import RedisStore

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "CACHED_REDIS_SCHEMES",
     "REDIS_SCHEMES",
     "CheckResult",
     "CounterRef",
@@ -33,6 +34,8 @@ REDIS_SCHEMES = (
     "redis+sentinel",
     "rediss+sentinel",
 )
+#: the same, cached in each process and flushed in batches (storage/redis_cached.py)
+CACHED_REDIS_SCHEMES = tuple(f"{s}+cached" for s in REDIS_SCHEMES)
 
 
 class StorageError(RuntimeError):
