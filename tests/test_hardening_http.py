@@ -13,6 +13,7 @@ import resource
 import select
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 
 import httpx
@@ -96,9 +97,15 @@ class Response:
         return doc["error"]
 
 
+#: bytes read past the end of a response: the start of the next one on that connection
+_after: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket, timeout: float = 5.0) -> Response:
+    """One response; what arrived after it is kept for the next call (pipelined answers
+    may come in one read)."""
     sock.settimeout(timeout)
-    buf = b""
+    buf = _after.pop(sock, b"")
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         if not chunk:
@@ -118,6 +125,7 @@ def read_response(sock: socket.socket, timeout: float = 5.0) -> Response:
             size_line, _, data = data.partition(b"\r\n")
             size = int(size_line, 16)
             if size == 0:
+                _after[sock] = data.partition(b"\r\n")[2]
                 break
             body, data = body + data[:size], data[size + 2 :]
     else:
@@ -128,6 +136,7 @@ def read_response(sock: socket.socket, timeout: float = 5.0) -> Response:
                 raise EOFError("connection closed in the middle of a body")
             rest += chunk
         body = rest[:length]
+        _after[sock] = rest[length:]
     return Response(int(lines[0].split()[1]), headers, body)
 
 
