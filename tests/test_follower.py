@@ -598,3 +598,27 @@ def test_stops_are_prompt_with_watches_open_and_before_the_first_sync(processes,
     late.stop()
     assert time.monotonic() - began < 5, late.output()[-2000:]
     assert "Traceback" not in late.output()
+
+
+def test_a_replica_sends_a_backend_override_to_its_url(processes, tmp_path, upstream) -> None:
+    """`serve --kubeconfig ... --backend SERVICE=URL`: the Service comes from the API server
+    after the replica starts, so the override is not refused for naming no Service yet."""
+    answer = {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+    up = upstream(
+        lambda path, body: (200, {"content-type": "application/json"}, json.dumps(answer).encode())
+    )
+    _cp, config = control_plane(processes, tmp_path)
+    one = processes(
+        "one", ["--kubeconfig", str(config), "--backend", f"trlp-tutorial-llm-sim={up.url}"]
+    ).start()
+    wait_for(lambda: _get(one.admin_url + "/readyz") == 200, timeout=30)
+    (free,) = clients(one)
+    r = post(free)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["total_tokens"] == 5
+    assert [path for path, _, _ in up.requests] == ["/v1/chat/completions"]

@@ -78,15 +78,21 @@ def plan_backends(
     resources: Sequence[Resource],
     needed: Iterable[str],
     overrides: Mapping[str, str] | None = None,
+    *,
+    unknown_overrides: bool = False,
 ) -> dict[str, BackendPlan]:
-    """Plan an address for each needed Service ("namespace/name"); all errors at once."""
+    """Plan an address for each needed Service ("namespace/name"); all errors at once.
+
+    An override naming no Service is an error (a typo in `--backend`), unless
+    `unknown_overrides`: a gateway that follows an API server gets its Services later, and
+    they may come and go."""
     overrides = dict(overrides or {})
     services = {
         f"{r.metadata.namespace}/{r.metadata.name}": r for r in resources if isinstance(r, Service)
     }
     deployments = [r for r in resources if isinstance(r, Deployment)]
     errors: list[str] = []
-    for key in overrides:
+    for key in () if unknown_overrides else overrides:
         if key not in services and not any(s.split("/", 1)[1] == key for s in services):
             errors.append(f"--backend {key}: no Service named {key!r} in the manifests")
     plans: dict[str, BackendPlan] = {}

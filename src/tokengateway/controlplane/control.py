@@ -510,7 +510,12 @@ class ControlPlane:
             self._record()
             return self.config
         resources = self._resources(stored)
-        plans = plan_backends(resources, needed_services(resources), self.overrides)
+        plans = plan_backends(
+            resources,
+            needed_services(resources),
+            self.overrides,
+            unknown_overrides=self.follows is not None,
+        )
         urls = self._start_backends(plans)
         config = compile_config(
             resources, urls, strict=strict, previous=self.config, https=self.https
@@ -527,7 +532,12 @@ class ControlPlane:
         """What `_commit` checks, without its effects: a Service with no address yet gets a
         placeholder, since a dry run starts no simulator."""
         resources = self._resources(stored)
-        plans = plan_backends(resources, needed_services(resources), self.overrides)
+        plans = plan_backends(
+            resources,
+            needed_services(resources),
+            self.overrides,
+            unknown_overrides=self.follows is not None,
+        )
         urls = {key: self.backend_urls.get(key, "http://127.0.0.1:9") for key in plans}
         return compile_config(resources, urls, previous=self.config, https=self.https)
 
