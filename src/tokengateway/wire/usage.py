@@ -336,10 +336,13 @@ class SSEStream:
             data = chunk
         out = [lf] if lf else []
         done = self._scan(data, out) if b"\r" in data else self._scan_lf(data, out)
-        if done:
-            self._keep(data if done == len(data) else data[:done])
-        if done < len(data):
-            held.append(data[done:] if done else data)
+        if done == len(data):
+            self._keep(data)
+        elif done:
+            self._keep(data[:done])
+            held.append(data[done:])
+        else:
+            held.append(data)
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _scan_lf(self, data: bytes, out: list[bytes]) -> int:
@@ -361,29 +364,34 @@ class SSEStream:
             if end > n:
                 break
             if data[eol + 1] == 10:  # one line, then the blank line
-                if data.find(b'"usage"', start, eol) < 0:
+                at = data.find(b'"usage"', start, eol)
+                if at < 0:
                     if data.find(b"\\", start, eol) < 0 or not _ESCAPED_USAGE.search(
                         data, start, eol
                     ):
                         start = end  # no usage in it: as it came
                         continue
                 elif (
-                    eol >= start + 19
-                    and data.startswith(b',"usage":null}', eol - 14)
-                    and data.find(b'"usage"', start, eol - 13) < 0
-                    and (data.find(b"\\", start, eol) < 0 or data.find(b"\\u00", start, eol) < 0)
-                ):  # the member a compact upstream ends each chunk with, and no other
+                    at == eol - 13  # the first "usage" is the last member's: no other
+                    and data[at - 1] == 44  # ,
+                    and data.startswith(b'"usage":null}', at)
+                    and (data.find(b"\\", start, at) < 0 or data.find(b"\\u00", start, at) < 0)
+                ):  # the member a compact upstream ends each chunk with
                     if not hide:
                         start = end
                         continue
-                    first = start + 6 if data[start + 5] == 32 else start + 5
-                    if data.startswith(b"data:", start) and _valid_object(
-                        memoryview(data)[first:eol]
-                    ):  # left out, without decoding
-                        out.append(data[sent : eol - 14])
-                        sent = eol - 1  # from the `}`
-                        start = end
-                        continue
+                    if data.startswith(b"data:", start):
+                        try:  # a JSON object? (checked, not decoded)
+                            _check_object(
+                                data[start + 6 if data[start + 5] == 32 else start + 5 : eol]
+                            )
+                        except _DECODE_ERRORS:
+                            pass
+                        else:  # left out
+                            out.append(data[sent : at - 1])
+                            sent = eol - 1  # from the `}`
+                            start = end
+                            continue
             else:  # several lines
                 end = data.find(b"\n\n", eol + 1)
                 if end < 0:
