@@ -252,7 +252,7 @@ def _text_of_data(data: bytes, out: list[str]) -> None:
             _text_of_event(event, out)
 
 
-def _valid_object(data: bytes | memoryview) -> bool:
+def _valid_object(data: bytes) -> bool:
     try:
         _check_object(data)
     except _DECODE_ERRORS:
@@ -277,10 +277,12 @@ class SSEStream:
     its bytes hold the key `"usage"` (or the key in `\\u` escapes) with a value other than
     `null`. Events are found with `bytes.find` and passed on as slices of the read; the
     `"usage":null` member a compact upstream ends each chunk with is removed after a syntax
-    check (no decoding). The text for an estimate, needed only when usage never comes, is
-    read from the kept events when asked for; past `_KEPT_BYTES` of them their text is taken
-    out and the events let go, so a long stream holds its text (as before) and at most
-    64 KiB of raw events.
+    check, not a decode (which would refuse two things the check lets pass: a number beyond
+    a double's range, bad UTF-8 in a string; the member goes from those too, as a client
+    reads them). The text for an estimate, needed only when usage never comes, is read from
+    the kept events when asked for; past `_KEPT_BYTES` of them their text is taken out and
+    the events let go, so a long stream holds its text (as before) and about 64 KiB of raw
+    events (plus one read).
     """
 
     __slots__ = (
