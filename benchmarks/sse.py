@@ -10,7 +10,8 @@ stream without the usage (so a faster reader cannot be a wrong one). Cases:
 
 - one read: the whole stream in one chunk (how the fixed upstream's answer arrives);
 - one event per read: as a model streams token by token;
-- CRLF, split: the same with CRLF line ends, cut every 7 bytes (the slow path);
+- CRLF: the same with CRLF line ends (as sse-starlette writes them), in one read, and cut
+  every 7 bytes (a CR at the end of a read: the line-by-line path);
 - 1,000 events: a long answer, one event per read (per event, µs).
 
 The figure is the median over `--repeats` runs of a `perf_counter_ns` loop sized to about
@@ -75,6 +76,7 @@ def main() -> None:
     cases = [
         ("one read", relay([STREAM]), EXPECTED, 1),
         ("one event per read", relay(EVENTS), EXPECTED, 1),
+        ("CRLF, one read", relay([crlf]), EXPECTED.replace(b"\n", b"\r\n"), 1),
         (
             "CRLF, cut every 7 bytes",
             relay([crlf[i : i + 7] for i in range(0, len(crlf), 7)]),

@@ -280,9 +280,9 @@ class SSEStream:
     check, not a decode (which would refuse two things the check lets pass: a number beyond
     a double's range, bad UTF-8 in a string; the member goes from those too, as a client
     reads them). The text for an estimate, needed only when usage never comes, is read from
-    the kept events when asked for; past `_KEPT_BYTES` of them their text is taken out and
-    the events let go, so a long stream holds its text (as before) and about 64 KiB of raw
-    events (plus one read).
+    the kept events when asked for; past `_KEPT_BYTES` of them their text is taken out (each
+    decoded, as every event was before) and the events let go, so a long stream holds its
+    text (as before) and about 64 KiB of raw events (plus one read).
     """
 
     __slots__ = (
@@ -337,7 +337,12 @@ class SSEStream:
         else:
             data = chunk
         out = [lf] if lf else []
-        done = self._scan(data, out) if b"\r" in data else self._scan_lf(data, out)
+        if b"\r" not in data:
+            done = self._scan_uniform(data, out, b"\n")
+        elif data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
+            done = self._scan_uniform(data, out, b"\r\n")
+        else:
+            done = self._scan(data, out)
         if done == len(data):
             self._keep(data)
         elif done:
@@ -347,25 +352,26 @@ class SSEStream:
             held.append(data)
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _scan_lf(self, data: bytes, out: list[bytes]) -> int:
-        """`feed`'s work on data whose lines all end in LF. What goes out is sent as slices
-        of `data` between the bytes left out; where the last whole event ends is returned.
-        An event of one line, the usual kind, is checked with single-byte searches and
-        fixed-place comparisons, and one search for `"usage"`."""
+    def _scan_uniform(self, data: bytes, out: list[bytes], nl: bytes) -> int:
+        """`feed`'s work on data whose lines all end in `nl` (LF, or CRLF). What goes out is
+        sent as slices of `data` between the bytes left out; where the last whole event ends
+        is returned. An event of one line, the usual kind, is checked with single-byte
+        searches and fixed-place comparisons, and one search for `"usage"`."""
         n = len(data)
         hide = self.hide_usage
+        w = len(nl)
         start = sent = 0  # where the event starts; what of data is in `out`
         while start < n:
-            eol = data.find(b"\n", start)
+            eol = data.find(nl, start)
             if eol < 0:
                 break
             if eol == start:  # a blank line alone: an event with no fields
-                start += 1
+                start += w
                 continue
-            end = eol + 2
+            end = eol + 2 * w
             if end > n:
                 break
-            if data[eol + 1] == 10:  # one line, then the blank line
+            if data.startswith(nl, eol + w):  # one line, then the blank line
                 at = data.find(b'"usage"', start, eol)
                 if at < 0:
                     if data.find(b"\\", start, eol) < 0 or not _ESCAPED_USAGE.search(
@@ -395,10 +401,10 @@ class SSEStream:
                             start = end
                             continue
             else:  # several lines
-                end = data.find(b"\n\n", eol + 1)
+                end = data.find(nl + nl, eol + w)
                 if end < 0:
                     break
-                end += 2
+                end += 2 * w
             raw = data[start:end]
             got = self._relay(raw)
             if got is not raw:
