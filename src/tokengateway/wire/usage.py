@@ -224,8 +224,15 @@ def _texts(pieces: list[bytes]) -> list[str]:
     """The generated text in `pieces`, each a run of whole events, read as the HTML SSE spec
     reads them (an event is dispatched by a blank line, or at a piece's end)."""
     out: list[str] = []
-    data: list[bytes] = []
     for piece in pieces:
+        if b"\r" not in piece:  # LF only: events end at blank lines, `\n\n`
+            for event in piece.split(b"\n\n"):
+                if event.startswith(b"data: {") and b"\n" not in event:
+                    _text_of_data(event[6:], out)
+                elif event:  # several lines, or blank lines before the event
+                    _text_of_data(_data_of(event)[0], out)
+            continue
+        data: list[bytes] = []
         for line in piece.splitlines():
             if not line:
                 if data:
@@ -238,7 +245,6 @@ def _texts(pieces: list[bytes]) -> list[str]:
                 data.append(b"")
         if data:  # the unterminated last event of a stream that ended
             _text_of_data(b"\n".join(data), out)
-            data = []
     return out
 
 
