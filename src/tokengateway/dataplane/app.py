@@ -174,8 +174,10 @@ class GatewayApp:
     def swap(self, config: CompiledConfig, loop: asyncio.AbstractEventLoop | None) -> None:
         """Serve `config` from now on, in one assignment (requests in flight keep the one
         they started with); from any thread. The metrics of routes it no longer has are
-        forgotten on `loop`, so their series stay bounded across reloads."""
+        forgotten on `loop`, so their series stay bounded across reloads. Refusals kept by
+        the limiter go: the new limits are the store's to answer."""
         self.config = config
+        self.limiter.forget()
         if loop is not None:
             routes = {t.route for t in config.rules}
             loop.call_soon_threadsafe(self.metrics.retain, routes)
