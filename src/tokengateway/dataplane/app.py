@@ -462,9 +462,7 @@ class GatewayApp:
             self.metrics.limited(target.route, limited_by)
             await _send_limited(request.send, result, len(applicable.tokens))
             return False
-        self.metrics.authorized(
-            target.route, dict.fromkeys(applicable.token_limits + applicable.request_limits)
-        )
+        self.metrics.authorized(target.route, applicable.names)
         request.checked = result
         return True
 

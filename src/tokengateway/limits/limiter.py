@@ -93,6 +93,7 @@ class Applicable:
     __slots__ = (
         "amounts",
         "countings",
+        "names",
         "request_limits",
         "requests",
         "reservation",
@@ -110,6 +111,8 @@ class Applicable:
         #: the identifier of the limit each of `tokens` / `requests` counts for
         self.token_limits: list[str] = []
         self.request_limits: list[str] = []
+        #: each limit once, token limits first (made by `Limiter.applicable`)
+        self.names: tuple[str, ...] = ()
         #: tokens to hold on each of `tokens` (None: no limit reserves, check instead)
         self.amounts: list[int] | None = None
         self.ttls: list[float] = []
@@ -128,6 +131,7 @@ class Applicable:
         out = Applicable.__new__(Applicable)
         out.tokens, out.countings, out.requests = self.tokens, self.countings, self.requests
         out.token_limits, out.request_limits = self.token_limits, self.request_limits
+        out.names = self.names
         out.amounts, out.ttls, out.waits = self.amounts, self.ttls, self.waits
         out.reservation, out.reserved_at = None, 0.0
         return out
@@ -380,6 +384,7 @@ class Limiter:
             out.tokens.extend(refs)
             out.countings.extend([limit.counting] * len(refs))
             out.token_limits.extend([limit.identifier] * len(refs))
+        out.names = tuple(dict.fromkeys(out.token_limits + out.request_limits))
         return out
 
     async def check(
