@@ -294,8 +294,9 @@ class Limiter:
         self._settled: asyncio.Future[None] | None = None
         #: refusals by spent counters, answered again without the store
         self.spent = SpentCounters()
-        #: id(limits) -> (limits, what their answers depend on, kept per those values)
-        self._plans: dict[int, tuple[Sequence[Limit], _Plan | None]] = {}
+        #: (id(limits), namespace) -> (limits, what their answers depend on, kept per
+        #: those values): the counters are the namespace's
+        self._plans: dict[tuple[int, str], tuple[Sequence[Limit], _Plan | None]] = {}
 
     def applicable(
         self,
@@ -312,7 +313,7 @@ class Limiter:
         when `reservations` is on, what each token counter should hold: the limit's amount
         clamped to `max_reservation_fraction` of the counter's limit, for the limit's ttl
         (else `default_ttl`) clamped to `max_reservation_ttl`."""
-        plan = self._plan(limits)
+        plan = self._plan(limits, namespace)
         if plan is not None and not (reservations and plan.reserves):
             key = cel.selector_values(activation, plan.selectors)
             if key is not None:
@@ -325,13 +326,13 @@ class Limiter:
             limits, namespace, activation, body, request, reservations, default_ttl
         )
 
-    def _plan(self, limits: Sequence[Limit]) -> _Plan | None:
+    def _plan(self, limits: Sequence[Limit], namespace: str) -> _Plan | None:
         """What `limits`' answers are a function of (made once per sequence of limits)."""
-        made = self._plans.get(id(limits))
+        made = self._plans.get((id(limits), namespace))
         if made is not None and made[0] is limits:
             return made[1]
         plan = _Plan.of(limits)
-        keep(self._plans, id(limits), (limits, plan), KEPT_APPLICABLE)
+        keep(self._plans, (id(limits), namespace), (limits, plan), KEPT_APPLICABLE)
         return plan
 
     def forget(self) -> None:
