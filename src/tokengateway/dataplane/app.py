@@ -679,7 +679,7 @@ def _upstream_headers(
     if listed:  # headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1)
         dropped = dropped | {h.strip().lower() for h in listed.split(",")}
     out = [(k, v) for k, v in headers.items() if k not in dropped]
-    if any("_" in k for k, _ in out):
+    if "_" in "".join(headers):  # rare: then look closer (every name, dropped ones too)
         out = _without_lookalikes(out, dropped, extra)
     out.append(("x-forwarded-host", headers.get("host", "")))
     out.append(("x-forwarded-proto", scope.get("scheme", "http")))
