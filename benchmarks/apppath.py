@@ -85,10 +85,10 @@ async def _run(app: GatewayApp, n: int, expect: int) -> float:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    started = time.perf_counter()
+    started = time.process_time()
     for _ in range(n):
         await app(dict(SCOPE), _receive, send)
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert set(statuses) == {expect}, set(statuses)
     return elapsed / n * 1e6
 

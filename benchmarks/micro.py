@@ -33,9 +33,9 @@ from tokengateway import auth as authlib
 from tokengateway.config.backends import parse_backend_overrides
 from tokengateway.config.compile import compile_config
 from tokengateway.expr import cel
-from tokengateway.limits import Limiter
+from tokengateway.limits import TOTAL, Applicable, Limiter
 from tokengateway.runtime.serve import load
-from tokengateway.storage import open_store
+from tokengateway.storage import CounterRef, open_store
 from tokengateway.wire.tokens import Usage
 from tokengateway.wire.usage import SSEStream, usage_from_json
 
@@ -372,7 +372,37 @@ def benchmarks(redis_url: str | None, repeats: int) -> list[dict[str, Any]]:
 
         return reserve_and_commit
 
+    # a refusal: one counter spent (limit 1, value 5) for the rest of its hour
+    spent = Applicable()
+    spent.tokens = [CounterRef("bench/spent/3600000/u", 1, 3600.0)]
+    spent.countings = [TOTAL]
+    spent.token_limits = ["bench/spent"]
+
+    def refused(limiter: Limiter, kept: bool) -> Callable[[], Awaitable[None]]:
+        async def check() -> None:
+            if not kept:
+                limiter.spent.forget()
+            result = await limiter.check(spent)
+            assert result.limited
+
+        return check
+
+    async def refusal_benchmarks(store: Any, where: str, n: int | None) -> None:
+        await store.update(spent.tokens, [5])
+        limiter = Limiter(store)
+        record(
+            f"limiter: check, spent counter ({where})",
+            "Limiter.check refused by the store (its kept refusals emptied first)",
+            await time_async(refused(limiter, kept=False), repeats, n=n),
+        )
+        record(
+            f"limiter: check, spent counter kept ({where})",
+            "the same refusal answered by the limiter's kept refusal, no store call",
+            await time_async(refused(limiter, kept=True), repeats, n=n),
+        )
+
     async def limiter_benchmarks() -> None:
+        await refusal_benchmarks(open_store("memory://"), "memory://", None)
         record(
             "limiter: check + report (memory://)",
             "Limiter.check then Limiter.report, one counter, in-process store",
@@ -397,6 +427,7 @@ def benchmarks(redis_url: str | None, repeats: int) -> list[dict[str, Any]]:
                     "the same in reservation mode: two round trips (EVALSHA each)",
                     await time_async(reserve_pair(Limiter(store)), repeats, n=2000),
                 )
+                await refusal_benchmarks(store, "redis://, loopback", 2000)
             finally:
                 await store.close()
 

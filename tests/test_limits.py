@@ -329,3 +329,63 @@ async def test_a_request_limit_refusal_releases_the_token_hold() -> None:
     assert b.reservation is None
     key = a.tokens[0].key
     assert store._held_on(key, __import__("time").monotonic()) == 400  # only a's hold
+
+
+def test_counters_that_apply_are_kept_per_selector_values_and_follow_them() -> None:
+    limiter = Limiter(MemoryStore())
+    limits = compile_limits("TokenRateLimitPolicy", "ns/p", TUTORIAL_LIMITS)
+    seen = []
+    for groups, user in [("gold", "a"), ("free", "a"), ("gold", "b"), ("gold", "a"), (None, "a")]:
+        kept = limiter.applicable(limits, "ns/r", activation("/v1/chat/completions", groups, user))
+        fresh = limiter._resolve(
+            limits, "ns/r", activation("/v1/chat/completions", groups, user), b"", None, True, None
+        )
+        assert (kept.tokens, kept.token_limits) == (fresh.tokens, fresh.token_limits)
+        seen.append(kept.token_limits)
+    assert seen == [["ns/p/gold"], ["ns/p/free"], ["ns/p/gold"], ["ns/p/gold"], []]
+    plan = limiter._plan(limits, "ns/r")
+    assert plan is not None and len(plan.kept) == 4
+    # each request gets its own Applicable (its reservation), on shared read-only lists
+    a = limiter.applicable(limits, "ns/r", activation("/v1/chat/completions", "gold", "a"))
+    b = limiter.applicable(limits, "ns/r", activation("/v1/chat/completions", "gold", "a"))
+    assert a is not b and a.tokens is b.tokens
+    # the same limits on another route: that route's counters
+    other = limiter.applicable(limits, "ns/s", activation("/v1/chat/completions", "gold", "a"))
+    assert other.tokens[0].key.startswith("ns/s") and a.tokens[0].key.startswith("ns/r")
+
+
+def test_limits_reading_the_body_are_not_kept() -> None:
+    limiter = Limiter(MemoryStore())
+    limits = compile_limits(
+        "TokenRateLimitPolicy",
+        "ns/p",
+        {
+            "m": {
+                "rates": [{"limit": 10, "window": "1m"}],
+                "counters": ['requestBodyJSON("/model")'],
+            }
+        },
+    )
+    assert limiter._plan(limits, "ns/r") is None
+    for model in ("a", "b"):
+        cel.bind_bodies(b'{"model": "%s"}' % model.encode())
+        applicable = limiter.applicable(limits, "ns/r", activation("/", None, "u"))
+        assert applicable.tokens[0].key.endswith(model)
+
+
+def test_a_map_valued_selector_is_evaluated_each_time() -> None:
+    limiter = Limiter(MemoryStore())
+    limits = compile_limits(
+        "TokenRateLimitPolicy",
+        "ns/p",
+        {"i": {"rates": [{"limit": 10, "window": "1m"}], "counters": ["auth.identity"]}},
+    )
+    a = limiter.applicable(limits, "ns/r", activation("/", None, "u"))
+    plan = limiter._plan(limits, "ns/r")
+    assert plan is not None and not plan.kept  # the identity is a map: nothing kept
+    assert (
+        a.tokens
+        == limiter._resolve(
+            limits, "ns/r", activation("/", None, "u"), b"", None, True, None
+        ).tokens
+    )

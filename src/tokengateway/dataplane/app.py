@@ -174,8 +174,10 @@ class GatewayApp:
     def swap(self, config: CompiledConfig, loop: asyncio.AbstractEventLoop | None) -> None:
         """Serve `config` from now on, in one assignment (requests in flight keep the one
         they started with); from any thread. The metrics of routes it no longer has are
-        forgotten on `loop`, so their series stay bounded across reloads."""
+        forgotten on `loop`, so their series stay bounded across reloads. Refusals kept by
+        the limiter go: the new limits are the store's to answer."""
         self.config = config
+        self.limiter.forget()
         if loop is not None:
             routes = {t.route for t in config.rules}
             loop.call_soon_threadsafe(self.metrics.retain, routes)
@@ -460,9 +462,7 @@ class GatewayApp:
             self.metrics.limited(target.route, limited_by)
             await _send_limited(request.send, result, len(applicable.tokens))
             return False
-        self.metrics.authorized(
-            target.route, dict.fromkeys(applicable.token_limits + applicable.request_limits)
-        )
+        self.metrics.authorized(target.route, applicable.names)
         request.checked = result
         return True
 
@@ -679,7 +679,7 @@ def _upstream_headers(
     if listed:  # headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1)
         dropped = dropped | {h.strip().lower() for h in listed.split(",")}
     out = [(k, v) for k, v in headers.items() if k not in dropped]
-    if any("_" in k for k, _ in out):
+    if "_" in "".join(headers):  # rare: then look closer (every name, dropped ones too)
         out = _without_lookalikes(out, dropped, extra)
     out.append(("x-forwarded-host", headers.get("host", "")))
     out.append(("x-forwarded-proto", scope.get("scheme", "http")))

@@ -42,6 +42,8 @@ def go_duration(seconds: float) -> str:
     """OpenAI's (Go's) duration text: `250ms`, `1.5s`, `6m0s`, `1h2m3s`."""
     if seconds < 1:
         return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:  # the common case (windows of a minute), without the divisions
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
@@ -90,7 +92,11 @@ def success_headers(
         return []
     out: list[Header] = []
     tokens = states[:token_counters]
-    if tokens:
+    if len(tokens) == 1:  # the common case, without the lists
+        state = tokens[0]
+        spent = max(countings[0].cost(usage), 1) if usage is not None else 0
+        out += _triple("tokens", state, state.ref.limit - state.value - state.held - spent)
+    elif tokens:
         remaining = [
             s.ref.limit - s.value - s.held - (max(c.cost(usage), 1) if usage is not None else 0)
             for s, c in zip(tokens, countings, strict=False)

@@ -33,6 +33,7 @@ __all__ = [
     "compile_expression",
     "compile_predicate",
     "json_pointer",
+    "selector_values",
 ]
 
 #: Top-level names an expression may use: Kuadrant's well-known attributes.
@@ -225,6 +226,16 @@ def _memo_key(data: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> Any:
     return tuple(key)
 
 
+def selector_values(
+    activation: Activation, paths: tuple[tuple[str, ...], ...]
+) -> tuple[Any, ...] | None:
+    """A key for the values of `paths` in `activation`: equal keys mean equal inputs for
+    every expression that reads only these selectors; None when some value is a map or a
+    list (not kept)."""
+    key = _memo_key(activation.data, paths)
+    return None if key is _NOT_PLAIN else key
+
+
 def _walk(data: dict[str, Any], path: tuple[str, ...]) -> Any:
     node: Any = data
     for step in path:
@@ -286,6 +297,12 @@ class Expression:
             if _plain(found) or found is MISSING:
                 self._keep(key, found)
         return found
+
+    @property
+    def selectors(self) -> tuple[tuple[str, ...], ...] | None:
+        """The selectors this expression's answer is a function of, or None when it may
+        depend on anything else (a body)."""
+        return (self._path,) if self._path is not None else self._reads
 
     def _eval(self, activation: Activation) -> Any:
         value = self._program.eval(activation._act)

@@ -42,9 +42,16 @@ from typing import Any, Literal
 import msgspec
 
 from tokengateway.expr import cel
+from tokengateway.expr.kept import keep
 from tokengateway.limits.counting import Counting
 from tokengateway.limits.limit import Limit
-from tokengateway.storage import CheckResult, CounterRef, CounterStore, StorageError
+from tokengateway.storage import (
+    CheckResult,
+    CounterRef,
+    CounterState,
+    CounterStore,
+    StorageError,
+)
 from tokengateway.wire.tokens import Usage, max_completion_tokens, prompt_tokens
 
 __all__ = ["Applicable", "Estimate", "Limiter", "OnError", "StorageUnavailable"]
@@ -66,6 +73,12 @@ DEFAULT_SETTLE = 1.0
 MIN_SETTLE = 0.05
 #: recent hold durations kept for the estimate
 SETTLE_SAMPLES = 256
+#: refusals kept (by the counters they were for), and the longest a kept one is believed
+#: before the store is asked again: bounds what a counter reset outside the gateway costs
+KEPT_REFUSALS = 4096
+SPENT_RECHECK = 1.0
+#: the counters that apply, kept per selector values (per sequence of limits)
+KEPT_APPLICABLE = 4096
 
 
 class StorageUnavailable(RuntimeError):
@@ -74,11 +87,13 @@ class StorageUnavailable(RuntimeError):
 
 class Applicable:
     """The counters of one request, split by what counts them; `countings[i]` says which
-    tokens `tokens[i]` counts."""
+    tokens `tokens[i]` counts. Its lists may be shared with other requests (`copy`):
+    read-only."""
 
     __slots__ = (
         "amounts",
         "countings",
+        "names",
         "request_limits",
         "requests",
         "reservation",
@@ -96,6 +111,8 @@ class Applicable:
         #: the identifier of the limit each of `tokens` / `requests` counts for
         self.token_limits: list[str] = []
         self.request_limits: list[str] = []
+        #: each limit once, token limits first (made by `Limiter.applicable`)
+        self.names: tuple[str, ...] = ()
         #: tokens to hold on each of `tokens` (None: no limit reserves, check instead)
         self.amounts: list[int] | None = None
         self.ttls: list[float] = []
@@ -107,6 +124,43 @@ class Applicable:
 
     def __bool__(self) -> bool:
         return bool(self.tokens or self.requests)
+
+    def copy(self) -> Applicable:
+        """A new Applicable on the same counters (the lists are shared: read-only), for a
+        request of its own (its reservation)."""
+        out = Applicable.__new__(Applicable)
+        out.tokens, out.countings, out.requests = self.tokens, self.countings, self.requests
+        out.token_limits, out.request_limits = self.token_limits, self.request_limits
+        out.names = self.names
+        out.amounts, out.ttls, out.waits = self.amounts, self.ttls, self.waits
+        out.reservation, out.reserved_at = None, 0.0
+        return out
+
+
+class _Plan:
+    """Limits whose predicates and counters read only selectors (no body): which counters
+    apply is a function of those selectors' values, so it is worked out once per values
+    (`kept`), as each expression keeps its own answers (expr/cel.py)."""
+
+    __slots__ = ("kept", "reserves", "selectors")
+
+    def __init__(self, selectors: tuple[tuple[str, ...], ...], reserves: bool) -> None:
+        self.selectors = selectors
+        #: whether some limit reserves (its amount may read the body: not kept then)
+        self.reserves = reserves
+        self.kept: dict[tuple[Any, ...], Applicable] = {}
+
+    @staticmethod
+    def of(limits: Sequence[Limit]) -> _Plan | None:
+        selectors: dict[tuple[str, ...], None] = {}
+        for limit in limits:
+            for expression in (*limit.predicates, *limit.counters):
+                read = expression.selectors
+                if read is None:
+                    return None
+                selectors.update(dict.fromkeys(read))
+        reserves = any(limit.reservation is not None for limit in limits)
+        return _Plan(tuple(selectors), reserves)
 
 
 class Estimate:
@@ -142,6 +196,69 @@ class Estimate:
 _NOT_LIMITED = CheckResult(False, ())
 
 
+class SpentCounters:
+    """Refusals by spent counters, kept until the spent counter's window ends.
+
+    A fixed-window counter whose value has reached its limit refuses every request (each
+    adds at least 1: a check's delta, a reservation's `max(amount, 1)`, a hit's 1) until its
+    window ends, because within a window a value only grows, on every store and across
+    replicas. So the store's refusal for a set of counters is kept by that set, and a later
+    request on the same counters is refused without asking the store, with the same answer
+    (its windows counted down) until the refusing counter's window ends.
+
+    Never kept: a refusal by holds (`held_only`: holds settle), one whose refusing counter
+    has not reached its limit (a reservation larger than what is left: a smaller one fits),
+    one by a counter that has not started (value 0: a limit of 0). A counter's `CounterRef`
+    holds its limit, so a configuration with another limit never meets a kept refusal; every
+    swap empties them all anyway (`forget`), as a limit removed from the configuration loses
+    its counters. Counters changed outside the gateway (a Redis flush, an eviction) are
+    believed spent at most `SPENT_RECHECK` seconds before the store is asked again."""
+
+    __slots__ = ("_kept", "hits", "recheck", "size")
+
+    def __init__(self, size: int = KEPT_REFUSALS, recheck: float = SPENT_RECHECK) -> None:
+        #: counters -> (the refusal, when it was seen, when to ask the store again)
+        self._kept: dict[tuple[CounterRef, ...], tuple[CheckResult, float, float]] = {}
+        self.size = size
+        self.recheck = recheck
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def find(self, counters: tuple[CounterRef, ...], now: float) -> CheckResult | None:
+        """The kept refusal for `counters`, its windows counted down to `now`; else None."""
+        kept = self._kept.get(counters)
+        if kept is None:
+            return None
+        result, seen, recheck = kept
+        if now >= recheck:
+            self._kept.pop(counters, None)
+            return None
+        self.hits += 1
+        elapsed = now - seen
+        states = tuple(
+            CounterState(s.ref, s.value, max(0.0, s.expires_in - elapsed), s.held)
+            for s in result.states
+        )
+        return CheckResult(True, states, result.limiting)
+
+    def add(self, counters: tuple[CounterRef, ...], result: CheckResult, seen: float) -> None:
+        """Keep `result`, the store's answer for `counters` asked at `seen` (before the
+        call: its window ends are never later than the store's), when a spent counter
+        refused it."""
+        if not result.limited or result.held_only or result.limiting is None:
+            return
+        state = result.states[result.limiting]
+        if state.value <= 0 or state.value < state.ref.limit:
+            return
+        recheck = seen + min(state.expires_in, self.recheck)
+        keep(self._kept, counters, (result, seen, recheck), self.size)
+
+    def forget(self) -> None:
+        self._kept.clear()
+
+
 class Limiter:
     def __init__(
         self,
@@ -175,6 +292,11 @@ class Limiter:
         self.max_waiters = MAX_WAITERS
         #: completed (and replaced) each time a hold of this process settles
         self._settled: asyncio.Future[None] | None = None
+        #: refusals by spent counters, answered again without the store
+        self.spent = SpentCounters()
+        #: (id(limits), namespace) -> (limits, what their answers depend on, kept per
+        #: those values): the counters are the namespace's
+        self._plans: dict[tuple[int, str], tuple[Sequence[Limit], _Plan | None]] = {}
 
     def applicable(
         self,
@@ -191,6 +313,43 @@ class Limiter:
         when `reservations` is on, what each token counter should hold: the limit's amount
         clamped to `max_reservation_fraction` of the counter's limit, for the limit's ttl
         (else `default_ttl`) clamped to `max_reservation_ttl`."""
+        plan = self._plan(limits, namespace)
+        if plan is not None and not (reservations and plan.reserves):
+            key = cel.selector_values(activation, plan.selectors)
+            if key is not None:
+                found = plan.kept.get(key)
+                if found is None:
+                    found = self._resolve(limits, namespace, activation, body, request, False, None)
+                    keep(plan.kept, key, found, KEPT_APPLICABLE)
+                return found.copy()
+        return self._resolve(
+            limits, namespace, activation, body, request, reservations, default_ttl
+        )
+
+    def _plan(self, limits: Sequence[Limit], namespace: str) -> _Plan | None:
+        """What `limits`' answers are a function of (made once per sequence of limits)."""
+        made = self._plans.get((id(limits), namespace))
+        if made is not None and made[0] is limits:
+            return made[1]
+        plan = _Plan.of(limits)
+        keep(self._plans, (id(limits), namespace), (limits, plan), KEPT_APPLICABLE)
+        return plan
+
+    def forget(self) -> None:
+        """A new configuration: the kept refusals and answers of the old one go."""
+        self.spent.forget()
+        self._plans.clear()
+
+    def _resolve(
+        self,
+        limits: Sequence[Limit],
+        namespace: str,
+        activation: cel.Activation,
+        body: bytes,
+        request: Any,
+        reservations: bool,
+        default_ttl: float | None,
+    ) -> Applicable:
         out = Applicable()
         estimate: Estimate | None = None
         for limit in limits:
@@ -226,6 +385,7 @@ class Limiter:
             out.tokens.extend(refs)
             out.countings.extend([limit.counting] * len(refs))
             out.token_limits.extend([limit.identifier] * len(refs))
+        out.names = tuple(dict.fromkeys(out.token_limits + out.request_limits))
         return out
 
     async def check(
@@ -236,6 +396,21 @@ class Limiter:
         """Token limits first (checked, or reserved); request limits are hit (+1) only when
         the token limits leave room. A reservation refused only by holds may wait for them
         (`reservation.wait`) until `client_gone()` (awaited only then) completes."""
+        now = time.monotonic()
+        if self.spent and not self._outage:
+            kept = self.spent.find((*applicable.tokens, *applicable.requests), now)
+            if kept is not None:
+                return kept
+        result = await self._check(applicable, client_gone)
+        if result.limited:
+            self.spent.add((*applicable.tokens, *applicable.requests), result, now)
+        return result
+
+    async def _check(
+        self,
+        applicable: Applicable,
+        client_gone: Callable[[], Awaitable[Any]] | None,
+    ) -> CheckResult:
         tokens: CheckResult | None = None
         try:
             if applicable.amounts is not None:

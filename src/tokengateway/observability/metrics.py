@@ -57,6 +57,10 @@ FIGURES: dict[str, tuple[str, str]] = {
         "counter",
         "Kept token reports lost because the bound was reached.",
     ),
+    "limited_kept_total": (
+        "counter",
+        "Refusals by a spent counter answered again without asking the counter store.",
+    ),
     "workers": (
         "gauge",
         "Gateway processes serving the listen socket (serve --workers; 1 without).",
@@ -369,6 +373,7 @@ def process_snapshot(gateway: Any) -> Snapshot:
             "storage_reports_pending": len(limiter.pending),
             "storage_reports_replayed_total": limiter.replayed,
             "storage_reports_dropped_total": limiter.dropped,
+            "limited_kept_total": limiter.spent.hits,
             "workers": 1,
             "workers_unreported": 0,
         }
