@@ -441,6 +441,31 @@ def test_serve_with_a_cached_store_converges_to_the_exact_totals(
         assert b.post("/v1/chat/completions", json=chat()).status_code == 429
     counters = httpx.get(second.admin_url + "/counters/default/trlp-tutorial-llm-sim").json()
     assert [c["limit"]["max_value"] - c["remaining"] for c in counters] == [400]
+    # the cache's figures, summed over both workers of the first gateway
+    metrics = _series(httpx.get(first.admin_url + "/metrics").text)
+    assert metrics["tokengateway_storage_flushes_total"] > 0
+    assert metrics["tokengateway_storage_flush_errors_total"] == 0
+    assert metrics["tokengateway_storage_cached_counters"] >= 1
+    assert metrics["tokengateway_storage_unflushed_counters"] >= 0
+    assert "tokengateway_storage_flushes_total" not in httpx.get(
+        redis_gateway_metrics(start_gateway, folder, redis_server)
+    ).text  # an exact store has no cache to tell of
+
+
+def _series(text: str) -> dict[str, float]:
+    """`name value` lines of the text format, without labels."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            out[name] = float(value)
+    return out
+
+
+def redis_gateway_metrics(start_gateway, folder, redis_server: RedisServer) -> str:
+    """The metrics URL of a gateway on the exact store."""
+    gw = start_gateway(folder, args=("--storage", redis_server.url))
+    return gw.admin_url + "/metrics"
 
 
 def test_flush_period_needs_a_cached_store(tmp_path) -> None:

@@ -57,6 +57,21 @@ FIGURES: dict[str, tuple[str, str]] = {
         "counter",
         "Kept token reports lost because the bound was reached.",
     ),
+    # a cached Redis store's (redis+cached://, docs/redis.md)
+    "storage_cached_counters": ("gauge", "Counters kept in the process (all workers)."),
+    "storage_unflushed_counters": (
+        "gauge",
+        "Cached counters holding counts not yet flushed to Redis (all workers).",
+    ),
+    "storage_flushes_total": ("counter", "Flushes of cached counts to Redis."),
+    "storage_flush_errors_total": (
+        "counter",
+        "Flushes that failed (their counts kept and sent again).",
+    ),
+    "storage_cache_evictions_total": (
+        "counter",
+        "Cached counters dropped to stay within max_cached.",
+    ),
     "limited_kept_total": (
         "counter",
         "Refusals by a spent counter answered again without asking the counter store.",
@@ -376,6 +391,7 @@ def process_snapshot(gateway: Any) -> Snapshot:
             "limited_kept_total": limiter.spent.hits,
             "workers": 1,
             "workers_unreported": 0,
+            **limiter.store.figures(),
         }
     )
 

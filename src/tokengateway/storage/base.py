@@ -96,6 +96,11 @@ class CounterStore(ABC):
 
     uri: str = ""
 
+    def figures(self) -> dict[str, float]:
+        """What the store has to say in `/metrics` (series `tokengateway_<name>`; see
+        observability/metrics.py's FIGURES): nothing, unless a store keeps state of its own."""
+        return {}
+
     @abstractmethod
     async def check(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
         """Limited when `value + delta > limit` for any counter; changes nothing."""

@@ -217,6 +217,15 @@ class CachedRedisStore(CounterStore):
         """Counters holding additions not yet in Redis."""
         return len(self._dirty)
 
+    def figures(self) -> dict[str, float]:
+        return {
+            "storage_cached_counters": len(self._cache),
+            "storage_unflushed_counters": self.pending,
+            "storage_flushes_total": self.flushes,
+            "storage_flush_errors_total": self.flush_errors,
+            "storage_cache_evictions_total": self.evicted,
+        }
+
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
