@@ -23,6 +23,7 @@ __all__ = [
     "CounterState",
     "CounterStore",
     "StorageError",
+    "checked",
 ]
 
 #: URI schemes of the Redis store (storage/redis.py), known here without importing redis-py
@@ -89,6 +90,19 @@ class CheckResult:
         if self.retry_in is not None:
             return self.retry_in
         return self.states[self.limiting].expires_in
+
+
+def checked(states: tuple[CounterState, ...], delta: int) -> CheckResult:
+    """The answer to a check adding `delta` to counters in `states`: limited when a counter
+    would pass its limit; the limiting one is the refusing counter whose window ends last
+    (the wait it gives is the one that lets the request through)."""
+    limiting: int | None = None
+    for i, state in enumerate(states):
+        if state.value + delta > state.ref.limit and (
+            limiting is None or state.expires_in > states[limiting].expires_in
+        ):
+            limiting = i
+    return CheckResult(limiting is not None, states, limiting)
 
 
 class CounterStore(ABC):

@@ -47,6 +47,7 @@ from tokengateway.storage.base import (
     CounterState,
     CounterStore,
     StorageError,
+    checked,
 )
 from tokengateway.storage.resp import RespConnection, RespError
 from tokengateway.storage.resp import connect as resp_connect
@@ -71,7 +72,7 @@ _CERT_REQS = ("required", "optional", "none")
 # Values travel as strings (bulk replies) so that 64-bit counters never go through Lua's
 # doubles. A missing key reads as value "0", PTTL -2.
 
-_CHECK = """
+READ_COUNTERS = _CHECK = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local v = redis.call('GET', key)
@@ -843,20 +844,14 @@ class RedisStore(CounterStore):
 
 
 def _result(counters: Sequence[CounterRef], delta: int, raw: Sequence[Any]) -> CheckResult:
-    """A CheckResult from (value, pttl) pairs, with MemoryStore's choice of limiting counter."""
-    states: list[CounterState] = []
-    limiting: int | None = None
+    """A CheckResult from (value, pttl) pairs, with MemoryStore's choice of limiting counter.
+    PTTL -2 (no key: the window has not started) or -1 (a key without TTL, which no script
+    writes) reads as a whole window."""
+    states = []
     for i, ref in enumerate(counters):
-        value, pttl = int(raw[2 * i]), int(raw[2 * i + 1])
-        # -2: no key (window not started); -1: a key without TTL, which no script writes
-        expires_in = pttl / 1000 if pttl >= 0 else ref.window
-        state = CounterState(ref, value, expires_in)
-        states.append(state)
-        if value + delta > ref.limit and (
-            limiting is None or expires_in > states[limiting].expires_in
-        ):
-            limiting = i
-    return CheckResult(limiting is not None, tuple(states), limiting)
+        pttl = int(raw[2 * i + 1])
+        states.append(CounterState(ref, int(raw[2 * i]), pttl / 1000 if pttl >= 0 else ref.window))
+    return checked(tuple(states), delta)
 
 
 def _ssl_context(options: dict[str, str]) -> ssl.SSLContext:

@@ -37,8 +37,9 @@ from tokengateway.storage.base import (
     CounterState,
     CounterStore,
     StorageError,
+    checked,
 )
-from tokengateway.storage.redis import RedisStore
+from tokengateway.storage.redis import READ_COUNTERS, RedisStore
 from tokengateway.storage.uri import StorageURIError, hide_password
 
 __all__ = [
@@ -65,21 +66,8 @@ _SEP = "\x1f"
 
 _OPTIONS = ("flush_period", "max_cached")
 
-# Values travel as strings (bulk replies), as in the exact store. A missing key: "0", -2.
-_LOAD = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local v = redis.call('GET', key)
-  if v then
-    out[#out + 1] = v
-    out[#out + 1] = redis.call('PTTL', key)
-  else
-    out[#out + 1] = '0'
-    out[#out + 1] = -2
-  end
-end
-return out
-"""
+# A counter is read with the exact store's check script (value and PTTL; "0", -2 when missing).
+_LOAD = READ_COUNTERS
 
 # ARGV: delta_1, window_ms_1, ... Adds as the exact store's update does, then returns each
 # counter's global value and PTTL after adding.
@@ -544,22 +532,13 @@ class CachedRedisStore(CounterStore):
     def _states(
         counters: Sequence[CounterRef], entries: list[_Entry], delta: int, now: float
     ) -> CheckResult:
-        states: list[CounterState] = []
-        limiting = None
-        for ref, entry in zip(counters, entries):  # noqa: B905 - same length by construction
-            ends = entry.ends
-            if not ends or ends <= now:
-                value = 0
-                state = CounterState(ref, 0, ref.window)
-            else:
-                value = entry.value
-                state = CounterState(ref, value, ends - now)
-            states.append(state)
-            if value + delta > ref.limit and (
-                limiting is None or state.expires_in > states[limiting].expires_in
-            ):
-                limiting = len(states) - 1
-        return CheckResult(limiting is not None, tuple(states), limiting)
+        states = tuple(
+            CounterState(ref, 0, ref.window)
+            if not entry.ends or entry.ends <= now
+            else CounterState(ref, entry.value, entry.ends - now)
+            for ref, entry in zip(counters, entries)  # noqa: B905 - same length by construction
+        )
+        return checked(states, delta)
 
     async def check(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
         if not counters:
