@@ -203,6 +203,27 @@ async def test_a_resharded_slot_is_followed_through_ask_then_moved() -> None:
         cluster.stop()
 
 
+async def test_a_cluster_node_that_cannot_be_reached_makes_the_slot_map_read_again(
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    """A primary that failed over leaves the store's map pointing at a dead address: the
+    command fails (named), the map is read again from the cluster, the next one goes right."""
+    store = await started(redis_cluster.url)
+    try:
+        r = ref("u", ns="team-b/route")
+        slot = key_slot(store.redis_key(r.key))
+        await store.update([r], [2])
+        right = store._slot_nodes[slot]
+        store._slot_nodes[slot] = (HOST, free_port())  # nobody listens there
+        with pytest.raises(StorageError, match="cannot connect"):
+            await store.update([r], [3])
+        assert store._slot_nodes[slot] == right
+        await store.update([r], [4])
+        assert (await store.check([r], 0)).states[0].value == 6  # the 3 never ran
+    finally:
+        await store.close()
+
+
 def _tls_server(directory: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / "cert.pem", directory / "key.pem"

@@ -25,6 +25,7 @@ the tag is never empty nor cut short; the rest of the key is kept verbatim (\x1f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -618,8 +619,13 @@ class RedisStore(CounterStore):
                 ssl_context=self._ssl,
             )
         except (OSError, TimeoutError) as exc:
-            if self._sentinel is not None:
-                await self._locate(self.client)  # the master may have moved
+            # the master may have moved (Sentinel), or the slot's primary failed over
+            # (Cluster): where the next command goes is asked again
+            with contextlib.suppress(*_FAILURES):
+                client = self.client
+                if isinstance(client, RedisCluster):
+                    await client.nodes_manager.initialize()
+                await self._locate(client)
             raise ConnectionError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from None
         old = self._conns.get(address)
         if old is not None:
