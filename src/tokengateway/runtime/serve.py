@@ -76,14 +76,10 @@ def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """A listening socket; with `reuse_port`, one that `--workers` siblings may join
-    (SO_REUSEPORT: the kernel spreads new connections over the group's sockets)."""
+def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -345,12 +341,11 @@ def serve_gateway(
                 "give serve --listen-https HOST:PORT to serve them",
                 file=sys.stderr,
             )
-        workers = options.workers > 1  # the followers' sockets join these (runtime/workers.py)
-        gateway_sock = _socket(options.listen, workers)
+        # with --workers, each follower listens on a socket of its own in these sockets'
+        # SO_REUSEPORT group (runtime/workers.py)
+        gateway_sock = _socket(options.listen)
         admin_sock = _socket(options.admin)
-        https_sock = (
-            _socket(options.listen_https, workers) if options.listen_https is not None else None
-        )
+        https_sock = _socket(options.listen_https) if options.listen_https is not None else None
         if https_sock is not None:
             control.https_address = https_sock.getsockname()[:2]
         app = gateway_app(config, store, settings)
@@ -467,5 +462,5 @@ async def _first_sync(follower: Follower, seconds: float) -> None:
         )
 
 
-def _socket(where: tuple[str, int] | socket.socket, reuse_port: bool = False) -> socket.socket:
-    return where if isinstance(where, socket.socket) else bind_socket(*where, reuse_port)
+def _socket(where: tuple[str, int] | socket.socket) -> socket.socket:
+    return where if isinstance(where, socket.socket) else bind_socket(*where)

@@ -5,16 +5,16 @@ plane, watched files, admin API, simulators, and it serves gateway traffic too. 
 N-1 *followers* (`python -m tokengateway.runtime.workers`) and hands each, by file
 descriptor:
 
-* a listen socket of its own, bound to the leader's address with SO_REUSEPORT (`serve`
-  binds the leader's with it when `--workers` > 1): the kernel spreads new connections over
-  the processes by their addresses' hash. One shared socket, accepted on by every process,
-  let the first process awake take every connection of a burst (libuv accepts until the
-  backlog is empty): with 32 keep-alive connections opened at once, one worker served them
-  all and the other idled, in most runs. When the kernel refuses the group (no
-  SO_REUSEPORT, a Unix socket), the follower shares the leader's socket as before.
-  A follower that dies takes the connections waiting in its own backlog with it (they are
-  reset); its replacement joins with a new socket;
-* with `--listen-https`, the HTTPS socket too, shared the same way. Each follower
+* a listen socket of its own, bound to the leader's address with SO_REUSEPORT (set on the
+  leader's socket too, which Linux accepts after its bind): the kernel spreads new
+  connections over the processes by their addresses' hash. One shared socket, accepted on
+  by every process, let the first process awake take every connection of a burst (libuv
+  accepts until the backlog is empty): with 32 keep-alive connections opened at once, one
+  worker served them all and the other idled, in most runs. When the kernel refuses the
+  group (no SO_REUSEPORT, a Unix socket), the follower shares the leader's socket as
+  before. A follower that dies takes the connections waiting in its own backlog with it
+  (they are reset); its replacement joins with a new socket;
+* with `--listen-https`, an HTTPS socket too, joined the same way. Each follower
   serves TLS on it with its own `SniListener` (http/tls.py), fed the certificates of every
   configuration it compiles, so a rotated certificate reaches every worker's next
   handshake once the follower has confirmed that configuration (below);
@@ -326,15 +326,16 @@ class WorkerPool:
     def _spawn(self, number: int) -> None:
         assert self._sock is not None
         ours, theirs = socket.socketpair()
-        own = [s for s in (_sibling(self._sock), _sibling(self._https)) if s is not None]
-        listen_fd = (own[0] if own else self._sock).fileno()
+        listen, https = _sibling(self._sock), _sibling(self._https)
+        own = [s for s in (listen, https) if s is not None]
+        listen_fd = (listen or self._sock).fileno()
         cmd = [sys.executable, "-m", "tokengateway.runtime.workers"]
         cmd += [str(listen_fd), str(theirs.fileno()), f"{number}/{self.followers + 1}"]
         fds = [listen_fd, theirs.fileno()]
         if self._https is not None:
-            https = own[1] if len(own) == 2 else self._https
-            cmd.append(str(https.fileno()))
-            fds.append(https.fileno())
+            https_fd = (https or self._https).fileno()
+            cmd.append(str(https_fd))
+            fds.append(https_fd)
         try:
             proc = subprocess.Popen(
                 cmd,
