@@ -447,9 +447,9 @@ def test_serve_with_a_cached_store_converges_to_the_exact_totals(
     assert metrics["tokengateway_storage_flush_errors_total"] == 0
     assert metrics["tokengateway_storage_cached_counters"] >= 1
     assert metrics["tokengateway_storage_unflushed_counters"] >= 0
-    assert "tokengateway_storage_flushes_total" not in httpx.get(
-        redis_gateway_metrics(start_gateway, folder, redis_server)
-    ).text  # an exact store has no cache to tell of
+    exact = start_gateway(folder, args=("--storage", redis_server.url))
+    metrics_text = httpx.get(exact.admin_url + "/metrics").text
+    assert "tokengateway_storage_flushes_total" not in metrics_text  # no cache to tell of
 
 
 def _series(text: str) -> dict[str, float]:
@@ -460,12 +460,6 @@ def _series(text: str) -> dict[str, float]:
         if line and not line.startswith("#") and "{" not in name:
             out[name] = float(value)
     return out
-
-
-def redis_gateway_metrics(start_gateway, folder, redis_server: RedisServer) -> str:
-    """The metrics URL of a gateway on the exact store."""
-    gw = start_gateway(folder, args=("--storage", redis_server.url))
-    return gw.admin_url + "/metrics"
 
 
 def test_flush_period_needs_a_cached_store(tmp_path) -> None:
