@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import httpx
 
 from tests.conftest import chat
-from tests.test_gateway import GATEWAY, completion, write
+from tests.test_gateway import GATEWAY, TOKEN_LIMIT, completion, write
 from tests.test_limits import _reserving, activation
 from tests.test_policies import admin_apply
 from tokengateway.limits import Limiter, compile_limits
@@ -192,17 +192,10 @@ async def test_no_kept_refusal_during_a_store_outage() -> None:
 
 # --- through the gateway ------------------------------------------------------------------
 
-LIMITED = """
----
-apiVersion: kuadrant.io/v1alpha1
-kind: TokenRateLimitPolicy
-metadata: {name: tokens, namespace: gateway-system}
-spec:
-  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: gw}
-  limits:
-    everyone:
-      rates: [{limit: LIMIT, window: WINDOW}]
-"""
+
+def limited(limit: int) -> str:
+    """test_gateway's token limit, with a 2 s window so that a test sees it end."""
+    return TOKEN_LIMIT.replace("LIMIT", str(limit)).replace("window: 1m", "window: 2s")
 
 
 def _answer(path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -213,7 +206,7 @@ def test_gateway_kept_refusals_end_with_the_window_and_with_a_larger_limit(
     tmp_path, start_gateway, upstream
 ) -> None:
     up = upstream(_answer)
-    policy = LIMITED.replace("LIMIT", "15").replace("WINDOW", "2s")
+    policy = limited(15)
     gw = start_gateway(write(tmp_path, GATEWAY + policy), args=("--backend", f"llm={up.url}"))
     with httpx.Client(base_url=gw.url, headers={"Host": "api.example.com"}, timeout=30) as c:
 
@@ -241,7 +234,7 @@ def test_gateway_kept_refusals_end_with_the_window_and_with_a_larger_limit(
             pass
         assert post().status_code == 429
         # a larger limit applied: admitted at once
-        bigger = LIMITED.replace("LIMIT", "100000").replace("WINDOW", "2s")
+        bigger = limited(100000)
         r = admin_apply(gw, bigger.lstrip("-\n"))
         assert r.status_code == 200, r.text
         deadline = time.monotonic() + 5

@@ -540,13 +540,18 @@ class CachedRedisStore(CounterStore):
         )
         return checked(states, delta)
 
-    async def check(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
-        if not counters:
-            return CheckResult(False, ())
+    async def _looked_up(self, counters: Sequence[CounterRef]) -> tuple[list[_Entry], float]:
+        """The counters' entries, from the cache when all are there, and the time read."""
         now = self._clock()
         entries = self._cached(counters, now)
         if entries is None:
-            entries, now = await self._entries(counters)
+            return await self._entries(counters)
+        return entries, now
+
+    async def check(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
+        if not counters:
+            return CheckResult(False, ())
+        entries, now = await self._looked_up(counters)
         return self._states(counters, entries, delta, now)
 
     async def update(self, counters: Sequence[CounterRef], deltas: Sequence[int]) -> None:
@@ -560,10 +565,7 @@ class CachedRedisStore(CounterStore):
     async def check_and_update(self, counters: Sequence[CounterRef], delta: int) -> CheckResult:
         if not counters:
             return CheckResult(False, ())
-        now = self._clock()
-        entries = self._cached(counters, now)
-        if entries is None:
-            entries, now = await self._entries(counters)
+        entries, now = await self._looked_up(counters)
         result = self._states(counters, entries, delta, now)
         if not result.limited:
             self._add(counters, [delta] * len(counters), now)
